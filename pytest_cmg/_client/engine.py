@@ -1,0 +1,440 @@
+"""The scripted client: locates content through the CMG and runs task sequences like TSManager.
+
+Flow for one package (protocol.md section 1, "Sequence for the emulator")::
+
+    cache lookup -> [miss] CCM_POST ContentLocationRequest through the CMG (token auth)
+    -> cloud location record + access token -> GET getcontentxmlsecure (manifest, SAS URLs)
+    -> download core (streaming SHA-256 per file) -> package hash check -> cache commit
+
+Log lines reuse the product's wording (protocol.md sections 1.7, 3.2, 3.3, 5) so scenarios can
+match them the way administrators search smsts.log.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+from urllib.parse import urlencode
+
+import requests
+
+from .._errors import ContentError
+from .._protocol import codes
+from .._protocol.ccm import (
+    CCM_CONTENT_TYPE,
+    USER_AGENT,
+    CcmMessage,
+    EnvelopeError,
+    decode_message,
+    encode_message,
+)
+from .._protocol.location import ContentLocationReply, ContentLocationRequest, LocationRecord
+from .._protocol.manifest import ContentManifest, package_hash
+from .._protocol.paths import CCM_METHOD, TOKEN_SIGNATURE_HEADER, token_auth_path
+from .._protocol.settings import ClientSettings, DeploymentSettings, DownloadMode, LaunchContext
+from .download import DownloadCore, redact
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from .cache import CacheEntry, ClientCache
+    from .log import SmstsLog
+
+__all__ = [
+    "CMGClient",
+    "CMGConnection",
+    "PackageTransfer",
+    "Step",
+    "TaskSequence",
+    "TaskSequenceEngine",
+    "TaskSequenceResult",
+]
+
+#: The program cannot run at this time because the client is on the internet.
+_NOT_ALLOWED_ON_INTERNET = 0x87D01018
+STEP_ACTIONS = (
+    "run_command_line",
+    "upgrade_os",
+    "download_package_content",
+    "apply_driver_package",
+)
+
+
+@dataclass(frozen=True)
+class CMGConnection:
+    """Everything a client needs to reach a gateway (the ``serve`` JSON line carries the same)."""
+
+    cmg_url: str
+    ca_cert: Path
+    site_code: str
+    mp_role_id: str
+    token: str
+    client_id: str
+
+
+class CMGClient:
+    """The client side of the CMG protocol: content location and manifests."""
+
+    def __init__(
+        self,
+        connection: CMGConnection,
+        log: SmstsLog,
+        settings: ClientSettings | None = None,
+        *,
+        timeout: float = 30.0,
+    ) -> None:
+        self.connection = connection
+        self.log = log
+        self.settings = settings or ClientSettings()
+        self.timeout = timeout
+        self._session = requests.Session()
+        # requests lets REQUESTS_CA_BUNDLE (set on many CI images) silently replace
+        # Session.verify, and would route loopback traffic through HTTP(S)_PROXY: the client
+        # trusts exactly the CMG's CA and nothing from the environment.
+        self._session.trust_env = False
+        self._session.verify = str(connection.ca_cert)
+
+    def close(self) -> None:
+        self._session.close()
+
+    def locate(self, package_id: str, version: int) -> ContentLocationReply:
+        """Ask MP_LocationManager, through the CMG, where ``package_id`` version lives."""
+        conn = self.connection
+        url = conn.cmg_url.rstrip("/") + token_auth_path(conn.mp_role_id)
+        request = ContentLocationRequest(
+            package_id=package_id,
+            version=version,
+            site_code=conn.site_code,
+            use_azure=self.settings.allow_cloud_dp,
+        )
+        message = CcmMessage(body=request.to_xml(), source_id=conn.client_id)
+        self.log.info("LocationServices", f"CCM_POST {url}")
+        try:
+            response = self._session.request(
+                CCM_METHOD,
+                url,
+                data=encode_message(message),
+                headers={
+                    "Content-Type": CCM_CONTENT_TYPE,
+                    "User-Agent": USER_AGENT,
+                    "Authorization": f"Bearer {conn.token}",
+                },
+                timeout=self.timeout,
+            )
+        except requests.RequestException as exc:
+            raise ContentError(
+                codes.NO_LOCATIONS, f"content location request failed: {exc.__class__.__name__}"
+            ) from exc
+        if response.status_code != 200:
+            self.log.error(
+                "LocationServices",
+                f"Request failed with StatusCode={response.status_code} "
+                f"StatusText={response.reason}",
+            )
+            raise ContentError(
+                codes.NO_LOCATIONS,
+                f"content location request answered {response.status_code} {response.reason}",
+            )
+        try:
+            reply = decode_message(response.content)
+            size = len(response.content)
+            self.log.info(
+                "LocationServices",
+                f"Decompression (zlib) succeeded: original size {size}, "
+                f"uncompressed size {len(reply.body) * 2}.",
+            )
+            return ContentLocationReply.from_xml(reply.body)
+        except (EnvelopeError, ValueError) as exc:
+            raise ContentError(codes.NO_LOCATIONS, f"unusable location reply: {exc}") from exc
+
+    def manifest(self, record: LocationRecord) -> ContentManifest:
+        """GET the content manifest a cloud location record leads to."""
+        token = record.access_token
+        if token is None:
+            raise ContentError(codes.BAD_HTTP_STATUS, "cloud location record has no access token")
+        params = {
+            "tid": token.tid,
+            "iss": token.iss,
+            "alg": token.alg,
+            "st": token.st,
+            "et": token.et,
+        }
+        url = f"{record.url}&{urlencode(params)}"
+        self.log.info("DataTransferService", f"GetDirectoryList_HTTP('{url}')")
+        try:
+            response = self._session.get(
+                url, headers={TOKEN_SIGNATURE_HEADER: token.signature}, timeout=self.timeout
+            )
+        except requests.RequestException as exc:
+            self.log.error(
+                "DataTransferService", f"Error retrieving manifest (0x{codes.BAD_HTTP_STATUS:08x})."
+            )
+            raise ContentError(codes.BAD_HTTP_STATUS, f"manifest request failed: {exc}") from exc
+        if response.status_code != 200:
+            dts = "DataTransferService"
+            self.log.error(dts, f"Request to {url} failed with {response.status_code}")
+            self.log.error(
+                dts,
+                f"Error sending DAV request. HTTP code {response.status_code}, "
+                f"status '{response.reason}'",
+            )
+            self.log.error(
+                dts,
+                f"GetDirectoryList_HTTP('{url}') failed with code 0x{codes.BAD_HTTP_STATUS:08x}.",
+            )
+            self.log.error(dts, f"Error retrieving manifest (0x{codes.BAD_HTTP_STATUS:08x}).")
+            raise ContentError(
+                codes.BAD_HTTP_STATUS, f"manifest answered {response.status_code} {response.reason}"
+            )
+        try:
+            return ContentManifest.from_xml(response.content.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ContentError(codes.BAD_HTTP_STATUS, f"unusable manifest: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Step:
+    """One task sequence step; ``package`` is the ID of the content it needs, if any."""
+
+    name: str
+    action: str
+    package: str | None = None
+
+
+@dataclass(frozen=True)
+class TaskSequence:
+    """A task sequence: its steps and the version of each package it references."""
+
+    package_id: str
+    name: str
+    steps: tuple[Step, ...]
+    package_versions: dict[str, int] = field(default_factory=dict)
+
+    def version_of(self, package_id: str) -> int:
+        return self.package_versions.get(package_id, 1)
+
+
+@dataclass(frozen=True)
+class PackageTransfer:
+    """What obtaining one package cost: bytes read from storage (0 when the cache served it)."""
+
+    package_id: str
+    version: int
+    files: int
+    bytes: int
+    seconds: float
+    from_cache: bool
+
+
+@dataclass
+class TaskSequenceResult:
+    exit_code: int
+    steps_run: list[str]
+    transfers: list[PackageTransfer]
+    failed_step: str | None = None
+    error: ContentError | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.exit_code == 0
+
+    def bytes_from_storage(self, package_id: str) -> int:
+        return sum(t.bytes for t in self.transfers if t.package_id == package_id)
+
+
+class TaskSequenceEngine:
+    """Runs a task sequence on a client on the internet, getting content through the CMG."""
+
+    def __init__(
+        self,
+        client: CMGClient,
+        cache: ClientCache,
+        log: SmstsLog,
+        deployment: DeploymentSettings | None = None,
+        download_core: DownloadCore | None = None,
+    ) -> None:
+        self.client = client
+        self.cache = cache
+        self.log = log
+        self.deployment = deployment or DeploymentSettings()
+        self.core = download_core or DownloadCore()
+        self.variables: dict[str, str] = {}
+        self.transfers: list[PackageTransfer] = []
+
+    def close(self) -> None:
+        self.core.close()
+        self.client.close()
+
+    def _set(self, name: str, value: str) -> None:
+        self.variables[name] = value
+        self.log.info("TSManager", f"Set a global environment variable {name}={value}")
+
+    def run(
+        self, sequence: TaskSequence, launch: str = LaunchContext.SOFTWARE_CENTER
+    ) -> TaskSequenceResult:
+        self.transfers = []
+        steps_run: list[str] = []
+        ts = "TSManager"
+        self.log.info(
+            ts, f"Starting task sequence {sequence.name} ({sequence.package_id}) from {launch}"
+        )
+        if not self.deployment.allow_internet:
+            error = ContentError(
+                _NOT_ALLOWED_ON_INTERNET,
+                "The program cannot run at this time because the client is on the internet",
+            )
+            return self._fail(None, error, steps_run)
+        on_demand = self.deployment.download_mode == DownloadMode.ON_DEMAND
+        self._set("_SMSTSDownloadOnDemand", "true" if on_demand else "false")
+        if not on_demand:
+            # "Download all content locally before starting": every referenced package, before
+            # the first step, whatever the steps' conditions (protocol.md section 4).
+            for package_id in dict.fromkeys(s.package for s in sequence.steps if s.package):
+                try:
+                    self.resolve(package_id, sequence.version_of(package_id))
+                except ContentError as error:
+                    return self._fail(None, error, steps_run)
+        for index, step in enumerate(sequence.steps):
+            self.log.info(
+                ts,
+                f"Start executing an instruction. Instruction name: {step.name}. "
+                f"Instruction pointer: {index}",
+            )
+            try:
+                if step.package:
+                    entry = self.resolve(step.package, sequence.version_of(step.package))
+                    self._execute(step, entry)
+            except ContentError as error:
+                return self._fail(step.name, error, steps_run)
+            steps_run.append(step.name)
+            self.log.info(
+                ts, f"Successfully completed the action ({step.name}) with the exit win32 code 0"
+            )
+        self.log.info(ts, "Task sequence completed 0x00000000")
+        return TaskSequenceResult(0, steps_run, list(self.transfers))
+
+    def _fail(
+        self, step: str | None, error: ContentError, steps_run: list[str]
+    ) -> TaskSequenceResult:
+        ts = "TSManager"
+        if step is not None:
+            self.log.error(ts, f"Failed to run the action: {step}. Error 0x{error.hresult:08X}")
+        self.log.error(ts, f"Task sequence execution failed with error code 0x{error.hresult:08X}")
+        return TaskSequenceResult(error.hresult, steps_run, list(self.transfers), step, error)
+
+    def _execute(self, step: Step, entry: CacheEntry) -> None:
+        # Steps are simulated: what the harness checks is that the verified content was there,
+        # at the location the product would hand the step.
+        files = sum(1 for p in entry.path.rglob("*") if p.is_file())
+        self.log.info(
+            "TSManager", f"{step.action}: using content {entry.key} at {entry.path} ({files} files)"
+        )
+        self._set("_SMSTSLastContentDownloadLocation", str(entry.path))
+
+    def resolve(self, package_id: str, version: int) -> CacheEntry:
+        """Return the verified cache entry for a package version, downloading it if needed."""
+        cm = "CacheManager"
+        self.log.info("TSManager", f"Resolving local content for {package_id}:{version}")
+        self.log.info(cm, f"Getting cached content information for {package_id}.{version}")
+        cached = self.cache.lookup(package_id, version)
+        if cached is not None:
+            self.log.info(cm, f"Content {package_id}.{version} found in cache at {cached.path}")
+            self.transfers.append(PackageTransfer(package_id, version, 0, 0, 0.0, from_cache=True))
+            return cached
+        try:
+            reply = self.client.locate(package_id, version)
+        except ContentError as error:
+            self._no_location(package_id, version, error)
+        cloud = [r for r in reply.records if r.is_cloud]
+        self.log.info("TSManager", f"Processing {len(reply.records)} locations.")
+        for record in reply.records:
+            self.log.info(
+                "LocationServices",
+                f"Distribution Point='{redact(record.url)}', Locality='{record.locality}', "
+                f"Version='{record.version}', DPType='{record.dp_type}'",
+            )
+        if not cloud:
+            self.log.info("TSManager", "No static content server.")
+            self._no_location(package_id, version, None)
+        return self._download(package_id, version, reply, cloud[0])
+
+    def _no_location(self, package_id: str, version: int, cause: ContentError | None) -> None:
+        hr = codes.NO_LOCATIONS
+        self.log.error(
+            "TSManager",
+            f"Content location request for {package_id}:{version} failed, hr=0x{hr:08X}",
+        )
+        detail = str(cause) if cause else "no content location"
+        raise ContentError(hr, f"{package_id}:{version}: {detail}") from cause
+
+    def _download(
+        self, package_id: str, version: int, reply: ContentLocationReply, record: LocationRecord
+    ) -> CacheEntry:
+        manifest = self.client.manifest(record)
+        if manifest.package_id != package_id or manifest.version != version:
+            raise ContentError(
+                codes.HASH_MISMATCH,
+                f"manifest is for {manifest.package_id}.{manifest.version}, "
+                f"expected {package_id}.{version}",
+            )
+        total = manifest.total_size
+        if total > self.cache.size_mb * 1024 * 1024:
+            raise ContentError(
+                codes.CACHE_TOO_SMALL,
+                f"{package_id}.{version} needs {total} bytes; cache holds {self.cache.size_mb} MB",
+            )
+        started = time.perf_counter()
+        with self.cache.staging(package_id, version) as staged:
+            self.log.info(
+                "DataTransferService",
+                f"Job: {package_id}.{version}, Total Files: {len(manifest.files)}, "
+                f"Total Bytes: {total}",
+            )
+            try:
+                stats = self.core.download(manifest, staged)
+            except ContentError as error:
+                if error.hresult == codes.HASH_MISMATCH:
+                    self.log.error(
+                        "TSManager", "Hash could not be matched for the downloaded content"
+                    )
+                raise
+            # The trust anchor is the hash from the location reply (signed policy in the product),
+            # not the manifest's own Hash attribute.
+            computed = package_hash(manifest.files)
+            self.log.info("CAS", f"Using hash from LS Content Information: {reply.package_hash}")
+            self.log.info("CAS", f"Computed hash: {computed}")
+            if computed != reply.package_hash.upper():
+                self.log.error(
+                    "CAS", f"Hash does not match expected for content {package_id}.{version}"
+                )
+                self.log.error("TSManager", "Hash could not be matched for the downloaded content")
+                raise ContentError(
+                    codes.HASH_MISMATCH,
+                    f"{package_id}.{version}: package hash {computed} != {reply.package_hash}",
+                )
+            self.log.info(
+                "CAS", "Success hash verification with hash algorithm = 32780, preference : 4"
+            )
+            self.log.info(
+                "CAS",
+                f"Hash verification succeeded for content {package_id}.{version} "
+                "downloaded under context System",
+            )
+            entry = self.cache.commit(staged, package_id, version)
+        self.log.info(
+            "CacheManager",
+            f"ADD new cache entry for id:{package_id} Version : {version} "
+            f"Size : {total // 1024}K RefCount:1 Location : {entry.path}",
+        )
+        self.transfers.append(
+            PackageTransfer(
+                package_id,
+                version,
+                stats.files,
+                stats.bytes,
+                time.perf_counter() - started,
+                from_cache=False,
+            )
+        )
+        return entry

@@ -1,0 +1,125 @@
+"""What the gateway saw: every request, answered or refused, in arrival order."""
+
+from __future__ import annotations
+
+import difflib
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["LoggedRequest", "RequestLog"]
+
+
+@dataclass(frozen=True)
+class LoggedRequest:
+    """One request as the gateway handled it."""
+
+    index: int
+    method: str
+    path: str
+    query: dict[str, str]
+    endpoint: str | None
+    status: int
+    reason: str
+    package_id: str = ""
+    detail: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        target = f" {self.package_id}" if self.package_id else ""
+        why = f" ({self.detail})" if self.detail else ""
+        return (
+            f"#{self.index} {self.method} {self.path} -> {self.status} {self.reason}"
+            f" [{self.endpoint or 'unpublished'}{target}]{why}"
+        )
+
+
+class RequestLog:
+    """Thread-safe log with pytest-httpserver-style assertions."""
+
+    def __init__(self) -> None:
+        self._entries: list[LoggedRequest] = []
+        self._lock = threading.Lock()
+
+    def append(self, **fields: Any) -> LoggedRequest:  # noqa: ANN401 - forwarded to the dataclass
+        with self._lock:
+            entry = LoggedRequest(index=len(self._entries) + 1, **fields)
+            self._entries.append(entry)
+            return entry
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    @property
+    def entries(self) -> list[LoggedRequest]:
+        with self._lock:
+            return list(self._entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def matching(
+        self,
+        endpoint: str | None = None,
+        *,
+        method: str | None = None,
+        status: int | None = None,
+        package_id: str | None = None,
+    ) -> list[LoggedRequest]:
+        return [
+            e
+            for e in self.entries
+            if (endpoint is None or e.endpoint == endpoint)
+            and (method is None or e.method == method)
+            and (status is None or e.status == status)
+            and (package_id is None or e.package_id == package_id)
+        ]
+
+    def count(self, endpoint: str | None = None, **criteria: Any) -> int:  # noqa: ANN401
+        return len(self.matching(endpoint, **criteria))
+
+    def assert_request_made(
+        self,
+        endpoint: str | None = None,
+        *,
+        count: int | None = None,
+        method: str | None = None,
+        status: int | None = None,
+        package_id: str | None = None,
+    ) -> None:
+        """Assert that matching requests arrived (``count`` of them, if given).
+
+        On failure the message lists the closest requests, so a missing call is explained by
+        what arrived instead (wrong package, wrong status, refused path...).
+        """
+        found = self.matching(endpoint, method=method, status=status, package_id=package_id)
+        if (count is None and found) or (count is not None and len(found) == count):
+            return
+        wanted = {
+            k: v
+            for k, v in {
+                "endpoint": endpoint,
+                "method": method,
+                "status": status,
+                "package_id": package_id,
+            }.items()
+            if v is not None
+        }
+        expected = f"{count if count is not None else 'at least 1'} request(s) matching {wanted}"
+        msg = f"expected {expected}, found {len(found)}.\n{self.closest(wanted)}"
+        raise AssertionError(msg)
+
+    def closest(self, wanted: dict[str, Any], limit: int = 5) -> str:
+        entries = self.entries
+        if not entries:
+            return "The gateway received no requests at all."
+        key = " ".join(f"{k}={v}" for k, v in sorted(wanted.items()))
+
+        def similarity(entry: LoggedRequest) -> float:
+            have = " ".join(f"{k}={getattr(entry, k)}" for k in sorted(wanted))
+            return difflib.SequenceMatcher(None, key, have).ratio()
+
+        ranked = sorted(entries, key=similarity, reverse=True)[:limit]
+        lines = "\n".join(f"  {e.summary()}" for e in ranked)
+        return f"Closest requests received ({len(entries)} in all):\n{lines}"

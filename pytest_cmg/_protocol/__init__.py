@@ -1,0 +1,3 @@
+"""Protocol logic shared by the gateway and the client engine: formats, paths, tokens, codes."""
+
+from __future__ import annotations

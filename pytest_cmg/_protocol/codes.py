@@ -1,0 +1,44 @@
+"""Error codes the real client reports, with the texts the product logs (protocol.md section 5)."""
+
+from __future__ import annotations
+
+__all__ = [
+    "BAD_HTTP_STATUS",
+    "CACHE_FULL",
+    "CACHE_TOO_SMALL",
+    "CONTENT_NOT_FOUND",
+    "HASH_MISMATCH",
+    "NO_LOCATIONS",
+    "TRANSIENT_ERROR",
+    "describe",
+]
+
+#: No location for the package (not on the CMG, wrong version, cloud not allowed).
+NO_LOCATIONS = 0x80040102
+#: "Bad HTTP status code": the manifest or a content request failed.
+BAD_HTTP_STATUS = 0x87D0027E
+#: CRYPT_E_HASH_VALUE: the downloaded content does not match the hash from the location reply.
+HASH_MISMATCH = 0x80091007
+#: Not enough cache space, or disk full.
+CACHE_FULL = 0x87D01201
+#: The total cache size is smaller than the content.
+CACHE_TOO_SMALL = 0x87D01202
+#: Content not found.
+CONTENT_NOT_FOUND = 0x87D00607
+#: Transient error (e.g. MP 500).
+TRANSIENT_ERROR = 0x87D00231
+
+_TEXTS = {
+    NO_LOCATIONS: "No content locations were found for the requested content",
+    BAD_HTTP_STATUS: "Bad HTTP status code",
+    HASH_MISMATCH: "Hash could not be matched for the downloaded content",
+    CACHE_FULL: "Not enough cache space or disk full",
+    CACHE_TOO_SMALL: "The total cache size is smaller than the content",
+    CONTENT_NOT_FOUND: "Content not found",
+    TRANSIENT_ERROR: "Transient error",
+}
+
+
+def describe(hresult: int) -> str:
+    """The product's text for ``hresult``, or a generic one for codes we do not model."""
+    return _TEXTS.get(hresult, "Unknown error")

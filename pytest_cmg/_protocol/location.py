@@ -1,0 +1,267 @@
+"""ContentLocationRequest and ContentLocationReply (protocol.md sections 1.4 and 1.5).
+
+Element and attribute names follow the public samples. The cloud ``LocationRecord`` has no public
+sample; its shape here is our emulation design (docs/emulation.md, "Cloud location record").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from xml.etree import ElementTree as ET
+
+from .xml import parse_untrusted
+
+__all__ = [
+    "CALG_SHA_256",
+    "AccessToken",
+    "ContentLocationReply",
+    "ContentLocationRequest",
+    "LocationRecord",
+]
+
+#: CryptoAPI ALG_ID of SHA-256 (0x800C), the only hash algorithm the emulation uses.
+CALG_SHA_256 = 32780
+#: OID of sha256WithRSAEncryption, the ``alg`` parameter of the manifest request.
+SHA256_RSA_OID = "1.2.840.113549.1.1.11"
+
+
+@dataclass(frozen=True)
+class ContentLocationRequest:
+    """What the client asks ``MP_LocationManager``: where can I get this package version?"""
+
+    package_id: str
+    version: int
+    site_code: str
+    use_azure: bool = True
+    use_internet_dp: bool = True
+    location_type: str = "SMSPackage"
+
+    def to_xml(self) -> str:
+        root = ET.Element(
+            "ContentLocationRequest",
+            SchemaVersion="1.00",
+            BGRVersion="1",
+            ClientInOperation="PT0M",
+            ExcludeFileList="",
+        )
+        ET.SubElement(
+            root,
+            "Package",
+            ID=self.package_id,
+            Version=str(self.version),
+            DeploymentFlags="9223372036855313105",
+        )
+        ET.SubElement(root, "AssignedSite", SiteCode=self.site_code)
+        info = ET.SubElement(
+            root,
+            "ClientLocationInfo",
+            LocationType=self.location_type,
+            DistributeOnDemand="0",
+            UseAzure="1" if self.use_azure else "0",
+            AllowWUMU="0",
+            UseProtected="0",
+            AllowCaching="0",
+            BranchDPFlags="0",
+            UseInternetDP="1" if self.use_internet_dp else "0",
+            AllowHTTP="1",
+            AllowSMB="0",
+            AllowMulticast="0",
+            AllowSuperPeer="0",
+            DPTokenAuth="1",
+        )
+        ET.SubElement(info, "BoundaryGroups", BoundaryGroupListRetrieveTime="", IsOnVPN="0")
+        return ET.tostring(root, encoding="unicode")
+
+    @classmethod
+    def from_xml(cls, text: str) -> ContentLocationRequest:
+        """Parse a request; ``ValueError`` names the missing element or attribute."""
+        root = parse_untrusted(text)
+        if root.tag != "ContentLocationRequest":
+            msg = f"root element is <{root.tag}>, expected <ContentLocationRequest>"
+            raise ValueError(msg)
+        package = _require(root, "Package")
+        site = _require(root, "AssignedSite")
+        info = _require(root, "ClientLocationInfo")
+        try:
+            version = int(_attr(package, "Version"))
+        except ValueError as exc:
+            msg = f"<Package Version> is not an integer: {package.get('Version')!r}"
+            raise ValueError(msg) from exc
+        return cls(
+            package_id=_attr(package, "ID"),
+            version=version,
+            site_code=_attr(site, "SiteCode"),
+            use_azure=info.get("UseAzure", "0") == "1",
+            use_internet_dp=info.get("UseInternetDP", "0") == "1",
+            location_type=info.get("LocationType", "SMSPackage"),
+        )
+
+
+@dataclass(frozen=True)
+class AccessToken:
+    """The MP-issued content access token that travels with a cloud location record.
+
+    Its fields become the ``tid iss alg st et`` parameters of the manifest request; ``signature``
+    travels in the ``X-Cmg-Token-Signature`` header (emulation design, docs/emulation.md).
+    """
+
+    tid: str
+    iss: str
+    alg: str
+    st: str
+    et: str
+    signature: str
+
+
+@dataclass(frozen=True)
+class LocationRecord:
+    """One content source in a reply."""
+
+    url: str
+    server_remote_name: str
+    dp_type: str
+    locality: str
+    version: int
+    access_token: AccessToken | None = None
+
+    @property
+    def is_cloud(self) -> bool:
+        return self.dp_type == "CLOUD"
+
+
+@dataclass(frozen=True)
+class ContentLocationReply:
+    """The MP's answer. An empty ``records`` list means ``SiteLocality="FALLBACK"``: no source."""
+
+    site_code: str
+    package_hash: str = ""
+    records: tuple[LocationRecord, ...] = field(default_factory=tuple)
+
+    def to_xml(self) -> str:
+        if not self.records:
+            return self._empty_xml()
+        root = ET.Element(
+            "ContentLocationReply",
+            SchemaVersion="1.00",
+            ContentFlags="200960",
+            HashAlgorithm=str(CALG_SHA_256),
+            AlgorithmPreference="4",
+            Hash=self.package_hash,
+            ExcludeFileListHash="",
+            RelatedContentID="",
+        )
+        info = ET.SubElement(root, "ContentInfo", PackageFlags="32")
+        hashes = ET.SubElement(info, "ContentHashValues")
+        ET.SubElement(
+            hashes,
+            "Hash",
+            Algorithm=str(CALG_SHA_256),
+            HashString=self.package_hash,
+            HashPreference="4",
+        )
+        site = ET.SubElement(ET.SubElement(root, "Sites"), "Site")
+        ET.SubElement(
+            site,
+            "MPSite",
+            SiteCode=self.site_code,
+            MasterSiteCode=self.site_code,
+            SiteLocality="LOCAL",
+            IISPreferedPort="80",
+            IISSSLPreferedPort="443",
+        )
+        records = ET.SubElement(site, "LocationRecords")
+        for record in self.records:
+            node = ET.SubElement(records, "LocationRecord")
+            ET.SubElement(node, "URL", Name=record.url, Signature="")
+            ET.SubElement(node, "Metric", Value="")
+            ET.SubElement(node, "Version").text = str(record.version)
+            caps = ET.SubElement(node, "Capabilities", SchemaVersion="1.0")
+            ET.SubElement(caps, "Property", Name="SSLState", Value="1")
+            ET.SubElement(node, "ServerRemoteName").text = record.server_remote_name
+            ET.SubElement(node, "DPType").text = record.dp_type
+            ET.SubElement(node, "Windows", Trust="0")
+            ET.SubElement(node, "Locality").text = record.locality
+            if record.access_token is not None:
+                token = record.access_token
+                ET.SubElement(
+                    node,
+                    "AccessToken",
+                    tid=token.tid,
+                    iss=token.iss,
+                    alg=token.alg,
+                    st=token.st,
+                    et=token.et,
+                    Signature=token.signature,
+                )
+        ET.SubElement(root, "RelatedContentIDs")
+        return ET.tostring(root, encoding="unicode")
+
+    def _empty_xml(self) -> str:
+        # The shape a client receives through the CMG when nothing holds the content (S24).
+        root = ET.Element("ContentLocationReply", SchemaVersion="1.00", BGRVersion="1")
+        groups = ET.SubElement(
+            root, "BoundaryGroups", BoundaryGroupListRetrieveTime="", IsOnVPN="0"
+        )
+        ET.SubElement(groups, "DOINCServers")
+        ET.SubElement(root, "ContentInfo")
+        site = ET.SubElement(ET.SubElement(root, "Sites"), "Site")
+        ET.SubElement(
+            site,
+            "MPSite",
+            SiteCode=self.site_code,
+            MasterSiteCode=self.site_code,
+            SiteLocality="FALLBACK",
+        )
+        ET.SubElement(site, "LocationRecords")
+        ET.SubElement(root, "RelatedContentIDs")
+        return ET.tostring(root, encoding="unicode")
+
+    @classmethod
+    def from_xml(cls, text: str) -> ContentLocationReply:
+        root = parse_untrusted(text)
+        if root.tag != "ContentLocationReply":
+            msg = f"root element is <{root.tag}>, expected <ContentLocationReply>"
+            raise ValueError(msg)
+        mp_site = root.find("Sites/Site/MPSite")
+        site_code = mp_site.get("SiteCode", "") if mp_site is not None else ""
+        records = []
+        for node in root.iterfind("Sites/Site/LocationRecords/LocationRecord"):
+            url = _require(node, "URL")
+            token_node = node.find("AccessToken")
+            token = None
+            if token_node is not None:
+                token = AccessToken(
+                    tid=_attr(token_node, "tid"),
+                    iss=_attr(token_node, "iss"),
+                    alg=_attr(token_node, "alg"),
+                    st=_attr(token_node, "st"),
+                    et=_attr(token_node, "et"),
+                    signature=_attr(token_node, "Signature"),
+                )
+            records.append(
+                LocationRecord(
+                    url=_attr(url, "Name"),
+                    server_remote_name=node.findtext("ServerRemoteName", ""),
+                    dp_type=node.findtext("DPType", ""),
+                    locality=node.findtext("Locality", ""),
+                    version=int(node.findtext("Version", "0") or 0),
+                    access_token=token,
+                )
+            )
+        return cls(site_code=site_code, package_hash=root.get("Hash", ""), records=tuple(records))
+
+
+def _require(parent: ET.Element, tag: str) -> ET.Element:
+    node = parent.find(tag)
+    if node is None:
+        msg = f"<{parent.tag}> has no <{tag}> element"
+        raise ValueError(msg)
+    return node
+
+
+def _attr(node: ET.Element, name: str) -> str:
+    value = node.get(name)
+    if value is None:
+        msg = f"<{node.tag}> has no {name} attribute"
+        raise ValueError(msg)
+    return value

@@ -1,0 +1,68 @@
+"""Generated package content: plausible file trees, reproducible from a seed.
+
+Names come from faker in the package's locale (so ``ja_JP`` and ``it_IT`` names travel through
+blob names, SAS URLs and manifests); bytes come from faker's seeded random generator. The same
+scenario seed always yields the same files, on every xdist worker.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import TYPE_CHECKING
+
+from faker import Faker
+
+from .._storage.clouddp import PackageSource
+
+if TYPE_CHECKING:
+    from .model import PackageSpec
+
+__all__ = ["generate_package"]
+
+# The first entry of each layout is the package's main file and takes most of the bytes, as an
+# install.wim does in an OS upgrade package.
+_LAYOUTS = {
+    "os_upgrade": (
+        "sources/install.wim",
+        "setup.exe",
+        "sources/setupprep.exe",
+        "sources/{word}.dll",
+    ),
+    "driver": ("{word}/{word}.sys", "{word}/{word}.inf", "{word}/{word}.cat"),
+    "application": ("{word}.msi", "{word}.cab", "{word}.mst"),
+    "package": ("{word}.{ext}",),
+}
+
+
+def _name(fake: Faker, pattern: str) -> str:
+    return pattern.format(word=fake.word(), ext=fake.file_extension())
+
+
+def generate_package(spec: PackageSpec, seed: int) -> list[PackageSource]:
+    """The files of one package version: ``spec.files`` files totalling ``spec.size`` bytes."""
+    fake = Faker(spec.locale)
+    # Seed per package so adding a package to a scenario does not change the others' content.
+    fake.seed_instance(seed ^ zlib.crc32(f"{spec.id}.{spec.version}".encode()))
+    layout = _LAYOUTS[spec.type]
+    names: list[str] = []
+    while len(names) < spec.files:
+        pattern = layout[len(names)] if len(names) < len(layout) else layout[-1]
+        name = _name(fake, pattern)
+        if name not in names:
+            names.append(name)
+    sizes = _split(spec.size, spec.files, main_share=0.9 if spec.type == "os_upgrade" else None)
+    return [
+        PackageSource(relpath=name, data=fake.random.randbytes(size))
+        for name, size in zip(names, sizes, strict=True)
+    ]
+
+
+def _split(total: int, count: int, main_share: float | None) -> list[int]:
+    if count == 1:
+        return [total]
+    if main_share is not None:
+        main = max(1, int(total * main_share))
+        rest = _split(total - main, count - 1, None)
+        return [main, *rest]
+    base, extra = divmod(total, count)
+    return [base + (1 if i < extra else 0) for i in range(count)]

@@ -1,0 +1,334 @@
+"""The scenario language: its definition (``SCENARIO``), and loading a file into a :class:`Scenario`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from .._client.cache import DEFAULT_CACHE_MB
+from .._client.engine import STEP_ACTIONS, Step, TaskSequence
+from .._errors import ScenarioError, ScenarioProblem
+from .._protocol.settings import (
+    ClientSettings,
+    CmgSettings,
+    DeploymentSettings,
+    DownloadMode,
+    LaunchContext,
+)
+from .spec import Bool, Choice, Field, Int, ListOf, Record, Size, Str, Validation
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+__all__ = ["SCENARIO", "PackageSpec", "Scenario", "load_scenario"]
+
+PACKAGE_ID = Str(
+    pattern=r"[A-Z0-9]{3}[0-9A-F]{5}",
+    example="PS100012",
+    doc="A package ID in the product's form: site code and five hex digits.",
+)
+PACKAGE_TYPES = ("package", "os_upgrade", "driver", "application")
+LOCALES = ("en_US", "it_IT", "ja_JP")
+OUTCOMES = ("success", "failure")
+
+SCENARIO = Record(
+    doc="One scenario: a world (site, CMG, packages), a client, a task sequence and expectations.",
+    fields={
+        "scenario": Field(Str(), required=True, doc="The test name shown by pytest."),
+        "description": Field(Str(), default="", doc="Free text: the story this scenario tells."),
+        "seed": Field(Int(minimum=0), default=0, doc="Seed for generated content."),
+        "site": Field(
+            Record(
+                fields={
+                    "code": Field(
+                        Str(pattern=r"[A-Z0-9]{3}", example="PS1"),
+                        default="PS1",
+                        doc="The primary site code.",
+                    ),
+                }
+            ),
+            default={"code": "PS1"},
+        ),
+        "cmg": Field(
+            Record(
+                fields={
+                    "content_enabled": Field(
+                        Bool(),
+                        default=True,
+                        doc=(
+                            "CMG setting 'Allow CMG to function as a cloud distribution point and serve "
+                            "content from Azure storage'."
+                        ),
+                    ),
+                }
+            ),
+            default={"content_enabled": True},
+        ),
+        "client": Field(
+            Record(
+                fields={
+                    "allow_cloud_dp": Field(
+                        Bool(),
+                        default=True,
+                        doc=(
+                            "Client setting 'Allow access to cloud distribution point' (sends UseAzure)."
+                        ),
+                    ),
+                    "cache_size": Field(
+                        Size(),
+                        default=DEFAULT_CACHE_MB * 1024 * 1024,
+                        doc="Client cache size (default 5120MiB).",
+                    ),
+                }
+            ),
+            default={"allow_cloud_dp": True, "cache_size": DEFAULT_CACHE_MB * 1024 * 1024},
+        ),
+        "packages": Field(
+            ListOf(
+                min_items=1,
+                item=Record(
+                    fields={
+                        "id": Field(PACKAGE_ID, required=True),
+                        "version": Field(Int(minimum=1), default=1, doc="Content version."),
+                        "name": Field(Str(), default=""),
+                        "type": Field(Choice(choices=PACKAGE_TYPES), default="package"),
+                        "on_cloud_dp": Field(
+                            Bool(),
+                            default=True,
+                            doc=("Whether this version is distributed to the content-enabled CMG."),
+                        ),
+                        "files": Field(Int(minimum=1), default=1, doc="Number of generated files."),
+                        "size": Field(
+                            Size(), required=True, doc="Total generated size, e.g. 8MiB."
+                        ),
+                        "locale": Field(
+                            Choice(choices=LOCALES),
+                            default="en_US",
+                            doc="Faker locale for file names.",
+                        ),
+                    }
+                ),
+            ),
+            required=True,
+        ),
+        "task_sequence": Field(
+            Record(
+                fields={
+                    "id": Field(PACKAGE_ID, required=True),
+                    "name": Field(Str(), required=True),
+                    "launch": Field(
+                        Choice(choices=LaunchContext.ALL), default=LaunchContext.SOFTWARE_CENTER
+                    ),
+                    "allow_internet": Field(
+                        Bool(),
+                        default=True,
+                        doc=(
+                            "Deployment › User Experience: 'Allow task sequence to run for client on the "
+                            "Internet'."
+                        ),
+                    ),
+                    "download": Field(
+                        Choice(choices=DownloadMode.ALL),
+                        default=DownloadMode.ON_DEMAND,
+                        doc="Deployment › Distribution Points download option.",
+                    ),
+                    "steps": Field(
+                        ListOf(
+                            min_items=1,
+                            item=Record(
+                                fields={
+                                    "name": Field(Str(), required=True),
+                                    "action": Field(Choice(choices=STEP_ACTIONS), required=True),
+                                    "package": Field(PACKAGE_ID, default=None),
+                                }
+                            ),
+                        ),
+                        required=True,
+                    ),
+                }
+            ),
+            required=True,
+        ),
+        "expect": Field(
+            Record(
+                fields={
+                    "outcome": Field(Choice(choices=OUTCOMES), required=True),
+                    "exit_code": Field(
+                        Str(pattern=r"0x[0-9A-Fa-f]{8}", example="0x80040102"),
+                        default=None,
+                        doc="The task sequence's exit code.",
+                    ),
+                    "cache": Field(
+                        ListOf(
+                            item=Str(pattern=r"[A-Z0-9]{3}[0-9A-F]{5}\.\d+", example="PS100012.1")
+                        ),
+                        default=None,
+                        doc="Exactly these verified entries are in the cache.",
+                    ),
+                    "downloaded": Field(
+                        ListOf(item=PACKAGE_ID),
+                        default=None,
+                        doc=(
+                            "Exactly these packages were read from storage (proves on-demand behaviour)."
+                        ),
+                    ),
+                    "requests": Field(
+                        Record(
+                            fields={
+                                "location": Field(Int(minimum=0), default=None),
+                                "manifest": Field(Int(minimum=0), default=None),
+                            }
+                        ),
+                        default=None,
+                        doc="Gateway request counts by endpoint.",
+                    ),
+                    "log": Field(
+                        ListOf(item=Str()),
+                        default=None,
+                        doc="Regular expressions that must each match a smsts.log line.",
+                    ),
+                    "gateway_log": Field(
+                        ListOf(item=Str()),
+                        default=None,
+                        doc="Regular expressions that must each match a gateway log line.",
+                    ),
+                }
+            ),
+            required=True,
+        ),
+    },
+)
+
+
+@dataclass(frozen=True)
+class PackageSpec:
+    id: str
+    version: int
+    name: str
+    type: str
+    on_cloud_dp: bool
+    files: int
+    size: int
+    locale: str
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A validated scenario file."""
+
+    path: Path
+    name: str
+    description: str
+    seed: int
+    site_code: str
+    cmg: CmgSettings
+    client: ClientSettings
+    cache_size: int
+    packages: tuple[PackageSpec, ...]
+    task_sequence: TaskSequence
+    launch: str
+    deployment: DeploymentSettings
+    expect: dict[str, Any]
+    lines: dict[str, int] = field(default_factory=dict)
+
+    def line(self, where: str) -> int:
+        """The file line of a dotted path such as ``expect.outcome``."""
+        return Validation(self.path, lines=self.lines).line(where)
+
+
+def load_scenario(path: Path) -> Scenario:
+    """Load and validate a scenario file; :class:`ScenarioError` lists every problem in it."""
+    try:
+        node = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        raise ScenarioError(
+            [ScenarioProblem(path, line, f"not valid YAML: {exc.problem}")]
+        ) from exc
+    if node is None:
+        raise ScenarioError([ScenarioProblem(path, 1, "the file is empty")])
+    v = Validation(path)
+    data = SCENARIO.check(node, "", v)
+    if not v.problems:
+        _cross_check(data, v)
+    if v.problems:
+        raise ScenarioError(sorted(v.problems, key=lambda p: p.line))
+    ts = data["task_sequence"]
+    packages = tuple(PackageSpec(**p) for p in data["packages"])
+    sequence = TaskSequence(
+        package_id=ts["id"],
+        name=ts["name"],
+        steps=tuple(Step(s["name"], s["action"], s["package"]) for s in ts["steps"]),
+        package_versions={p.id: p.version for p in packages},
+    )
+    return Scenario(
+        path=path,
+        name=data["scenario"],
+        description=data["description"],
+        seed=data["seed"],
+        site_code=data["site"]["code"],
+        cmg=CmgSettings(content_enabled=data["cmg"]["content_enabled"]),
+        client=ClientSettings(allow_cloud_dp=data["client"]["allow_cloud_dp"]),
+        cache_size=data["client"]["cache_size"],
+        packages=packages,
+        task_sequence=sequence,
+        launch=ts["launch"],
+        deployment=DeploymentSettings(
+            allow_internet=ts["allow_internet"], download_mode=ts["download"]
+        ),
+        expect=data["expect"],
+        lines=v.lines,
+    )
+
+
+def _cross_check(data: dict[str, Any], v: Validation) -> None:
+    """Rules that span sections: references must name declared packages, IDs must be unique."""
+
+    def problem(where: str, rule: str, hint: str = "") -> None:
+        v.problems.append(ScenarioProblem(v.path, v.line(where), rule, hint))
+
+    declared: dict[str, int] = {}
+    for index, package in enumerate(data["packages"]):
+        if package["id"] in declared:
+            problem(f"packages[{index}].id", f"package {package['id']} is declared twice")
+        declared[package["id"]] = package["version"]
+        if package["files"] > package["size"]:
+            problem(
+                f"packages[{index}].files",
+                f"{package['files']} files cannot share {package['size']} bytes",
+                "give each file at least one byte",
+            )
+    known = ", ".join(declared) or "none"
+    for index, step in enumerate(data["task_sequence"]["steps"]):
+        if step["package"] is not None and step["package"] not in declared:
+            problem(
+                f"task_sequence.steps[{index}].package",
+                f"step references package {step['package']}, which is not declared",
+                f"declared packages: {known}",
+            )
+    expect = data["expect"]
+    for index, key in enumerate(expect["cache"] or []):
+        package_id, _, version = key.rpartition(".")
+        if package_id not in declared:
+            problem(
+                f"expect.cache[{index}]",
+                f"cache entry {key} names an undeclared package",
+                f"declared packages: {known}",
+            )
+        elif declared[package_id] != int(version):
+            problem(
+                f"expect.cache[{index}]",
+                f"cache entry {key} is not the declared version {declared[package_id]}",
+            )
+    for index, package_id in enumerate(expect["downloaded"] or []):
+        if package_id not in declared:
+            problem(
+                f"expect.downloaded[{index}]",
+                f"downloaded names undeclared package {package_id}",
+                f"declared packages: {known}",
+            )
+    if expect["outcome"] == "success" and expect["exit_code"] not in (None, "0x00000000"):
+        problem("expect.exit_code", "a successful outcome has exit code 0x00000000")

@@ -1,0 +1,173 @@
+"""A cloud distribution point: packages distributed into a private blob container.
+
+Layout (emulation design, docs/emulation.md "Storage layout")::
+
+    <container>/<PackageID>.<Version>/<relative/path>     one blob per file
+    <container>/<PackageID>.<Version>.manifest.xml         the ContentManifest, without URLs
+
+The container is private: clients only ever read through per-blob, read-only, short-lived SAS URLs
+minted by the gateway. A public container would let Azurite's PublicAccess authenticator pass any
+tampered SAS (reliability.md C3), so :meth:`CloudDP.create` refuses to make one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import quote
+
+from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+from azure.storage.blob import BlobSasPermissions, generate_blob_sas
+
+from .._protocol.manifest import ContentManifest, ManifestFile
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from datetime import datetime
+    from pathlib import Path
+
+    from azure.storage.blob import BlobServiceClient, ContainerClient
+
+    from .azurite import BlobEndpoint
+
+__all__ = ["DEFAULT_CONTAINER", "CloudDP", "PackageSource"]
+
+DEFAULT_CONTAINER = "cmg-rg"
+_READ_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class PackageSource:
+    """One file to distribute: bytes in memory or a path on disk (streamed, never read whole)."""
+
+    relpath: str
+    data: bytes | Path
+
+
+class CloudDP:
+    """Distributes packages into one private container of a blob endpoint and signs URLs to them."""
+
+    def __init__(self, endpoint: BlobEndpoint, container: str = DEFAULT_CONTAINER) -> None:
+        self.endpoint = endpoint
+        self.container = container
+        self._service: BlobServiceClient = endpoint.service_client()
+        self._catalog: dict[tuple[str, int], ContentManifest] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def _container(self) -> ContainerClient:
+        return self._service.get_container_client(self.container)
+
+    def create(self) -> None:
+        """Create the (private) container; idempotent."""
+        with contextlib.suppress(ResourceExistsError):
+            self._container.create_container()
+        access = self._container.get_container_properties().public_access
+        if access is not None:
+            msg = (
+                f"container {self.container!r} allows public access ({access}); cloud DP content "
+                "must be private, or a tampered SAS would still be served"
+            )
+            raise RuntimeError(msg)
+
+    def delete(self) -> None:
+        """Remove the container and everything in it (frees Azurite's memory between tests)."""
+        with contextlib.suppress(ResourceNotFoundError):
+            self._container.delete_container()
+        with self._lock:
+            self._catalog.clear()
+
+    @staticmethod
+    def blob_name(package_id: str, version: int, relpath: str) -> str:
+        return f"{package_id}.{version}/{relpath}"
+
+    @staticmethod
+    def manifest_blob_name(package_id: str, version: int) -> str:
+        return f"{package_id}.{version}.manifest.xml"
+
+    def distribute(
+        self, package_id: str, version: int, files: Iterable[PackageSource] | Mapping[str, bytes]
+    ) -> ContentManifest:
+        """Upload every file of a package version and its manifest; return the manifest."""
+        sources = (
+            [PackageSource(k, v) for k, v in files.items()] if isinstance(files, Mapping) else files
+        )
+        entries = []
+        for source in sources:
+            sha, size = self._upload(self.blob_name(package_id, version, source.relpath), source)
+            entries.append(ManifestFile(relpath=source.relpath, size=size, sha256=sha))
+        manifest = ContentManifest(package_id=package_id, version=version, files=tuple(entries))
+        self._container.upload_blob(
+            self.manifest_blob_name(package_id, version),
+            manifest.to_xml().encode("utf-8"),
+            overwrite=True,
+        )
+        with self._lock:
+            self._catalog[(package_id, version)] = manifest
+        return manifest
+
+    def _upload(self, name: str, source: PackageSource) -> tuple[str, int]:
+        digest = hashlib.sha256()
+        if isinstance(source.data, bytes):
+            digest.update(source.data)
+            self._container.upload_blob(name, source.data, overwrite=True, max_concurrency=4)
+            return digest.hexdigest(), len(source.data)
+        with source.data.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(_READ_CHUNK), b""):
+                digest.update(chunk)
+            handle.seek(0)
+            self._container.upload_blob(name, handle, overwrite=True, max_concurrency=4)
+        return digest.hexdigest(), source.data.stat().st_size
+
+    def versions(self, package_id: str) -> list[int]:
+        """Content versions of ``package_id`` present on this DP, lowest first."""
+        prefix = f"{package_id}."
+        found = set()
+        for blob in self._container.list_blobs(name_starts_with=prefix):
+            head = blob.name.removeprefix(prefix)
+            if head.endswith(".manifest.xml"):
+                number = head.removesuffix(".manifest.xml")
+                if number.isdigit():
+                    found.add(int(number))
+        return sorted(found)
+
+    def manifest(self, package_id: str, version: int) -> ContentManifest | None:
+        """The manifest of a distributed package version, or ``None`` if it is not on this DP."""
+        with self._lock:
+            cached = self._catalog.get((package_id, version))
+        if cached is not None:
+            return cached
+        try:
+            raw = self._container.download_blob(self.manifest_blob_name(package_id, version))
+        except ResourceNotFoundError:
+            return None
+        manifest = ContentManifest.from_xml(raw.readall().decode("utf-8"))
+        with self._lock:
+            self._catalog[(package_id, version)] = manifest
+        return manifest
+
+    def blob_url(self, package_id: str, version: int, relpath: str) -> str:
+        """The unsigned URL of one file's blob (path-style, as Azurite serves it)."""
+        name = quote(self.blob_name(package_id, version, relpath), safe="/")
+        return f"{self.endpoint.url}/{self.container}/{name}"
+
+    def signed_url(
+        self, package_id: str, version: int, relpath: str, *, start: datetime, expiry: datetime
+    ) -> str:
+        """A read-only service SAS URL scoped to one blob (``sr=b``, ``sp=r``)."""
+        https_only = self.endpoint.url.startswith("https://")
+        sas = generate_blob_sas(
+            account_name=self.endpoint.account_name,
+            container_name=self.container,
+            blob_name=self.blob_name(package_id, version, relpath),
+            account_key=self.endpoint.account_key,
+            permission=BlobSasPermissions(read=True),
+            start=start,
+            expiry=expiry,
+            protocol="https" if https_only else "https,http",
+        )
+        return f"{self.blob_url(package_id, version, relpath)}?{sas}"

@@ -1,0 +1,192 @@
+"""The pytest plugin (entry point ``pytest11: cmg``): options, scenario collection and fixtures.
+
+It only wires the parts together. Nothing starts at import or collection time: the harness (blob
+service + fake CMG) starts when the first test that needs it runs, once per session, which means
+once per xdist worker, and stops at the end of that session.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from typing import TYPE_CHECKING
+
+import pytest
+
+from ._harness import Harness
+from ._storage.azurite import BACKENDS
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from pathlib import Path
+
+    from ._client.engine import TaskSequenceEngine
+    from ._gateway.server import FakeCMG
+    from ._protocol.settings import ClientSettings, DeploymentSettings
+    from ._storage.clouddp import CloudDP
+
+_HARNESS = pytest.StashKey[Harness]()
+CONNECTION_STRING_ENV = "PYTEST_CMG_CONNECTION_STRING"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("cmg", "pytest-cmg: fake CMG and cloud DP on Azurite")
+    group.addoption(
+        "--cmg-azurite",
+        dest="cmg_azurite",
+        default=None,
+        metavar="BACKEND",
+        help=f"blob service backend: {', '.join(BACKENDS)} (default: process, or ini cmg_azurite)",
+    )
+    group.addoption(
+        "--cmg-connection-string",
+        dest="cmg_connection_string",
+        default=None,
+        metavar="CS",
+        help=f"storage connection string for the external backend (or ${CONNECTION_STRING_ENV})",
+    )
+    group.addoption(
+        "--cmg-azurite-timeout",
+        dest="cmg_azurite_timeout",
+        default=None,
+        metavar="SECONDS",
+        help="seconds Azurite may take to report readiness (default 60)",
+    )
+    group.addoption(
+        "--cmg-scenario-pattern",
+        dest="cmg_scenario_pattern",
+        default=None,
+        metavar="GLOB",
+        help="file name pattern of scenario files (default *.cmg.yaml)",
+    )
+    parser.addini(
+        "cmg_azurite", "blob service backend (process, container, external)", default="process"
+    )
+    parser.addini("cmg_connection_string", "connection string for the external backend", default="")
+    parser.addini("cmg_azurite_timeout", "Azurite readiness timeout in seconds", default="60")
+    parser.addini(
+        "cmg_scenario_pattern", "file name pattern of scenario files", default="*.cmg.yaml"
+    )
+
+
+def _option(config: pytest.Config, name: str) -> str:
+    value = config.getoption(name)
+    return str(value) if value is not None else str(config.getini(name))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    backend = _option(config, "cmg_azurite")
+    if backend not in BACKENDS:
+        msg = f"--cmg-azurite={backend!r} is not a backend; choose one of {', '.join(BACKENDS)}"
+        raise pytest.UsageError(msg)
+    connection_string = _option(config, "cmg_connection_string") or os.environ.get(
+        CONNECTION_STRING_ENV, ""
+    )
+    if backend == "external" and not connection_string:
+        msg = (
+            "--cmg-azurite=external needs a storage connection string: pass "
+            f"--cmg-connection-string, set ini cmg_connection_string, or set ${CONNECTION_STRING_ENV}"
+        )
+        raise pytest.UsageError(msg)
+    try:
+        timeout = float(_option(config, "cmg_azurite_timeout"))
+    except ValueError:
+        timeout = -1.0
+    if timeout <= 0:
+        msg = "--cmg-azurite-timeout must be a positive number of seconds, e.g. 60"
+        raise pytest.UsageError(msg)
+    config.stash[_HARNESS] = Harness(
+        backend, connection_string=connection_string or None, startup_timeout=timeout
+    )
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    harness = config.stash.get(_HARNESS, None)
+    if harness is not None:
+        harness.stop()
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
+    if fnmatch.fnmatch(file_path.name, _option(parent.config, "cmg_scenario_pattern")):
+        from ._scenario.items import ScenarioFile
+
+        config = parent.config
+        return ScenarioFile.from_parent(
+            parent, path=file_path, harness=lambda: config.stash[_HARNESS]
+        )
+    return None
+
+
+# --- fixtures ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def cmg_harness(pytestconfig: pytest.Config) -> Harness:
+    """The session's services (blob backend and fake CMG), started on first use."""
+    return pytestconfig.stash[_HARNESS]
+
+
+@pytest.fixture
+def cloud_dp(cmg_harness: Harness) -> Iterator[CloudDP]:
+    """A cloud DP in a fresh private container; deleted after the test."""
+    dp = cmg_harness.new_cloud_dp()
+    yield dp
+    dp.delete()
+
+
+@pytest.fixture
+def cmg(cmg_harness: Harness, cloud_dp: CloudDP) -> Iterator[FakeCMG]:
+    """The session's fake CMG, cleared before the test and serving ``cloud_dp``.
+
+    After the test, any error the gateway hit while handling a request is re-raised.
+    """
+    gateway = cmg_harness.gateway
+    gateway.clear()
+    gateway.configure(cloud_dp=cloud_dp)
+    yield gateway
+    gateway.check()
+
+
+@pytest.fixture
+def cmg_client(cmg: FakeCMG, tmp_path: Path) -> Iterator[Callable[..., TaskSequenceEngine]]:
+    """A factory of client engines connected to ``cmg`` with a cache under ``tmp_path``.
+
+    ``cmg_client(settings=ClientSettings(...), deployment=DeploymentSettings(...),
+    cache_mb=5120, name="client")`` returns a ready :class:`TaskSequenceEngine`.
+    """
+    from ._client.cache import ClientCache
+    from ._client.engine import CMGClient, CMGConnection, TaskSequenceEngine
+    from ._client.log import SmstsLog
+
+    engines: list[TaskSequenceEngine] = []
+
+    def make(
+        *,
+        settings: ClientSettings | None = None,
+        deployment: DeploymentSettings | None = None,
+        cache_mb: int = 5120,
+        name: str = "client",
+    ) -> TaskSequenceEngine:
+        client_id = f"GUID:{name}"
+        folder = tmp_path / name
+        log = SmstsLog(folder / "smsts.log")
+        connection = CMGConnection(
+            cmg_url=cmg.url,
+            ca_cert=cmg.ca_pem,
+            site_code=cmg.site_code,
+            mp_role_id=cmg.role_id,
+            token=cmg.issue_token(client_id),
+            client_id=client_id,
+        )
+        engine = TaskSequenceEngine(
+            CMGClient(connection, log, settings),
+            ClientCache(folder / "ccmcache", cache_mb),
+            log,
+            deployment,
+        )
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.close()

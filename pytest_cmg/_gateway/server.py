@@ -58,6 +58,8 @@ __all__ = ["FakeCMG"]
 BODY_LIMITS = {Endpoint.LOCATION: 64 * 1024, Endpoint.MANIFEST: 0}
 #: SAS start is back-dated so a client whose clock runs behind is not refused (reliability.md C1).
 SAS_CLOCK_SKEW = timedelta(minutes=15)
+#: How much of an over-long body is read and thrown away so the client still gets its 413.
+_DRAIN_LIMIT = 1024 * 1024
 _MANIFEST_PARAMS = ("pid", "cid", "tid", "iss", "alg", "st", "et")
 
 
@@ -430,8 +432,16 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError as exc:
             raise _Refusal(400, "Bad Request", "Content-Length is not a number") from exc
         if length < 0 or length > BODY_LIMITS[endpoint]:
-            # Refused unread: the connection cannot be reused with an unread body in it.
             self.close_connection = True
+            # Discarded, never parsed: a client that is still sending would otherwise see a
+            # reset instead of the 413. Past the drain bound the connection is simply closed.
+            if 0 < length <= _DRAIN_LIMIT:
+                remaining = length
+                while remaining:
+                    chunk = self.rfile.read(min(remaining, 64 * 1024))
+                    if not chunk:
+                        break
+                    remaining -= len(chunk)
             raise _Refusal(
                 413,
                 "Request Entity Too Large",

@@ -82,8 +82,9 @@ class ContentLocationRequest:
         package = _require(root, "Package")
         site = _require(root, "AssignedSite")
         info = _require(root, "ClientLocationInfo")
+        raw_version = _attr(package, "Version")
         try:
-            version = int(_attr(package, "Version"))
+            version = int(raw_version)
         except ValueError as exc:
             msg = f"<Package Version> is not an integer: {package.get('Version')!r}"
             raise ValueError(msg) from exc

@@ -118,8 +118,16 @@ class ContentManifest:
 
 def _check_relpath(relpath: str) -> None:
     # A manifest decides where bytes land on the client's disk: refuse anything that could
-    # escape the package folder.
+    # escape the package folder on either POSIX or Windows (a drive letter such as "C:/x" or
+    # "D:x" would make pathlib discard the folder it is joined to; ":" also opens NTFS streams).
     parts = relpath.split("/")
-    if not relpath or relpath.startswith("/") or "\\" in relpath or ".." in parts or "" in parts:
+    if (
+        not relpath
+        or relpath.startswith("/")
+        or "\\" in relpath
+        or ":" in relpath
+        or ".." in parts
+        or "" in parts
+    ):
         msg = f"unsafe RelPath {relpath!r} in manifest"
         raise ValueError(msg)

@@ -24,8 +24,9 @@ MANIFEST_PATH = "/downloadrestservice.svc/getcontentxmlsecure"
 #: Where the content access token's signature travels (not public; emulation design).
 TOKEN_SIGNATURE_HEADER = "X-Cmg-Token-Signature"
 
+# fullmatch and ASCII digits: "$" alone would accept a trailing newline, "\d" any Unicode digit.
 _TOKEN_AUTH = re.compile(
-    r"^/CCM_Proxy_ServerAuth/(?P<role>\d+)/ccm_system_tokenauth/request$", re.I
+    r"/CCM_Proxy_ServerAuth/(?P<role>[0-9]+)/ccm_system_tokenauth/request", re.IGNORECASE
 )
 
 
@@ -49,7 +50,7 @@ def manifest_url(base_url: str, package_id: str, content_id: str) -> str:
 def classify(method: str, path: str) -> tuple[str, dict[str, str]] | None:
     """Map a request to a published endpoint and its path parameters, or ``None`` if unpublished."""
     if method == CCM_METHOD:
-        match = _TOKEN_AUTH.match(path)
+        match = _TOKEN_AUTH.fullmatch(path)
         if match:
             return Endpoint.LOCATION, {"role_id": match["role"]}
         return None

@@ -163,7 +163,13 @@ class SiteAuthority:
 
     @staticmethod
     def _access_string(pid: str, cid: str, tid: str, iss: str, st: str, et: str) -> bytes:
-        return "\n".join([pid, cid, tid, iss, st, et]).encode("utf-8")
+        fields = [pid, cid, tid, iss, st, et]
+        # Newline-joined, so a newline inside a field could move text between fields and keep
+        # the signature valid: such fields are refused outright.
+        if any("\n" in item for item in fields):
+            reason = "access token fields must not contain newlines"
+            raise TokenRejected(reason)
+        return "\n".join(fields).encode("utf-8")
 
     def issue_access_token(
         self,

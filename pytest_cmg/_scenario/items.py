@@ -8,8 +8,10 @@ no private pytest API is needed to share services between fixtures and items.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,8 +47,16 @@ class ScenarioFile(pytest.File):
         yield ScenarioItem.from_parent(self, name=scenario.name, scenario=scenario)
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException]) -> str | TerminalRepr:  # type: ignore[override]
-        if isinstance(excinfo.value, ScenarioError):
-            return str(excinfo.value)
+        error = excinfo.value
+        if isinstance(error, ScenarioError):
+            # Paths as pytest prints node IDs: relative to where pytest was started.
+            here = self.config.invocation_params.dir
+            problems = [
+                replace(p, path=Path(os.path.relpath(p.path, here)))
+                if p.path.is_relative_to(here) else p
+                for p in error.problems
+            ]
+            return str(ScenarioError(problems))
         return super().repr_failure(excinfo)
 
 

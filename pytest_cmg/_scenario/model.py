@@ -41,18 +41,20 @@ SCENARIO = Record(
         "seed": Field(Int(minimum=0), default=0, doc="Seed for generated content."),
         "site": Field(
             Record(
+                doc="The primary site the CMG belongs to.",
                 fields={
                     "code": Field(
                         Str(pattern=r"[A-Z0-9]{3}", example="PS1"),
                         default="PS1",
                         doc="The primary site code.",
                     ),
-                }
+                },
             ),
             default={"code": "PS1"},
         ),
         "cmg": Field(
             Record(
+                doc="The content-enabled CMG's settings.",
                 fields={
                     "content_enabled": Field(
                         Bool(),
@@ -62,12 +64,13 @@ SCENARIO = Record(
                             "content from Azure storage'."
                         ),
                     ),
-                }
+                },
             ),
             default={"content_enabled": True},
         ),
         "client": Field(
             Record(
+                doc="The internet client: its client settings and cache.",
                 fields={
                     "allow_cloud_dp": Field(
                         Bool(),
@@ -81,12 +84,16 @@ SCENARIO = Record(
                         default=DEFAULT_CACHE_MB * 1024 * 1024,
                         doc="Client cache size (default 5120MiB).",
                     ),
-                }
+                },
             ),
             default={"allow_cloud_dp": True, "cache_size": DEFAULT_CACHE_MB * 1024 * 1024},
         ),
         "packages": Field(
             ListOf(
+                doc=(
+                    "Packages (and their content versions) referenced by the task sequence; "
+                    "content is generated from the seed."
+                ),
                 min_items=1,
                 item=Record(
                     fields={
@@ -108,13 +115,14 @@ SCENARIO = Record(
                             default="en_US",
                             doc="Faker locale for file names.",
                         ),
-                    }
+                    },
                 ),
             ),
             required=True,
         ),
         "task_sequence": Field(
             Record(
+                doc="The task sequence and its deployment's options.",
                 fields={
                     "id": Field(PACKAGE_ID, required=True),
                     "name": Field(Str(), required=True),
@@ -136,6 +144,7 @@ SCENARIO = Record(
                     ),
                     "steps": Field(
                         ListOf(
+                            doc="The steps, in order; a step with a package needs that package's content.",
                             min_items=1,
                             item=Record(
                                 fields={
@@ -147,12 +156,13 @@ SCENARIO = Record(
                         ),
                         required=True,
                     ),
-                }
+                },
             ),
             required=True,
         ),
         "expect": Field(
             Record(
+                doc="What must hold after the run; each failed expectation is reported at its line.",
                 fields={
                     "outcome": Field(Choice(choices=OUTCOMES), required=True),
                     "exit_code": Field(
@@ -176,10 +186,11 @@ SCENARIO = Record(
                     ),
                     "requests": Field(
                         Record(
+                            doc="Gateway request counts by endpoint (location, manifest).",
                             fields={
                                 "location": Field(Int(minimum=0), default=None),
                                 "manifest": Field(Int(minimum=0), default=None),
-                            }
+                            },
                         ),
                         default=None,
                         doc="Gateway request counts by endpoint.",
@@ -194,7 +205,7 @@ SCENARIO = Record(
                         default=None,
                         doc="Regular expressions that must each match a gateway log line.",
                     ),
-                }
+                },
             ),
             required=True,
         ),

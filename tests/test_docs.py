@@ -1,0 +1,32 @@
+"""Documentation that is code must stay true."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pytest_cmg._scenario.reference import render_reference
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_scenario_reference_is_generated_from_the_language():
+    committed = (ROOT / "docs" / "scenarios.md").read_text(encoding="utf-8")
+    assert committed == render_reference(), (
+        "docs/scenarios.md is stale: run "
+        "`python -m pytest_cmg._scenario.reference > docs/scenarios.md`"
+    )
+
+
+def test_readme_fixture_example_is_the_tested_example():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    example = (ROOT / "tests" / "examples" / "test_howto_fixtures.py").read_text(encoding="utf-8")
+    body = example.split("\n\n", 1)[1]  # without the __future__ import
+    assert body.strip() in [b.strip() for b in blocks]
+
+
+def test_readme_has_the_commands_ci_runs():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "<!-- ci:install -->\n```bash\npython -m pip install -e \".[test]\"\n```" in readme
+    assert "<!-- ci:test -->\n```bash\npython -m pytest -n 2\n```" in readme

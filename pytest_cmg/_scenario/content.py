@@ -45,11 +45,17 @@ def generate_package(spec: PackageSpec, seed: int) -> list[PackageSource]:
     fake.seed_instance(seed ^ zlib.crc32(f"{spec.id}.{spec.version}".encode()))
     layout = _LAYOUTS[spec.type]
     names: list[str] = []
+    taken: set[str] = set()
     while len(names) < spec.files:
         pattern = layout[len(names)] if len(names) < len(layout) else layout[-1]
         name = _name(fake, pattern)
-        if name not in names:
-            names.append(name)
+        # Word lists are finite (ja_JP has ~200 words): number a repeated name instead of
+        # drawing again, which could never end for large file counts.
+        if name in taken:
+            stem, dot, ext = name.rpartition(".")
+            name = f"{stem}-{len(names)}{dot}{ext}" if dot else f"{name}-{len(names)}"
+        taken.add(name)
+        names.append(name)
     sizes = _split(spec.size, spec.files, main_share=0.9 if spec.type == "os_upgrade" else None)
     return [
         PackageSource(relpath=name, data=fake.random.randbytes(size))
@@ -61,7 +67,8 @@ def _split(total: int, count: int, main_share: float | None) -> list[int]:
     if count == 1:
         return [total]
     if main_share is not None:
-        main = max(1, int(total * main_share))
+        # Leave every other file at least one byte.
+        main = min(max(1, int(total * main_share)), total - (count - 1))
         rest = _split(total - main, count - 1, None)
         return [main, *rest]
     base, extra = divmod(total, count)

@@ -53,7 +53,8 @@ class ScenarioFile(pytest.File):
             here = self.config.invocation_params.dir
             problems = [
                 replace(p, path=Path(os.path.relpath(p.path, here)))
-                if p.path.is_relative_to(here) else p
+                if p.path.is_relative_to(here)
+                else p
                 for p in error.problems
             ]
             return str(ScenarioError(problems))

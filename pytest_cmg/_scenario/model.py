@@ -263,7 +263,7 @@ def load_scenario(path: Path) -> Scenario:
         raise ScenarioError([ScenarioProblem(path, 1, "the file is empty")])
     v = Validation(path)
     data = SCENARIO.check(node, "", v)
-    if not v.problems:
+    if isinstance(data, dict):
         _cross_check(data, v)
     if v.problems:
         raise ScenarioError(sorted(v.problems, key=lambda p: p.line))
@@ -296,32 +296,53 @@ def load_scenario(path: Path) -> Scenario:
 
 
 def _cross_check(data: dict[str, Any], v: Validation) -> None:
-    """Rules that span sections: references must name declared packages, IDs must be unique."""
+    """Rules that span sections: references must name declared packages, IDs must be unique.
+
+    Runs even when other problems were found, so a file's problems are all reported at once;
+    a value that failed its own check is ``None`` here and is skipped, and references are only
+    judged when every declaration could be read (else they would be reported as dangling).
+    """
 
     def problem(where: str, rule: str, hint: str = "") -> None:
         v.problems.append(ScenarioProblem(v.path, v.line(where), rule, hint))
 
-    declared: dict[str, int] = {}
-    for index, package in enumerate(data["packages"]):
-        if package["id"] in declared:
-            problem(f"packages[{index}].id", f"package {package['id']} is declared twice")
-        declared[package["id"]] = package["version"]
-        if package["files"] > package["size"]:
+    def records(value: Any) -> list[tuple[int, dict[str, Any]]]:  # noqa: ANN401
+        return [(i, r) for i, r in enumerate(value or []) if isinstance(r, dict)]
+
+    packages = records(data.get("packages"))
+    declared: dict[str, int | None] = {}
+    complete = isinstance(data.get("packages"), list) and len(packages) == len(data["packages"])
+    for index, package in packages:
+        package_id = package.get("id")
+        if package_id is None:
+            complete = False
+            continue
+        if package_id in declared:
+            problem(f"packages[{index}].id", f"package {package_id} is declared twice")
+        else:
+            declared[package_id] = package.get("version")
+        files, size = package.get("files"), package.get("size")
+        if files is not None and size is not None and files > size:
             problem(
                 f"packages[{index}].files",
-                f"{package['files']} files cannot share {package['size']} bytes",
+                f"{files} files cannot share {size} bytes",
                 "give each file at least one byte",
             )
+    if not complete:
+        return
     known = ", ".join(declared) or "none"
-    for index, step in enumerate(data["task_sequence"]["steps"]):
-        if step["package"] is not None and step["package"] not in declared:
+    sequence: dict[str, Any] = data.get("task_sequence") or {}
+    for index, step in records(sequence.get("steps")):
+        if step.get("package") is not None and step["package"] not in declared:
             problem(
                 f"task_sequence.steps[{index}].package",
                 f"step references package {step['package']}, which is not declared",
                 f"declared packages: {known}",
             )
-    expect = data["expect"]
-    for index, key in enumerate(expect["cache"] or []):
+    expect: dict[str, Any] = data.get("expect") or {}
+    for index, key in enumerate(expect.get("cache") or []):
+        if key is None:
+            continue
         package_id, _, version = key.rpartition(".")
         if package_id not in declared:
             problem(
@@ -329,17 +350,17 @@ def _cross_check(data: dict[str, Any], v: Validation) -> None:
                 f"cache entry {key} names an undeclared package",
                 f"declared packages: {known}",
             )
-        elif declared[package_id] != int(version):
+        elif declared[package_id] is not None and declared[package_id] != int(version):
             problem(
                 f"expect.cache[{index}]",
                 f"cache entry {key} is not the declared version {declared[package_id]}",
             )
-    for index, package_id in enumerate(expect["downloaded"] or []):
-        if package_id not in declared:
+    for index, package_id in enumerate(expect.get("downloaded") or []):
+        if package_id is not None and package_id not in declared:
             problem(
                 f"expect.downloaded[{index}]",
                 f"downloaded names undeclared package {package_id}",
                 f"declared packages: {known}",
             )
-    if expect["outcome"] == "success" and expect["exit_code"] not in (None, "0x00000000"):
+    if expect.get("outcome") == "success" and expect.get("exit_code") not in (None, "0x00000000"):
         problem("expect.exit_code", "a successful outcome has exit code 0x00000000")

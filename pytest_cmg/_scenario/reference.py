@@ -41,8 +41,10 @@ def _rows(record: Record, prefix: str) -> list[str]:
     for name, item in record.fields.items():
         key = f"{prefix}{name}"
         spec: Spec = item.spec
-        value = spec.describe() if not isinstance(spec, Record | ListOf) else (
-            "mapping" if isinstance(spec, Record) else "list"
+        value = (
+            spec.describe()
+            if not isinstance(spec, Record | ListOf)
+            else ("mapping" if isinstance(spec, Record) else "list")
         )
         if isinstance(spec, Choice):
             value = " \\| ".join(f"`{c}`" for c in spec.choices)

@@ -63,12 +63,22 @@ class Validation:
         while where:
             if where in self.lines:
                 return self.lines[where]
-            where = re.sub(r"(\.[^.\[]+|\[\d+\])$", "", where)
+            parent = re.sub(r"(\.[^.\[]+|\[\d+\]|^[^.\[]+)$", "", where)
+            # Every step must shorten the path, or a never-validated key would loop forever.
+            where = parent if parent != where else ""
         return self.lines.get("", 1)
 
 
 def _line(node: yaml.Node) -> int:
     return int(node.start_mark.line) + 1
+
+
+_NULL_TAG = "tag:yaml.org,2002:null"
+
+
+def is_null(node: yaml.Node) -> bool:
+    """``key:``, ``key: ~`` and ``key: null`` all mean "no value"."""
+    return isinstance(node, yaml.ScalarNode) and node.tag == _NULL_TAG
 
 
 def _scalar(node: yaml.Node) -> Any:  # noqa: ANN401 - YAML scalars are of any type
@@ -102,7 +112,18 @@ class Spec:
                 f"{'list' if isinstance(node, yaml.SequenceNode) else 'mapping'}",
             )
             return None
-        return _scalar(node)
+        if is_null(node):
+            v.problem(node, f"{_where(where)} must be {self.describe()}, not empty")
+            return None
+        try:
+            return _scalar(node)
+        except (yaml.YAMLError, ValueError) as exc:
+            # Explicit tags (!!int abc, !custom) and impossible dates fail in the constructor.
+            reason = str(exc).splitlines()[0]
+            v.problem(
+                node, f"{_where(where)} {node.value!r} is not valid YAML for its tag: {reason}"
+            )
+            return None
 
 
 @dataclass
@@ -118,8 +139,8 @@ class Str(Spec):
         value = self._scalar_of(node, where, v)
         if value is None:
             return None
-        if not isinstance(value, str):
-            value = str(value)
+        # The text as written: YAML would turn 0x00000000 into 0, yes into True, 1.10 into 1.1.
+        value = node.value if isinstance(node, yaml.ScalarNode) else str(value)
         if self.pattern and not re.fullmatch(self.pattern, value):
             hint = f"e.g. {self.example}" if self.example else ""
             v.problem(node, f"{where} {value!r} must match {self.pattern}", hint)
@@ -288,7 +309,17 @@ class Record(Spec):
                     f"{hint}allowed keys: {', '.join(self.fields)}",
                 )
                 continue
-            out[key] = self.fields[key].spec.check(value_node, prefix + key, v)
+            item = self.fields[key]
+            if is_null(value_node):
+                # PyYAML marks an empty value at the next token, often lines later: report
+                # at the key. Empty means "not given" only where absence is a value (default
+                # None); an empty ``files:`` or ``seed:`` is a mistake, not a request for defaults.
+                v.lines[prefix + key] = _line(key_node)
+                if item.required or item.default is not None:
+                    v.problem(key_node, f"{prefix}{key} must be {item.spec.describe()}, not empty")
+                out[key] = None if item.required else item.default
+                continue
+            out[key] = item.spec.check(value_node, prefix + key, v)
         for name, item in self.fields.items():
             if name in seen:
                 continue

@@ -521,3 +521,32 @@ def test_container_backend_starts():
         _round_trip(endpoint)
     finally:
         backend.stop()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="parent-death signal is Linux-only")
+def test_azurite_does_not_outlive_a_killed_parent(tmp_path):
+    # SIGKILL skips atexit: only the kernel's parent-death signal can stop the child.
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import time\n"
+        "from pytest_cmg._storage.azurite import AzuriteProcess\n"
+        "p = AzuriteProcess(); p.start(); print(p.pid, flush=True); time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        azurite_pid = int(parent.stdout.readline())
+    finally:
+        parent.kill()
+        parent.wait(timeout=10)
+
+    def alive(pid):
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        except FileNotFoundError:
+            return False
+        return state != "Z"
+
+    deadline = time.monotonic() + 10
+    while alive(azurite_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(azurite_pid)

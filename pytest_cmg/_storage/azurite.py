@@ -438,6 +438,24 @@ def _stop_leftovers() -> None:
             proc.stop()
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: ask Linux to SIGTERM Azurite when its parent dies.
+
+    atexit does not run when Python is killed (SIGKILL, or SIGTERM with no handler, as when a CI
+    job or an xdist worker is cancelled), and Azurite started with --silent never writes, so it
+    never notices the closed pipe: without this it would stay listening as an orphan. The signal
+    is tied to the spawning *thread*, so start() must be called from a long-lived thread (the
+    pytest main thread, or the ``serve`` command's).
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class AzuriteProcess:
     """Azurite blob service as a subprocess: in-memory, 127.0.0.1, OS-chosen port."""
 
@@ -538,6 +556,7 @@ class AzuriteProcess:
                 errors="replace",
                 bufsize=1,
                 env=env,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
             )
         except OSError as exc:
             reason = f"could not spawn: {exc}"

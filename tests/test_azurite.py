@@ -232,6 +232,7 @@ def _subprocess_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": pythonpath, **extra}
 
 
+@pytest.mark.slow  # a real npm install into a fresh cache: 30-60 s
 def test_ensure_azurite_concurrent_callers_install_once(tmp_path):
     cache = tmp_path / "shared-cache"
     script = textwrap.dedent(

@@ -152,7 +152,9 @@ def cmg_client(cmg: FakeCMG, tmp_path: Path) -> Iterator[Callable[..., TaskSeque
     """A factory of client engines connected to ``cmg`` with a cache under ``tmp_path``.
 
     ``cmg_client(settings=ClientSettings(...), deployment=DeploymentSettings(...),
-    cache_mb=5120, name="client")`` returns a ready :class:`TaskSequenceEngine`.
+    cache_mb=5120, name="client", auth="token" | "certificate")`` returns a ready
+    :class:`TaskSequenceEngine`; ``auth="certificate"`` uses mutual TLS with a client
+    certificate from the gateway's client CA.
     """
     from ._client.cache import ClientCache
     from ._client.engine import CMGClient, CMGConnection, TaskSequenceEngine
@@ -166,17 +168,24 @@ def cmg_client(cmg: FakeCMG, tmp_path: Path) -> Iterator[Callable[..., TaskSeque
         deployment: DeploymentSettings | None = None,
         cache_mb: int = 5120,
         name: str = "client",
+        auth: str = "token",
     ) -> TaskSequenceEngine:
+        if auth not in ("token", "certificate"):
+            msg = f"cmg_client(auth={auth!r}): choose 'token' or 'certificate'"
+            raise ValueError(msg)
         client_id = f"GUID:{name}"
         folder = tmp_path / name
         log = SmstsLog(folder / "smsts.log")
+        credentials = cmg.issue_client_certificate(client_id) if auth == "certificate" else None
         connection = CMGConnection(
             cmg_url=cmg.url,
             ca_cert=cmg.ca_pem,
             site_code=cmg.site_code,
             mp_role_id=cmg.role_id,
-            token=cmg.issue_token(client_id),
             client_id=client_id,
+            token=cmg.issue_token(client_id) if auth == "token" else None,
+            client_cert=credentials.cert if credentials else None,
+            client_key=credentials.key if credentials else None,
         )
         engine = TaskSequenceEngine(
             CMGClient(connection, log, settings),

@@ -122,13 +122,8 @@ def test_truncated_blob_is_refused(cmg, cmg_client, cloud_dp, two_packages):
     assert engine.cache.staging_leftovers() == []
 
 
-def test_manifest_failure_is_0x87d0027e(cmg, cmg_client, two_packages, monkeypatch):
-    from pytest_cmg._gateway import server
-
-    def refuse(params, signature):
-        raise server._Refusal(400, "Bad Request", "scripted")
-
-    monkeypatch.setattr(cmg, "manifest_xml", refuse)
+def test_manifest_failure_is_0x87d0027e(cmg, cmg_client, two_packages):
+    cmg.fail("manifest", request=1, status=400)
     engine = cmg_client()
     result = engine.run(IPU)
     assert result.exit_code == codes.BAD_HTTP_STATUS

@@ -43,6 +43,7 @@ from pytest_cmg._protocol.paths import (
     CCM_METHOD,
     MANIFEST_PATH,
     Endpoint,
+    Route,
     classify,
     manifest_url,
     token_auth_path,
@@ -1162,11 +1163,13 @@ def test_token_auth_path() -> None:
 
 def test_classify_location() -> None:
     assert CCM_METHOD == "CCM_POST"
-    assert classify("CCM_POST", token_auth_path(ROLE_ID)) == ("location", {"role_id": ROLE_ID})
+    assert classify("CCM_POST", token_auth_path(ROLE_ID)) == Route("location", "token", ROLE_ID)
     assert Endpoint.LOCATION == "location"
     # The product logs the path in both casings (ccm_system_TokenAuth / ccm_system_tokenauth).
     mixed = f"/CCM_Proxy_ServerAuth/{ROLE_ID}/ccm_system_TokenAuth/request"
-    assert classify("CCM_POST", mixed) == ("location", {"role_id": ROLE_ID})
+    assert classify("CCM_POST", mixed) == Route("location", "token", ROLE_ID)
+    mutual = f"/CCM_Proxy_MutualAuth/{ROLE_ID}/ccm_system/request"
+    assert classify("CCM_POST", mutual) == Route("location", "certificate", ROLE_ID)
 
 
 @pytest.mark.parametrize("method", ["GET", "POST", "HEAD", "PUT", "ccm_post"])
@@ -1176,8 +1179,8 @@ def test_classify_location_path_with_other_method(method: str) -> None:
 
 def test_classify_manifest() -> None:
     assert MANIFEST_PATH == "/downloadrestservice.svc/getcontentxmlsecure"
-    assert classify("GET", MANIFEST_PATH) == ("manifest", {})
-    assert classify("GET", "/DownloadRestService.svc/GetContentXmlSecure") == ("manifest", {})
+    assert classify("GET", MANIFEST_PATH) == Route("manifest", "none")
+    assert classify("GET", "/DownloadRestService.svc/GetContentXmlSecure") == Route("manifest", "none")
     assert Endpoint.MANIFEST == "manifest"
     for method in ("CCM_POST", "POST", "HEAD", "PROPFIND"):
         assert classify(method, MANIFEST_PATH) is None, method
@@ -1203,7 +1206,7 @@ def test_classify_manifest() -> None:
         ("GET", "/downloadrestservice.svc"),
         ("GET", "/"),
         ("GET", ""),
-        ("GET", "/CCM_Proxy_ServerAuth/ServiceMetadata"),
+        ("POST", "/CCM_Proxy_ServerAuth/ServiceMetadata"),
     ],
 )
 def test_classify_unpublished(method: str, path: str) -> None:
@@ -1239,7 +1242,7 @@ def test_manifest_url_simple() -> None:
     expected = "https://cmg.contoso.com:443/downloadrestservice.svc/getcontentxmlsecure?pid=CMG00013&cid=CMG00013"
     assert manifest_url("https://cmg.contoso.com:443", "CMG00013", "CMG00013") == expected
     assert manifest_url("https://cmg.contoso.com:443//", "CMG00013", "CMG00013") == expected
-    assert classify("GET", urlsplit(expected).path) == ("manifest", {})
+    assert classify("GET", urlsplit(expected).path) == Route("manifest", "none")
 
 
 # --------------------------------------------------------------------------------------------

@@ -308,7 +308,7 @@ def test_unknown_key_without_near_match_lists_allowed_keys(tmp_path: Path) -> No
     problem, _, _ = only_problem(tmp_path, text)
     assert problem.line == line_of(text, "zzz:")
     assert "did you mean" not in problem.hint
-    assert problem.hint == "allowed keys: content_enabled"
+    assert problem.hint == "allowed keys: content_enabled, site_version, egress_threshold_gb, stop_when_critical"
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,7 +461,7 @@ def test_list_where_mapping_expected(tmp_path: Path) -> None:
     )
     problem, _, _ = only_problem(tmp_path, text)
     assert problem.line == line_of(text, "- content_enabled: true")
-    assert problem.rule == "cmg must be a mapping with keys content_enabled"
+    assert problem.rule == "cmg must be a mapping with keys content_enabled, site_version, egress_threshold_gb, stop_when_critical"
 
 
 def test_mapping_where_list_expected(tmp_path: Path) -> None:

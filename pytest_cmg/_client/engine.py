@@ -31,7 +31,7 @@ from .._protocol.ccm import (
 )
 from .._protocol.location import ContentLocationReply, ContentLocationRequest, LocationRecord
 from .._protocol.manifest import ContentManifest, package_hash
-from .._protocol.paths import CCM_METHOD, TOKEN_SIGNATURE_HEADER, token_auth_path
+from .._protocol.paths import CCM_METHOD, TOKEN_SIGNATURE_HEADER, mutual_auth_path, token_auth_path
 from .._protocol.settings import ClientSettings, DeploymentSettings, DownloadMode, LaunchContext
 from .download import DownloadCore, redact
 
@@ -63,14 +63,33 @@ STEP_ACTIONS = (
 
 @dataclass(frozen=True)
 class CMGConnection:
-    """Everything a client needs to reach a gateway (the ``serve`` JSON line carries the same)."""
+    """Everything a client needs to reach a gateway (the ``serve`` JSON line carries the same).
+
+    With a ``token`` the client uses the token path (``CCM_Proxy_ServerAuth``); without one it
+    presents ``client_cert``/``client_key`` on the mutual-TLS path (``CCM_Proxy_MutualAuth``).
+    """
 
     cmg_url: str
     ca_cert: Path
     site_code: str
     mp_role_id: str
-    token: str
     client_id: str
+    token: str | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not self.token and not (self.client_cert and self.client_key):
+            msg = (
+                f"client {self.client_id} has neither a token nor a client certificate and key; "
+                "give one of them to reach the CMG"
+            )
+            raise ValueError(msg)
+
+    @property
+    def location_url(self) -> str:
+        path = token_auth_path(self.mp_role_id) if self.token else mutual_auth_path(self.mp_role_id)
+        return self.cmg_url.rstrip("/") + path
 
 
 class CMGClient:
@@ -94,6 +113,8 @@ class CMGClient:
         # trusts exactly the CMG's CA and nothing from the environment.
         self._session.trust_env = False
         self._session.verify = str(connection.ca_cert)
+        if connection.client_cert and connection.client_key:
+            self._session.cert = (str(connection.client_cert), str(connection.client_key))
 
     def close(self) -> None:
         self._session.close()
@@ -101,7 +122,7 @@ class CMGClient:
     def locate(self, package_id: str, version: int) -> ContentLocationReply:
         """Ask MP_LocationManager, through the CMG, where ``package_id`` version lives."""
         conn = self.connection
-        url = conn.cmg_url.rstrip("/") + token_auth_path(conn.mp_role_id)
+        url = conn.location_url
         request = ContentLocationRequest(
             package_id=package_id,
             version=version,
@@ -109,17 +130,17 @@ class CMGClient:
             use_azure=self.settings.allow_cloud_dp,
         )
         message = CcmMessage(body=request.to_xml(), source_id=conn.client_id)
+        headers = {"Content-Type": CCM_CONTENT_TYPE, "User-Agent": USER_AGENT}
+        if conn.token:
+            self.log.info("LocationServices", f"Converting MutualAuth URL to ServerAuth: {url}")
+            headers["Authorization"] = f"Bearer {conn.token}"
         self.log.info("LocationServices", f"CCM_POST {url}")
         try:
             response = self._session.request(
                 CCM_METHOD,
                 url,
                 data=encode_message(message),
-                headers={
-                    "Content-Type": CCM_CONTENT_TYPE,
-                    "User-Agent": USER_AGENT,
-                    "Authorization": f"Bearer {conn.token}",
-                },
+                headers=headers,
                 timeout=self.timeout,
             )
         except requests.RequestException as exc:

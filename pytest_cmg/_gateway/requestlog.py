@@ -23,6 +23,10 @@ class LoggedRequest:
     reason: str
     package_id: str = ""
     detail: str = ""
+    #: How the client authenticated: "token", "certificate", or "" (anonymous path or refused).
+    auth: str = ""
+    #: Client identity: the token's UniqueId or the certificate's subject CN.
+    client_id: str = ""
     headers: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:

@@ -1,14 +1,17 @@
 """The fake CMG: an HTTPS server speaking the client-facing protocol of a content-enabled CMG.
 
 It works without pytest (``with FakeCMG(cloud_dp=dp) as cmg: ...``); the pytest plugin only wires
-it into fixtures. Served today (protocol.md sections 1.3 to 1.6):
+it into fixtures. Published paths (protocol.md sections 1.3 to 1.6, module ``_protocol.paths``):
 
-* ``CCM_POST /CCM_Proxy_ServerAuth/<role id>/ccm_system_tokenauth/request``: a CCM message for
+* ``CCM_POST /CCM_Proxy_ServerAuth/<role>/ccm_system_tokenauth/request`` (site-signed token) and
+  ``CCM_POST /CCM_Proxy_MutualAuth/<role>/ccm_system/request`` (mutual TLS): a CCM message for
   ``MP_LocationManager`` with a ContentLocationRequest, answered with a ContentLocationReply;
 * ``GET /downloadrestservice.svc/getcontentxmlsecure?pid&cid&tid&iss&alg&st&et``: the content
-  manifest with per-file SAS URLs on the cloud DP's storage.
+  manifest with per-file SAS URLs on the cloud DP's storage;
+* ``POST .../CCM_STS`` (CCM token issuance), ``GET .../ServiceMetadata`` and
+  ``GET /CCM_Proxy_MutualAuth/<role>/SMS_MP/.sms_aut?MPLIST|SITESIGNCERT``.
 
-Every other path is refused before any processing (URL filtering), and bodies longer than the
+Everything else is refused before any processing (URL filtering), and bodies longer than the
 endpoint's limit are refused unread (the CMG's per-endpoint content-length check).
 """
 
@@ -19,11 +22,14 @@ import socket
 import ssl
 import tempfile
 import threading
+import time
+from dataclasses import replace
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
+from xml.etree import ElementTree as ET
 
 from .._errors import GatewayError
 from .._protocol.ccm import (
@@ -37,39 +43,63 @@ from .._protocol.clock import Clock, SystemClock
 from .._protocol.location import ContentLocationReply, ContentLocationRequest, LocationRecord
 from .._protocol.paths import (
     TOKEN_SIGNATURE_HEADER,
+    Auth,
     Endpoint,
+    Route,
     classify,
     manifest_url,
+    mutual_auth_path,
     token_auth_path,
 )
-from .._protocol.settings import CmgSettings
+from .._protocol.settings import (
+    INTERNET_TS_SINCE,
+    ON_DEMAND_FROM_CLOUD_SINCE,
+    CmgSettings,
+    DeploymentSettings,
+    DownloadMode,
+)
 from .._protocol.tokens import INVALID_TOKEN, SiteAuthority, TokenRejected
+from .faults import FaultPlan, GatewayFault
 from .requestlog import RequestLog
 from .tls import GatewayTLS
 
 if TYPE_CHECKING:
     from types import TracebackType
 
+    from .._protocol.manifest import ContentManifest
     from .._storage.clouddp import CloudDP
+    from .pki import Credentials
 
 __all__ = ["FakeCMG"]
 
 #: Per-endpoint body limits; a real location request is a few KiB.
-BODY_LIMITS = {Endpoint.LOCATION: 64 * 1024, Endpoint.MANIFEST: 0}
+BODY_LIMITS = {
+    Endpoint.LOCATION: 64 * 1024,
+    Endpoint.STS: 4 * 1024,
+    Endpoint.MANIFEST: 0,
+    Endpoint.METADATA: 0,
+    Endpoint.MP_AUTH: 0,
+}
 #: SAS start is back-dated so a client whose clock runs behind is not refused (reliability.md C1).
 SAS_CLOCK_SKEW = timedelta(minutes=15)
 #: How much of an over-long body is read and thrown away so the client still gets its 413.
 _DRAIN_LIMIT = 1024 * 1024
 _MANIFEST_PARAMS = ("pid", "cid", "tid", "iss", "alg", "st", "et")
+#: Egress alerts go critical at this share of the threshold (S53).
+_CRITICAL_SHARE = 0.9
+_GB = 1024**3
 
 
 class _Refusal(Exception):
     """Raised inside a handler to answer with an error status and log why."""
 
-    def __init__(self, status: int, reason: str, detail: str) -> None:
+    def __init__(
+        self, status: int, reason: str, detail: str, headers: dict[str, str] | None = None
+    ) -> None:
         self.status = status
         self.reason = reason
         self.detail = detail
+        self.headers = headers or {}
         super().__init__(detail)
 
 
@@ -102,8 +132,15 @@ class FakeCMG:
         self.hostname = hostname
         self.sas_lifetime = sas_lifetime
         self.settings = CmgSettings()
+        #: The deployment the site knows for the task sequence being run (the MP decides cloud
+        #: locations from it before 1910).
+        self.deployment = DeploymentSettings()
         self.log = RequestLog()
+        self.faults = FaultPlan()
         self.authority = SiteAuthority(clock=self.clock)
+        #: Bytes the CMG has authorised clients to read from its storage (emulated egress).
+        self.egress_bytes = 0
+        self.running = True
         self._workdir = workdir
         self._tempdir: tempfile.TemporaryDirectory[str] | None = None
         self._tls: GatewayTLS | None = None
@@ -170,35 +207,83 @@ class FakeCMG:
         return f"https://127.0.0.1:{self.port}"
 
     @property
+    def tls(self) -> GatewayTLS:
+        if self._tls is None:
+            msg = "FakeCMG is not started; its certificates exist only while it runs"
+            raise GatewayError(msg)
+        return self._tls
+
+    @property
     def ca_pem(self) -> Path:
         """PEM file of the CA that signed the gateway's certificate (clients must trust it)."""
-        if self._tls is None:
-            msg = "FakeCMG is not started; its CA exists only while it runs"
-            raise GatewayError(msg)
-        return self._tls.ca_pem
+        return self.tls.ca_pem
 
     @property
     def location_url(self) -> str:
+        """Where token clients send location requests."""
         return self.url + token_auth_path(self.role_id)
+
+    @property
+    def mutual_location_url(self) -> str:
+        """Where PKI clients send location requests (mutual TLS)."""
+        return self.url + mutual_auth_path(self.role_id)
 
     def issue_token(self, client_id: str, **kwargs: Any) -> str:  # noqa: ANN401
         """A site-signed CCM token for ``client_id`` (see ``SiteAuthority.issue_ccm_token``)."""
         return self.authority.issue_ccm_token(client_id, **kwargs)
 
+    def issue_client_certificate(self, client_id: str, **kwargs: Any) -> Credentials:  # noqa: ANN401
+        """A client-authentication certificate (and key) whose CN is ``client_id``.
+
+        Keyword arguments make the certificates the CMG must refuse: ``usage="server"`` (no
+        client-authentication usage), ``not_after=`` in the past (expired), ``rogue=True``
+        (signed by a CA the CMG does not trust).
+        """
+        return self.tls.issue_client(client_id, **kwargs)
+
     # --- per-test state ----------------------------------------------------------------------
 
     def configure(
-        self, *, settings: CmgSettings | None = None, cloud_dp: CloudDP | None = None
+        self,
+        *,
+        settings: CmgSettings | None = None,
+        cloud_dp: CloudDP | None = None,
+        deployment: DeploymentSettings | None = None,
     ) -> None:
         if settings is not None:
             self.settings = settings
         if cloud_dp is not None:
             self.cloud_dp = cloud_dp
+        if deployment is not None:
+            self.deployment = deployment
+
+    def fail(self, endpoint: str | None = None, **fault: Any) -> GatewayFault:  # noqa: ANN401
+        """Arm a scripted fault (see :class:`GatewayFault` for the keywords) and return it."""
+        if endpoint is not None and endpoint not in Endpoint.ALL:
+            msg = f"no endpoint {endpoint!r}; choose one of {', '.join(Endpoint.ALL)}"
+            raise ValueError(msg)
+        armed = GatewayFault(endpoint=endpoint, **fault)
+        self.faults.add(armed)
+        return armed
+
+    def stop_service(self, reason: str = "stopped by the administrator") -> None:
+        """Stop the CMG service: every request is answered 503 until :meth:`start_service`."""
+        self.running = False
+        self.service_log(f"CMG service stopped: {reason}")
+
+    def start_service(self) -> None:
+        self.running = True
+        self.service_log("CMG service started")
 
     def clear(self) -> None:
-        """Forget everything a test did: settings, request log, errors, service log."""
+        """Forget everything a test did: settings, faults, logs, errors, egress, stopped state."""
         self.settings = CmgSettings()
+        self.deployment = DeploymentSettings()
         self.log.clear()
+        self.faults.clear()
+        self.authority.blocked.clear()
+        self.egress_bytes = 0
+        self.running = True
         with self._lock:
             self._errors.clear()
             self._service_log.clear()
@@ -228,17 +313,34 @@ class FakeCMG:
 
     # --- the product's decisions -------------------------------------------------------------
 
+    def _no_cloud_reason(self, request: ContentLocationRequest) -> str:
+        version = self.settings.site_version
+        if version < INTERNET_TS_SINCE:
+            return (
+                f"site version {version} predates task sequences over a CMG ({INTERNET_TS_SINCE})"
+            )
+        if version < ON_DEMAND_FROM_CLOUD_SINCE and (
+            self.deployment.download_mode == DownloadMode.ON_DEMAND
+        ):
+            return (
+                f"site version {version}: cloud sources are not offered to a task sequence "
+                "deployed with 'Download content locally when needed' before "
+                f"{ON_DEMAND_FROM_CLOUD_SINCE}"
+            )
+        if not self.settings.content_enabled:
+            return "CMG does not serve content from Azure storage"
+        if not request.use_azure:
+            return "client does not allow cloud sources (UseAzure=0)"
+        if self.cloud_dp is None:
+            return "no cloud DP attached"
+        return ""
+
     def locate(self, request: ContentLocationRequest, client_id: str) -> ContentLocationReply:
         """What MP_LocationManager answers through this CMG."""
+        why_not = self._no_cloud_reason(request)
         manifest = None
-        why_not = ""
-        if not self.settings.content_enabled:
-            why_not = "CMG does not serve content from Azure storage"
-        elif not request.use_azure:
-            why_not = "client does not allow cloud sources (UseAzure=0)"
-        elif self.cloud_dp is None:
-            why_not = "no cloud DP attached"
-        else:
+        if not why_not:
+            assert self.cloud_dp is not None
             manifest = self.cloud_dp.manifest(request.package_id, request.version)
             if manifest is None:
                 why_not = "content version is not on the cloud DP"
@@ -265,8 +367,11 @@ class FakeCMG:
             site_code=self.site_code, package_hash=manifest.hash, records=(record,)
         )
 
-    def manifest_xml(self, params: dict[str, str], signature: str) -> str:
+    def manifest_xml(
+        self, params: dict[str, str], signature: str, faults: list[GatewayFault] | None = None
+    ) -> str:
         """The content manifest with fresh SAS URLs, or a :class:`_Refusal`."""
+        faults = faults or []
         missing = [name for name in _MANIFEST_PARAMS if not params.get(name)]
         if missing:
             raise _Refusal(400, "Bad Request", f"missing parameter(s) {', '.join(missing)}")
@@ -293,6 +398,9 @@ class FakeCMG:
             raise _Refusal(404, "Not Found", f"{package_id} is not on the cloud DP")
         now = self.clock.now()
         expiry = min(token_end.astimezone(now.tzinfo), now + self.sas_lifetime)
+        for fault in faults:
+            if fault.sas_ttl is not None:
+                expiry = now + timedelta(seconds=fault.sas_ttl)
         start = now - SAS_CLOCK_SKEW
         urls = {
             f.relpath: self.cloud_dp.signed_url(
@@ -300,11 +408,69 @@ class FakeCMG:
             )
             for f in manifest.files
         }
+        served = manifest.with_urls(urls)
+        if any(f.wrong_hash for f in faults) and served.files:
+            first = served.files[0]
+            bad = replace(first, sha256=("0" if first.sha256[0] != "0" else "1") + first.sha256[1:])
+            served = replace(served, files=(bad, *served.files[1:]))
         self.service_log(
             f"Issued manifest for {package_id}.{manifest.version}: {len(urls)} file(s), "
             f"SAS valid until {expiry:%Y-%m-%dT%H:%M:%SZ}"
         )
-        return manifest.with_urls(urls).to_xml()
+        self._account_egress(manifest)
+        return served.to_xml()
+
+    def _account_egress(self, manifest: ContentManifest) -> None:
+        # Emulation: the CMG counts the bytes it authorises a client to read from its storage
+        # (real egress is metered by Azure; the CMG checks it every 6 minutes).
+        self.egress_bytes += manifest.total_size
+        critical = self.settings.egress_threshold_gb * _GB * _CRITICAL_SHARE
+        if self.egress_bytes >= critical:
+            self.service_log(
+                f"Outbound data transfer {self.egress_bytes} bytes exceeds the critical "
+                f"threshold ({_CRITICAL_SHARE:.0%} of {self.settings.egress_threshold_gb} GB)"
+            )
+            if self.settings.stop_when_critical and self.running:
+                self.stop_service("critical outbound data transfer threshold exceeded")
+
+    def issue_for(self, client_id: str) -> str:
+        """CCM_STS: a client token for a registered identity."""
+        token = self.authority.issue_ccm_token(client_id)
+        self.service_log(f"Issued CCM token for {client_id}")
+        return token
+
+    def metadata_xml(self) -> str:
+        root = ET.Element(
+            "ServiceMetadata",
+            SiteCode=self.site_code,
+            SiteVersion=str(self.settings.site_version),
+            ContentEnabled="1" if self.settings.content_enabled else "0",
+        )
+        ET.SubElement(
+            root,
+            "ManagementPoint",
+            RoleId=self.role_id,
+            MutualAuthPath=f"{self.hostname}/CCM_Proxy_MutualAuth/{self.role_id}",
+            ServerAuthPath=f"{self.hostname}/CCM_Proxy_ServerAuth/{self.role_id}",
+        )
+        return ET.tostring(root, encoding="unicode")
+
+    def sms_aut(self, query: dict[str, str]) -> str:
+        if "MPLIST" in query or "MPLIST2" in query:
+            root = ET.Element("MPList")
+            mp = ET.SubElement(
+                root,
+                "MP",
+                Name=f"{self.hostname}/CCM_Proxy_MutualAuth/{self.role_id}",
+                FQDN=self.hostname,
+            )
+            ET.SubElement(mp, "Version").text = str(self.settings.site_version)
+            caps = ET.SubElement(mp, "Capabilities", SchemaVersion="1.0")
+            ET.SubElement(caps, "Property", Name="SSLState", Value="63")
+            return ET.tostring(root, encoding="unicode")
+        if "SITESIGNCERT" in query:
+            return self.authority.signing_certificate_der().hex().upper()
+        raise _Refusal(404, "Not Found", "unknown .sms_aut query")
 
 
 class _Server(ThreadingHTTPServer):
@@ -334,6 +500,9 @@ class _Server(ThreadingHTTPServer):
             return
         try:
             self.RequestHandlerClass(tls, client_address, self)  # type: ignore[arg-type]
+        except (ssl.SSLError, OSError) as exc:
+            # Under TLS 1.3 a refused client certificate surfaces after the handshake.
+            self.gateway.service_log(f"TLS connection with {client_address[0]} failed: {exc}")
         finally:
             with contextlib.suppress(OSError):
                 tls.close()
@@ -367,59 +536,113 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         url = urlsplit(self.path)
         query = dict(parse_qsl(url.query, keep_blank_values=True))
-        classified = classify(self.command, url.path)
-        endpoint = classified[0] if classified else None
-        package_id = query.get("pid", "")
+        route = classify(self.command, url.path)
+        entry: dict[str, Any] = {
+            "path": url.path,
+            "query": query,
+            "endpoint": route.endpoint if route else None,
+            "package_id": query.get("pid", ""),
+        }
         try:
-            if endpoint is None:
+            if not self.gateway.running:
+                raise _Refusal(503, "Service Unavailable", "CMG service is stopped")
+            if route is None:
                 raise _Refusal(404, "Not Found", "path is not published through the CMG")
-            body = self._read_body(endpoint)
-            if endpoint == Endpoint.LOCATION:
-                payload, package_id = self._location(body)
-                self._answer(
-                    200, "OK", payload, CCM_CONTENT_TYPE, endpoint, url.path, query, package_id
-                )
-            else:
-                xml = self.gateway.manifest_xml(query, self.headers.get(TOKEN_SIGNATURE_HEADER, ""))
-                self._answer(
-                    200,
-                    "OK",
-                    xml.encode("utf-8"),
-                    "text/xml; charset=utf-8",
-                    endpoint,
-                    url.path,
-                    query,
-                    package_id,
-                )
+            if route.role_id is not None and route.role_id != self.gateway.role_id:
+                raise _Refusal(404, "Not Found", f"unknown MP role ID {route.role_id}")
+            _, faults = self.gateway.faults.next_request(route.endpoint)
+            if self._apply_faults(faults, entry):
+                return
+            body = self._read_body(route.endpoint)
+            payload, content_type = self._serve(route, body, query, faults, entry)
+            truncate = next((f.truncate for f in faults if f.truncate is not None), None)
+            self._answer(200, "OK", payload, content_type, entry, truncate=truncate)
         except _Refusal as refusal:
             self.gateway.service_log(
                 f"Refused {self.command} {url.path}: {refusal.status} {refusal.reason} "
                 f"({refusal.detail})"
             )
+            entry["detail"] = refusal.detail
             self._answer(
-                refusal.status,
-                refusal.reason,
-                b"",
-                "text/plain",
-                endpoint,
-                url.path,
-                query,
-                package_id,
-                detail=refusal.detail,
+                refusal.status, refusal.reason, b"", "text/plain", entry, headers=refusal.headers
             )
         except Exception as exc:  # a bug in the fake must surface in the test, not only as a 500
             self.gateway.record_error(exc)
-            self._answer(
-                500,
-                "Internal Server Error",
-                b"",
-                "text/plain",
-                endpoint,
-                url.path,
-                query,
-                package_id,
-                detail=repr(exc),
+            entry["detail"] = repr(exc)
+            self._answer(500, "Internal Server Error", b"", "text/plain", entry)
+
+    def _apply_faults(self, faults: list[GatewayFault], entry: dict[str, Any]) -> bool:
+        """Delay, drop or replace the answer; True when the request has been dealt with."""
+        for fault in faults:
+            if fault.delay:
+                time.sleep(fault.delay)
+        described = "; ".join(f.describe() for f in faults)
+        if any(f.drop for f in faults):
+            self.close_connection = True
+            entry["detail"] = f"dropped by {described}"
+            self._log(0, "dropped", entry)
+            return True
+        for fault in faults:
+            if fault.status is not None:
+                headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
+                raise _Refusal(
+                    fault.status,
+                    fault.reason or _default_reason(fault.status),
+                    f"scripted {fault.describe()}",
+                    headers,
+                )
+        return False
+
+    def _serve(
+        self,
+        route: Route,
+        body: bytes,
+        query: dict[str, str],
+        faults: list[GatewayFault],
+        entry: dict[str, Any],
+    ) -> tuple[bytes, str]:
+        gateway = self.gateway
+        if route.endpoint == Endpoint.MANIFEST:
+            xml = gateway.manifest_xml(query, self.headers.get(TOKEN_SIGNATURE_HEADER, ""), faults)
+            return xml.encode("utf-8"), "text/xml; charset=utf-8"
+        if route.endpoint == Endpoint.METADATA:
+            return gateway.metadata_xml().encode("utf-8"), "text/xml; charset=utf-8"
+        if route.endpoint == Endpoint.MP_AUTH:
+            return gateway.sms_aut(query).encode("utf-8"), "text/plain; charset=utf-8"
+        client_id = self._authenticate(route, entry)
+        if route.endpoint == Endpoint.STS:
+            # Registering with a bulk token: the new client's ID travels in the body (emulation).
+            requested = body.decode("utf-8", "replace").strip()
+            return gateway.issue_for(requested or client_id).encode("ascii"), "application/jwt"
+        return self._location(body, client_id, entry)
+
+    def _authenticate(self, route: Route, entry: dict[str, Any]) -> str:
+        if route.auth == Auth.CERTIFICATE:
+            cert = (
+                self.connection.getpeercert()
+                if isinstance(self.connection, ssl.SSLSocket)
+                else None
             )
+            if not cert:
+                raise _Refusal(
+                    403, "Client certificate required", "mutual-auth path without a certificate"
+                )
+            client_id = _common_name(cert)
+            entry.update(auth=Auth.CERTIFICATE, client_id=client_id)
+            return client_id
+        auth = self.headers.get("Authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise _Refusal(401, INVALID_TOKEN, "no bearer token")
+        try:
+            claims = self.gateway.authority.verify_ccm_token(
+                token.strip(), for_registration=route.endpoint == Endpoint.STS
+            )
+        except TokenRejected as exc:
+            raise _Refusal(401, INVALID_TOKEN, exc.reason) from exc
+        client_id = str(claims.get("UniqueId", ""))
+        entry.update(auth=Auth.TOKEN, client_id=client_id)
+        return client_id
 
     def _read_body(self, endpoint: str) -> bytes:
         length_header = self.headers.get("Content-Length")
@@ -449,15 +672,7 @@ class _Handler(BaseHTTPRequestHandler):
             )
         return self.rfile.read(length)
 
-    def _location(self, body: bytes) -> tuple[bytes, str]:
-        auth = self.headers.get("Authorization", "")
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise _Refusal(401, INVALID_TOKEN, "no bearer token")
-        try:
-            claims = self.gateway.authority.verify_ccm_token(token.strip())
-        except TokenRejected as exc:
-            raise _Refusal(401, INVALID_TOKEN, exc.reason) from exc
+    def _location(self, body: bytes, client_id: str, entry: dict[str, Any]) -> tuple[bytes, str]:
         try:
             message = decode_message(body)
         except EnvelopeError as exc:
@@ -470,14 +685,25 @@ class _Handler(BaseHTTPRequestHandler):
             request = ContentLocationRequest.from_xml(message.body)
         except ValueError as exc:
             raise _Refusal(400, "Bad Request", f"ContentLocationRequest: {exc}") from exc
-        reply = self.gateway.locate(request, str(claims.get("UniqueId", "")))
+        entry["package_id"] = request.package_id
+        reply = self.gateway.locate(request, client_id)
         answer = CcmMessage(
             body=reply.to_xml(),
             target_endpoint="LS_ReplyLocations",
             reply_to="direct:mp:MP_LocationManager",
             source_host="mp",
         )
-        return encode_message(answer), request.package_id
+        return encode_message(answer), CCM_CONTENT_TYPE
+
+    def _log(self, status: int, reason: str, entry: dict[str, Any]) -> None:
+        hidden = {"authorization", TOKEN_SIGNATURE_HEADER.lower()}
+        self.gateway.log.append(
+            method=self.command,
+            status=status,
+            reason=reason,
+            headers={k: v for k, v in self.headers.items() if k.lower() not in hidden},
+            **entry,
+        )
 
     def _answer(
         self,
@@ -485,28 +711,38 @@ class _Handler(BaseHTTPRequestHandler):
         reason: str,
         payload: bytes,
         content_type: str,
-        endpoint: str | None,
-        path: str,
-        query: dict[str, str],
-        package_id: str,
-        detail: str = "",
+        entry: dict[str, Any],
+        *,
+        headers: dict[str, str] | None = None,
+        truncate: int | None = None,
     ) -> None:
-        self.gateway.log.append(
-            method=self.command,
-            path=path,
-            query=query,
-            endpoint=endpoint,
-            status=status,
-            reason=reason,
-            package_id=package_id,
-            detail=detail,
-            headers={k: v for k, v in self.headers.items() if k.lower() != "authorization"},
-        )
+        if truncate is not None:
+            entry["detail"] = f"truncated after {truncate} of {len(payload)} bytes"
+        self._log(status, reason, entry)
         self.send_response(status, reason)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if truncate is not None:
+            self.close_connection = True
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(payload)
+            self.wfile.write(payload if truncate is None else payload[:truncate])
+
+
+def _common_name(cert: dict[str, Any]) -> str:
+    """The subject CN of a certificate as ``SSLSocket.getpeercert()`` returns it."""
+    subject: tuple[tuple[tuple[str, str], ...], ...] = cert.get("subject", ())
+    return next((value for rdn in subject for key, value in rdn if key == "commonName"), "")
+
+
+def _default_reason(status: int) -> str:
+    from http import HTTPStatus
+
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Scripted"

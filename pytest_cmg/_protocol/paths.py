@@ -7,6 +7,7 @@ as the real CMG's URL filtering does.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from urllib.parse import quote, urlencode
 
 __all__ = [
@@ -14,8 +15,10 @@ __all__ = [
     "MANIFEST_PATH",
     "TOKEN_SIGNATURE_HEADER",
     "Endpoint",
+    "Route",
     "classify",
     "manifest_url",
+    "mutual_auth_path",
     "token_auth_path",
 ]
 
@@ -24,21 +27,70 @@ MANIFEST_PATH = "/downloadrestservice.svc/getcontentxmlsecure"
 #: Where the content access token's signature travels (not public; emulation design).
 TOKEN_SIGNATURE_HEADER = "X-Cmg-Token-Signature"
 
-# fullmatch and ASCII digits: "$" alone would accept a trailing newline, "\d" any Unicode digit.
-_TOKEN_AUTH = re.compile(
-    r"/CCM_Proxy_ServerAuth/(?P<role>[0-9]+)/ccm_system_tokenauth/request", re.IGNORECASE
-)
-
 
 class Endpoint:
     """Names used in the request log and in scenario expectations."""
 
-    LOCATION = "location"
-    MANIFEST = "manifest"
+    LOCATION = "location"  # MP_LocationManager through either proxy path
+    MANIFEST = "manifest"  # downloadrestservice.svc/getcontentxmlsecure
+    STS = "sts"  # CCM_STS: CCM token issuance
+    METADATA = "metadata"  # ServiceMetadata
+    MP_AUTH = "sms_aut"  # SMS_MP/.sms_aut?MPLIST | MPLIST2 | SITESIGNCERT
+    ALL = (LOCATION, MANIFEST, STS, METADATA, MP_AUTH)
+
+
+class Auth:
+    """How a path authenticates its client."""
+
+    TOKEN = "token"  # CCM_Proxy_ServerAuth: server-authenticated TLS + a site-signed token
+    CERTIFICATE = "certificate"  # CCM_Proxy_MutualAuth: mutual TLS with a PKI client certificate
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class Route:
+    endpoint: str
+    auth: str
+    role_id: str | None = None
+
+
+# fullmatch with [0-9]: "$" alone would accept a trailing newline, "\d" any Unicode digit.
+_ROUTES: tuple[tuple[str, re.Pattern[str], str, str], ...] = tuple(
+    (method, re.compile(pattern, re.IGNORECASE), endpoint, auth)
+    for method, pattern, endpoint, auth in (
+        (
+            CCM_METHOD,
+            r"/CCM_Proxy_ServerAuth/(?P<role>[0-9]+)/ccm_system_tokenauth/request",
+            Endpoint.LOCATION,
+            Auth.TOKEN,
+        ),
+        (
+            CCM_METHOD,
+            r"/CCM_Proxy_MutualAuth/(?P<role>[0-9]+)/ccm_system/request",
+            Endpoint.LOCATION,
+            Auth.CERTIFICATE,
+        ),
+        ("POST", r"/CCM_Proxy_ServerAuth/(?P<role>[0-9]+)/CCM_STS", Endpoint.STS, Auth.TOKEN),
+        ("POST", r"/CCM_Proxy_MutualAuth/(?P<role>[0-9]+)/CCM_STS", Endpoint.STS, Auth.CERTIFICATE),
+        ("GET", r"/CCM_Proxy_ServerAuth/ServiceMetadata", Endpoint.METADATA, Auth.NONE),
+        ("GET", r"/CCM_Proxy_MutualAuth/ServiceMetadata", Endpoint.METADATA, Auth.NONE),
+        (
+            "GET",
+            r"/CCM_Proxy_MutualAuth/(?P<role>[0-9]+)/SMS_MP/\.sms_aut",
+            Endpoint.MP_AUTH,
+            Auth.NONE,
+        ),
+        ("GET", re.escape(MANIFEST_PATH), Endpoint.MANIFEST, Auth.NONE),
+    )
+)
 
 
 def token_auth_path(role_id: str) -> str:
     return f"/CCM_Proxy_ServerAuth/{role_id}/ccm_system_tokenauth/request"
+
+
+def mutual_auth_path(role_id: str) -> str:
+    return f"/CCM_Proxy_MutualAuth/{role_id}/ccm_system/request"
 
 
 def manifest_url(base_url: str, package_id: str, content_id: str) -> str:
@@ -47,13 +99,12 @@ def manifest_url(base_url: str, package_id: str, content_id: str) -> str:
     return f"{base_url.rstrip('/')}{MANIFEST_PATH}?{query}"
 
 
-def classify(method: str, path: str) -> tuple[str, dict[str, str]] | None:
-    """Map a request to a published endpoint and its path parameters, or ``None`` if unpublished."""
-    if method == CCM_METHOD:
-        match = _TOKEN_AUTH.fullmatch(path)
+def classify(method: str, path: str) -> Route | None:
+    """Map a request to a published endpoint, or ``None`` if it is not published."""
+    for route_method, pattern, endpoint, auth in _ROUTES:
+        if method != route_method:
+            continue
+        match = pattern.fullmatch(path)
         if match:
-            return Endpoint.LOCATION, {"role_id": match["role"]}
-        return None
-    if method == "GET" and path.lower() == MANIFEST_PATH.lower():
-        return Endpoint.MANIFEST, {}
+            return Route(endpoint, auth, match.groupdict().get("role"))
     return None

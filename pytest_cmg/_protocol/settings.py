@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ClientSettings", "CmgSettings", "DeploymentSettings", "DownloadMode", "LaunchContext"]
+__all__ = [
+    "INTERNET_TS_SINCE",
+    "ON_DEMAND_FROM_CLOUD_SINCE",
+    "SITE_VERSIONS",
+    "ClientSettings",
+    "CmgSettings",
+    "DeploymentSettings",
+    "DownloadMode",
+    "LaunchContext",
+]
 
 
 class DownloadMode:
@@ -24,12 +33,49 @@ class LaunchContext:
     ALL = (SOFTWARE_CENTER,)
 
 
+#: Site versions with a gate in this feature (protocol.md section 0).
+INTERNET_TS_SINCE = 1802  # a task sequence may run over a CMG, with "download all" only
+ON_DEMAND_FROM_CLOUD_SINCE = 1910  # the TS engine may fetch on demand from a cloud source
+#: Released current-branch versions, for validating a scenario's site version.
+SITE_VERSIONS = (
+    1702,
+    1706,
+    1710,
+    1802,
+    1806,
+    1810,
+    1902,
+    1906,
+    1910,
+    2002,
+    2006,
+    2010,
+    2103,
+    2107,
+    2111,
+    2203,
+    2207,
+    2211,
+    2303,
+    2309,
+    2403,
+    2409,
+    2503,
+)
+
+
 @dataclass(frozen=True)
 class CmgSettings:
-    """CMG properties › Settings."""
+    """CMG properties › Settings, and the site they belong to."""
 
     #: "Allow CMG to function as a cloud distribution point and serve content from Azure storage".
     content_enabled: bool = True
+    #: The site's Configuration Manager version (YYMM), which gates the feature.
+    site_version: int = 2107
+    #: 14-day outbound data transfer alert threshold in GB (default 10,000); critical at 90 %.
+    egress_threshold_gb: float = 10_000.0
+    #: "Stop this service when the critical threshold is exceeded".
+    stop_when_critical: bool = False
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AUDIENCE",
+    "BULK_REGISTRATION",
+    "BULK_TOKEN_LIFETIME",
+    "BULK_TOKEN_MAX_LIFETIME",
     "CCM_TOKEN_LIFETIME",
     "CONTENT_TOKEN_LIFETIME",
     "INVALID_TOKEN",
@@ -36,6 +39,10 @@ __all__ = [
 
 AUDIENCE = "urn:sccm:service"
 CCM_TOKEN_LIFETIME = timedelta(hours=8)
+#: Bulk registration tokens: 4,320 min by default, at most 10,080 min (S10).
+BULK_TOKEN_LIFETIME = timedelta(minutes=4320)
+BULK_TOKEN_MAX_LIFETIME = timedelta(minutes=10080)
+BULK_REGISTRATION = "BulkRegistration"
 CONTENT_TOKEN_LIFETIME = timedelta(hours=8)
 #: The status text the CMG answers a bad token with (S13).
 INVALID_TOKEN = "CMGService_Invalid_Token"
@@ -67,6 +74,8 @@ class SiteAuthority:
     key: rsa.RSAPrivateKey = field(
         default_factory=lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048)
     )
+    #: UniqueIds of bulk registration tokens an administrator has blocked.
+    blocked: set[str] = field(default_factory=set)
 
     @property
     def issuer(self) -> str:
@@ -122,8 +131,39 @@ class SiteAuthority:
         )
         return _b64url(hashlib.sha1(der, usedforsecurity=False).digest())
 
-    def verify_ccm_token(self, token: str) -> dict[str, Any]:
-        """Return the claims, or raise :class:`TokenRejected` naming the rule that failed."""
+    def issue_bulk_token(self, lifetime: timedelta = BULK_TOKEN_LIFETIME) -> str:
+        """A bulk registration token; like the product, refuses lifetimes over 10,080 minutes."""
+        if lifetime > BULK_TOKEN_MAX_LIFETIME:
+            msg = (
+                f"bulk registration token lifetime {lifetime} exceeds the maximum of "
+                f"{BULK_TOKEN_MAX_LIFETIME} (10,080 minutes)"
+            )
+            raise ValueError(msg)
+        return self.issue_ccm_token(
+            str(uuid.uuid4()), lifetime=lifetime, token_type=BULK_REGISTRATION
+        )
+
+    def block(self, unique_id: str) -> None:
+        """Block a bulk registration token by its UniqueId (the console's "Block" action)."""
+        self.blocked.add(unique_id)
+
+    def verify_ccm_token(self, token: str, *, for_registration: bool = False) -> dict[str, Any]:
+        """Return the claims, or raise :class:`TokenRejected` naming the rule that failed.
+
+        A bulk registration token is only good for registering (``for_registration``, i.e. at
+        CCM_STS) and never once blocked; client tokens are good everywhere.
+        """
+        claims = self._verify_jwt(token)
+        if claims.get("Type") == BULK_REGISTRATION:
+            if not for_registration:
+                reason = "a bulk registration token can only be used to register (CCM_STS)"
+                raise TokenRejected(reason)
+            if claims.get("UniqueId") in self.blocked:
+                reason = f"bulk registration token {claims.get('UniqueId')} is blocked"
+                raise TokenRejected(reason)
+        return claims
+
+    def _verify_jwt(self, token: str) -> dict[str, Any]:
         parts = token.split(".")
         if len(parts) != 3:
             reason = "token is not a three-part JWT"
@@ -158,6 +198,28 @@ class SiteAuthority:
             reason = "IDX10223: Lifetime validation failed. The token is expired."
             raise TokenRejected(reason)
         return claims
+
+    def signing_certificate_der(self) -> bytes:
+        """The site signing certificate (self-signed over the site key), as ``.sms_aut`` serves it."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.x509.oid import NameOID
+
+        name = x509.Name(
+            [x509.NameAttribute(NameOID.COMMON_NAME, "Site Server Signing Certificate")]
+        )
+        now = self.clock.now()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self.key.public_key())
+            .serial_number(int(uuid.UUID(self.site_guid)))
+            .not_valid_before(now - timedelta(days=1))
+            .not_valid_after(now + timedelta(days=365))
+            .sign(self.key, hashes.SHA256())
+        )
+        return cert.public_bytes(serialization.Encoding.DER)
 
     # --- content access token -------------------------------------------------------------
 

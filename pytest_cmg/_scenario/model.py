@@ -11,13 +11,14 @@ from .._client.cache import DEFAULT_CACHE_MB
 from .._client.engine import STEP_ACTIONS, Step, TaskSequence
 from .._errors import ScenarioError, ScenarioProblem
 from .._protocol.settings import (
+    SITE_VERSIONS,
     ClientSettings,
     CmgSettings,
     DeploymentSettings,
     DownloadMode,
     LaunchContext,
 )
-from .spec import Bool, Choice, Field, Int, ListOf, Record, Size, Str, Validation
+from .spec import Bool, Choice, Field, Int, ListOf, Number, Record, Size, Str, Validation
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -32,6 +33,7 @@ PACKAGE_ID = Str(
 PACKAGE_TYPES = ("package", "os_upgrade", "driver", "application")
 LOCALES = ("en_US", "it_IT", "ja_JP")
 OUTCOMES = ("success", "failure")
+AUTH_METHODS = ("token", "certificate")
 
 SCENARIO = Record(
     doc="One scenario: a world (site, CMG, packages), a client, a task sequence and expectations.",
@@ -50,7 +52,6 @@ SCENARIO = Record(
                     ),
                 },
             ),
-            default={"code": "PS1"},
         ),
         "cmg": Field(
             Record(
@@ -64,14 +65,41 @@ SCENARIO = Record(
                             "content from Azure storage'."
                         ),
                     ),
+                    "site_version": Field(
+                        Int(choices=SITE_VERSIONS),
+                        default=2107,
+                        doc=(
+                            "The site's version (YYMM). Before 1802 no task sequence runs over a "
+                            "CMG; before 1910 cloud sources are not offered to on-demand "
+                            "deployments."
+                        ),
+                    ),
+                    "egress_threshold_gb": Field(
+                        Number(),
+                        default=10000.0,
+                        doc="14-day outbound data transfer threshold in GB; critical at 90 %.",
+                    ),
+                    "stop_when_critical": Field(
+                        Bool(),
+                        default=False,
+                        doc="Stop the CMG service when the critical egress threshold is exceeded.",
+                    ),
                 },
             ),
-            default={"content_enabled": True},
         ),
         "client": Field(
             Record(
                 doc="The internet client: its client settings and cache.",
                 fields={
+                    "auth": Field(
+                        Choice(choices=AUTH_METHODS),
+                        default="token",
+                        doc=(
+                            "How the client authenticates to the CMG: a site-issued token "
+                            "(CCM_Proxy_ServerAuth) or a PKI client certificate over mutual TLS "
+                            "(CCM_Proxy_MutualAuth)."
+                        ),
+                    ),
                     "allow_cloud_dp": Field(
                         Bool(),
                         default=True,
@@ -86,7 +114,6 @@ SCENARIO = Record(
                     ),
                 },
             ),
-            default={"allow_cloud_dp": True, "cache_size": DEFAULT_CACHE_MB * 1024 * 1024},
         ),
         "packages": Field(
             ListOf(
@@ -237,6 +264,7 @@ class Scenario:
     cmg: CmgSettings
     client: ClientSettings
     cache_size: int
+    auth: str
     packages: tuple[PackageSpec, ...]
     task_sequence: TaskSequence
     launch: str
@@ -281,9 +309,15 @@ def load_scenario(path: Path) -> Scenario:
         description=data["description"],
         seed=data["seed"],
         site_code=data["site"]["code"],
-        cmg=CmgSettings(content_enabled=data["cmg"]["content_enabled"]),
+        cmg=CmgSettings(
+            content_enabled=data["cmg"]["content_enabled"],
+            site_version=data["cmg"]["site_version"],
+            egress_threshold_gb=data["cmg"]["egress_threshold_gb"],
+            stop_when_critical=data["cmg"]["stop_when_critical"],
+        ),
         client=ClientSettings(allow_cloud_dp=data["client"]["allow_cloud_dp"]),
         cache_size=data["client"]["cache_size"],
+        auth=data["client"]["auth"],
         packages=packages,
         task_sequence=sequence,
         launch=ts["launch"],

@@ -54,15 +54,20 @@ def run_scenario(scenario: Scenario, harness: Harness, workdir: Path) -> Scenari
                 files = generate_package(package, scenario.seed)
                 manifests[package.id] = dp.distribute(package.id, package.version, files)
         gateway.site_code = scenario.site_code
-        gateway.configure(settings=scenario.cmg, cloud_dp=dp)
+        gateway.configure(settings=scenario.cmg, cloud_dp=dp, deployment=scenario.deployment)
         log = SmstsLog(workdir / "smsts.log")
+        certificate = (
+            gateway.issue_client_certificate(_CLIENT_ID) if scenario.auth == "certificate" else None
+        )
         connection = CMGConnection(
             cmg_url=gateway.url,
             ca_cert=gateway.ca_pem,
             site_code=gateway.site_code,
             mp_role_id=gateway.role_id,
-            token=gateway.issue_token(_CLIENT_ID),
             client_id=_CLIENT_ID,
+            token=gateway.issue_token(_CLIENT_ID) if certificate is None else None,
+            client_cert=certificate.cert if certificate else None,
+            client_key=certificate.key if certificate else None,
         )
         cache = ClientCache(workdir / "ccmcache", size_mb=max(1, scenario.cache_size // 2**20))
         engine = TaskSequenceEngine(

@@ -27,6 +27,7 @@ __all__ = [
     "Int",
     "ListOf",
     "MapOf",
+    "Number",
     "Record",
     "Size",
     "Spec",
@@ -151,9 +152,12 @@ class Str(Spec):
 @dataclass
 class Int(Spec):
     minimum: int | None = None
+    choices: tuple[int, ...] = ()
     doc: str = ""
 
     def describe(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(map(str, self.choices))
         return "an integer" + (f" >= {self.minimum}" if self.minimum is not None else "")
 
     def _check(self, node: yaml.Node, where: str, v: Validation) -> Any:  # noqa: ANN401
@@ -165,6 +169,10 @@ class Int(Spec):
             return None
         if self.minimum is not None and value < self.minimum:
             v.problem(node, f"{where} must be {self.describe()}, got {value}")
+            return None
+        if self.choices and value not in self.choices:
+            near = min(self.choices, key=lambda c: abs(c - value))
+            v.problem(node, f"{where} {value} is not {self.describe()}", f"nearest: {near}")
             return None
         return value
 
@@ -204,6 +212,26 @@ class Choice(Spec):
             v.problem(node, f"{where} {value!r} is not {self.describe()}", hint)
             return None
         return str(value)
+
+
+@dataclass
+class Number(Spec):
+    """An integer or decimal number, at least ``minimum``."""
+
+    minimum: float = 0.0
+    doc: str = ""
+
+    def describe(self) -> str:
+        return f"a number >= {self.minimum:g}"
+
+    def _check(self, node: yaml.Node, where: str, v: Validation) -> Any:  # noqa: ANN401
+        value = self._scalar_of(node, where, v)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < self.minimum:
+            v.problem(node, f"{where} must be {self.describe()}, got {value!r}")
+            return None
+        return float(value)
 
 
 @dataclass
@@ -287,6 +315,14 @@ class Record(Spec):
     def describe(self) -> str:
         return "a mapping with keys " + ", ".join(self.fields)
 
+    def defaults(self) -> dict[str, Any]:
+        """The value of this section when the file leaves it out: every field's default."""
+        return {
+            name: item.spec.defaults() if isinstance(item.spec, Record) else item.default
+            for name, item in self.fields.items()
+            if not item.required
+        }
+
     def _check(self, node: yaml.Node, where: str, v: Validation) -> Any:  # noqa: ANN401
         if not isinstance(node, yaml.MappingNode):
             v.problem(node, f"{_where(where)} must be {self.describe()}")
@@ -326,5 +362,5 @@ class Record(Spec):
             if item.required:
                 v.problem(node, f"{_where(where)} is missing the required key {name!r}", item.doc)
             else:
-                out[name] = item.default
+                out[name] = item.spec.defaults() if isinstance(item.spec, Record) else item.default
         return out

@@ -1,0 +1,97 @@
+"""Scripted faults for the fake CMG, chosen by endpoint and request number.
+
+Deterministic on purpose: a fault fires on the Nth request to an endpoint (or on the next N
+requests), never at random, so a failing test fails the same way every time.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+__all__ = ["FaultPlan", "GatewayFault"]
+
+
+@dataclass(frozen=True)
+class GatewayFault:
+    """What to do instead of (or on top of) a normal answer.
+
+    :param endpoint: ``location``, ``manifest``, ``sts``, ``metadata``, ``sms_aut`` or ``None``
+        for any endpoint.
+    :param request: the 1-based number of the request to that endpoint the fault fires on;
+        ``None`` means the next requests, whatever their number.
+    :param times: how many requests it fires on (from ``request`` on).
+    :param status: answer this status instead (with ``reason`` and, for 429/503, ``retry_after``).
+    :param delay: seconds to wait before answering (bounded by the client's own timeout).
+    :param drop: close the connection without any response.
+    :param truncate: send only this many body bytes of the normal answer, then close.
+    :param wrong_hash: manifest only: corrupt the first file's SHA-256.
+    :param sas_ttl: manifest only: SAS URLs that expire this many seconds after issue.
+    """
+
+    endpoint: str | None = None
+    request: int | None = None
+    times: int = 1
+    status: int | None = None
+    reason: str | None = None
+    retry_after: str | None = None
+    delay: float = 0.0
+    drop: bool = False
+    truncate: int | None = None
+    wrong_hash: bool = False
+    sas_ttl: float | None = None
+
+    def describe(self) -> str:
+        parts = [f"{k}={v!r}" for k, v in self.__dict__.items() if v not in (None, False, 0.0, 1)]
+        return "fault(" + ", ".join(parts) + ")"
+
+
+@dataclass
+class _Armed:
+    fault: GatewayFault
+    remaining: int
+
+
+class FaultPlan:
+    """The faults armed on a gateway, and per-endpoint request counters they are matched against."""
+
+    def __init__(self) -> None:
+        self._armed: list[_Armed] = []
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, fault: GatewayFault) -> None:
+        if fault.times < 1:
+            msg = f"{fault.describe()}: times must be at least 1"
+            raise ValueError(msg)
+        with self._lock:
+            self._armed.append(_Armed(fault, fault.times))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._armed.clear()
+            self._counts.clear()
+
+    def next_request(self, endpoint: str) -> tuple[int, list[GatewayFault]]:
+        """Count a request to ``endpoint``; return its number and the faults that fire on it."""
+        with self._lock:
+            number = self._counts.get(endpoint, 0) + 1
+            self._counts[endpoint] = number
+            firing = []
+            for armed in self._armed:
+                fault = armed.fault
+                if armed.remaining <= 0 or fault.endpoint not in (None, endpoint):
+                    continue
+                if fault.request is not None and not (
+                    fault.request <= number < fault.request + fault.times
+                ):
+                    continue
+                armed.remaining -= 1
+                firing.append(fault)
+            return number, firing
+
+    @property
+    def pending(self) -> list[GatewayFault]:
+        """Faults that have not fired as often as they were armed for."""
+        with self._lock:
+            return [a.fault for a in self._armed if a.remaining > 0]

@@ -18,13 +18,16 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from .._gateway.requestlog import LoggedRequest
+    from .._gateway.server import FakeCMG
     from .._harness import Harness
     from .._protocol.manifest import ContentManifest
+    from .._storage.clouddp import CloudDP
     from .model import Scenario
 
-__all__ = ["ScenarioRun", "check_expectations", "run_scenario"]
+__all__ = ["CLIENT_ID", "ScenarioRun", "World", "build_world", "check_expectations", "run_scenario"]
 
-_CLIENT_ID = "GUID:5C1E7A2B-0D1A-4E0F-9C3B-6A8D2E4F1B07"
+#: The SMSID of the client a scenario runs (stable, so logs compare across runs).
+CLIENT_ID = "GUID:5C1E7A2B-0D1A-4E0F-9C3B-6A8D2E4F1B07"
 
 
 @dataclass
@@ -42,8 +45,35 @@ class ScenarioRun:
     workdir: Path
 
 
-def run_scenario(scenario: Scenario, harness: Harness, workdir: Path) -> ScenarioRun:
-    """Distribute the scenario's packages, point the gateway at them and run the task sequence."""
+@dataclass
+class World:
+    """A scenario's world on a running harness: its cloud DP, gateway and distributed content."""
+
+    dp: CloudDP
+    gateway: FakeCMG
+    manifests: dict[str, ContentManifest]
+
+    def connection(self, client_id: str, auth: str) -> CMGConnection:
+        """How a client with ``client_id`` reaches the gateway (token or client certificate)."""
+        gateway = self.gateway
+        certificate = gateway.issue_client_certificate(client_id) if auth == "certificate" else None
+        return CMGConnection(
+            cmg_url=gateway.url,
+            ca_cert=gateway.ca_pem,
+            site_code=gateway.site_code,
+            mp_role_id=gateway.role_id,
+            client_id=client_id,
+            token=gateway.issue_token(client_id) if certificate is None else None,
+            client_cert=certificate.cert if certificate else None,
+            client_key=certificate.key if certificate else None,
+        )
+
+
+def build_world(scenario: Scenario, harness: Harness) -> World:
+    """Distribute the scenario's packages into a fresh container and set the gateway up for it.
+
+    The caller owns the world: ``world.dp.delete()`` removes its content.
+    """
     dp = harness.new_cloud_dp()
     gateway = harness.gateway
     gateway.clear()
@@ -53,25 +83,26 @@ def run_scenario(scenario: Scenario, harness: Harness, workdir: Path) -> Scenari
             if package.on_cloud_dp:
                 files = generate_package(package, scenario.seed)
                 manifests[package.id] = dp.distribute(package.id, package.version, files)
-        gateway.site_code = scenario.site_code
-        gateway.configure(settings=scenario.cmg, cloud_dp=dp, deployment=scenario.deployment)
+    except BaseException:
+        dp.delete()
+        raise
+    gateway.site_code = scenario.site_code
+    gateway.configure(settings=scenario.cmg, cloud_dp=dp, deployment=scenario.deployment)
+    return World(dp, gateway, manifests)
+
+
+def run_scenario(scenario: Scenario, harness: Harness, workdir: Path) -> ScenarioRun:
+    """Build the scenario's world and run its task sequence on a client engine."""
+    world = build_world(scenario, harness)
+    gateway = world.gateway
+    try:
         log = SmstsLog(workdir / "smsts.log")
-        certificate = (
-            gateway.issue_client_certificate(_CLIENT_ID) if scenario.auth == "certificate" else None
-        )
-        connection = CMGConnection(
-            cmg_url=gateway.url,
-            ca_cert=gateway.ca_pem,
-            site_code=gateway.site_code,
-            mp_role_id=gateway.role_id,
-            client_id=_CLIENT_ID,
-            token=gateway.issue_token(_CLIENT_ID) if certificate is None else None,
-            client_cert=certificate.cert if certificate else None,
-            client_key=certificate.key if certificate else None,
-        )
         cache = ClientCache(workdir / "ccmcache", size_mb=max(1, scenario.cache_size // 2**20))
         engine = TaskSequenceEngine(
-            CMGClient(connection, log, scenario.client), cache, log, scenario.deployment
+            CMGClient(world.connection(CLIENT_ID, scenario.auth), log, scenario.client),
+            cache,
+            log,
+            scenario.deployment,
         )
         try:
             result = engine.run(scenario.task_sequence, scenario.launch)
@@ -84,13 +115,13 @@ def run_scenario(scenario: Scenario, harness: Harness, workdir: Path) -> Scenari
             gateway_log=gateway.service_lines,
             requests=gateway.log.entries,
             cache=cache,
-            manifests=manifests,
-            blob_endpoint=dp.endpoint.url,
+            manifests=world.manifests,
+            blob_endpoint=world.dp.endpoint.url,
             cmg_url=gateway.url,
             workdir=workdir,
         )
     finally:
-        dp.delete()
+        world.dp.delete()
 
 
 def _verified_entries(run: ScenarioRun) -> tuple[list[str], list[str]]:

@@ -1,0 +1,205 @@
+"""``python -m pytest_cmg serve``, driven by a client that does not use pytest_cmg's code.
+
+The client below is written from protocol.md (CCM envelope, ContentLocationRequest/Reply),
+docs/emulation.md (cloud record, access token, manifest, package hash) and the README's JSON
+contract only. It imports nothing from pytest_cmg, so it checks the documented contract, not the
+implementation talking to itself.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import hashlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import uuid
+import zlib
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIO = ROOT / "scenarios" / "ipu" / "on-demand-token-software-center.cmg.yaml"
+BOUNDARY = "aAbBcCdDv1234567890VxXyYzZ"
+
+
+def ccm_envelope(body_xml: str) -> bytes:
+    body = zlib.compress((body_xml + "\x00").encode("utf-16-le"))
+    header = (
+        '<Msg SchemaVersion="1.1" ReplyCompression="zlib">'
+        f"<ID>{{{str(uuid.uuid4()).upper()}}}</ID><SourceID>GUID:independent</SourceID>"
+        "<SourceHost>client</SourceHost><TargetAddress>mp:[http]MP_LocationManager</TargetAddress>"
+        "<ReplyTo>direct:client:LS_ReplyLocations</ReplyTo><Priority>3</Priority>"
+        "<Timeout>600</Timeout><ReqVersion>5931</ReqVersion><TargetHost>mp</TargetHost>"
+        "<TargetEndpoint>MP_LocationManager</TargetEndpoint><ReplyMode>Sync</ReplyMode>"
+        f'<Protocol>http</Protocol><Body Type="ByteRange" Offset="0" Length="{len(body)}"/>'
+        '<Hooks><Hook3 Name="zlib-compress"/></Hooks><Payload Type="inline"/></Msg>'
+    )
+    return (
+        f"--{BOUNDARY}\r\ncontent-type: text/plain; charset=UTF-16\r\n\r\n".encode()
+        + b"\xff\xfe" + header.encode("utf-16-le")
+        + f"\r\n--{BOUNDARY}\r\ncontent-type: application/octet-stream\r\n\r\n".encode()
+        + body
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
+
+
+def ccm_reply_body(response: requests.Response) -> str:
+    raw = b"Content-Type: " + response.headers["Content-Type"].encode() + b"\r\n\r\n" + response.content
+    message = email.message_from_bytes(raw, policy=email.policy.HTTP)
+    parts = list(message.iter_parts())
+    assert len(parts) == 2
+    payload = parts[1].get_payload(decode=True)
+    return zlib.decompress(payload).decode("utf-16-le").rstrip("\x00")
+
+
+def location_request(package_id: str, version: int, site_code: str) -> str:
+    return (
+        '<ContentLocationRequest SchemaVersion="1.00" BGRVersion="1">'
+        f'<Package ID="{package_id}" Version="{version}"/>'
+        f'<AssignedSite SiteCode="{site_code}"/>'
+        '<ClientLocationInfo LocationType="SMSPackage" UseAzure="1" UseInternetDP="1" '
+        'AllowHTTP="1" DPTokenAuth="1"><BoundaryGroups/></ClientLocationInfo>'
+        "</ContentLocationRequest>"
+    )
+
+
+def package_hash(files: list[tuple[str, int, str]]) -> str:
+    lines = sorted(files, key=lambda f: f[0].encode("utf-8"))
+    text = "".join(f"{relpath}\t{size}\t{sha.lower()}\n" for relpath, size, sha in lines)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest().upper()
+
+
+def fetch_package(contract: dict, package: dict, auth: str, folder: Path) -> list[tuple[str, int, str]]:
+    session = requests.Session()
+    session.trust_env = False
+    session.verify = contract["ca_cert"]
+    headers = {"Content-Type": f'multipart/mixed; boundary="{BOUNDARY}"'}
+    if auth == "token":
+        url = f"{contract['cmg_url']}/CCM_Proxy_ServerAuth/{contract['mp_role_id']}/ccm_system_tokenauth/request"
+        headers["Authorization"] = f"Bearer {contract['token']}"
+    else:
+        url = f"{contract['cmg_url']}/CCM_Proxy_MutualAuth/{contract['mp_role_id']}/ccm_system/request"
+        session.cert = (contract["client_cert"], contract["client_key"])
+    body = ccm_envelope(location_request(package["id"], package["version"], contract["site_code"]))
+    reply = session.request("CCM_POST", url, data=body, headers=headers, timeout=30)
+    assert reply.status_code == 200, reply.reason
+    root = ET.fromstring(ccm_reply_body(reply))
+    assert root.get("HashAlgorithm") == "32780"
+    assert root.get("Hash") == package["hash"]
+    record = root.find("Sites/Site/LocationRecords/LocationRecord")
+    assert record is not None
+    assert record.findtext("DPType") == "CLOUD"
+    token = record.find("AccessToken")
+    params = {k: token.get(k) for k in ("tid", "iss", "alg", "st", "et")}
+    manifest_url = record.find("URL").get("Name") + "&" + "&".join(
+        f"{k}={requests.utils.quote(v, safe='')}" for k, v in params.items()
+    )
+    manifest = session.get(
+        manifest_url, headers={"X-Cmg-Token-Signature": token.get("Signature")}, timeout=30
+    )
+    assert manifest.status_code == 200
+    files = []
+    for node in ET.fromstring(manifest.text).iterfind("File"):
+        blob = requests.get(node.get("Url"), timeout=30)
+        assert blob.status_code == 200
+        digest = hashlib.sha256(blob.content).hexdigest()
+        assert digest == node.get("Hash").lower()
+        assert len(blob.content) == int(node.get("Size"))
+        target = folder / node.get("RelPath")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(blob.content)
+        files.append((node.get("RelPath"), int(node.get("Size")), digest))
+    session.close()
+    return files
+
+
+def read_line(process: subprocess.Popen, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([process.stdout], [], [], 0.5)
+        if ready:
+            return process.stdout.readline()
+        if process.poll() is not None:
+            break
+    raise AssertionError(f"serve printed no line in {timeout} s; stderr: {process.stderr.read()}")
+
+
+@pytest.fixture
+def served(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pytest_cmg", "serve", str(SCENARIO)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        yield process, json.loads(read_line(process, timeout=120))
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def test_the_json_line_carries_the_documented_contract(served):
+    _, contract = served
+    for key in ("cmg_url", "ca_cert", "site_code", "mp_role_id", "token", "client_cert",
+                "client_key", "blob_endpoint", "packages"):
+        assert contract[key], key
+    assert contract["cmg_url"].startswith("https://127.0.0.1:")
+    assert contract["blob_endpoint"].startswith("http://127.0.0.1:")
+    assert {p["id"] for p in contract["packages"]} == {"PS100012", "PS100013"}
+    for path in ("ca_cert", "client_cert", "client_key"):
+        assert Path(contract[path]).is_file()
+
+
+@pytest.mark.parametrize("auth", ["token", "certificate"])
+def test_an_independent_client_downloads_and_verifies_a_package(served, tmp_path, auth):
+    _, contract = served
+    package = next(p for p in contract["packages"] if p["id"] == "PS100013")
+    files = fetch_package(contract, package, auth, tmp_path / auth)
+    assert len(files) == package["files"]
+    assert package_hash(files) == package["hash"]
+
+
+def test_sigterm_stops_the_gateway_and_azurite(served):
+    process, contract = served
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    pid = contract["azurite_pid"]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+            state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+            if state == "Z":
+                break
+        except (ProcessLookupError, FileNotFoundError):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"Azurite (pid {pid}) still runs after serve stopped")
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.get(contract["cmg_url"], verify=False, timeout=5)
+
+
+def test_a_broken_scenario_is_refused_with_its_line(tmp_path):
+    bad = tmp_path / "bad.cmg.yaml"
+    bad.write_text(SCENARIO.read_text().replace("  download: on_demand", "  dowload: on_demand"))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest_cmg", "serve", str(bad)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    line = bad.read_text().splitlines().index("  dowload: on_demand") + 1
+    assert f"bad.cmg.yaml:{line}: unknown key 'dowload'" in result.stderr

@@ -40,7 +40,12 @@ from .._protocol.ccm import (
     encode_message,
 )
 from .._protocol.clock import Clock, SystemClock
-from .._protocol.location import ContentLocationReply, ContentLocationRequest, LocationRecord
+from .._protocol.location import (
+    ContentLocationReply,
+    ContentLocationRequest,
+    LocationRecord,
+    is_content_id,
+)
 from .._protocol.paths import (
     TOKEN_SIGNATURE_HEADER,
     Auth,
@@ -314,6 +319,8 @@ class FakeCMG:
     # --- the product's decisions -------------------------------------------------------------
 
     def _no_cloud_reason(self, request: ContentLocationRequest) -> str:
+        if not is_content_id(request.package_id):
+            return "not a valid package ID"
         version = self.settings.site_version
         if version < INTERNET_TS_SINCE:
             return (
@@ -390,6 +397,8 @@ class FakeCMG:
         except TokenRejected as exc:
             raise _Refusal(401, INVALID_TOKEN, exc.reason) from exc
         package_id = params["pid"]
+        if not is_content_id(package_id):
+            raise _Refusal(400, "Bad Request", "pid is not a valid package ID")
         if not self.settings.content_enabled or self.cloud_dp is None:
             raise _Refusal(404, "Not Found", "CMG does not serve content from Azure storage")
         versions = self.cloud_dp.versions(package_id)

@@ -6,6 +6,7 @@ sample; its shape here is our emulation design (docs/emulation.md, "Cloud locati
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from xml.etree import ElementTree as ET
 
@@ -17,7 +18,18 @@ __all__ = [
     "ContentLocationReply",
     "ContentLocationRequest",
     "LocationRecord",
+    "is_content_id",
 ]
+
+#: Package IDs (``PS100012``) and content IDs (``Content_<guid>``, ``UID:Content_<guid>``) use
+#: these characters only; anything else cannot name content and is answered "no location".
+_CONTENT_ID = re.compile(r"[A-Za-z0-9_.:{}-]{1,128}")
+
+
+def is_content_id(value: str) -> bool:
+    """Whether ``value`` could name a package or content (never trusted to reach storage)."""
+    return _CONTENT_ID.fullmatch(value) is not None
+
 
 #: CryptoAPI ALG_ID of SHA-256 (0x800C), the only hash algorithm the emulation uses.
 CALG_SHA_256 = 32780

@@ -228,7 +228,12 @@ def test_hostile_location_requests_get_4xx_never_5xx(http, cmg, files, name):
 
 @pytest.mark.parametrize(
     "package_id",
-    ["PS1'; DROP TABLE Packages;--", "A" * 20_000, "PS10001\x00", "\uff30\uff33\uff11\uff10\uff10\uff10\uff11\uff12"]  # full-width PS100012,
+    [
+        "PS1'; DROP TABLE Packages;--",
+        "A" * 20_000,
+        "PS10001\x00",
+        "\uff30\uff33\uff11\uff10\uff10\uff10\uff11\uff12",  # full-width PS100012
+    ],
     ids=["sql", "over-long", "nul", "fullwidth"],
 )
 def test_odd_package_ids_get_an_empty_reply_not_an_error(http, cmg, files, package_id):

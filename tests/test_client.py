@@ -85,10 +85,10 @@ def test_download_all_before_start_fetches_everything_first(cmg, cmg_client, two
 def test_cached_content_is_reused_without_network(cmg, cmg_client, two_packages):
     engine = cmg_client()
     assert engine.run(IPU).succeeded
-    before = len(cmg.log)
+    cmg.log.clear()
     again = engine.run(IPU)
     assert again.succeeded
-    assert len(cmg.log) == before
+    cmg.log.assert_no_requests()
     assert all(t.from_cache and t.bytes == 0 for t in again.transfers)
 
 
@@ -137,7 +137,7 @@ def test_deployment_not_allowed_on_internet_fails_before_any_request(cmg, cmg_cl
     result = engine.run(IPU)
     assert result.exit_code == 0x87D01018
     assert result.steps_run == []
-    assert len(cmg.log) == 0
+    cmg.log.assert_no_requests()
 
 
 def test_package_larger_than_the_cache_is_refused_before_transfer(

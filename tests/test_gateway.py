@@ -221,6 +221,13 @@ def test_missing_request_assertion_shows_the_closest_requests(http, cmg, distrib
     assert "Closest requests received (1 in all)" in text
 
 
+def test_unexpected_requests_are_listed_when_none_were_expected(http, cmg, distributed):
+    locate(http, cmg, "PS100012", 2)
+    cmg.log.assert_no_requests("manifest")
+    with pytest.raises(AssertionError, match=r"expected no request matching \{'endpoint': 'location'\}, found 1:\n  #1 CCM_POST"):
+        cmg.log.assert_no_requests("location")
+
+
 def test_handler_errors_are_reraised_in_the_test(http, cmg, distributed, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("boom in the gateway")

@@ -114,6 +114,15 @@ class RequestLog:
         msg = f"expected {expected}, found {len(found)}.\n{self.closest(wanted)}"
         raise AssertionError(msg)
 
+    def assert_no_requests(self, endpoint: str | None = None, **criteria: Any) -> None:  # noqa: ANN401
+        """Assert that nothing matching arrived (e.g. a cache hit must not reach the CMG)."""
+        found = self.matching(endpoint, **criteria)
+        if found:
+            wanted = {"endpoint": endpoint, **criteria} if endpoint else dict(criteria)
+            lines = "\n".join(f"  {e.summary()}" for e in found[:10])
+            msg = f"expected no request matching {wanted or 'anything'}, found {len(found)}:\n{lines}"
+            raise AssertionError(msg)
+
     def closest(self, wanted: dict[str, Any], limit: int = 5) -> str:
         entries = self.entries
         if not entries:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from ._gateway.server import FakeCMG
     from ._protocol.settings import ClientSettings, DeploymentSettings
     from ._storage.clouddp import CloudDP
+    from ._storage.faultproxy import FaultProxy
 
 _HARNESS = pytest.StashKey[Harness]()
 CONNECTION_STRING_ENV = "PYTEST_CMG_CONNECTION_STRING"
@@ -132,6 +133,23 @@ def cloud_dp(cmg_harness: Harness) -> Iterator[CloudDP]:
     dp = cmg_harness.new_cloud_dp()
     yield dp
     dp.delete()
+
+
+@pytest.fixture
+def storage_faults(cloud_dp: CloudDP) -> Iterator[FaultProxy]:
+    """A fault proxy in front of ``cloud_dp``'s storage; the SAS URLs clients get go through it.
+
+    Arm faults with ``storage_faults.add(reset_after(1_000_000), request=1)`` (constructors in
+    ``pytest_cmg.faults``); ``storage_faults.log`` lists what clients asked storage for.
+    """
+    from ._storage.faultproxy import FaultProxy
+
+    with FaultProxy(cloud_dp.endpoint.url) as proxy:
+        cloud_dp.route_through(proxy.rewrite)
+        try:
+            yield proxy
+        finally:
+            cloud_dp.route_through(None)
 
 
 @pytest.fixture

@@ -149,3 +149,31 @@ def test_package_larger_than_the_cache_is_refused_before_transfer(
     assert result.exit_code == codes.CACHE_TOO_SMALL
     assert result.transfers == []
     assert engine.cache.entries() == []
+
+
+def test_a_reset_connection_to_storage_fails_the_step_and_leaves_nothing(
+    cmg, cmg_client, two_packages, storage_faults
+):
+    from pytest_cmg.faults import reset_after
+
+    # The largest file is fetched first: its request is the first to reach storage.
+    storage_faults.add(reset_after(300_000), request=1)
+    engine = cmg_client()
+    result = engine.run(IPU)
+    assert result.exit_code == codes.CONNECTION_ABORTED
+    assert "connection lost after" in str(result.error)
+    assert result.failed_step == "Upgrade"
+    assert engine.cache.entries() == []
+    assert engine.cache.staging_leftovers() == []
+    assert storage_faults.log[0].faults == ("reset_after(300000)",)
+
+
+def test_a_byte_flipped_in_transit_is_a_hash_failure(cmg, cmg_client, two_packages, storage_faults):
+    from pytest_cmg.faults import flip_byte
+
+    storage_faults.add(flip_byte(123_456), request=1)
+    engine = cmg_client()
+    result = engine.run(IPU)
+    assert result.exit_code == codes.HASH_MISMATCH
+    assert engine.cache.entries() == []
+    assert all("sig=" not in entry.path for entry in storage_faults.log)

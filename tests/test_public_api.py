@@ -24,7 +24,7 @@ def test_no_other_public_names():
     # import the plugin; those are not names a user can reach.
     public = {n for n in dir(pytest_cmg) if not n.startswith("_") and n.isidentifier()}
     # Submodules appear as attributes once imported; they are not API.
-    modules = {"plugin"}
+    modules = {"plugin", "faults"}
     assert public - modules - {"annotations", "importlib", "TYPE_CHECKING", "Any"} == set(
         pytest_cmg.__all__
     )
@@ -48,3 +48,11 @@ def test_plugin_import_stays_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_fault_constructors_module_is_explicit():
+    import pytest_cmg.faults as faults
+
+    assert sorted(faults.__all__) == sorted(
+        n for n in vars(faults) if not n.startswith("_") and n != "annotations"
+    )

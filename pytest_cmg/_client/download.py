@@ -122,13 +122,23 @@ class DownloadCore:
                 )
             digest = hashlib.sha256()
             received = 0
-            with part.open("wb") as out:
-                for chunk in response.iter_content(_CHUNK):
-                    received += len(chunk)
-                    if received > item.size:
-                        break
-                    digest.update(chunk)
-                    out.write(chunk)
+            try:
+                with part.open("wb") as out:
+                    for chunk in response.iter_content(_CHUNK):
+                        received += len(chunk)
+                        if received > item.size:
+                            break
+                        digest.update(chunk)
+                        out.write(chunk)
+            except requests.RequestException as exc:
+                # A cut mid-body (reset, early close, read timeout): what BITS reports as
+                # ERROR_INTERNET_CONNECTION_ABORTED. Resuming from the offset is issue 4.
+                part.unlink(missing_ok=True)
+                raise ContentError(
+                    codes.CONNECTION_ABORTED,
+                    f"{item.relpath}: connection lost after {received} of {item.size} bytes "
+                    f"({exc.__class__.__name__})",
+                ) from exc
         if received != item.size:
             part.unlink(missing_ok=True)
             raise ContentError(

@@ -6,6 +6,7 @@ __all__ = [
     "BAD_HTTP_STATUS",
     "CACHE_FULL",
     "CACHE_TOO_SMALL",
+    "CONNECTION_ABORTED",
     "CONTENT_NOT_FOUND",
     "HASH_MISMATCH",
     "NO_LOCATIONS",
@@ -27,6 +28,8 @@ CACHE_TOO_SMALL = 0x87D01202
 CONTENT_NOT_FOUND = 0x87D00607
 #: Transient error (e.g. MP 500).
 TRANSIENT_ERROR = 0x87D00231
+#: ERROR_INTERNET_CONNECTION_ABORTED (12030): the connection was cut during a transfer.
+CONNECTION_ABORTED = 0x80072EFE
 
 _TEXTS = {
     NO_LOCATIONS: "No content locations were found for the requested content",
@@ -36,6 +39,7 @@ _TEXTS = {
     CACHE_TOO_SMALL: "The total cache size is smaller than the content",
     CONTENT_NOT_FOUND: "Content not found",
     TRANSIENT_ERROR: "Transient error",
+    CONNECTION_ABORTED: "The connection with the server was terminated abnormally",
 }
 
 

@@ -26,7 +26,7 @@ from azure.storage.blob import BlobSasPermissions, generate_blob_sas
 from .._protocol.manifest import ContentManifest, ManifestFile
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
     from datetime import datetime
     from pathlib import Path
 
@@ -57,6 +57,7 @@ class CloudDP:
         self._service: BlobServiceClient = endpoint.service_client()
         self._catalog: dict[tuple[str, int], ContentManifest] = {}
         self._lock = threading.Lock()
+        self._rewrite: Callable[[str], str] | None = None
 
     @property
     def _container(self) -> ContainerClient:
@@ -155,6 +156,10 @@ class CloudDP:
         name = quote(self.blob_name(package_id, version, relpath), safe="/")
         return f"{self.endpoint.url}/{self.container}/{name}"
 
+    def route_through(self, rewrite: Callable[[str], str] | None) -> None:
+        """Hand clients URLs rewritten by ``rewrite`` (e.g. a fault proxy's), or direct ones."""
+        self._rewrite = rewrite
+
     def signed_url(
         self, package_id: str, version: int, relpath: str, *, start: datetime, expiry: datetime
     ) -> str:
@@ -170,4 +175,5 @@ class CloudDP:
             expiry=expiry,
             protocol="https" if https_only else "https,http",
         )
-        return f"{self.blob_url(package_id, version, relpath)}?{sas}"
+        url = f"{self.blob_url(package_id, version, relpath)}?{sas}"
+        return self._rewrite(url) if self._rewrite else url

@@ -7,7 +7,7 @@ requests), never at random, so a failing test fails the same way every time.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 __all__ = ["FaultPlan", "GatewayFault"]
 
@@ -42,7 +42,15 @@ class GatewayFault:
     sas_ttl: float | None = None
 
     def describe(self) -> str:
-        parts = [f"{k}={v!r}" for k, v in self.__dict__.items() if v not in (None, False, 0.0, 1)]
+        """The fault's non-default settings, e.g. ``fault(endpoint='location', drop=True)``."""
+        # Compared by identity of type and value with the field defaults: True == 1, so a
+        # value test alone would hide drop=True behind times=1.
+        parts = [
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in fields(self)
+            if type(getattr(self, f.name)) is not type(f.default)
+            or getattr(self, f.name) != f.default
+        ]
         return "fault(" + ", ".join(parts) + ")"
 
 

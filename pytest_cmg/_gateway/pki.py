@@ -100,14 +100,20 @@ class CertificateAuthority:
         """Issue a leaf certificate; ``usage`` is ``"client"``, ``"server"`` or ``None`` (no EKU)."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = _now()
+        # Either bound alone must give a valid window: an expired certificate needs only
+        # not_after in the past, a not-yet-valid one only not_before in the future.
+        start = not_before or min(
+            now - dt.timedelta(hours=1), (not_after or now) - dt.timedelta(days=1)
+        )
+        end = not_after or max(now + dt.timedelta(days=365), start + dt.timedelta(days=1))
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
             .issuer_name(self.certificate.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(not_before or now - dt.timedelta(hours=1))
-            .not_valid_after(not_after or now + dt.timedelta(days=365))
+            .not_valid_before(start)
+            .not_valid_after(end)
         )
         if usage is not None:
             builder = builder.add_extension(x509.ExtendedKeyUsage(_USAGES[usage]), critical=False)
@@ -117,7 +123,11 @@ class CertificateAuthority:
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
         cert = builder.sign(self._key, hashes.SHA256())
         folder.mkdir(parents=True, exist_ok=True)
-        stem = file_stem or "".join(c if c.isalnum() else "-" for c in common_name)
+        # The serial makes every issue its own pair of files: a second certificate for the same
+        # client must not overwrite the key a running client still reads.
+        stem = file_stem or (
+            "".join(c if c.isalnum() else "-" for c in common_name) + f"-{cert.serial_number:x}"[:9]
+        )
         cert_path = folder / f"{stem}.pem"
         key_path = folder / f"{stem}.key"
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))

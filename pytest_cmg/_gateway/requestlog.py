@@ -120,7 +120,9 @@ class RequestLog:
         if found:
             wanted = {"endpoint": endpoint, **criteria} if endpoint else dict(criteria)
             lines = "\n".join(f"  {e.summary()}" for e in found[:10])
-            msg = f"expected no request matching {wanted or 'anything'}, found {len(found)}:\n{lines}"
+            msg = (
+                f"expected no request matching {wanted or 'anything'}, found {len(found)}:\n{lines}"
+            )
             raise AssertionError(msg)
 
     def closest(self, wanted: dict[str, Any], limit: int = 5) -> str:

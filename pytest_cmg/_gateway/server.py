@@ -63,7 +63,7 @@ from .._protocol.settings import (
     DeploymentSettings,
     DownloadMode,
 )
-from .._protocol.tokens import INVALID_TOKEN, SiteAuthority, TokenRejected
+from .._protocol.tokens import BULK_REGISTRATION, INVALID_TOKEN, SiteAuthority, TokenRejected
 from .faults import FaultPlan, GatewayFault
 from .requestlog import RequestLog
 from .tls import GatewayTLS
@@ -543,6 +543,7 @@ class _Handler(BaseHTTPRequestHandler):
         return self.server.gateway
 
     def _dispatch(self) -> None:
+        self._body_read = False
         url = urlsplit(self.path)
         query = dict(parse_qsl(url.query, keep_blank_values=True))
         route = classify(self.command, url.path)
@@ -559,10 +560,13 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _Refusal(404, "Not Found", "path is not published through the CMG")
             if route.role_id is not None and route.role_id != self.gateway.role_id:
                 raise _Refusal(404, "Not Found", f"unknown MP role ID {route.role_id}")
+            # The body is read (within the endpoint's limit) before anything can refuse the
+            # request, so a refusal never leaves it in the stream to be parsed as the next one.
+            body = self._read_body(route.endpoint)
+            self._body_read = True
             _, faults = self.gateway.faults.next_request(route.endpoint)
             if self._apply_faults(faults, entry):
                 return
-            body = self._read_body(route.endpoint)
             payload, content_type = self._serve(route, body, query, faults, entry)
             truncate = next((f.truncate for f in faults if f.truncate is not None), None)
             self._answer(200, "OK", payload, content_type, entry, truncate=truncate)
@@ -572,6 +576,9 @@ class _Handler(BaseHTTPRequestHandler):
                 f"({refusal.detail})"
             )
             entry["detail"] = refusal.detail
+            if not self._body_read and self._has_body():
+                # Unread bytes would be taken for the next request on this connection.
+                self.close_connection = True
             self._answer(
                 refusal.status, refusal.reason, b"", "text/plain", entry, headers=refusal.headers
             )
@@ -620,10 +627,26 @@ class _Handler(BaseHTTPRequestHandler):
             return gateway.sms_aut(query).encode("utf-8"), "text/plain; charset=utf-8"
         client_id = self._authenticate(route, entry)
         if route.endpoint == Endpoint.STS:
-            # Registering with a bulk token: the new client's ID travels in the body (emulation).
-            requested = body.decode("utf-8", "replace").strip()
-            return gateway.issue_for(requested or client_id).encode("ascii"), "application/jwt"
+            return gateway.issue_for(self._registering(client_id, body, entry)).encode(
+                "ascii"
+            ), "application/jwt"
         return self._location(body, client_id, entry)
+
+    def _registering(self, client_id: str, body: bytes, entry: dict[str, Any]) -> str:
+        """Whom CCM_STS issues a token to.
+
+        Only a bulk registration token registers a *new* client, named in the body (emulation
+        design). A client authenticated by certificate or client token gets a token for itself,
+        never for an identity it names: that would let any client impersonate any other.
+        """
+        requested = body.decode("utf-8", "replace").strip()
+        if entry.get("bulk"):
+            if not requested:
+                raise _Refusal(400, "Bad Request", "registration without a client ID in the body")
+            return requested
+        if requested and requested != client_id:
+            raise _Refusal(403, "Forbidden", f"{client_id} asked for a token for {requested}")
+        return client_id
 
     def _authenticate(self, route: Route, entry: dict[str, Any]) -> str:
         if route.auth == Auth.CERTIFICATE:
@@ -651,7 +674,13 @@ class _Handler(BaseHTTPRequestHandler):
             raise _Refusal(401, INVALID_TOKEN, exc.reason) from exc
         client_id = str(claims.get("UniqueId", ""))
         entry.update(auth=Auth.TOKEN, client_id=client_id)
+        if claims.get("Type") == BULK_REGISTRATION:
+            entry["bulk"] = True
         return client_id
+
+    def _has_body(self) -> bool:
+        length = self.headers.get("Content-Length", "0").strip()
+        return length != "0" or "chunked" in self.headers.get("Transfer-Encoding", "").lower()
 
     def _read_body(self, endpoint: str) -> bytes:
         length_header = self.headers.get("Content-Length")
@@ -711,7 +740,7 @@ class _Handler(BaseHTTPRequestHandler):
             status=status,
             reason=reason,
             headers={k: v for k, v in self.headers.items() if k.lower() not in hidden},
-            **entry,
+            **{k: v for k, v in entry.items() if k != "bulk"},
         )
 
     def _answer(

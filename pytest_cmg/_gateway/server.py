@@ -576,9 +576,8 @@ class _Handler(BaseHTTPRequestHandler):
                 f"({refusal.detail})"
             )
             entry["detail"] = refusal.detail
-            if not self._body_read and self._has_body():
-                # Unread bytes would be taken for the next request on this connection.
-                self.close_connection = True
+            if not self._body_read:
+                self._discard_body()
             self._answer(
                 refusal.status, refusal.reason, b"", "text/plain", entry, headers=refusal.headers
             )
@@ -678,9 +677,32 @@ class _Handler(BaseHTTPRequestHandler):
             entry["bulk"] = True
         return client_id
 
-    def _has_body(self) -> bool:
-        length = self.headers.get("Content-Length", "0").strip()
-        return length != "0" or "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+    def _discard_body(self) -> None:
+        """Throw away an unread body so that neither it nor a reset reaches the next reader.
+
+        Unread bytes would be parsed as the next request on this connection, and closing a
+        socket with unread data makes the kernel send a reset that can destroy the refusal
+        before the client reads it. Up to ``_DRAIN_LIMIT`` bytes are read and dropped; past
+        that (or for a body of unknown length) the connection is closed after the answer.
+        """
+        self._body_read = True
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            return
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            self.close_connection = True
+            return
+        if length > _DRAIN_LIMIT or length < 0:
+            self.close_connection = True
+            return
+        remaining = length
+        while remaining:
+            chunk = self.rfile.read(min(remaining, 64 * 1024))
+            if not chunk:
+                break
+            remaining -= len(chunk)
 
     def _read_body(self, endpoint: str) -> bytes:
         length_header = self.headers.get("Content-Length")
@@ -693,16 +715,10 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError as exc:
             raise _Refusal(400, "Bad Request", "Content-Length is not a number") from exc
         if length < 0 or length > BODY_LIMITS[endpoint]:
+            # Discarded, never parsed: the client still sending would otherwise see a reset
+            # instead of the 413.
+            self._discard_body()
             self.close_connection = True
-            # Discarded, never parsed: a client that is still sending would otherwise see a
-            # reset instead of the 413. Past the drain bound the connection is simply closed.
-            if 0 < length <= _DRAIN_LIMIT:
-                remaining = length
-                while remaining:
-                    chunk = self.rfile.read(min(remaining, 64 * 1024))
-                    if not chunk:
-                        break
-                    remaining -= len(chunk)
             raise _Refusal(
                 413,
                 "Request Entity Too Large",

@@ -179,3 +179,25 @@ def test_a_byte_flipped_in_transit_is_a_hash_failure(cmg, cmg_client, two_packag
     assert result.exit_code == codes.HASH_MISMATCH
     assert engine.cache.entries() == []
     assert all("sig=" not in entry.path for entry in storage_faults.log)
+
+
+def test_a_client_that_does_not_trust_the_cmg_never_sends_its_token(cmg, two_packages, tmp_path):
+    # reliability.md 31: server certificate validation comes before any credential is sent.
+    from pytest_cmg import ClientCache, CMGClient, CMGConnection, SmstsLog, TaskSequenceEngine
+    from pytest_cmg._gateway.pki import CertificateAuthority
+
+    stranger = CertificateAuthority("some other CA").write_pem(tmp_path / "other-ca.pem")
+    log = SmstsLog(tmp_path / "smsts.log")
+    connection = CMGConnection(
+        cmg_url=cmg.url, ca_cert=stranger, site_code=cmg.site_code, mp_role_id=cmg.role_id,
+        client_id="GUID:wary", token=cmg.issue_token("GUID:wary"),
+    )
+    engine = TaskSequenceEngine(CMGClient(connection, log), ClientCache(tmp_path / "cache"), log)
+    try:
+        result = engine.run(IPU)
+    finally:
+        engine.close()
+    assert result.exit_code == codes.NO_LOCATIONS
+    assert "SSLError" in str(result.error)
+    cmg.log.assert_no_requests()
+    assert any("TLS handshake" in line for line in cmg.service_lines)

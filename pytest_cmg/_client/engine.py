@@ -123,6 +123,13 @@ class CMGClient:
         """Ask MP_LocationManager, through the CMG, where ``package_id`` version lives."""
         conn = self.connection
         url = conn.location_url
+        if not self.settings.enable_cmg:
+            # Emulation (inferred): on the internet the CMG is the only way to an MP.
+            self.log.error(
+                "LocationServices",
+                "Client settings do not allow this client to use a cloud management gateway",
+            )
+            raise ContentError(codes.NO_LOCATIONS, "the client may not use a CMG")
         request = ContentLocationRequest(
             package_id=package_id,
             version=version,

@@ -82,7 +82,8 @@ class CmgSettings:
 class ClientSettings:
     """Client settings › Cloud Services."""
 
-    #: "Enable clients to use a cloud management gateway".
+    #: "Enable clients to use a cloud management gateway" (default Yes). With No, an internet
+    #: client has no management point to ask, so no content location can be found.
     enable_cmg: bool = True
     #: "Allow access to cloud distribution point" (default Yes, per S49).
     allow_cloud_dp: bool = True

@@ -100,6 +100,11 @@ SCENARIO = Record(
                             "(CCM_Proxy_MutualAuth)."
                         ),
                     ),
+                    "enable_cmg": Field(
+                        Bool(),
+                        default=True,
+                        doc="Client setting 'Enable clients to use a cloud management gateway'.",
+                    ),
                     "allow_cloud_dp": Field(
                         Bool(),
                         default=True,
@@ -315,7 +320,10 @@ def load_scenario(path: Path) -> Scenario:
             egress_threshold_gb=data["cmg"]["egress_threshold_gb"],
             stop_when_critical=data["cmg"]["stop_when_critical"],
         ),
-        client=ClientSettings(allow_cloud_dp=data["client"]["allow_cloud_dp"]),
+        client=ClientSettings(
+            enable_cmg=data["client"]["enable_cmg"],
+            allow_cloud_dp=data["client"]["allow_cloud_dp"],
+        ),
         cache_size=data["client"]["cache_size"],
         auth=data["client"]["auth"],
         packages=packages,

@@ -146,9 +146,8 @@ def test_sas_start_is_back_dated_for_a_client_clock_behind(cloud_dp, files):
             assert requests.get(item.url, timeout=10).status_code == expected, ahead
 
 
-def test_https_only_sas_is_refused_over_plain_http(cloud_dp, files):
-    # reliability.md 25, and why CloudDP signs "https,http" when storage is plain HTTP: a
-    # spr=https SAS used over http is refused (AuthorizationProtocolMismatch).
+def raw_sas_url(cloud_dp, **options):
+    """A SAS URL signed here, not by the gateway, to probe what Azurite itself enforces."""
     from azure.storage.blob import BlobSasPermissions, generate_blob_sas
 
     sas = generate_blob_sas(
@@ -158,9 +157,15 @@ def test_https_only_sas_is_refused_over_plain_http(cloud_dp, files):
         account_key=cloud_dp.endpoint.account_key,
         permission=BlobSasPermissions(read=True),
         expiry=FakeClock().now() + timedelta(minutes=5),
-        protocol="https",
+        **options,
     )
-    response = requests.get(f"{cloud_dp.blob_url('PS100012', 1, 'a.bin')}?{sas}", timeout=10)
+    return f"{cloud_dp.blob_url('PS100012', 1, 'a.bin')}?{sas}"
+
+
+def test_https_only_sas_is_refused_over_plain_http(cloud_dp, files):
+    # reliability.md 25, and why CloudDP signs "https,http" when storage is plain HTTP: a
+    # spr=https SAS used over http is refused (AuthorizationProtocolMismatch).
+    response = requests.get(raw_sas_url(cloud_dp, protocol="https"), timeout=10)
     assert response.status_code == 403
     assert response.headers.get("x-ms-error-code") == "AuthorizationProtocolMismatch"
 
@@ -168,18 +173,7 @@ def test_https_only_sas_is_refused_over_plain_http(cloud_dp, files):
 def test_azurite_ignores_sip_so_the_cmg_never_relies_on_it(cloud_dp, files):
     # reliability.md 24 documents the gap: Azurite accepts a SAS restricted to another IP.
     # If Azurite starts enforcing sip, this fails and the emulation notes must change.
-    from azure.storage.blob import BlobSasPermissions, generate_blob_sas
-
-    sas = generate_blob_sas(
-        account_name=cloud_dp.endpoint.account_name,
-        container_name=cloud_dp.container,
-        blob_name=cloud_dp.blob_name("PS100012", 1, "a.bin"),
-        account_key=cloud_dp.endpoint.account_key,
-        permission=BlobSasPermissions(read=True),
-        expiry=FakeClock().now() + timedelta(minutes=5),
-        ip="10.1.2.3",
-    )
-    response = requests.get(f"{cloud_dp.blob_url('PS100012', 1, 'a.bin')}?{sas}", timeout=10)
+    response = requests.get(raw_sas_url(cloud_dp, ip="10.1.2.3"), timeout=10)
     assert response.status_code == 200
 
 

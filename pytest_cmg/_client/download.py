@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -90,17 +90,14 @@ class DownloadCore:
         total = 0
         with ThreadPoolExecutor(max_workers=min(self.workers, len(files))) as pool:
             futures = [pool.submit(self._fetch, item, dest) for item in files]
-            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-            for future in pending:
-                future.cancel()
-            for future in done:
-                error = future.exception()
-                if error is not None:
-                    raise error
-                total += future.result()
-            for future in pending:
-                if not future.cancelled():
+            try:
+                for future in as_completed(futures):
                     total += future.result()
+            except BaseException:
+                # First failure wins: files not started yet are not fetched for nothing.
+                for future in futures:
+                    future.cancel()
+                raise
         return DownloadStats(len(files), total, time.perf_counter() - started)
 
     def _fetch(self, item: ManifestFile, dest: Path) -> int:

@@ -252,3 +252,22 @@ def test_gateway_works_without_pytest_fixtures(cloud_dp):
     with pytest.raises(GatewayError, match="not started"):
         _ = gateway.url
     assert port > 0
+
+
+def test_clear_forgets_what_a_test_changed(cmg, cloud_dp):
+    from pytest_cmg import DeploymentSettings, DownloadMode
+
+    cmg.site_code = "XYZ"
+    cmg.configure(
+        settings=CmgSettings(content_enabled=False, site_version=1906),
+        deployment=DeploymentSettings(download_mode=DownloadMode.ALL_BEFORE_START),
+    )
+    cmg.fail("location", status=503)
+    cmg.stop_service()
+    cmg.clear()
+    assert cmg.site_code == "PS1"
+    assert cmg.settings == CmgSettings()
+    assert cmg.deployment == DeploymentSettings()
+    assert cmg.faults.pending == []
+    assert cmg.running
+    assert len(cmg.log) == 0

@@ -133,6 +133,7 @@ class FakeCMG:
         self.cloud_dp = cloud_dp
         self.clock: Clock = clock or SystemClock()
         self.site_code = site_code
+        self._default_site_code = site_code
         self.role_id = role_id
         self.hostname = hostname
         self.sas_lifetime = sas_lifetime
@@ -282,6 +283,7 @@ class FakeCMG:
 
     def clear(self) -> None:
         """Forget everything a test did: settings, faults, logs, errors, egress, stopped state."""
+        self.site_code = self._default_site_code
         self.settings = CmgSettings()
         self.deployment = DeploymentSettings()
         self.log.clear()

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from ._client.engine import TaskSequenceEngine
+    from ._client.retry import VirtualTime
     from ._gateway.server import FakeCMG
     from ._protocol.settings import ClientSettings, DeploymentSettings
     from ._storage.clouddp import CloudDP
@@ -166,7 +167,17 @@ def cmg(cmg_harness: Harness, cloud_dp: CloudDP) -> Iterator[FakeCMG]:
 
 
 @pytest.fixture
-def cmg_client(cmg: FakeCMG, tmp_path: Path) -> Iterator[Callable[..., TaskSequenceEngine]]:
+def cmg_time() -> VirtualTime:
+    """Virtual time for the clients of a test: retry waits are recorded (``waits``), not slept."""
+    from ._client.retry import VirtualTime
+
+    return VirtualTime()
+
+
+@pytest.fixture
+def cmg_client(
+    cmg: FakeCMG, tmp_path: Path, cmg_time: VirtualTime
+) -> Iterator[Callable[..., TaskSequenceEngine]]:
     """A factory of client engines connected to ``cmg`` with a cache under ``tmp_path``.
 
     ``cmg_client(settings=ClientSettings(...), deployment=DeploymentSettings(...),
@@ -210,6 +221,7 @@ def cmg_client(cmg: FakeCMG, tmp_path: Path) -> Iterator[Callable[..., TaskSeque
             ClientCache(folder / "ccmcache", cache_mb),
             log,
             deployment,
+            retry=cmg_time.policy(),
         )
         engines.append(engine)
         return engine

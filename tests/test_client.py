@@ -117,7 +117,7 @@ def test_truncated_blob_is_refused(cmg, cmg_client, cloud_dp, two_packages):
     engine = cmg_client()
     result = engine.run(IPU)
     assert result.exit_code == codes.HASH_MISMATCH
-    assert "received 1048575 bytes, manifest says 1048576" in str(result.error)
+    assert "storage holds 1048575 bytes, manifest says 1048576" in str(result.error)
     assert engine.cache.entries() == []
     assert engine.cache.staging_leftovers() == []
 
@@ -149,25 +149,6 @@ def test_package_larger_than_the_cache_is_refused_before_transfer(
     assert result.exit_code == codes.CACHE_TOO_SMALL
     assert result.transfers == []
     assert engine.cache.entries() == []
-
-
-def test_a_reset_connection_to_storage_fails_the_step_and_leaves_nothing(
-    cmg, cmg_client, two_packages, storage_faults
-):
-    from pytest_cmg.faults import reset_after
-
-    # Files download in parallel, so either may reach storage first: arm both requests; only
-    # install.wim is long enough for the fault to fire.
-    storage_faults.add(reset_after(300_000), times=2)
-    engine = cmg_client()
-    result = engine.run(IPU)
-    assert result.exit_code == codes.CONNECTION_ABORTED
-    assert "connection lost after" in str(result.error)
-    assert result.failed_step == "Upgrade"
-    assert engine.cache.entries() == []
-    assert engine.cache.staging_leftovers() == []
-    storage_faults.wait_idle(10)
-    assert [e.outcome for e in storage_faults.log if e.path.endswith("install.wim")] == ["reset"]
 
 
 def test_a_byte_flipped_in_transit_is_a_hash_failure(cmg, cmg_client, two_packages, storage_faults):

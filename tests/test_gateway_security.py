@@ -786,15 +786,24 @@ def test_wrong_hash_in_the_manifest_fails_the_engine(cmg, cmg_client, distribute
     assert "TSManager: Hash could not be matched for the downloaded content" in engine.log.messages
 
 
-def test_expired_sas_is_refused_by_storage_and_fails_the_engine(cmg, cmg_client, distributed):
-    cmg.fail("manifest", sas_ttl=-60)
+def test_expired_sas_is_renewed_once_through_the_gateway(cmg, cmg_client, distributed):
+    # Storage refuses the expired SAS (403); the engine asks the CMG for a fresh manifest once.
+    cmg.fail("manifest", request=1, sas_ttl=-60)
+    engine = cmg_client()
+    result = engine.run(ONE_STEP)
+    assert result.succeeded, result.error
+    cmg.log.assert_request_made("manifest", count=2, status=200)
+
+
+def test_expired_sas_after_renewal_fails_the_engine(cmg, cmg_client, distributed):
+    cmg.fail("manifest", sas_ttl=-60, times=2)
     engine = cmg_client()
     result = engine.run(ONE_STEP)
     assert result.exit_code == codes.BAD_HTTP_STATUS
     assert "answered 403" in str(result.error)
     assert engine.cache.entries() == []
     assert engine.cache.staging_leftovers() == []
-    cmg.log.assert_request_made("manifest", count=1, status=200)
+    cmg.log.assert_request_made("manifest", count=2, status=200)
 
 
 def test_delayed_answer_still_arrives_and_is_logged(web, cmg):

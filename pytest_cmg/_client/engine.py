@@ -12,6 +12,7 @@ match them the way administrators search smsts.log.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -30,7 +31,7 @@ from .._protocol.ccm import (
     encode_message,
 )
 from .._protocol.location import ContentLocationReply, ContentLocationRequest, LocationRecord
-from .._protocol.manifest import ContentManifest, package_hash
+from .._protocol.manifest import ContentManifest, ManifestFile, package_hash
 from .._protocol.paths import CCM_METHOD, TOKEN_SIGNATURE_HEADER, mutual_auth_path, token_auth_path
 from .._protocol.settings import ClientSettings, DeploymentSettings, DownloadMode, LaunchContext
 from .download import DownloadCore, redact
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
     from .cache import CacheEntry, ClientCache
     from .log import SmstsLog
+    from .retry import RetryPolicy
 
 __all__ = [
     "CMGClient",
@@ -281,12 +283,16 @@ class TaskSequenceEngine:
         log: SmstsLog,
         deployment: DeploymentSettings | None = None,
         download_core: DownloadCore | None = None,
+        *,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.client = client
         self.cache = cache
         self.log = log
         self.deployment = deployment or DeploymentSettings()
-        self.core = download_core or DownloadCore()
+        self.core = download_core or DownloadCore(
+            retry=retry, on_event=lambda line: log.info("DataTransferService", line)
+        )
         self.variables: dict[str, str] = {}
         self.transfers: list[PackageTransfer] = []
 
@@ -420,7 +426,7 @@ class TaskSequenceEngine:
                 f"Total Bytes: {total}",
             )
             try:
-                stats = self.core.download(manifest, staged)
+                stats = self.core.download(manifest, staged, renew=_Renewer(self.client, record))
             except ContentError as error:
                 if error.hresult == codes.HASH_MISMATCH:
                     self.log.error(
@@ -466,3 +472,29 @@ class TaskSequenceEngine:
             )
         )
         return entry
+
+
+class _Renewer:
+    """Fresh SAS URLs after storage refused one: one manifest request per expiry, shared.
+
+    Files downloading in parallel all hit an expired SAS at about the same time; the first asks
+    the gateway for a new manifest and the others reuse it (reliability.md 21: "one call per
+    expiry, not per chunk"). The SAS and its signature stay in memory, never on disk or in logs.
+    """
+
+    def __init__(self, client: CMGClient, record: LocationRecord) -> None:
+        self.client = client
+        self.record = record
+        self._urls: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, item: ManifestFile) -> str:
+        with self._lock:
+            if self._urls.get(item.relpath, item.url) == item.url:
+                fresh = self.client.manifest(self.record)
+                self._urls = {f.relpath: f.url for f in fresh.files}
+            if item.relpath not in self._urls:
+                raise ContentError(
+                    codes.BAD_HTTP_STATUS, f"renewed manifest no longer lists {item.relpath}"
+                )
+            return self._urls[item.relpath]

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from .._client.cache import ClientCache
 from .._client.engine import CMGClient, CMGConnection, TaskSequenceEngine, TaskSequenceResult
 from .._client.log import SmstsLog
+from .._client.retry import VirtualTime
 from .._errors import ExpectationFailed
 from .._protocol.paths import Endpoint
 from .content import generate_package
@@ -103,6 +104,8 @@ def run_scenario(scenario: Scenario, harness: Harness, workdir: Path) -> Scenari
             cache,
             log,
             scenario.deployment,
+            # Scenarios run on virtual time: retry waits are recorded, never slept.
+            retry=VirtualTime().policy(),
         )
         try:
             result = engine.run(scenario.task_sequence, scenario.launch)

@@ -222,6 +222,7 @@ def cmg_client(
             log,
             deployment,
             retry=cmg_time.policy(),
+            site_version=cmg.settings.site_version,
         )
         engines.append(engine)
         return engine

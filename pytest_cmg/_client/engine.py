@@ -33,7 +33,14 @@ from .._protocol.ccm import (
 from .._protocol.location import ContentLocationReply, ContentLocationRequest, LocationRecord
 from .._protocol.manifest import ContentManifest, ManifestFile, package_hash
 from .._protocol.paths import CCM_METHOD, TOKEN_SIGNATURE_HEADER, mutual_auth_path, token_auth_path
-from .._protocol.settings import ClientSettings, DeploymentSettings, DownloadMode, LaunchContext
+from .._protocol.settings import (
+    CURRENT_SITE_VERSION,
+    ClientSettings,
+    DeploymentSettings,
+    DownloadMode,
+    LaunchContext,
+    launch_refusal,
+)
 from .download import DownloadCore, redact
 
 if TYPE_CHECKING:
@@ -55,6 +62,10 @@ __all__ = [
 
 #: The program cannot run at this time because the client is on the internet.
 _NOT_ALLOWED_ON_INTERNET = 0x87D01018
+#: E_FAIL: what an unsupported launch over a CMG ends with (no code is published; emulation).
+_UNSUPPORTED_LAUNCH = 0x80004005
+#: REGDB_E_CLASSNOTREG: no ccmexec (and so no client cache) in Windows PE; benign (S30).
+_NO_CACHE_MANAGER = 0x80040154
 STEP_ACTIONS = (
     "run_command_line",
     "upgrade_os",
@@ -234,12 +245,17 @@ class Step:
 
 @dataclass(frozen=True)
 class TaskSequence:
-    """A task sequence: its steps and the version of each package it references."""
+    """A task sequence: its steps and the version of each package it references.
+
+    ``boot_image`` says whether the task sequence references a boot image (an OS deployment
+    rather than an in-place upgrade), which gates starting it over a CMG before 2006.
+    """
 
     package_id: str
     name: str
     steps: tuple[Step, ...]
     package_versions: dict[str, int] = field(default_factory=dict)
+    boot_image: bool = False
 
     def version_of(self, package_id: str) -> int:
         return self.package_versions.get(package_id, 1)
@@ -285,8 +301,12 @@ class TaskSequenceEngine:
         download_core: DownloadCore | None = None,
         *,
         retry: RetryPolicy | None = None,
+        site_version: int = CURRENT_SITE_VERSION,
     ) -> None:
         self.client = client
+        #: The site's version, as the client knows it from policy; it gates launch contexts.
+        self.site_version = site_version
+        self.launch = LaunchContext.SOFTWARE_CENTER
         self.cache = cache
         self.log = log
         self.deployment = deployment or DeploymentSettings()
@@ -313,6 +333,11 @@ class TaskSequenceEngine:
         self.log.info(
             ts, f"Starting task sequence {sequence.name} ({sequence.package_id}) from {launch}"
         )
+        self.launch = launch
+        refusal = launch_refusal(self.site_version, launch, boot_image=sequence.boot_image)
+        if refusal:
+            self.log.error(ts, f"This task sequence cannot run from {launch}: {refusal}")
+            return self._fail(None, ContentError(_UNSUPPORTED_LAUNCH, refusal), steps_run)
         if not self.deployment.allow_internet:
             error = ContentError(
                 _NOT_ALLOWED_ON_INTERNET,
@@ -371,6 +396,13 @@ class TaskSequenceEngine:
         cm = "CacheManager"
         self.log.info("TSManager", f"Resolving local content for {package_id}:{version}")
         self.log.info(cm, f"Getting cached content information for {package_id}.{version}")
+        if self.launch in LaunchContext.IN_WINDOWS_PE:
+            # No ccmexec in Windows PE: the product logs this and goes on to locate the content.
+            self.log.info(
+                "TSManager",
+                "Failed to create instance of of ICacheManager. Is ccmexec running?, "
+                f"hr=0x{_NO_CACHE_MANAGER:08x}",
+            )
         cached = self.cache.lookup(package_id, version)
         if cached is not None:
             self.log.info(cm, f"Content {package_id}.{version} found in cache at {cached.path}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "BOOT_IMAGE_OVER_CMG_SINCE",
+    "BOOT_MEDIA_OVER_CMG_SINCE",
     "INTERNET_TS_SINCE",
     "ON_DEMAND_FROM_CLOUD_SINCE",
     "SITE_VERSIONS",
@@ -17,6 +19,7 @@ __all__ = [
     "DeploymentSettings",
     "DownloadMode",
     "LaunchContext",
+    "launch_refusal",
 ]
 
 
@@ -29,13 +32,43 @@ class DownloadMode:
 
 
 class LaunchContext:
+    """Where the task sequence starts (protocol.md section 0)."""
+
     SOFTWARE_CENTER = "software_center"
-    ALL = (SOFTWARE_CENTER,)
+    BOOT_MEDIA = "boot_media"  # task sequence (boot) media, running in Windows PE
+    PXE = "pxe"  # network boot into Windows PE
+    ALL = (SOFTWARE_CENTER, BOOT_MEDIA, PXE)
+    IN_WINDOWS_PE = (BOOT_MEDIA, PXE)
+
+
+#: A task sequence with a boot image may start from Software Center over a CMG since 2006.
+BOOT_IMAGE_OVER_CMG_SINCE = 2006
+#: Boot media may be used over a CMG since 2010.
+BOOT_MEDIA_OVER_CMG_SINCE = 2010
+
+
+def launch_refusal(site_version: int, launch: str, *, boot_image: bool) -> str:
+    """Why a task sequence cannot start over a CMG from ``launch`` on this site, or ``""``."""
+    if launch == LaunchContext.PXE:
+        return "PXE is not available over a cloud management gateway"
+    if launch == LaunchContext.BOOT_MEDIA and site_version < BOOT_MEDIA_OVER_CMG_SINCE:
+        return (
+            f"boot media cannot be used over a cloud management gateway before "
+            f"{BOOT_MEDIA_OVER_CMG_SINCE} (site version {site_version})"
+        )
+    if boot_image and site_version < BOOT_IMAGE_OVER_CMG_SINCE:
+        return (
+            f"a task sequence with a boot image cannot start over a cloud management gateway "
+            f"before {BOOT_IMAGE_OVER_CMG_SINCE} (site version {site_version})"
+        )
+    return ""
 
 
 #: Site versions with a gate in this feature (protocol.md section 0).
 INTERNET_TS_SINCE = 1802  # a task sequence may run over a CMG, with "download all" only
 ON_DEMAND_FROM_CLOUD_SINCE = 1910  # the TS engine may fetch on demand from a cloud source
+#: The newest version the emulation knows; the default site version.
+CURRENT_SITE_VERSION = 2107
 #: Released current-branch versions, for validating a scenario's site version.
 SITE_VERSIONS = (
     1702,
@@ -71,7 +104,7 @@ class CmgSettings:
     #: "Allow CMG to function as a cloud distribution point and serve content from Azure storage".
     content_enabled: bool = True
     #: The site's Configuration Manager version (YYMM), which gates the feature.
-    site_version: int = 2107
+    site_version: int = CURRENT_SITE_VERSION
     #: 14-day outbound data transfer alert threshold in GB (default 10,000); critical at 90 %.
     egress_threshold_gb: float = 10_000.0
     #: "Stop this service when the critical threshold is exceeded".

@@ -161,6 +161,14 @@ SCENARIO = Record(
                     "launch": Field(
                         Choice(choices=LaunchContext.ALL), default=LaunchContext.SOFTWARE_CENTER
                     ),
+                    "boot_image": Field(
+                        Bool(),
+                        default=False,
+                        doc=(
+                            "Whether the task sequence references a boot image (an OS "
+                            "deployment); over a CMG it can start from Software Center since 2006."
+                        ),
+                    ),
                     "allow_internet": Field(
                         Bool(),
                         default=True,
@@ -307,6 +315,7 @@ def load_scenario(path: Path) -> Scenario:
         name=ts["name"],
         steps=tuple(Step(s["name"], s["action"], s["package"]) for s in ts["steps"]),
         package_versions={p.id: p.version for p in packages},
+        boot_image=ts["boot_image"],
     )
     return Scenario(
         path=path,

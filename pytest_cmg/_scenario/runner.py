@@ -106,6 +106,7 @@ def run_scenario(scenario: Scenario, harness: Harness, workdir: Path) -> Scenari
             scenario.deployment,
             # Scenarios run on virtual time: retry waits are recorded, never slept.
             retry=VirtualTime().policy(),
+            site_version=scenario.cmg.site_version,
         )
         try:
             result = engine.run(scenario.task_sequence, scenario.launch)

@@ -3,7 +3,7 @@
 The public API is exactly ``__all__`` (checked by ``tests/test_public_api.py``); everything else
 lives in private modules and may change. Names are imported on first use: pytest imports this
 package for the plugin in every session, and the parts (azure-storage-blob, cryptography,
-trustme) would otherwise add ~0.5 s to every ``pytest`` run, even one that never uses them.
+faker) would otherwise add ~0.5 s to every ``pytest`` run, even one that never uses them.
 """
 
 from __future__ import annotations

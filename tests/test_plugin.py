@@ -11,7 +11,10 @@ import pytest
 # inside them, and cryptography's Rust bindings then reject the re-imported curve classes.
 import pytest_cmg._gateway.server
 import pytest_cmg._storage.clouddp  # noqa: F401
+from pytest_cmg._scenario.model import SCENARIO as MODEL
 from pytest_cmg._storage.azurite import CACHE_ENV, cache_dir
+
+TS_KEYS = ", ".join(MODEL.fields["task_sequence"].spec.fields)
 
 SCENARIO = """\
 scenario: {name}
@@ -117,7 +120,7 @@ def test_a_broken_scenario_file_is_one_collection_error_naming_file_line_and_rul
         "*2 problems in scenario file:",
         f"  scenarios/broken.cmg.yaml:{bad_size_line}: packages?1?.size 'lots' is not a size*",
         f"  scenarios/broken.cmg.yaml:{bad_key_line}: unknown key 'dowload' in task_sequence"
-        " (did you mean 'download'? allowed keys: id, name, launch, allow_internet, download, steps)",
+        f" (did you mean 'download'? allowed keys: {TS_KEYS})",
     ])
     # The rendering is the scenario's, not a Python traceback into the plugin.
     assert "Traceback" not in result.stdout.str()

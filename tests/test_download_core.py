@@ -17,7 +17,14 @@ from pytest_cmg.faults import ignore_range, reset_after, respond
 
 SIZE = 4 * 1024 * 1024
 DATA = random.Random(9).randbytes(SIZE)
-ONE_FILE = TaskSequence("PS100020", "IPU", (Step("Upgrade", "upgrade_os", "PS100012"),))
+# The task sequence's own retries (SMSTSDownloadRetryCount) are off here, so each test sees the
+# download core alone; the last tests switch them back on.
+ONE_FILE = TaskSequence(
+    "PS100020",
+    "IPU",
+    (Step("Upgrade", "upgrade_os", "PS100012"),),
+    variables={"SMSTSDownloadRetryCount": "0"},
+)
 
 
 @pytest.fixture
@@ -165,3 +172,28 @@ def test_retry_after_accepts_seconds_and_http_dates():
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:10 GMT", now=1445412480.0) == 10.0
     assert parse_retry_after("soon") is None
     assert parse_retry_after(None) is None
+
+
+def test_the_task_sequence_retries_a_failed_download_as_smstsdownloadretrycount_says(
+    cmg, cmg_client, cmg_time, big_package, storage_faults
+):
+    # The core gives up after 6 tries; the task sequence then waits SMSTSDownloadRetryDelay
+    # (15 s by default, on virtual time) and tries the package again, up to 2 times.
+    storage_faults.add(respond(503), times=6)
+    engine = cmg_client()
+    result = engine.run(TaskSequence("PS100020", "IPU", ONE_FILE.steps))
+    assert result.succeeded, result.error
+    assert_verified(engine)
+    assert 15.0 in cmg_time.waits
+    assert any("retry 1 of 2 in 15 seconds" in m for m in engine.log.messages)
+
+
+def test_no_task_sequence_retry_when_the_retry_count_is_zero(cmg, cmg_client, cmg_time, big_package, storage_faults):
+    storage_faults.add(respond(503), times=6)
+    engine = cmg_client()
+    sequence = TaskSequence(
+        "PS100020", "IPU", ONE_FILE.steps, variables={"SMSTSDownloadRetryCount": "0"}
+    )
+    result = engine.run(sequence)
+    assert result.exit_code == codes.CONNECTION_ABORTED
+    assert 15.0 not in cmg_time.waits

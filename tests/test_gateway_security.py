@@ -766,14 +766,16 @@ def test_fault_description_names_the_drop(web, cmg, distributed):
 
 
 def test_truncated_manifest_fails_the_engine_with_bad_http_status(cmg, cmg_client, distributed):
-    cmg.fail("manifest", truncate=100)
+    # Every attempt: the first and the task sequence's two retries (SMSTSDownloadRetryCount).
+    cmg.fail("manifest", truncate=100, times=3)
     engine = cmg_client()
     result = engine.run(ONE_STEP)
     assert result.exit_code == codes.BAD_HTTP_STATUS
     assert engine.cache.entries() == []
     assert engine.cache.staging_leftovers() == []
-    [entry] = cmg.log.matching("manifest")
-    assert entry.detail.startswith("truncated after 100 of ")
+    entries = cmg.log.matching("manifest")
+    assert len(entries) == 3
+    assert all(e.detail.startswith("truncated after 100 of ") for e in entries)
 
 
 def test_wrong_hash_in_the_manifest_fails_the_engine(cmg, cmg_client, distributed):
@@ -796,14 +798,16 @@ def test_expired_sas_is_renewed_once_through_the_gateway(cmg, cmg_client, distri
 
 
 def test_expired_sas_after_renewal_fails_the_engine(cmg, cmg_client, distributed):
-    cmg.fail("manifest", sas_ttl=-60, times=2)
+    # Each of the 3 attempts (1 + SMSTSDownloadRetryCount 2) gets a manifest and one renewal,
+    # shared by the package's two files.
+    cmg.fail("manifest", sas_ttl=-60, times=6)
     engine = cmg_client()
     result = engine.run(ONE_STEP)
     assert result.exit_code == codes.BAD_HTTP_STATUS
     assert "answered 403" in str(result.error)
     assert engine.cache.entries() == []
     assert engine.cache.staging_leftovers() == []
-    cmg.log.assert_request_made("manifest", count=2, status=200)
+    cmg.log.assert_request_made("manifest", count=6, status=200)
 
 
 def test_delayed_answer_still_arrives_and_is_logged(web, cmg):

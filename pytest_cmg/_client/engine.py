@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CMGClient",
     "CMGConnection",
+    "Condition",
     "PackageTransfer",
     "Step",
     "TaskSequence",
@@ -66,6 +67,22 @@ _NOT_ALLOWED_ON_INTERNET = 0x87D01018
 _UNSUPPORTED_LAUNCH = 0x80004005
 #: REGDB_E_CLASSNOTREG: no ccmexec (and so no client cache) in Windows PE; benign (S30).
 _NO_CACHE_MANAGER = 0x80040154
+#: Variables the product defines with defaults (task-sequence-variables.md).
+_DEFAULT_VARIABLES = {"SMSTSDownloadRetryCount": "2", "SMSTSDownloadRetryDelay": "15"}
+#: Not retried by the task sequence: wrong or oversized content would come back the same, and a
+#: failed content location fails the step at once in the public smsts.log samples (S24).
+_NOT_RETRIED = frozenset(
+    {codes.HASH_MISMATCH, codes.CACHE_TOO_SMALL, codes.CACHE_FULL, codes.NO_LOCATIONS}
+)
+
+
+def _int_variable(variables: dict[str, str], name: str, default: int) -> int:
+    try:
+        return max(0, int(variables.get(name, default)))
+    except ValueError:
+        return default
+
+
 STEP_ACTIONS = (
     "run_command_line",
     "upgrade_os",
@@ -235,12 +252,44 @@ class CMGClient:
 
 
 @dataclass(frozen=True)
+class Condition:
+    """A step condition on a task sequence variable (the "Options" tab's variable test).
+
+    ``operator`` is ``equals``, ``not_equals`` or ``exists``.
+    """
+
+    variable: str
+    operator: str = "equals"
+    value: str = ""
+
+    OPERATORS = ("equals", "not_equals", "exists")
+
+    def holds(self, variables: dict[str, str]) -> bool:
+        if self.operator == "exists":
+            return self.variable in variables
+        actual = variables.get(self.variable)
+        if self.operator == "equals":
+            return actual is not None and actual.casefold() == self.value.casefold()
+        return actual is None or actual.casefold() != self.value.casefold()
+
+    def __str__(self) -> str:
+        if self.operator == "exists":
+            return f"{self.variable} exists"
+        sign = "=" if self.operator == "equals" else "<>"
+        return f'{self.variable} {sign} "{self.value}"'
+
+
+@dataclass(frozen=True)
 class Step:
-    """One task sequence step; ``package`` is the ID of the content it needs, if any."""
+    """One task sequence step; ``package`` is the ID of the content it needs, if any.
+
+    A step runs only when every one of its ``conditions`` holds.
+    """
 
     name: str
     action: str
     package: str | None = None
+    conditions: tuple[Condition, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -256,6 +305,8 @@ class TaskSequence:
     steps: tuple[Step, ...]
     package_versions: dict[str, int] = field(default_factory=dict)
     boot_image: bool = False
+    #: Task sequence variables set before the first step (collection or device variables).
+    variables: dict[str, str] = field(default_factory=dict)
 
     def version_of(self, package_id: str) -> int:
         return self.package_versions.get(package_id, 1)
@@ -344,6 +395,7 @@ class TaskSequenceEngine:
                 "The program cannot run at this time because the client is on the internet",
             )
             return self._fail(None, error, steps_run)
+        self.variables = {**_DEFAULT_VARIABLES, **sequence.variables}
         on_demand = self.deployment.download_mode == DownloadMode.ON_DEMAND
         self._set("_SMSTSDownloadOnDemand", "true" if on_demand else "false")
         if not on_demand:
@@ -360,9 +412,19 @@ class TaskSequenceEngine:
                 f"Start executing an instruction. Instruction name: {step.name}. "
                 f"Instruction pointer: {index}",
             )
+            failing = next((c for c in step.conditions if not c.holds(self.variables)), None)
+            if failing is not None:
+                self.log.info(
+                    ts,
+                    f"The condition for the action ({step.name}) is evaluated to be false "
+                    f"({failing})",
+                )
+                continue
             try:
                 if step.package:
-                    entry = self.resolve(step.package, sequence.version_of(step.package))
+                    entry = self._resolve_with_retries(
+                        step.package, sequence.version_of(step.package)
+                    )
                     self._execute(step, entry)
             except ContentError as error:
                 return self._fail(step.name, error, steps_run)
@@ -372,6 +434,29 @@ class TaskSequenceEngine:
             )
         self.log.info(ts, "Task sequence completed 0x00000000")
         return TaskSequenceResult(0, steps_run, list(self.transfers))
+
+    def _resolve_with_retries(self, package_id: str, version: int) -> CacheEntry:
+        """``resolve`` repeated as ``SMSTSDownloadRetryCount`` and ``SMSTSDownloadRetryDelay`` say.
+
+        Content that is wrong (hash mismatch) or cannot fit is not retried: another try would
+        fetch the same bytes into the same cache.
+        """
+        count = _int_variable(self.variables, "SMSTSDownloadRetryCount", 2)
+        delay = _int_variable(self.variables, "SMSTSDownloadRetryDelay", 15)
+        attempt = 0
+        while True:
+            try:
+                return self.resolve(package_id, version)
+            except ContentError as error:
+                if attempt >= count or error.hresult in _NOT_RETRIED:
+                    raise
+                attempt += 1
+                self.log.info(
+                    "TSManager",
+                    f"Content download for {package_id}:{version} failed "
+                    f"(0x{error.hresult:08X}); retry {attempt} of {count} in {delay} seconds",
+                )
+                self.core.retry.sleep(float(delay))
 
     def _fail(
         self, step: str | None, error: ContentError, steps_run: list[str]
@@ -517,12 +602,15 @@ class _Renewer:
     def __init__(self, client: CMGClient, record: LocationRecord) -> None:
         self.client = client
         self.record = record
-        self._urls: dict[str, str] = {}
+        self._urls: dict[str, str] | None = None
         self._lock = threading.Lock()
 
     def __call__(self, item: ManifestFile) -> str:
+        # Fetched once and shared: each file renews at most once per download, so one fresh
+        # manifest serves them all. (Comparing URLs to spot a renewal already made does not
+        # work: a manifest minted in the same second carries byte-identical SAS URLs.)
         with self._lock:
-            if self._urls.get(item.relpath, item.url) == item.url:
+            if self._urls is None:
                 fresh = self.client.manifest(self.record)
                 self._urls = {f.relpath: f.url for f in fresh.files}
             if item.relpath not in self._urls:

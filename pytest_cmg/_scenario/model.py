@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from .._client.cache import DEFAULT_CACHE_MB
-from .._client.engine import STEP_ACTIONS, Step, TaskSequence
+from .._client.engine import STEP_ACTIONS, Condition, Step, TaskSequence
 from .._errors import ScenarioError, ScenarioProblem
 from .._protocol.settings import (
     SITE_VERSIONS,
@@ -18,7 +18,7 @@ from .._protocol.settings import (
     DownloadMode,
     LaunchContext,
 )
-from .spec import Bool, Choice, Field, Int, ListOf, Number, Record, Size, Str, Validation
+from .spec import Bool, Choice, Field, Int, ListOf, MapOf, Number, Record, Size, Str, Validation
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -161,6 +161,17 @@ SCENARIO = Record(
                     "launch": Field(
                         Choice(choices=LaunchContext.ALL), default=LaunchContext.SOFTWARE_CENTER
                     ),
+                    "variables": Field(
+                        MapOf(
+                            key=Str(pattern=r"[A-Za-z_][A-Za-z0-9_]*", example="OSDLanguage"),
+                            value=Str(),
+                        ),
+                        default=None,
+                        doc=(
+                            "Task sequence variables before the first step, e.g. "
+                            "SMSTSDownloadRetryCount (default 2) or your own for step conditions."
+                        ),
+                    ),
                     "boot_image": Field(
                         Bool(),
                         default=False,
@@ -191,6 +202,22 @@ SCENARIO = Record(
                                     "name": Field(Str(), required=True),
                                     "action": Field(Choice(choices=STEP_ACTIONS), required=True),
                                     "package": Field(PACKAGE_ID, default=None),
+                                    "condition": Field(
+                                        Record(
+                                            doc=(
+                                                "Run the step only when this holds: give "
+                                                "`variable` and one of `equals`, `not_equals` "
+                                                "or `exists: true`."
+                                            ),
+                                            fields={
+                                                "variable": Field(Str(), required=True),
+                                                "equals": Field(Str(), default=None),
+                                                "not_equals": Field(Str(), default=None),
+                                                "exists": Field(Bool(), default=None),
+                                            },
+                                        ),
+                                        default=None,
+                                    ),
                                 }
                             ),
                         ),
@@ -313,9 +340,13 @@ def load_scenario(path: Path) -> Scenario:
     sequence = TaskSequence(
         package_id=ts["id"],
         name=ts["name"],
-        steps=tuple(Step(s["name"], s["action"], s["package"]) for s in ts["steps"]),
+        steps=tuple(
+            Step(s["name"], s["action"], s["package"], _conditions(s["condition"]))
+            for s in ts["steps"]
+        ),
         package_versions={p.id: p.version for p in packages},
         boot_image=ts["boot_image"],
+        variables=dict(ts["variables"] or {}),
     )
     return Scenario(
         path=path,
@@ -344,6 +375,16 @@ def load_scenario(path: Path) -> Scenario:
         expect=data["expect"],
         lines=v.lines,
     )
+
+
+def _conditions(spec: dict[str, Any] | None) -> tuple[Condition, ...]:
+    if spec is None:
+        return ()
+    if spec.get("exists"):
+        return (Condition(spec["variable"], "exists"),)
+    if spec.get("not_equals") is not None:
+        return (Condition(spec["variable"], "not_equals", spec["not_equals"]),)
+    return (Condition(spec["variable"], "equals", spec.get("equals") or ""),)
 
 
 def _cross_check(data: dict[str, Any], v: Validation) -> None:
@@ -384,6 +425,15 @@ def _cross_check(data: dict[str, Any], v: Validation) -> None:
     known = ", ".join(declared) or "none"
     sequence: dict[str, Any] = data.get("task_sequence") or {}
     for index, step in records(sequence.get("steps")):
+        condition = step.get("condition")
+        if isinstance(condition, dict):
+            given = [k for k in ("equals", "not_equals", "exists") if condition.get(k) is not None]
+            if len(given) != 1:
+                problem(
+                    f"task_sequence.steps[{index}].condition",
+                    "a condition needs exactly one of equals, not_equals, exists",
+                    f"given: {', '.join(given) or 'none'}",
+                )
         if step.get("package") is not None and step["package"] not in declared:
             problem(
                 f"task_sequence.steps[{index}].package",

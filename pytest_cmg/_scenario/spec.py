@@ -305,6 +305,23 @@ class Field:
     doc: str = ""
 
 
+def _absent(item: Field) -> Any:  # noqa: ANN401 - any field's value
+    """The value of an optional field the file leaves out.
+
+    A section whose keys are all optional (``cmg:``, ``client:``) is filled from its keys'
+    defaults, so code never has to ask whether the file mentioned it; a section with a required
+    key (a step's ``condition``) is absent, ``None``, unless the file gives it.
+    """
+    spec = item.spec
+    if (
+        item.default is None
+        and isinstance(spec, Record)
+        and not any(f.required for f in spec.fields.values())
+    ):
+        return spec.defaults()
+    return item.default
+
+
 @dataclass
 class Record(Spec):
     """A mapping with a fixed set of keys; unknown keys are reported with the nearest valid one."""
@@ -317,11 +334,7 @@ class Record(Spec):
 
     def defaults(self) -> dict[str, Any]:
         """The value of this section when the file leaves it out: every field's default."""
-        return {
-            name: item.spec.defaults() if isinstance(item.spec, Record) else item.default
-            for name, item in self.fields.items()
-            if not item.required
-        }
+        return {name: _absent(item) for name, item in self.fields.items() if not item.required}
 
     def _check(self, node: yaml.Node, where: str, v: Validation) -> Any:  # noqa: ANN401
         if not isinstance(node, yaml.MappingNode):
@@ -362,5 +375,5 @@ class Record(Spec):
             if item.required:
                 v.problem(node, f"{_where(where)} is missing the required key {name!r}", item.doc)
             else:
-                out[name] = item.spec.defaults() if isinstance(item.spec, Record) else item.default
+                out[name] = _absent(item)
         return out

@@ -8,6 +8,7 @@ implementation talking to itself.
 
 from __future__ import annotations
 
+import contextlib
 import email
 import email.policy
 import hashlib
@@ -133,21 +134,37 @@ def read_line(process: subprocess.Popen, timeout: float) -> str:
     raise AssertionError(f"serve printed no line in {timeout} s; stderr: {process.stderr.read()}")
 
 
-@pytest.fixture
-def served(tmp_path):
+def start_serve(folder):
     process = subprocess.Popen(
         [sys.executable, "-m", "pytest_cmg", "serve", str(SCENARIO)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        cwd=tmp_path,
+        cwd=folder,
     )
-    try:
-        yield process, json.loads(read_line(process, timeout=120))
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
+    return process, json.loads(read_line(process, timeout=120))
+
+
+def stop_serve(process):
+    if process.poll() is None:
+        process.kill()
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """One served world for the tests that only read from it (starting one costs ~5 s)."""
+    process, contract = start_serve(tmp_path_factory.mktemp("serve"))
+    yield process, contract
+    stop_serve(process)
+
+
+@pytest.fixture
+def served_alone(tmp_path):
+    """A served world of the test's own, for tests that stop it."""
+    process, contract = start_serve(tmp_path)
+    yield process, contract
+    stop_serve(process)
 
 
 def test_the_json_line_carries_the_documented_contract(served):
@@ -171,8 +188,8 @@ def test_an_independent_client_downloads_and_verifies_a_package(served, tmp_path
     assert package_hash(files) == package["hash"]
 
 
-def test_sigterm_stops_the_gateway_and_azurite(served):
-    process, contract = served
+def test_sigterm_stops_the_gateway_and_azurite(served_alone):
+    process, contract = served_alone
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
     pid = contract["azurite_pid"]
@@ -203,3 +220,85 @@ def test_a_broken_scenario_is_refused_with_its_line(tmp_path):
     assert result.stdout == ""
     line = bad.read_text().splitlines().index("  dowload: on_demand") + 1
     assert f"bad.cmg.yaml:{line}: unknown key 'dowload'" in result.stderr
+
+
+# --- python -m pytest_cmg client, against the same served world -----------------------------
+
+
+def run_client(tmp_path, contract, *args, stderr=subprocess.PIPE):
+    connection = tmp_path / "serve.json"
+    connection.write_text(json.dumps(contract))
+    return subprocess.run(
+        [sys.executable, "-m", "pytest_cmg", "client", str(connection), *args],
+        stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=120, check=False, cwd=tmp_path,
+    )
+
+
+def test_client_downloads_packages_and_summarises_in_json(served, tmp_path):
+    _, contract = served
+    result = run_client(tmp_path, contract, "--package", "PS100012", "--package", "PS100013:1")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["outcome"] == "success" and summary["exit_code"] == "0x00000000"
+    sizes = {p["id"]: p["size"] for p in contract["packages"]}
+    assert {p["id"]: p["bytes"] for p in summary["packages"]} == sizes
+    # What landed in the cache is exactly what the server says it distributed.
+    for package in contract["packages"]:
+        folder = Path(summary["cache"]) / f"{package['id']}.{package['version']}"
+        files = [
+            (p.relative_to(folder).as_posix(), p.stat().st_size,
+             hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in folder.rglob("*") if p.is_file()
+        ]
+        assert package_hash(files) == package["hash"]
+    assert "\r" not in result.stderr  # no progress bar when stderr is not a terminal
+
+
+def test_client_over_mutual_tls_and_a_scenario_task_sequence(served, tmp_path):
+    _, contract = served
+    result = run_client(tmp_path, contract, "--task-sequence", str(SCENARIO), "--auth", "certificate")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["steps_run"] == [
+        "Check readiness", "Upgrade the operating system", "Apply drivers"
+    ]
+
+
+def test_client_failure_is_exit_1_with_the_product_code(served, tmp_path):
+    _, contract = served
+    result = run_client(tmp_path, contract, "--package", "PS1000FF")
+    assert result.returncode == 1
+    summary = json.loads(result.stdout)
+    assert summary["exit_code"] == "0x80040102"
+    assert summary["failed_step"] == "Download PS1000FF"
+
+
+def test_client_bad_usage_is_exit_2(tmp_path):
+    (tmp_path / "broken.json").write_text("not json")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest_cmg", "client", str(tmp_path / "broken.json"),
+         "--package", "PS100012"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 2
+    assert "cannot use connection" in result.stderr
+    assert result.stdout == ""
+
+
+def test_client_draws_a_progress_bar_on_a_terminal(served, tmp_path):
+    import pty
+
+    _, contract = served
+    master, slave = pty.openpty()
+    try:
+        result = run_client(tmp_path, contract, "--package", "PS100012", stderr=slave)
+    finally:
+        os.close(slave)
+    drawn = b""
+    with contextlib.suppress(OSError):
+        while chunk := os.read(master, 65536):
+            drawn += chunk
+    os.close(master)
+    assert result.returncode == 0
+    assert b"PS100012.3 [" in drawn
+    assert b"100%" in drawn and b"4/4 files" in drawn

@@ -132,11 +132,15 @@ class DownloadCore:
         timeout: float = 30.0,
         retry: RetryPolicy | None = None,
         on_event: Callable[[str], None] | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> None:
         self.workers = workers
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self.on_event = on_event or (lambda line: None)
+        #: ``on_progress(new_bytes, files_done)``: called from the download threads as bytes
+        #: arrive (``files_done`` 0) and once per verified file (``new_bytes`` 0).
+        self.on_progress = on_progress
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
@@ -260,6 +264,8 @@ class DownloadCore:
                 f"{item.sha256}",
             )
         part.rename(target)
+        if self.on_progress is not None:
+            self.on_progress(0, 1)
         return state.offset
 
     def _transfer(self, item: ManifestFile, state: _FileState) -> None:
@@ -313,6 +319,8 @@ class DownloadCore:
                             f"{item.relpath}: more than the manifest's {item.size} bytes",
                         )
                     state.append(chunk)
+                    if self.on_progress is not None:
+                        self.on_progress(len(chunk), 0)
             except requests.RequestException as exc:
                 msg = (
                     f"connection lost after {state.offset} of {item.size} bytes "

@@ -44,6 +44,7 @@ from .._protocol.settings import (
 from .download import DownloadCore, redact
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
     from .cache import CacheEntry, ClientCache
@@ -366,6 +367,9 @@ class TaskSequenceEngine:
         )
         self.variables: dict[str, str] = {}
         self.transfers: list[PackageTransfer] = []
+        #: ``on_job(package_id, version, files, total_bytes)``: a package download begins
+        #: (with the core's ``on_progress``, enough to draw a progress bar).
+        self.on_job: Callable[[str, int, int, int], None] | None = None
 
     def close(self) -> None:
         self.core.close()
@@ -542,6 +546,8 @@ class TaskSequenceEngine:
                 f"Job: {package_id}.{version}, Total Files: {len(manifest.files)}, "
                 f"Total Bytes: {total}",
             )
+            if self.on_job is not None:
+                self.on_job(package_id, version, len(manifest.files), total)
             try:
                 stats = self.core.download(manifest, staged, renew=_Renewer(self.client, record))
             except ContentError as error:

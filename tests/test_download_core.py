@@ -197,3 +197,13 @@ def test_no_task_sequence_retry_when_the_retry_count_is_zero(cmg, cmg_client, cm
     result = engine.run(sequence)
     assert result.exit_code == codes.CONNECTION_ABORTED
     assert 15.0 not in cmg_time.waits
+
+
+def test_download_all_before_start_retries_too(cmg, cmg_client, cmg_time, big_package, storage_faults):
+    from pytest_cmg import DeploymentSettings, DownloadMode
+
+    storage_faults.add(respond(503), times=6)
+    engine = cmg_client(deployment=DeploymentSettings(download_mode=DownloadMode.ALL_BEFORE_START))
+    result = engine.run(TaskSequence("PS100020", "IPU", ONE_FILE.steps))
+    assert result.succeeded, result.error
+    assert 15.0 in cmg_time.waits

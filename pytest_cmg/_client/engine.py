@@ -407,7 +407,7 @@ class TaskSequenceEngine:
             # the first step, whatever the steps' conditions (protocol.md section 4).
             for package_id in dict.fromkeys(s.package for s in sequence.steps if s.package):
                 try:
-                    self.resolve(package_id, sequence.version_of(package_id))
+                    self._resolve_with_retries(package_id, sequence.version_of(package_id))
                 except ContentError as error:
                     return self._fail(None, error, steps_run)
         for index, step in enumerate(sequence.steps):

@@ -35,10 +35,6 @@ class CacheEntry:
     def key(self) -> str:
         return f"{self.package_id}.{self.version}"
 
-    @property
-    def size(self) -> int:
-        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
-
 
 class ClientCache:
     """A cache folder of verified package versions."""

@@ -7,6 +7,9 @@ SIGINT or SIGTERM. Clients written in any language connect with what that line g
 ``client CONNECTION`` is this project's own client against such a gateway: it reads the JSON
 line, downloads packages or runs a scenario's task sequence, shows a progress bar on a terminal,
 and ends with a JSON summary on stdout and an exit code (0 success, 1 failure, 2 bad usage).
+
+``bench`` benchmarks the download core against the SDK, aria2c and the machine's ceilings on a
+fresh in-memory Azurite (``pytest_cmg._bench``; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -81,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     client.add_argument("--log", type=Path, default=Path("smsts.log"), help="smsts.log path")
     client.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
+    from ._bench._main import add_bench_parser
+
+    add_bench_parser(commands)
     return parser
 
 
@@ -90,6 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "client":
         return _client(args)
+    if args.command == "bench":
+        from ._bench._main import run_bench
+
+        return run_bench(args)
     return 2  # argparse rejects unknown commands before this
 
 

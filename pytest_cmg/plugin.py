@@ -69,6 +69,73 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini(
         "cmg_scenario_pattern", "file name pattern of scenario files", default="*.cmg.yaml"
     )
+    _add_bench_options(group, parser)
+
+
+def _add_bench_options(group: pytest.OptionGroup, parser: pytest.Parser) -> None:
+    # Benchmark mode (docs/benchmarks.md); the bench package is imported only when it is on.
+    group.addoption(
+        "--cmg-bench",
+        dest="cmg_bench",
+        action="store_true",
+        default=False,
+        help="run the download-core benchmark as one item per workload instead of the tests "
+        "(refused under xdist)",
+    )
+    group.addoption(
+        "--cmg-bench-workloads",
+        dest="cmg_bench_workloads",
+        default=None,
+        metavar="LIST",
+        help="comma-separated among big, m1, k16 (default all, or ini cmg_bench_workloads)",
+    )
+    group.addoption(
+        "--cmg-bench-rounds",
+        dest="cmg_bench_rounds",
+        default=None,
+        metavar="N",
+        help="rounds per case (default 5, 1 with --cmg-bench-quick)",
+    )
+    group.addoption(
+        "--cmg-bench-quick",
+        dest="cmg_bench_quick",
+        action="store_true",
+        default=False,
+        help="small workloads and 1 round",
+    )
+    group.addoption(
+        "--cmg-bench-json", dest="cmg_bench_json", default=None, metavar="PATH",
+        help="write the benchmark JSON (pytest-benchmark layout)",
+    )
+    group.addoption(
+        "--cmg-bench-chart", dest="cmg_bench_chart", default=None, metavar="PATH",
+        help="write a PNG chart of the benchmark (needs matplotlib)",
+    )
+    group.addoption(
+        "--cmg-bench-compare",
+        dest="cmg_bench_compare",
+        default=None,
+        metavar="BASELINE.json|targets",
+        help="fail a workload's item when a ratio is more than the margin below the baseline's",
+    )
+    group.addoption(
+        "--cmg-bench-margin",
+        dest="cmg_bench_margin",
+        default=None,
+        metavar="FRACTION",
+        help="allowed shortfall for --cmg-bench-compare (default 0.15)",
+    )
+    group.addoption(
+        "--cmg-bench-with-aria2",
+        dest="cmg_bench_with_aria2",
+        action="store_true",
+        default=False,
+        help="fetch aria2 from Debian packages into the cache when it is missing",
+    )
+    parser.addini("cmg_bench_workloads", "benchmark workloads", default="big,m1,k16")
+    parser.addini("cmg_bench_rounds", "benchmark rounds per case", default="")
+    parser.addini("cmg_bench_compare", "benchmark baseline JSON, or 'targets'", default="")
+    parser.addini("cmg_bench_margin", "benchmark compare margin (fraction)", default="0.15")
 
 
 def _option(config: pytest.Config, name: str) -> str:
@@ -100,6 +167,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_HARNESS] = Harness(
         backend, connection_string=connection_string or None, startup_timeout=timeout
     )
+    if config.getoption("cmg_bench"):
+        from ._bench._items import configure_bench
+
+        configure_bench(config)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -1,0 +1,77 @@
+"""The PNG chart: one panel per workload, median MB/s per case with its min-max range.
+
+matplotlib is imported here only, when a chart is asked for, and through its object API with the
+Agg canvas: no pyplot, so no global backend is switched under a user's own session.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+__all__ = ["write_chart"]
+
+_COLOURS = {
+    "core": "#1f77b4",
+    "sdk": "#ff7f0e",
+    "aria2c": "#2ca02c",
+    "raw": "#7f7f7f",
+    "hashlib": "#9467bd",
+}
+
+
+def write_chart(report: dict[str, Any], path: Path) -> None:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        msg = f'the chart needs matplotlib ({exc}); install it with `pip install "pytest-cmg[test]"`'
+        raise RuntimeError(msg) from exc
+
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for item in report.get("benchmarks", []):
+        groups.setdefault(item["extra_info"]["workload"], []).append(item["extra_info"])
+    if not groups:
+        msg = "the report has no measured case to chart"
+        raise RuntimeError(msg)
+    figure = Figure(figsize=(6.5, 2.2 * len(groups) + 0.6), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(groups), 1, squeeze=False)[:, 0]
+    bench = report.get("bench", {})
+    for ax, (workload, infos) in zip(axes, groups.items(), strict=True):
+        cases = [i["case"] for i in infos]
+        medians = [i["mb_per_s"]["median"] for i in infos]
+        low = [m - i["mb_per_s"]["min"] for m, i in zip(medians, infos, strict=True)]
+        high = [i["mb_per_s"]["max"] - m for m, i in zip(medians, infos, strict=True)]
+        ax.barh(
+            cases,
+            medians,
+            xerr=[low, high],
+            color=[_COLOURS.get(c, "#17becf") for c in cases],
+            capsize=3,
+        )
+        ax.invert_yaxis()
+        if min(medians) > 0 and max(medians) / min(medians) > 20:
+            # hashlib next to 16 KiB files would flatten every other bar.
+            ax.set_xscale("log")
+        for y, value in enumerate(medians):
+            ax.text(value, y, f" {value:.0f}", va="center", ha="left", fontsize=8)
+        shape = bench.get("workloads", {}).get(workload, {})
+        ratios = report.get("ratios", {}).get(workload, {})
+        ratio_text = ", ".join(f"{k} {v:.2f}" for k, v in ratios.items())
+        ax.set_title(
+            f"{workload}: {shape.get('files', '?')} file(s), {shape.get('bytes', 0) / 2**20:.3g} MiB"
+            f"  ({ratio_text})",
+            fontsize=9,
+            loc="left",
+        )
+        ax.set_xlabel("MB/s (median, min-max over rounds)", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.margins(x=0.15)
+    figure.suptitle(
+        f"pytest-cmg bench, {bench.get('rounds', '?')} round(s), {report.get('datetime', '')[:19]}",
+        fontsize=10,
+    )
+    figure.savefig(path, format="png", dpi=100)

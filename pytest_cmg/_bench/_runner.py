@@ -1,0 +1,299 @@
+"""One benchmark run: an in-memory Azurite, each workload uploaded once, cases in shuffled rounds.
+
+Per round every case of a workload runs once, in an order shuffled with the round number as seed
+(performance.md's method), so all cases see the same machine state; the output folder is emptied
+before each run and verified after it (sizes and SHA-256), neither step timed. The core's peak
+memory on the big blob is measured once more, untimed, in a child process (:mod:`._memprobe`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ._aria2 import Aria2, resolve_aria2
+from ._cases import CASES, CaseContext
+from ._report import CaseResult, MemoryProbe, WorkloadResult, build_report
+from ._workloads import FULL, QUICK, Dataset, delete, upload
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from types import TracebackType
+    from typing import Self
+
+    from .._storage.azurite import AzuriteProcess, BlobEndpoint
+
+__all__ = ["Bench", "BenchConfig", "BenchError"]
+
+_MEMPROBE_TIMEOUT = 600.0
+_HASH_CHUNK = 1 << 20
+
+
+class BenchError(Exception):
+    """The benchmark could not measure honestly: a service failed or an output was wrong."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    workloads: tuple[str, ...] = ("big", "m1", "k16")
+    rounds: int = 5
+    quick: bool = False
+    #: The core's ``workers``, and the raw ceiling's connections on many-file workloads.
+    workers: int = 8
+    #: One of ``_aria2.ARIA2_MODES``.
+    aria2: str = "auto"
+    memory: bool = True
+    workdir: Path | None = None
+    log: Callable[[str], None] | None = field(default=None, compare=False)
+
+
+def _verify(dest: Path, dataset: Dataset) -> None:
+    expected = {f.relpath: f for f in dataset.manifest.files}
+    found = {p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()}
+    if found != set(expected):
+        extra, missing = sorted(found - set(expected)), sorted(set(expected) - found)
+        msg = f"output files differ: missing {missing[:5]}, unexpected {extra[:5]}"
+        raise BenchError(msg)
+    for relpath, item in expected.items():
+        path = dest / relpath
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
+                digest.update(chunk)
+        if path.stat().st_size != item.size or digest.hexdigest() != item.sha256:
+            msg = f"{relpath}: wrong size or SHA-256 after download"
+            raise BenchError(msg)
+
+
+def _fresh(folder: Path) -> Path:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+class Bench:
+    """Start with :meth:`start` (or ``with``), then :meth:`run_workload` per workload."""
+
+    def __init__(self, config: BenchConfig) -> None:
+        self.config = config
+        self.sizes = QUICK if config.quick else FULL
+        self.aria2: Aria2 | None = None
+        self.aria2_reason = ""
+        self.results: list[WorkloadResult] = []
+        self._azurite: AzuriteProcess | None = None
+        self._endpoint: BlobEndpoint | None = None
+        self._workdir: Path | None = None
+        self._own_workdir = False
+        self._loadavg: list[float] = []
+
+    def _say(self, line: str) -> None:
+        if self.config.log is not None:
+            self.config.log(line)
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> Self:
+        if self._endpoint is not None:
+            return self
+        from .._errors import PytestCmgError
+        from .._storage.azurite import AzuriteProcess
+
+        self._loadavg = list(os.getloadavg())
+        found = resolve_aria2(self.config.aria2)
+        if isinstance(found, Aria2):
+            self.aria2 = found
+            self._say(f"aria2c {found.version} from {found.source}")
+        else:
+            self.aria2_reason = found
+            self._say(f"aria2c {found}")
+        if self.config.workdir is None:
+            self._workdir = Path(tempfile.mkdtemp(prefix="pytest-cmg-bench-"))
+            self._own_workdir = True
+        else:
+            self._workdir = self.config.workdir
+            self._workdir.mkdir(parents=True, exist_ok=True)
+        azurite = AzuriteProcess()
+        try:
+            self._endpoint = azurite.start()
+        except PytestCmgError as exc:
+            msg = f"Azurite could not start: {exc}"
+            raise BenchError(msg) from exc
+        self._azurite = azurite
+        self._say(f"Azurite in memory at {self._endpoint.url} (pid {azurite.pid})")
+        return self
+
+    def stop(self) -> None:
+        if self._azurite is not None:
+            self._azurite.stop()
+            self._azurite = None
+        self._endpoint = None
+        if self._own_workdir and self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # --- measuring ----------------------------------------------------------------------
+
+    def run(self) -> list[WorkloadResult]:
+        for name in self.config.workloads:
+            self.run_workload(name)
+        return self.results
+
+    def _case_names(self, many: bool) -> list[str]:
+        names = []
+        for name, case in CASES.items():
+            if case.only_single and many:
+                continue
+            if name == "aria2c" and self.aria2 is None:
+                continue
+            names.append(name)
+        return names
+
+    def run_workload(self, name: str) -> WorkloadResult:
+        """Upload the workload, run every case ``rounds`` times, delete the blobs."""
+        self.start()
+        assert self._endpoint is not None and self._workdir is not None
+        workload = self.sizes[name]
+        result = WorkloadResult(workload)
+        if not workload.many and self.aria2 is None:
+            result.unavailable["aria2c"] = self.aria2_reason
+        container = f"bench-{os.getpid()}-{name}"
+        self._say(f"{name}: uploading {workload.describe()}")
+        try:
+            dataset = upload(self._endpoint, workload, container)
+        except Exception as exc:
+            msg = f"{name}: upload to Azurite failed: {exc}"
+            raise BenchError(msg) from exc
+        try:
+            names = self._case_names(workload.many)
+            for case_name in names:
+                result.cases[case_name] = CaseResult(case_name, CASES[case_name].description)
+            server_pid = self._azurite.pid if self._azurite else None
+            for round_no in range(1, self.config.rounds + 1):
+                order = list(names)
+                random.Random(round_no).shuffle(order)
+                for case_name in order:
+                    if case_name not in result.cases:
+                        continue  # dropped earlier in this run (aria2c failed)
+                    self._run_case(result, case_name, dataset, server_pid, round_no)
+            if self.config.memory and not workload.many and "core" in names:
+                result.memory = self._memory_probe(dataset)
+        finally:
+            with contextlib.suppress(Exception):
+                delete(self._endpoint, container)
+        self.results.append(result)
+        return result
+
+    def _run_case(
+        self,
+        result: WorkloadResult,
+        case_name: str,
+        dataset: Dataset,
+        server_pid: int | None,
+        round_no: int,
+    ) -> None:
+        assert self._workdir is not None
+        case = CASES[case_name]
+        dest = _fresh(self._workdir / "out" / case_name)
+        ctx = CaseContext(dataset, dest, self.config.workers, server_pid, self.aria2)
+        label = f"{dataset.workload.name} round {round_no}/{self.config.rounds} {case_name}"
+        try:
+            sample = case.run(ctx)
+            if case.writes:
+                _verify(dest, dataset)
+        except Exception as exc:
+            if case_name == "aria2c":
+                # An external tool that breaks is reported, not allowed to sink the run.
+                del result.cases[case_name]
+                result.unavailable[case_name] = f"not available: failed in round {round_no}: {exc}"
+                self._say(f"{label}: {result.unavailable[case_name]}")
+                return
+            msg = f"{label}: {type(exc).__name__}: {exc}"
+            raise BenchError(msg) from exc
+        finally:
+            shutil.rmtree(dest, ignore_errors=True)
+        result.cases[case_name].samples.append(sample)
+        rate = dataset.workload.total / 1e6 / sample.seconds
+        self._say(f"{label}: {sample.seconds:.3f} s, {rate:.1f} MB/s")
+
+    def _memory_probe(self, dataset: Dataset) -> MemoryProbe:
+        assert self._workdir is not None
+        dest = _fresh(self._workdir / "out" / "memprobe")
+        job = {"manifest": dataset.manifest.to_xml(), "dest": str(dest), "workers": self.config.workers}
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "pytest_cmg._bench._memprobe"],
+                input=json.dumps(job),
+                capture_output=True,
+                text=True,
+                timeout=_MEMPROBE_TIMEOUT,
+                check=False,
+            )
+            if proc.returncode != 0:
+                msg = f"memory probe exited {proc.returncode}: {proc.stderr.strip()[-500:]}"
+                raise BenchError(msg)
+            _verify(dest, dataset)
+            data = json.loads(proc.stdout.strip().splitlines()[-1])
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+            msg = f"memory probe failed: {exc}"
+            raise BenchError(msg) from exc
+        finally:
+            shutil.rmtree(dest, ignore_errors=True)
+        probe = MemoryProbe(
+            float(data["peak_mib"]),
+            float(data["baseline_mib"]),
+            float(data["seconds"]),
+            "VmHWM of a child process running DownloadCore alone",
+        )
+        self._say(f"{dataset.workload.name}: core peak memory {probe.peak_mib:.1f} MiB")
+        return probe
+
+    # --- reporting ----------------------------------------------------------------------
+
+    def report(self, results: list[WorkloadResult] | None = None) -> dict[str, Any]:
+        from importlib import metadata
+
+        from .._storage.azurite import AZURITE_VERSION
+
+        try:
+            version = metadata.version("pytest-cmg")
+        except metadata.PackageNotFoundError:
+            version = "unknown"
+        settings: dict[str, Any] = {
+            "version": f"pytest-cmg {version}",
+            "rounds": self.config.rounds,
+            "quick": self.config.quick,
+            "workers": self.config.workers,
+            "azurite": AZURITE_VERSION,
+            "persistence": "in-memory",
+            "aria2c": (
+                {"version": self.aria2.version, "source": self.aria2.source}
+                if self.aria2
+                else {"reason": self.aria2_reason}
+            ),
+            "loadavg": {
+                "start": [round(x, 2) for x in self._loadavg],
+                "end": [round(x, 2) for x in os.getloadavg()],
+            },
+        }
+        return build_report(self.results if results is None else results, settings)

@@ -69,6 +69,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini(
         "cmg_scenario_pattern", "file name pattern of scenario files", default="*.cmg.yaml"
     )
+    group.addoption(
+        "--cmg-fixtures",
+        dest="cmg_fixtures",
+        default=None,
+        metavar="DIR",
+        help="folder of shared worlds and package catalogs for scenario include/ref "
+        "(default: the nearest 'fixtures' folder above each scenario)",
+    )
+    parser.addini(
+        "cmg_fixtures",
+        "folder of shared scenario worlds and catalogs, relative to the rootdir",
+        default="",
+    )
     _add_bench_options(group, parser)
 
 
@@ -167,6 +180,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_HARNESS] = Harness(
         backend, connection_string=connection_string or None, startup_timeout=timeout
     )
+    # Scenario files put these on their items (``markers: [slow]``); registered here so that
+    # --strict-markers accepts them in any project.
+    config.addinivalue_line("markers", "slow: long-running scenario or test")
+    config.addinivalue_line("markers", "benchmark: throughput scenario or test")
     if config.getoption("cmg_bench"):
         from ._bench._items import configure_bench
 
@@ -184,8 +201,16 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
         from ._scenario.items import ScenarioFile
 
         config = parent.config
+        # A command-line folder is relative to where pytest runs, an ini one to the rootdir.
+        given = config.getoption("cmg_fixtures")
+        ini = str(config.getini("cmg_fixtures"))
+        fixtures = (
+            config.invocation_params.dir / given
+            if given
+            else (config.rootpath / ini if ini else None)
+        )
         return ScenarioFile.from_parent(
-            parent, path=file_path, harness=lambda: config.stash[_HARNESS]
+            parent, path=file_path, harness=lambda: config.stash[_HARNESS], fixtures=fixtures
         )
     return None
 

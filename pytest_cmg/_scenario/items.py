@@ -1,13 +1,18 @@
-"""pytest's view of scenario files: one collector per file, one item per scenario.
+"""pytest's view of scenario files: one collector per file, one item per scenario case.
 
 Validation happens in :meth:`ScenarioFile.collect`, so a broken file is one collection error that
 lists every problem with its line, not a failing test per problem (tavern's weakness). Items run
 against the session's :class:`~pytest_cmg._harness.Harness`, reached through ``config.stash``:
 no private pytest API is needed to share services between fixtures and items.
+
+A parametrised file (``matrix``, ``cases``) gives one item per case, named ``scenario[id]``; the
+IDs come from the file alone, in the order it is written, so every xdist worker collects the same
+items in the same order.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import shutil
 import tempfile
@@ -17,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .._errors import ExpectationFailed, ScenarioError
-from .model import Scenario, load_scenario
+from .._errors import ExpectationFailed, ScenarioError, ScenarioProblem
+from .model import Scenario, load_scenarios
 from .runner import check_expectations, run_scenario
 
 if TYPE_CHECKING:
@@ -28,7 +33,15 @@ if TYPE_CHECKING:
 
     from .._harness import Harness
 
-__all__ = ["ScenarioFile", "ScenarioItem"]
+__all__ = ["BUILTIN_MARKERS", "ScenarioFailed", "ScenarioFile", "ScenarioItem"]
+
+#: Markers pytest knows without registration that make sense on a scenario item.
+BUILTIN_MARKERS = ("skip", "skipif", "xfail", "filterwarnings")
+
+
+def registered_markers(config: pytest.Config) -> list[str]:
+    names = [str(line).split(":", 1)[0].split("(", 1)[0].strip() for line in config.getini("markers")]
+    return sorted({*BUILTIN_MARKERS, *(n for n in names if n)})
 
 
 class ScenarioFile(pytest.File):
@@ -36,15 +49,47 @@ class ScenarioFile(pytest.File):
 
     :param harness: called when an item runs, never at collection, so ``--collect-only`` starts
         no service. The plugin passes it in; this module never imports the plugin.
+    :param fixtures: the fixtures folder for includes and refs (None: the nearest ``fixtures``
+        folder above the file).
     """
 
-    def __init__(self, *, harness: Callable[[], Harness], **kwargs: Any) -> None:  # noqa: ANN401
+    def __init__(
+        self,
+        *,
+        harness: Callable[[], Harness],
+        fixtures: Path | None = None,
+        **kwargs: Any,  # noqa: ANN401
+    ) -> None:
         super().__init__(**kwargs)
         self.harness = harness
+        self.fixtures = fixtures
 
     def collect(self) -> Iterator[ScenarioItem]:
-        scenario = load_scenario(self.path)
-        yield ScenarioItem.from_parent(self, name=scenario.name, scenario=scenario)
+        scenarios = load_scenarios(self.path, fixtures=self.fixtures)
+        known = registered_markers(self.config)
+        problems = []
+        for scenario in scenarios:
+            for marker in scenario.markers:
+                if marker.name not in known:
+                    path, line = scenario.location(marker.where)
+                    near = difflib.get_close_matches(marker.name, known, n=1)
+                    problems.append(
+                        ScenarioProblem(
+                            path,
+                            line,
+                            f"marker {marker.name!r} is not registered",
+                            (f"did you mean {near[0]!r}? " if near else "")
+                            + "register it in the markers ini option; known: "
+                            + ", ".join(known),
+                        )
+                    )
+        if problems:
+            raise ScenarioError(sorted(set(problems), key=lambda p: (str(p.path), p.line)))
+        for scenario in scenarios:
+            item = ScenarioItem.from_parent(self, name=scenario.item_name, scenario=scenario)
+            for marker in scenario.markers:
+                item.add_marker(getattr(pytest.mark, marker.name)(*marker.args, **marker.kwargs))
+            yield item
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException]) -> str | TerminalRepr:  # type: ignore[override]
         error = excinfo.value
@@ -53,7 +98,7 @@ class ScenarioFile(pytest.File):
             here = self.config.invocation_params.dir
             problems = [
                 replace(p, path=Path(os.path.relpath(p.path, here)))
-                if p.path.is_relative_to(here)
+                if p.path.is_absolute() and p.path.is_relative_to(here)
                 else p
                 for p in error.problems
             ]
@@ -62,7 +107,7 @@ class ScenarioFile(pytest.File):
 
 
 class ScenarioItem(pytest.Item):
-    """One scenario, run end to end against real Azurite and the HTTPS fake CMG."""
+    """One scenario case, run end to end against real Azurite and the HTTPS fake CMG."""
 
     def __init__(self, *, scenario: Scenario, **kwargs: Any) -> None:  # noqa: ANN401
         super().__init__(**kwargs)
@@ -75,15 +120,17 @@ class ScenarioItem(pytest.Item):
         keep = True
         try:
             run = run_scenario(self.scenario, harness, workdir)
-            self.add_report_section(
-                "call",
-                "cmg",
+            section = (
                 f"Azurite blob service: {run.blob_endpoint} (backend {harness.backend_name}, "
-                f"pid {harness.backend_pid})\nFake CMG: {run.cmg_url}\nWork folder: {workdir}",
+                f"pid {harness.backend_pid})\nFake CMG: {run.cmg_url}\nWork folder: {workdir}\n"
+                f"Virtual time: {run.elapsed:g}s ({len(run.waits)} retry wait(s))"
             )
+            if run.timeline:
+                section += "\nTimeline:\n" + "\n".join(f"  {line}" for line in run.timeline)
+            self.add_report_section("call", "cmg", section)
             failures = check_expectations(self.scenario, run)
             if failures:
-                raise ScenarioFailed(failures, workdir)
+                raise ScenarioFailed(failures, workdir, self.scenario)
             keep = False
         finally:
             if not keep:
@@ -91,18 +138,41 @@ class ScenarioItem(pytest.Item):
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException]) -> str | TerminalRepr:  # type: ignore[override]
         if isinstance(excinfo.value, ScenarioFailed):
-            return str(excinfo.value)
+            return excinfo.value.render(self.config.invocation_params.dir)
         return super().repr_failure(excinfo)
 
     def reportinfo(self) -> tuple[Path, int, str]:
         # 0-based line: pytest adds 1 when it prints the location.
-        return self.path, self.scenario.line("scenario") - 1, f"scenario: {self.name}"
+        _, line = self.scenario.location(self.scenario.item_where)
+        return self.path, line - 1, f"scenario: {self.name}"
 
 
 class ScenarioFailed(Exception):
     """One or more expectations of a scenario did not hold."""
 
-    def __init__(self, failures: list[ExpectationFailed], workdir: Path) -> None:
+    def __init__(
+        self, failures: list[ExpectationFailed], workdir: Path, scenario: Scenario | None = None
+    ) -> None:
         self.failures = failures
-        text = "\n\n".join(str(f) for f in failures)
-        super().__init__(f"{text}\n\n(smsts.log and the client cache are kept in {workdir})")
+        self.workdir = workdir
+        self.scenario = scenario
+        super().__init__(self.render(None))
+
+    def render(self, here: Path | None) -> str:
+        def show(path: Path) -> str:
+            if here is not None and path.is_absolute() and path.is_relative_to(here):
+                return os.path.relpath(path, here)
+            return str(path)
+
+        parts = []
+        scenario = self.scenario
+        if scenario is not None and scenario.case_id is not None:
+            values = ", ".join(
+                f"{path}={value} (line {scenario.line(where)})"
+                for path, value, where in scenario.case_values
+            )
+            parts.append(f"case {scenario.case_id}" + (f": {values}" if values else ""))
+        for f in self.failures:
+            parts.append(f"{show(f.path)}:{f.line}: expectation {f.expectation} failed\n{f.detail}")
+        text = "\n\n".join(parts)
+        return f"{text}\n\n(smsts.log and the client cache are kept in {self.workdir})"

@@ -1,15 +1,21 @@
-"""The scenario language: its definition (``SCENARIO``), and loading a file into a :class:`Scenario`."""
+"""The scenario language: its definition (``SCENARIO``), and loading a file into :class:`Scenario`.
+
+A file may include shared worlds and take packages from catalogs (``include``, ``ref``: see
+:mod:`.assemble`), and may be parametrised (``matrix``, ``cases``): :func:`load_scenarios` gives
+one :class:`Scenario` per case, each validated on its own, every problem reported at its file and
+line.
+"""
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-
-import yaml
 
 from .._client.cache import DEFAULT_CACHE_MB
 from .._client.engine import STEP_ACTIONS, Condition, Step, TaskSequence
 from .._errors import ScenarioError, ScenarioProblem
+from .._protocol.paths import Endpoint
 from .._protocol.settings import (
     SITE_VERSIONS,
     ClientSettings,
@@ -18,12 +24,41 @@ from .._protocol.settings import (
     DownloadMode,
     LaunchContext,
 )
-from .spec import Bool, Choice, Field, Int, ListOf, MapOf, Number, Record, Size, Str, Validation
+from .assemble import Assembler, CasePlan, compose_file, find_fixtures, plan_cases
+from .spec import (
+    Anything,
+    Bool,
+    Choice,
+    Count,
+    Duration,
+    Field,
+    Int,
+    ListOf,
+    MapOf,
+    Marker,
+    Number,
+    Record,
+    Regex,
+    Size,
+    Str,
+    Validation,
+)
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
-__all__ = ["SCENARIO", "PackageSpec", "Scenario", "load_scenario"]
+__all__ = [
+    "CATALOG_PACKAGE",
+    "FRAGMENT",
+    "SCENARIO",
+    "MarkerUse",
+    "PackageSpec",
+    "Scenario",
+    "TimelineEvent",
+    "load_scenario",
+    "load_scenarios",
+]
 
 PACKAGE_ID = Str(
     pattern=r"[A-Z0-9]{3}[0-9A-F]{5}",
@@ -34,11 +69,376 @@ PACKAGE_TYPES = ("package", "os_upgrade", "driver", "application")
 LOCALES = ("en_US", "it_IT", "ja_JP")
 OUTCOMES = ("success", "failure")
 AUTH_METHODS = ("token", "certificate")
+#: What a ``set`` path or ``matrix`` key looks like: ``client.auth``, ``packages[1].locale``,
+#: ``packages[PS100013].size``, ``task_sequence.variables.OSDLanguage``.
+SET_PATH = Str(
+    pattern=r"[a-z_]+(\.[A-Za-z_][A-Za-z0-9_]*|\[[A-Za-z0-9]+\])*",
+    example="client.auth",
+)
+CASE_ID = Str(pattern=r"[A-Za-z0-9_.+-]+", example="token-2107")
+#: Cases times matrix combinations a file may produce.
+MAX_CASES = 256
+
+_COUNT = "an exact count, or {at_least: n, at_most: m}"
+
+PACKAGE = Record(
+    required_unless="ref",
+    fields={
+        "id": Field(PACKAGE_ID, required=True),
+        "version": Field(Int(minimum=1), default=1, doc="Content version."),
+        "name": Field(Str(), default="", example="Windows 11 24H2 upgrade"),
+        "type": Field(
+            Choice(choices=PACKAGE_TYPES),
+            default="package",
+            doc=(
+                "What content to generate: `os_upgrade` (install.wim takes 90 % of the bytes, "
+                "plus setup files), `driver` (many small .sys/.inf/.cat files in folders), "
+                "`application` (.msi/.cab/.mst) or `package` (plain files)."
+            ),
+        ),
+        "on_cloud_dp": Field(
+            Bool(),
+            default=True,
+            doc="Whether this version is distributed to the content-enabled CMG.",
+        ),
+        "files": Field(Int(minimum=1), default=1, doc="Number of generated files.", example="12"),
+        "size": Field(Size(), required=True, doc="Total generated size, e.g. 8MiB."),
+        "locale": Field(
+            Choice(choices=LOCALES),
+            default="en_US",
+            doc="Faker locale for file names (it_IT and ja_JP names are not ASCII).",
+            example="ja_JP",
+        ),
+        "ref": Field(
+            Str(example="catalog/os-upgrade-win11"),
+            default=None,
+            doc=(
+                "Take this package from a catalog file (`<fixtures>/catalog/x.yaml`, or "
+                "`./x.yaml` next to this file); keys given here override the catalog's."
+            ),
+        ),
+    },
+)
+
+STEP = Record(
+    fields={
+        "name": Field(Str(), required=True, example="Upgrade the operating system"),
+        "action": Field(Choice(choices=STEP_ACTIONS), required=True),
+        "package": Field(PACKAGE_ID, default=None),
+        "condition": Field(
+            Record(
+                doc=(
+                    "Run the step only when this holds: give `variable` and one of `equals`, "
+                    "`not_equals` or `exists: true`."
+                ),
+                fields={
+                    "variable": Field(Str(), required=True, example="OSDLanguage"),
+                    "equals": Field(Str(), default=None, example="it-IT"),
+                    "not_equals": Field(Str(), default=None, example="ja-JP"),
+                    "exists": Field(Bool(), default=None),
+                },
+            ),
+            default=None,
+            example="{variable: OSDLanguage, equals: it-IT}",
+        ),
+    }
+)
+
+MARKER = Marker(
+    known={
+        "xfail": Record(
+            doc="Expected to fail: reason, and strict (an unexpected pass fails).",
+            fields={
+                "reason": Field(Str(), default=None, example="known gap"),
+                "strict": Field(Bool(), default=None),
+                "run": Field(Bool(), default=None),
+            },
+        ),
+        "skip": Record(
+            doc="Skipped, with a reason.",
+            fields={"reason": Field(Str(), default=None, example="not on this site")},
+        ),
+        "skipif": Record(
+            doc="Skipped when the condition (a Python expression, as in pytest) is true.",
+            fields={
+                "condition": Field(Str(), required=True, example="sys.platform == 'win32'"),
+                "reason": Field(Str(), required=True, example="no TIOCOUTQ"),
+            },
+        ),
+    },
+)
+MARKERS = ListOf(
+    item=MARKER,
+    doc=(
+        "pytest markers for the items of this file: a name (`slow`, `benchmark`), or "
+        "`{xfail: {reason: ..., strict: true}}`, `{skip: {reason: ...}}`, "
+        "`{skipif: {condition: ..., reason: ...}}`, `{name: [args]}`. Names must be registered "
+        "(pytest's `markers` ini, or the plugin's `slow` and `benchmark`)."
+    ),
+)
+
+REQUEST_COUNT = Count(doc=_COUNT)
+
+EXPECT = Record(
+    doc="What must hold after the run; each failed expectation is reported at its line.",
+    fields={
+        "outcome": Field(Choice(choices=OUTCOMES), required=True),
+        "exit_code": Field(
+            Str(pattern=r"0x[0-9A-Fa-f]{8}", example="0x80040102"),
+            default=None,
+            doc="The task sequence's exit code.",
+            example='"0x80040102"',
+        ),
+        "cache": Field(
+            ListOf(item=Str(pattern=r"[A-Z0-9]{3}[0-9A-F]{5}\.\d+", example="PS100012.1")),
+            default=None,
+            doc="Exactly these verified entries are in the cache.",
+        ),
+        "downloaded": Field(
+            ListOf(item=PACKAGE_ID),
+            default=None,
+            doc="Exactly these packages were read from storage (proves on-demand behaviour).",
+        ),
+        "requests": Field(
+            Record(
+                doc="Gateway request counts by endpoint.",
+                fields={name: Field(REQUEST_COUNT, default=None) for name in Endpoint.ALL},
+            ),
+            default=None,
+            doc=(
+                "Gateway request counts by endpoint (location, manifest, sts, metadata, sms_aut): "
+                "a number, or {at_least: n, at_most: m}."
+            ),
+            example="{location: 2, manifest: {at_least: 2}}",
+        ),
+        "log": Field(
+            ListOf(item=Regex()),
+            default=None,
+            doc=(
+                "Python regular expressions (`re.search`) that must each match a smsts.log line "
+                "(`component: message`); escape `.`, `(`, `[` to match them literally."
+            ),
+        ),
+        "gateway_log": Field(
+            ListOf(item=Regex(example='"Issued manifest for PS100012\\\\.1"')),
+            default=None,
+            doc="Regular expressions that must each match a gateway (CMGService) log line.",
+        ),
+        "absent_log": Field(
+            ListOf(item=Regex(example='"sig="')),
+            default=None,
+            doc="Regular expressions that must match no smsts.log line (e.g. `sig=`).",
+        ),
+        "absent_gateway_log": Field(
+            ListOf(item=Regex(example='"Refused"')),
+            default=None,
+            doc="Regular expressions that must match no gateway log line.",
+        ),
+        "storage_bytes": Field(
+            MapOf(key=PACKAGE_ID, value=Count(unit=Size())),
+            default=None,
+            doc=(
+                "Response-body bytes storage served per package (every request counted, "
+                "retries included): a size, or {at_least: ..., at_most: ...}. `0` proves a "
+                "package was never read."
+            ),
+            example="{PS100012: 24MiB, PS100013: 0}",
+        ),
+        "storage_requests": Field(
+            Count(),
+            default=None,
+            doc=f"Requests storage received, all packages together: {_COUNT}.",
+        ),
+        "retries": Field(
+            Count(),
+            default=None,
+            doc=(
+                "Waits before a retry: download-core backoffs and task sequence retries "
+                f"(SMSTSDownloadRetryCount): {_COUNT}."
+            ),
+            example="{at_least: 1, at_most: 3}",
+        ),
+        "elapsed": Field(
+            Count(unit=Duration(), low="min", high="max"),
+            default=None,
+            doc=(
+                "Virtual time at the end of the run (retry waits, storage stalls and throttling, "
+                "clock jumps): a duration, or {min: ..., max: ...}."
+            ),
+            example="{max: 60s}",
+        ),
+    },
+)
+
+GATEWAY_FAULT = Record(
+    doc="A scripted gateway fault (`FakeCMG.fail`).",
+    fields={
+        "endpoint": Field(
+            Choice(choices=Endpoint.ALL),
+            default=None,
+            doc="The endpoint whose requests it hits; none: any endpoint.",
+        ),
+        "request": Field(
+            Int(minimum=1),
+            default=None,
+            doc=(
+                "The 1-based request number to that endpoint, counted from the start of the run; "
+                "none: the next request(s) after the fault is armed."
+            ),
+        ),
+        "times": Field(Int(minimum=1), default=1, doc="How many requests it fires on."),
+        "status": Field(
+            Int(minimum=400, maximum=599), default=None, doc="Answer this status instead."
+        ),
+        "reason": Field(Str(), default=None, doc="Status text (default: the standard one)."),
+        "retry_after": Field(
+            Str(), default=None, doc="`Retry-After` header with the status (seconds or a date)."
+        ),
+        "delay": Field(
+            Duration(maximum=10.0),
+            default=None,
+            doc="Wait before answering (real time, in the gateway's thread; at most 10 s).",
+        ),
+        "drop": Field(Bool(), default=False, doc="Close the connection without an answer."),
+        "truncate": Field(
+            Size(), default=None, doc="Send only this many body bytes, then close."
+        ),
+        "wrong_hash": Field(
+            Bool(), default=False, doc="Manifest only: corrupt the first file's SHA-256."
+        ),
+        "sas_ttl": Field(
+            Duration(negative=True),
+            default=None,
+            doc="Manifest only: SAS URLs expire this long after issue (negative: already expired).",
+            example="-60s",
+        ),
+    },
+)
+
+STORAGE_FAULT = Record(
+    doc="A scripted storage fault, injected by the fault proxy in front of Azurite.",
+    fields={
+        "request": Field(
+            Int(minimum=1),
+            default=None,
+            doc=(
+                "The 1-based number of the storage request (all blobs, in arrival order, from "
+                "the start of the run); none: the next request(s) after the fault is armed."
+            ),
+        ),
+        "times": Field(Int(minimum=1), default=1, doc="How many requests it hits."),
+        "reset_after": Field(Size(), default=None, doc="TCP reset after this many body bytes."),
+        "close_after": Field(Size(), default=None, doc="Clean close after this many body bytes."),
+        "stall_after": Field(
+            Size(), default=None, doc="Stop sending after this many body bytes (see stall_for)."
+        ),
+        "stall_for": Field(
+            Duration(),
+            default=None,
+            doc="How long a stall lasts, on virtual time (passes at once, counts in elapsed).",
+        ),
+        "throttle": Field(
+            Size(),
+            default=None,
+            doc="Bytes per second the body is paced at, on virtual time.",
+            example="1MiB",
+        ),
+        "delay": Field(Duration(), default=None, doc="Wait (virtual) before the answer's head."),
+        "flip_byte": Field(
+            Size(), default=None, doc="Flip the body byte at this offset (0-based)."
+        ),
+        "close_before_headers": Field(
+            Bool(), default=False, doc="Close the connection without a single answer byte."
+        ),
+        "respond": Field(
+            Int(minimum=200, maximum=599),
+            default=None,
+            doc="Answer this status instead of forwarding the request.",
+            example="503",
+        ),
+        "retry_after": Field(Str(), default=None, doc="`Retry-After` header of `respond`."),
+        "error_code": Field(
+            Str(),
+            default=None,
+            doc="`x-ms-error-code` header of `respond`, e.g. ServerBusy.",
+            example="ServerBusy",
+        ),
+        "ignore_range": Field(
+            Bool(), default=False, doc="Forward without `Range`: storage answers 200, full body."
+        ),
+    },
+)
+
+FAULT = Record(
+    doc=(
+        "One timeline event: exactly one of `gateway`, `storage`, `service`, `clock`; armed "
+        "before the run, `before_step`, or when virtual time reaches `at`."
+    ),
+    exactly_one=("gateway", "storage", "service", "clock"),
+    fields={
+        "gateway": Field(
+            GATEWAY_FAULT, fill=False, example="{endpoint: manifest, request: 1, status: 503}"
+        ),
+        "storage": Field(STORAGE_FAULT, fill=False, example="{request: 1, reset_after: 300KiB}"),
+        "service": Field(
+            Choice(choices=("stop", "start")),
+            default=None,
+            doc="Stop the CMG service (every request answered 503) or start it again.",
+        ),
+        "clock": Field(
+            Duration(),
+            default=None,
+            doc=(
+                "Move the site's clock (token lifetimes) and the virtual time forward; storage "
+                "keeps its own clock, so SAS expiry is scripted with `gateway.sas_ttl`."
+            ),
+            example="9h",
+        ),
+        "before_step": Field(
+            Str(),
+            default=None,
+            doc="Fire just before this step (by name) starts.",
+            example="Apply drivers",
+        ),
+        "at": Field(
+            Duration(),
+            default=None,
+            doc="Fire when virtual time reaches this (it moves on waits, stalls, jumps).",
+            example="30s",
+        ),
+    },
+)
+
+CASE = Record(
+    fields={
+        "id": Field(CASE_ID, required=True, doc="The item ID suffix: `scenario[id]`."),
+        "description": Field(Str(), default="", doc="What this case shows."),
+        "set": Field(
+            MapOf(key=SET_PATH, value=Anything()),
+            default=None,
+            doc="Values to change, by path (`client.auth`, `packages[PS100013].locale`).",
+            example="{client.auth: certificate, cmg.site_version: 2010}",
+        ),
+        "expect": Field(
+            EXPECT.relaxed(),
+            default=None,
+            fill=False,
+            doc="Expectations of this case, merged over the file's `expect`.",
+            example='{outcome: failure, exit_code: "0x80040102"}',
+        ),
+        "markers": Field(MARKERS, default=None, doc="Markers of this case's items only."),
+    }
+)
 
 SCENARIO = Record(
     doc="One scenario: a world (site, CMG, packages), a client, a task sequence and expectations.",
     fields={
-        "scenario": Field(Str(), required=True, doc="The test name shown by pytest."),
+        "scenario": Field(
+            Str(),
+            required=True,
+            doc="The test name shown by pytest.",
+            example="in-place upgrade downloads each package on demand",
+        ),
         "description": Field(Str(), default="", doc="Free text: the story this scenario tells."),
         "seed": Field(Int(minimum=0), default=0, doc="Seed for generated content."),
         "site": Field(
@@ -61,8 +461,8 @@ SCENARIO = Record(
                         Bool(),
                         default=True,
                         doc=(
-                            "CMG setting 'Allow CMG to function as a cloud distribution point and serve "
-                            "content from Azure storage'."
+                            "CMG setting 'Allow CMG to function as a cloud distribution point and "
+                            "serve content from Azure storage'."
                         ),
                     ),
                     "site_version": Field(
@@ -73,6 +473,7 @@ SCENARIO = Record(
                             "CMG; before 1910 cloud sources are not offered to on-demand "
                             "deployments."
                         ),
+                        example="1910",
                     ),
                     "egress_threshold_gb": Field(
                         Number(),
@@ -109,7 +510,8 @@ SCENARIO = Record(
                         Bool(),
                         default=True,
                         doc=(
-                            "Client setting 'Allow access to cloud distribution point' (sends UseAzure)."
+                            "Client setting 'Allow access to cloud distribution point' (sends "
+                            "UseAzure)."
                         ),
                     ),
                     "cache_size": Field(
@@ -124,47 +526,28 @@ SCENARIO = Record(
             ListOf(
                 doc=(
                     "Packages (and their content versions) referenced by the task sequence; "
-                    "content is generated from the seed."
+                    "content is generated from the seed. Packages of included worlds are merged "
+                    "by `id`."
                 ),
                 min_items=1,
-                item=Record(
-                    fields={
-                        "id": Field(PACKAGE_ID, required=True),
-                        "version": Field(Int(minimum=1), default=1, doc="Content version."),
-                        "name": Field(Str(), default=""),
-                        "type": Field(Choice(choices=PACKAGE_TYPES), default="package"),
-                        "on_cloud_dp": Field(
-                            Bool(),
-                            default=True,
-                            doc=("Whether this version is distributed to the content-enabled CMG."),
-                        ),
-                        "files": Field(Int(minimum=1), default=1, doc="Number of generated files."),
-                        "size": Field(
-                            Size(), required=True, doc="Total generated size, e.g. 8MiB."
-                        ),
-                        "locale": Field(
-                            Choice(choices=LOCALES),
-                            default="en_US",
-                            doc="Faker locale for file names.",
-                        ),
-                    },
-                ),
+                item=PACKAGE,
             ),
             required=True,
+            example="[{id: PS100012, type: os_upgrade, files: 4, size: 24MiB}]",
         ),
         "task_sequence": Field(
             Record(
                 doc="The task sequence and its deployment's options.",
                 fields={
-                    "id": Field(PACKAGE_ID, required=True),
-                    "name": Field(Str(), required=True),
+                    "id": Field(PACKAGE_ID, required=True, example="PS100020"),
+                    "name": Field(Str(), required=True, example="Windows 11 in-place upgrade"),
                     "launch": Field(
                         Choice(choices=LaunchContext.ALL), default=LaunchContext.SOFTWARE_CENTER
                     ),
                     "variables": Field(
                         MapOf(
                             key=Str(pattern=r"[A-Za-z_][A-Za-z0-9_]*", example="OSDLanguage"),
-                            value=Str(),
+                            value=Str(example="it-IT"),
                         ),
                         default=None,
                         doc=(
@@ -184,8 +567,8 @@ SCENARIO = Record(
                         Bool(),
                         default=True,
                         doc=(
-                            "Deployment › User Experience: 'Allow task sequence to run for client on the "
-                            "Internet'."
+                            "Deployment › User Experience: 'Allow task sequence to run for client "
+                            "on the Internet'."
                         ),
                     ),
                     "download": Field(
@@ -195,89 +578,78 @@ SCENARIO = Record(
                     ),
                     "steps": Field(
                         ListOf(
-                            doc="The steps, in order; a step with a package needs that package's content.",
-                            min_items=1,
-                            item=Record(
-                                fields={
-                                    "name": Field(Str(), required=True),
-                                    "action": Field(Choice(choices=STEP_ACTIONS), required=True),
-                                    "package": Field(PACKAGE_ID, default=None),
-                                    "condition": Field(
-                                        Record(
-                                            doc=(
-                                                "Run the step only when this holds: give "
-                                                "`variable` and one of `equals`, `not_equals` "
-                                                "or `exists: true`."
-                                            ),
-                                            fields={
-                                                "variable": Field(Str(), required=True),
-                                                "equals": Field(Str(), default=None),
-                                                "not_equals": Field(Str(), default=None),
-                                                "exists": Field(Bool(), default=None),
-                                            },
-                                        ),
-                                        default=None,
-                                    ),
-                                }
+                            doc=(
+                                "The steps, in order; a step with a package needs that "
+                                "package's content."
                             ),
+                            min_items=1,
+                            item=STEP,
                         ),
                         required=True,
+                        example=(
+                            "[{name: Upgrade the operating system, action: upgrade_os, "
+                            "package: PS100012}]"
+                        ),
                     ),
                 },
             ),
             required=True,
+            example=(
+                "{id: PS100020, name: Windows 11 in-place upgrade, steps: [{name: Upgrade, "
+                "action: upgrade_os, package: PS100012}]}"
+            ),
         ),
-        "expect": Field(
-            Record(
-                doc="What must hold after the run; each failed expectation is reported at its line.",
-                fields={
-                    "outcome": Field(Choice(choices=OUTCOMES), required=True),
-                    "exit_code": Field(
-                        Str(pattern=r"0x[0-9A-Fa-f]{8}", example="0x80040102"),
-                        default=None,
-                        doc="The task sequence's exit code.",
-                    ),
-                    "cache": Field(
-                        ListOf(
-                            item=Str(pattern=r"[A-Z0-9]{3}[0-9A-F]{5}\.\d+", example="PS100012.1")
-                        ),
-                        default=None,
-                        doc="Exactly these verified entries are in the cache.",
-                    ),
-                    "downloaded": Field(
-                        ListOf(item=PACKAGE_ID),
-                        default=None,
-                        doc=(
-                            "Exactly these packages were read from storage (proves on-demand behaviour)."
-                        ),
-                    ),
-                    "requests": Field(
-                        Record(
-                            doc="Gateway request counts by endpoint (location, manifest).",
-                            fields={
-                                "location": Field(Int(minimum=0), default=None),
-                                "manifest": Field(Int(minimum=0), default=None),
-                            },
-                        ),
-                        default=None,
-                        doc="Gateway request counts by endpoint.",
-                    ),
-                    "log": Field(
-                        ListOf(item=Str()),
-                        default=None,
-                        doc="Regular expressions that must each match a smsts.log line.",
-                    ),
-                    "gateway_log": Field(
-                        ListOf(item=Str()),
-                        default=None,
-                        doc="Regular expressions that must each match a gateway log line.",
-                    ),
-                },
+        "expect": Field(EXPECT, required=True, example="{outcome: success, cache: [PS100012.1]}"),
+        "faults": Field(
+            ListOf(item=FAULT),
+            default=None,
+            doc=(
+                "The timeline: gateway and storage faults, CMG service stop/start and clock "
+                "jumps, armed before the run, before a step, or at a virtual time."
             ),
-            required=True,
+            example=(
+                "[{gateway: {endpoint: manifest, request: 1, status: 503, retry_after: '5'}}, "
+                "{clock: 9h, before_step: Apply drivers}]"
+            ),
+        ),
+        "markers": Field(MARKERS, default=None, example="[slow, {xfail: {reason: known gap}}]"),
+        "matrix": Field(
+            MapOf(key=SET_PATH, value=ListOf(item=Anything(scalar=True), min_items=1)),
+            default=None,
+            doc=(
+                "One item per combination of these values (keys are `set` paths), named "
+                "`scenario[v1-v2]` in the order written."
+            ),
+            example="{client.auth: [token, certificate], cmg.site_version: [1910, 2107]}",
+        ),
+        "cases": Field(
+            ListOf(item=CASE, min_items=1),
+            default=None,
+            doc=(
+                "Explicit cases: each sets values and may override expectations; one item per "
+                "case (times the matrix, if both are given)."
+            ),
+            example=(
+                "[{id: site-1906, set: {cmg.site_version: 1906}, expect: {outcome: failure}}]"
+            ),
+        ),
+        "include": Field(
+            ListOf(item=Str(example="worlds/ipu-world")),
+            default=None,
+            doc=(
+                "Shared world files merged under this one, in order: `./` or `../` paths are "
+                "relative to this file, others to the fixtures folder; `.yaml` may be left off. "
+                "This file's keys override included ones; packages merge by `id`."
+            ),
+            example="[worlds/ipu-world]",
         ),
     },
 )
+
+#: What a shared world (an included file) may hold: a scenario's keys, none required.
+FRAGMENT = SCENARIO.relaxed(drop=("scenario", "description", "matrix", "cases", "markers"))
+#: A catalog entry (``ref``): one package's keys, none required.
+CATALOG_PACKAGE = PACKAGE.relaxed(drop=("ref",))
 
 
 @dataclass(frozen=True)
@@ -293,8 +665,43 @@ class PackageSpec:
 
 
 @dataclass(frozen=True)
+class MarkerUse:
+    """A marker to put on the items, and where the file asked for it."""
+
+    name: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    where: str
+
+
+@dataclass(frozen=True)
+class TimelineEvent:
+    """One ``faults`` entry: what happens and when (before the run, before a step, at a time)."""
+
+    where: str
+    kind: str
+    params: dict[str, Any]
+    before_step: int | None = None
+    at: float | None = None
+
+    def describe(self) -> str:
+        if self.kind in ("gateway", "storage"):
+            given = {k: v for k, v in self.params.items() if v not in (None, False)}
+            what = f"{self.kind} " + ", ".join(f"{k}={v}" for k, v in given.items())
+        elif self.kind == "service":
+            what = f"service {self.params['service']}"
+        else:
+            what = f"clock +{self.params['clock']:g}s"
+        if self.before_step is not None:
+            return f"{what} (before step {self.before_step})"
+        if self.at is not None:
+            return f"{what} (at {self.at:g}s)"
+        return what
+
+
+@dataclass(frozen=True)
 class Scenario:
-    """A validated scenario file."""
+    """A validated scenario (one case of a parametrised file)."""
 
     path: Path
     name: str
@@ -311,32 +718,110 @@ class Scenario:
     deployment: DeploymentSettings
     expect: dict[str, Any]
     lines: dict[str, int] = field(default_factory=dict)
+    #: Paths whose line is in another file (an included world, a catalog entry).
+    files: dict[str, Path] = field(default_factory=dict)
+    case_id: str | None = None
+    #: Where the item is declared: ``scenario``, ``cases[1]`` or ``matrix``.
+    item_where: str = "scenario"
+    markers: tuple[MarkerUse, ...] = ()
+    timeline: tuple[TimelineEvent, ...] = ()
+    #: For each case value: the path it set and where the file gives it.
+    case_values: tuple[tuple[str, str, str], ...] = ()
+
+    @property
+    def item_name(self) -> str:
+        """The pytest item name: ``name`` or ``name[case]``."""
+        return self.name if self.case_id is None else f"{self.name}[{self.case_id}]"
 
     def line(self, where: str) -> int:
         """The file line of a dotted path such as ``expect.outcome``."""
-        return Validation(self.path, lines=self.lines).line(where)
+        return self.location(where)[1]
+
+    def location(self, where: str) -> tuple[Path, int]:
+        """The file and line of a dotted path (an included file's, if it came from one)."""
+        return Validation(self.path, lines=self.lines, files=self.files).location(where)
 
 
-def load_scenario(path: Path) -> Scenario:
-    """Load and validate a scenario file; :class:`ScenarioError` lists every problem in it."""
-    try:
-        node = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else 1
+def load_scenario(path: Path, *, fixtures: Path | None = None) -> Scenario:
+    """Load and validate a scenario file that has a single case.
+
+    :class:`ScenarioError` lists every problem in it; a parametrised file is a problem here too
+    (use :func:`load_scenarios`).
+    """
+    scenarios = load_scenarios(path, fixtures=fixtures)
+    if len(scenarios) != 1:
+        where = scenarios[0].item_where
+        ids = ", ".join(s.case_id or "" for s in scenarios)
         raise ScenarioError(
-            [ScenarioProblem(path, line, f"not valid YAML: {exc.problem}")]
-        ) from exc
-    if node is None:
-        raise ScenarioError([ScenarioProblem(path, 1, "the file is empty")])
+            [
+                ScenarioProblem(
+                    path,
+                    scenarios[0].line(where),
+                    f"this file is parametrised into {len(scenarios)} cases ({ids})",
+                    "load it with load_scenarios, or run one case by its item ID",
+                )
+            ]
+        )
+    return scenarios[0]
+
+
+def load_scenarios(path: Path, *, fixtures: Path | None = None) -> list[Scenario]:
+    """Load and validate a scenario file: one :class:`Scenario` per case, in the file's order.
+
+    Includes are resolved (``./`` and ``../`` relative to the naming file, other paths to
+    ``fixtures``, by default the nearest ``fixtures`` folder above the file), then the file is
+    validated as written, then each case with its values set. :class:`ScenarioError` lists every
+    problem of the file and of what it includes, each at its own file and line.
+    """
     v = Validation(path)
-    data = SCENARIO.check(node, "", v)
+    root = compose_file(path, v, empty_is_problem=True)
+    if root is None:
+        raise ScenarioError(_sorted(v.problems, path))
+    assembler = Assembler(
+        v, fragment=FRAGMENT, catalog=CATALOG_PACKAGE, fixtures=fixtures, find=find_fixtures
+    )
+    merged = assembler.assemble(root)
+    data = SCENARIO.check(merged, "", v)
     if isinstance(data, dict):
         _cross_check(data, v)
+    plans = plan_cases(merged, SCENARIO, v, max_cases=MAX_CASES)
+    if not plans:
+        if v.problems:
+            raise ScenarioError(_sorted(v.problems, path))
+        return [_build(path, data, v, None)]
+    reported = {(p.path, p.line) for p in v.problems}
+    extra: dict[tuple[Path, int, str, str], list[str]] = {}
+    built: list[Scenario] = []
+    for plan in plans:
+        cv = Validation(path, included_from=v.included_from)
+        tree = plan.apply(merged, cv)
+        case_data = SCENARIO.check(tree, "", cv) if tree is not None else None
+        if isinstance(case_data, dict):
+            _cross_check(case_data, cv)
+        for p in cv.problems:
+            if (p.path, p.line) not in reported:
+                extra.setdefault((p.path, p.line, p.rule, p.hint), []).append(plan.id)
+        if not cv.problems and isinstance(case_data, dict):
+            built.append(_build(path, case_data, cv, plan))
+    for (file, line, rule, hint), ids in extra.items():
+        which = f"in case{'s' if len(ids) > 1 else ''} {', '.join(ids)}"
+        v.problems.append(ScenarioProblem(file, line, rule, f"{hint}; {which}" if hint else which))
     if v.problems:
-        raise ScenarioError(sorted(v.problems, key=lambda p: p.line))
+        raise ScenarioError(_sorted(v.problems, path))
+    return built
+
+
+def _sorted(problems: list[ScenarioProblem], path: Path) -> list[ScenarioProblem]:
+    """Unique problems, the file's own first (by line), then each included file's."""
+    unique = list(dict.fromkeys(problems))
+    return sorted(unique, key=lambda p: (p.path != path, str(p.path), p.line))
+
+
+def _build(path: Path, data: dict[str, Any], v: Validation, plan: CasePlan | None) -> Scenario:
     ts = data["task_sequence"]
-    packages = tuple(PackageSpec(**p) for p in data["packages"])
+    packages = tuple(
+        PackageSpec(**{k: p[k] for k in PackageSpec.__dataclass_fields__}) for p in data["packages"]
+    )
     sequence = TaskSequence(
         package_id=ts["id"],
         name=ts["name"],
@@ -347,6 +832,34 @@ def load_scenario(path: Path) -> Scenario:
         package_versions={p.id: p.version for p in packages},
         boot_image=ts["boot_image"],
         variables=dict(ts["variables"] or {}),
+    )
+    markers = [
+        MarkerUse(m[0], m[1], m[2], f"markers[{i}]")
+        for i, m in enumerate(data["markers"] or [])
+        if m is not None
+    ]
+    if plan is not None:
+        markers += [
+            MarkerUse(m[0], m[1], m[2], where)
+            for where, m in plan.markers(data)
+            if m is not None
+        ]
+    steps = {s["name"]: i for i, s in reversed(list(enumerate(ts["steps"])))}
+    timeline = tuple(
+        TimelineEvent(
+            where=f"faults[{i}]",
+            kind=next(k for k in ("gateway", "storage", "service", "clock") if f[k] is not None),
+            params=(
+                f["gateway"]
+                if f["gateway"] is not None
+                else f["storage"]
+                if f["storage"] is not None
+                else {"service": f["service"], "clock": f["clock"]}
+            ),
+            before_step=steps.get(f["before_step"]) if f["before_step"] is not None else None,
+            at=f["at"],
+        )
+        for i, f in enumerate(data["faults"] or [])
     )
     return Scenario(
         path=path,
@@ -374,6 +887,12 @@ def load_scenario(path: Path) -> Scenario:
         ),
         expect=data["expect"],
         lines=v.lines,
+        files=v.files,
+        case_id=plan.id if plan else None,
+        item_where=plan.where if plan else "scenario",
+        markers=tuple(markers),
+        timeline=timeline,
+        case_values=plan.values if plan else (),
     )
 
 
@@ -396,10 +915,17 @@ def _cross_check(data: dict[str, Any], v: Validation) -> None:
     """
 
     def problem(where: str, rule: str, hint: str = "") -> None:
-        v.problems.append(ScenarioProblem(v.path, v.line(where), rule, hint))
+        file, line = v.location(where)
+        v.problems.append(v.make(file, line, rule, hint))
 
     def records(value: Any) -> list[tuple[int, dict[str, Any]]]:  # noqa: ANN401
         return [(i, r) for i, r in enumerate(value or []) if isinstance(r, dict)]
+
+    sequence: dict[str, Any] = data.get("task_sequence") or {}
+    steps = records(sequence.get("steps"))
+    names = [str(s["name"]) for _, s in steps if s.get("name") is not None]
+    for index, event in records(data.get("faults")):
+        _check_fault(event, f"faults[{index}]", names, problem)
 
     packages = records(data.get("packages"))
     declared: dict[str, int | None] = {}
@@ -423,8 +949,7 @@ def _cross_check(data: dict[str, Any], v: Validation) -> None:
     if not complete:
         return
     known = ", ".join(declared) or "none"
-    sequence: dict[str, Any] = data.get("task_sequence") or {}
-    for index, step in records(sequence.get("steps")):
+    for index, step in steps:
         condition = step.get("condition")
         if isinstance(condition, dict):
             given = [k for k in ("equals", "not_equals", "exists") if condition.get(k) is not None]
@@ -463,5 +988,71 @@ def _cross_check(data: dict[str, Any], v: Validation) -> None:
                 f"downloaded names undeclared package {package_id}",
                 f"declared packages: {known}",
             )
+    for package_id in expect.get("storage_bytes") or {}:
+        if package_id not in declared:
+            problem(
+                f"expect.storage_bytes.{package_id}",
+                f"storage_bytes names undeclared package {package_id}",
+                f"declared packages: {known}",
+            )
     if expect.get("outcome") == "success" and expect.get("exit_code") not in (None, "0x00000000"):
         problem("expect.exit_code", "a successful outcome has exit code 0x00000000")
+
+
+def _check_fault(
+    event: dict[str, Any],
+    where: str,
+    steps: list[str],
+    problem: Callable[..., None],
+) -> None:
+    step = event.get("before_step")
+    if step is not None and step not in steps:
+        near = difflib.get_close_matches(step, steps, n=1)
+        problem(
+            f"{where}.before_step",
+            f"before_step names no step: {step!r}",
+            f"did you mean {near[0]!r}?" if near else f"steps: {', '.join(steps)}",
+        )
+    if step is not None and event.get("at") is not None:
+        problem(f"{where}.at", "a timeline event fires before_step or at a time, not both")
+    gateway = event.get("gateway")
+    effects: tuple[str, ...]
+    if isinstance(gateway, dict):
+        effects = ("status", "delay", "drop", "truncate", "wrong_hash", "sas_ttl")
+        if not any(gateway.get(k) not in (None, False) for k in effects):
+            problem(
+                f"{where}.gateway",
+                "this gateway fault does nothing",
+                f"give one of {', '.join(effects)}",
+            )
+        for key in ("wrong_hash", "sas_ttl"):
+            if gateway.get(key) not in (None, False) and gateway.get("endpoint") != "manifest":
+                problem(f"{where}.gateway.{key}", f"{key} needs endpoint: manifest")
+        if gateway.get("retry_after") is not None and gateway.get("status") is None:
+            problem(f"{where}.gateway.retry_after", "retry_after goes with a status")
+    storage = event.get("storage")
+    if isinstance(storage, dict):
+        effects = (
+            "reset_after",
+            "close_after",
+            "stall_after",
+            "throttle",
+            "delay",
+            "flip_byte",
+            "close_before_headers",
+            "respond",
+            "ignore_range",
+        )
+        if not any(storage.get(k) not in (None, False) for k in effects):
+            problem(
+                f"{where}.storage",
+                "this storage fault does nothing",
+                f"give one of {', '.join(effects)}",
+            )
+        if (storage.get("stall_after") is None) != (storage.get("stall_for") is None):
+            key = "stall_for" if storage.get("stall_after") is None else "stall_after"
+            problem(f"{where}.storage.{key}", "stall_after and stall_for go together")
+        for key in ("retry_after", "error_code"):
+            if storage.get(key) is not None and storage.get("respond") is None:
+                problem(f"{where}.storage.{key}", f"{key} goes with respond")
+

@@ -1,19 +1,27 @@
-"""Running a scenario: build its world on the harness, run the client, check the expectations."""
+"""Running a scenario: build its world on the harness, run the client, check the expectations.
+
+Storage is always reached through a :class:`~pytest_cmg._storage.faultproxy.FaultProxy` (when it
+is plain HTTP, as Azurite is): it injects the scenario's storage faults and counts the bytes
+served per package, which is what ``expect.storage_bytes`` proves on-demand behaviour with. The
+engine runs on the scenario's virtual time (:mod:`.timeline`), and the gateway's token authority
+on the site clock derived from it, for the length of the run.
+"""
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import re
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from .._client.cache import ClientCache
 from .._client.engine import CMGClient, CMGConnection, TaskSequenceEngine, TaskSequenceResult
-from .._client.log import SmstsLog
-from .._client.retry import VirtualTime
 from .._errors import ExpectationFailed
 from .._protocol.paths import Endpoint
 from .content import generate_package
+from .timeline import ScenarioTime, Timeline, TimelineLog
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -23,12 +31,23 @@ if TYPE_CHECKING:
     from .._harness import Harness
     from .._protocol.manifest import ContentManifest
     from .._storage.clouddp import CloudDP
+    from .._storage.faultproxy import ProxiedRequest
     from .model import Scenario
+    from .spec import Bounds
 
-__all__ = ["CLIENT_ID", "ScenarioRun", "World", "build_world", "check_expectations", "run_scenario"]
+__all__ = [
+    "CLIENT_ID",
+    "ScenarioRun",
+    "World",
+    "build_world",
+    "check_expectations",
+    "run_scenario",
+    "storage_bytes_by_package",
+]
 
 #: The SMSID of the client a scenario runs (stable, so logs compare across runs).
 CLIENT_ID = "GUID:5C1E7A2B-0D1A-4E0F-9C3B-6A8D2E4F1B07"
+_RETRY_LINE = re.compile(r"retry \d+")
 
 
 @dataclass
@@ -44,6 +63,13 @@ class ScenarioRun:
     blob_endpoint: str
     cmg_url: str
     workdir: Path
+    #: What storage was asked, through the fault proxy (None when storage was not proxied).
+    storage: list[ProxiedRequest] | None = None
+    #: Virtual seconds at the end of the run, and the retry waits within them.
+    elapsed: float = 0.0
+    waits: list[float] = field(default_factory=list)
+    #: The timeline as it happened: one line per fired (or never fired) event.
+    timeline: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -94,24 +120,39 @@ def build_world(scenario: Scenario, harness: Harness) -> World:
 
 def run_scenario(scenario: Scenario, harness: Harness, workdir: Path) -> ScenarioRun:
     """Build the scenario's world and run its task sequence on a client engine."""
+    from .._storage.faultproxy import FaultProxy
+
     world = build_world(scenario, harness)
     gateway = world.gateway
+    time = ScenarioTime(datetime.now(UTC), seed=scenario.seed)
+    authority = gateway.authority
+    wall_clock = authority.clock
+    proxy: FaultProxy | None = None
     try:
-        log = SmstsLog(workdir / "smsts.log")
+        if world.dp.endpoint.url.startswith("http://"):
+            proxy = FaultProxy(world.dp.endpoint.url, sleep=time.pass_time).start()
+            world.dp.route_through(proxy.rewrite)
+        # Token lifetimes follow the scenario's clock for this run only; the session's gateway
+        # gets its wall clock back in ``finally``.
+        authority.clock = time.site_clock()
+        timeline = Timeline(scenario.timeline, gateway, proxy, time)
+        log = TimelineLog(workdir / "smsts.log", timeline.before_step)
         cache = ClientCache(workdir / "ccmcache", size_mb=max(1, scenario.cache_size // 2**20))
         engine = TaskSequenceEngine(
             CMGClient(world.connection(CLIENT_ID, scenario.auth), log, scenario.client),
             cache,
             log,
             scenario.deployment,
-            # Scenarios run on virtual time: retry waits are recorded, never slept.
-            retry=VirtualTime().policy(),
+            retry=time.policy(),
             site_version=scenario.cmg.site_version,
         )
         try:
+            timeline.start()
             result = engine.run(scenario.task_sequence, scenario.launch)
         finally:
             engine.close()
+        if proxy is not None:
+            proxy.wait_idle()
         gateway.check()
         return ScenarioRun(
             result=result,
@@ -123,9 +164,28 @@ def run_scenario(scenario: Scenario, harness: Harness, workdir: Path) -> Scenari
             blob_endpoint=world.dp.endpoint.url,
             cmg_url=gateway.url,
             workdir=workdir,
+            storage=proxy.log if proxy is not None else None,
+            elapsed=time.clock(),
+            waits=list(time.waits),
+            timeline=timeline.report(),
         )
     finally:
+        authority.clock = wall_clock
+        world.dp.route_through(None)
+        if proxy is not None:
+            proxy.stop()
         world.dp.delete()
+
+
+def storage_bytes_by_package(storage: list[ProxiedRequest]) -> dict[str, int]:
+    """Response-body bytes storage served per package ID (blob ``<container>/<ID>.<ver>/...``)."""
+    served: dict[str, int] = {}
+    for request in storage:
+        parts = request.path.split("/")
+        if len(parts) > 3:
+            package_id = parts[3].split(".", 1)[0]
+            served[package_id] = served.get(package_id, 0) + request.body_bytes
+    return served
 
 
 def _verified_entries(run: ScenarioRun) -> tuple[list[str], list[str]]:
@@ -158,6 +218,62 @@ def _excerpt(title: str, lines: list[str], limit: int = 12) -> str:
     return f"{title}{more}:\n" + "\n".join(f"    {line}" for line in shown)
 
 
+def _literal(pattern: str) -> str:
+    """A regular expression read as the text it most likely means (for similarity only)."""
+    return re.sub(r"\\(.)", r"\1", re.sub(r"\\[dswDSW][+*]?|[\^$]", "", pattern))
+
+
+def closest_lines(pattern: str, lines: list[str], limit: int = 3) -> list[str]:
+    """The lines most like what ``pattern`` looks for: why a regular expression did not match."""
+    wanted = _literal(pattern)
+    scored = []
+    for line in lines:
+        matcher = difflib.SequenceMatcher(None, wanted, line, autojunk=False)
+        if matcher.real_quick_ratio() > 0.2:
+            scored.append((matcher.ratio(), line))
+    scored.sort(key=lambda pair: -pair[0])
+    return [line for ratio, line in scored[:limit] if ratio > 0.3]
+
+
+def _storage_lines(storage: list[ProxiedRequest], package_id: str | None = None) -> list[str]:
+    out = []
+    for r in storage:
+        parts = r.path.split("/")
+        if package_id is not None and (len(parts) < 4 or parts[3].split(".")[0] != package_id):
+            continue
+        rng = f" range={r.range}" if r.range else ""
+        faults = f" faults={','.join(r.faults)}" if r.faults else ""
+        out.append(
+            f"#{r.number} {r.method} {'/'.join(parts[3:])}{rng} -> {r.status} "
+            f"{r.body_bytes} bytes {r.outcome}{faults}"
+        )
+    return out
+
+
+def _size(n: float) -> str:
+    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= factor and n % factor == 0:
+            return f"{int(n // factor)}{unit} ({int(n)} bytes)"
+    return f"{int(n)} bytes"
+
+
+def _bounds(bounds: Bounds, show: Any = None) -> str:  # noqa: ANN401 - a formatter
+    if show is None:
+        return bounds.describe()
+
+    def fmt(x: float | None) -> str:
+        return "" if x is None else show(x)
+
+    if bounds.at_least is not None and bounds.at_least == bounds.at_most:
+        return f"exactly {fmt(bounds.at_least)}"
+    parts = []
+    if bounds.at_least is not None:
+        parts.append(f"at least {fmt(bounds.at_least)}")
+    if bounds.at_most is not None:
+        parts.append(f"at most {fmt(bounds.at_most)}")
+    return " and ".join(parts)
+
+
 def check_expectations(scenario: Scenario, run: ScenarioRun) -> list[ExpectationFailed]:
     """Every expectation that does not hold, each pointing at its line in the scenario file."""
     expect = scenario.expect
@@ -165,13 +281,19 @@ def check_expectations(scenario: Scenario, run: ScenarioRun) -> list[Expectation
     result = run.result
 
     def fail(where: str, expected: str, actual: str, *context: str) -> None:
-        detail = f"  expected: {expected}\n  actual:   {actual}"
+        path, line = scenario.location(where)
+        detail = ""
+        source = _source_line(path, line)
+        if source is not None:
+            detail += f"  {line:>4} | {source}\n"
+        detail += f"  expected: {expected}\n  actual:   {actual}"
         if context:
-            detail += "\n" + "\n".join(context)
-        failures.append(ExpectationFailed(scenario.path, scenario.line(where), where, detail))
+            detail += "\n" + "\n".join(c for c in context if c)
+        failures.append(ExpectationFailed(path, line, where, detail))
 
     smsts = _excerpt("  smsts.log", run.smsts)
     requests = _excerpt("  gateway requests", [r.summary() for r in run.requests])
+    timeline = _excerpt("  timeline", run.timeline) if run.timeline else ""
 
     outcome = "success" if result.succeeded else "failure"
     if outcome != expect["outcome"]:
@@ -186,9 +308,10 @@ def check_expectations(scenario: Scenario, run: ScenarioRun) -> list[Expectation
             why if outcome == "failure" else outcome,
             smsts,
             requests,
+            timeline,
         )
     if expect["exit_code"] is not None and int(expect["exit_code"], 16) != result.exit_code:
-        fail("expect.exit_code", expect["exit_code"], f"0x{result.exit_code:08X}", smsts)
+        fail("expect.exit_code", expect["exit_code"], f"0x{result.exit_code:08X}", smsts, timeline)
 
     keys, bad = _verified_entries(run)
     if bad:
@@ -218,14 +341,18 @@ def check_expectations(scenario: Scenario, run: ScenarioRun) -> list[Expectation
                 requests,
             )
 
-    for endpoint in (Endpoint.LOCATION, Endpoint.MANIFEST):
-        wanted = (expect["requests"] or {}).get(endpoint)
+    for endpoint in Endpoint.ALL:
+        wanted: Bounds | None = (expect["requests"] or {}).get(endpoint)
         if wanted is None:
             continue
-        got = sum(1 for r in run.requests if r.endpoint == endpoint)
-        if got != wanted:
+        got = [r for r in run.requests if r.endpoint == endpoint]
+        if not wanted.holds(len(got)):
             fail(
-                f"expect.requests.{endpoint}", f"{wanted} {endpoint} request(s)", str(got), requests
+                f"expect.requests.{endpoint}",
+                f"{_bounds(wanted)} {endpoint} request(s)",
+                str(len(got)),
+                _excerpt(f"  {endpoint} requests", [r.summary() for r in got]),
+                requests if got else "",
             )
 
     for key, lines, title in (
@@ -233,11 +360,83 @@ def check_expectations(scenario: Scenario, run: ScenarioRun) -> list[Expectation
         ("gateway_log", run.gateway_log, "gateway log"),
     ):
         for index, pattern in enumerate(expect[key] or []):
-            if not any(re.search(pattern, line) for line in lines):
+            if pattern is None or any(re.search(pattern, line) for line in lines):
+                continue
+            close = closest_lines(pattern, lines)
+            fail(
+                f"expect.{key}[{index}]",
+                f"a {title} line matching /{pattern}/",
+                "no such line",
+                _excerpt(f"  closest {title} lines", close) if close else "",
+                _excerpt(f"  {title}", lines),
+            )
+    for key, lines, title in (
+        ("absent_log", run.smsts, "smsts.log"),
+        ("absent_gateway_log", run.gateway_log, "gateway log"),
+    ):
+        for index, pattern in enumerate(expect[key] or []):
+            found = [line for line in lines if pattern is not None and re.search(pattern, line)]
+            if found:
                 fail(
                     f"expect.{key}[{index}]",
-                    f"a {title} line matching /{pattern}/",
-                    "no such line",
-                    _excerpt(f"  {title}", lines),
+                    f"no {title} line matching /{pattern}/",
+                    f"{len(found)} line(s) match",
+                    _excerpt("  matching lines", found, limit=5),
                 )
+
+    _check_storage(expect, run, fail)
+
+    if expect["retries"] is not None and not expect["retries"].holds(len(run.waits)):
+        retry_lines = [line for line in run.smsts if _RETRY_LINE.search(line)]
+        fail(
+            "expect.retries",
+            f"{_bounds(expect['retries'])} retries",
+            f"{len(run.waits)} (waits: {', '.join(f'{w:g}s' for w in run.waits) or 'none'})",
+            _excerpt("  retry lines in smsts.log", retry_lines),
+        )
+    if expect["elapsed"] is not None and not expect["elapsed"].holds(run.elapsed):
+        fail(
+            "expect.elapsed",
+            f"{_bounds(expect['elapsed'], lambda s: f'{s:g}s')} of virtual time",
+            f"{run.elapsed:g}s (retry waits {sum(run.waits):g}s)",
+            timeline,
+        )
     return failures
+
+
+def _check_storage(expect: dict[str, Any], run: ScenarioRun, fail: Any) -> None:  # noqa: ANN401
+    wants_bytes = expect["storage_bytes"] or {}
+    if (wants_bytes or expect["storage_requests"] is not None) and run.storage is None:
+        fail(
+            "expect.storage_bytes" if wants_bytes else "expect.storage_requests",
+            "storage seen through the fault proxy",
+            "storage is not plain HTTP, so it was not proxied and nothing was counted",
+        )
+        return
+    storage = run.storage or []
+    served = storage_bytes_by_package(storage)
+    for package_id, wanted in wants_bytes.items():
+        got = served.get(package_id, 0)
+        if wanted is not None and not wanted.holds(got):
+            fail(
+                f"expect.storage_bytes.{package_id}",
+                f"{_bounds(wanted, _size)} served for {package_id}",
+                _size(got),
+                _excerpt(f"  storage requests for {package_id}", _storage_lines(storage, package_id)),
+            )
+    wanted_requests = expect["storage_requests"]
+    if wanted_requests is not None and not wanted_requests.holds(len(storage)):
+        fail(
+            "expect.storage_requests",
+            f"{_bounds(wanted_requests)} storage request(s)",
+            str(len(storage)),
+            _excerpt("  storage requests", _storage_lines(storage)),
+        )
+
+
+def _source_line(path: Path, line: int) -> str | None:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    return lines[line - 1] if 0 < line <= len(lines) else None

@@ -1,41 +1,49 @@
 """A small declarative spec language for scenario files, validated on YAML nodes.
 
 Validation walks PyYAML's composed node tree rather than loaded Python objects because only nodes
-remember their line: every problem is reported with the file and line it was found on, and all
-problems in a file are collected before anything is reported. The same definitions will generate
-the published JSON Schema (issue 5), so the rules live in exactly one place.
+remember their line (and, for included files, their file): every problem is reported with the file
+and line it was found on, and all problems in a file are collected before anything is reported.
+The same definitions generate the published JSON Schema (:meth:`Spec.schema`) and the key
+reference, so the rules live in exactly one place.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import yaml
 
 from .._errors import ScenarioProblem
 
-if TYPE_CHECKING:
-    from pathlib import Path
-
 __all__ = [
+    "Anything",
     "Bool",
+    "Bounds",
     "Choice",
+    "Count",
+    "Duration",
     "Field",
     "Int",
     "ListOf",
     "MapOf",
+    "Marker",
     "Number",
     "Record",
+    "Regex",
     "Size",
     "Spec",
     "Str",
     "Validation",
+    "parse_duration",
 ]
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
+_SIZE_SCHEMA = r"^\s*\d+(\.\d+)?\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$"
 _UNITS = {
     None: 1,
     "B": 1,
@@ -46,28 +54,77 @@ _UNITS = {
     "MB": 1000**2,
     "GB": 1000**3,
 }
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION = re.compile(r"^(-?)((?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+)$")
+_DURATION_SCHEMA = r"^-?(\d+(\.\d+)?(ms|s|m|h|d))+$"
+_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_MARKER_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds in ``90s``, ``5m``, ``1h30m``, ``250ms``, ``-60s``; None when it is not one."""
+    match = _DURATION.fullmatch(text.strip())
+    if not match:
+        return None
+    seconds = sum(float(n) * _SECONDS[unit] for n, unit in _DURATION_PART.findall(match[2]))
+    return -seconds if match[1] else seconds
 
 
 @dataclass
 class Validation:
-    """Collects problems and remembers the line of every validated path (``a.b[0].c``)."""
+    """Collects problems and remembers the line (and file) of every validated path (``a.b[0].c``).
+
+    Nodes composed from an included file carry that file's name in their marks; problems on them
+    are reported at that file and line, with ``included_from`` naming the line that included it.
+    """
 
     path: Path
     problems: list[ScenarioProblem] = field(default_factory=list)
     lines: dict[str, int] = field(default_factory=dict)
+    #: Paths whose node came from another file than ``path`` (an include or a catalog entry).
+    files: dict[str, Path] = field(default_factory=dict)
+    #: For each included file, the text telling where it was included from.
+    included_from: dict[Path, str] = field(default_factory=dict)
+
+    def file_of(self, node: yaml.Node) -> Path:
+        name = node.start_mark.name
+        return Path(name) if name and not name.startswith("<") else self.path
 
     def problem(self, node: yaml.Node, rule: str, hint: str = "") -> None:
-        self.problems.append(ScenarioProblem(self.path, _line(node), rule, hint))
+        path = self.file_of(node)
+        self.problems.append(self.make(path, _line(node), rule, hint))
+
+    def make(self, path: Path, line: int, rule: str, hint: str = "") -> ScenarioProblem:
+        origin = self.included_from.get(path) if path != self.path else None
+        if origin:
+            hint = f"{hint}; {origin}" if hint else origin
+        return ScenarioProblem(path, line, rule, hint)
+
+    def remember(self, where: str, node: yaml.Node) -> None:
+        self.lines[where] = _line(node)
+        path = self.file_of(node)
+        if path != self.path:
+            self.files[where] = path
+        else:
+            self.files.pop(where, None)
+
+    def _nearest(self, where: str) -> str:
+        while where:
+            if where in self.lines:
+                return where
+            parent = re.sub(r"(\.[^.\[]+|\[[^\]]*\]|^[^.\[]+)$", "", where)
+            # Every step must shorten the path, or a never-validated key would loop forever.
+            where = parent if parent != where else ""
+        return ""
 
     def line(self, where: str) -> int:
         """The line of ``where`` or of its nearest validated ancestor."""
-        while where:
-            if where in self.lines:
-                return self.lines[where]
-            parent = re.sub(r"(\.[^.\[]+|\[\d+\]|^[^.\[]+)$", "", where)
-            # Every step must shorten the path, or a never-validated key would loop forever.
-            where = parent if parent != where else ""
-        return self.lines.get("", 1)
+        return self.lines.get(self._nearest(where), 1)
+
+    def location(self, where: str) -> tuple[Path, int]:
+        """The file and line of ``where`` or of its nearest validated ancestor."""
+        nearest = self._nearest(where)
+        return self.files.get(nearest, self.path), self.lines.get(nearest, 1)
 
 
 def _line(node: yaml.Node) -> int:
@@ -90,19 +147,31 @@ def _where(where: str) -> str:
     return where or "the document"
 
 
+def _or_null(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
 class Spec:
-    """Base of every rule; ``doc`` feeds the scenario reference."""
+    """Base of every rule; ``doc`` feeds the scenario reference and the JSON Schema."""
 
     doc: str = ""
 
     def check(self, node: yaml.Node, where: str, v: Validation) -> Any:  # noqa: ANN401
-        v.lines[where] = _line(node)
+        v.remember(where, node)
         return self._check(node, where, v)
 
     def _check(self, node: yaml.Node, where: str, v: Validation) -> Any:  # noqa: ANN401
         raise NotImplementedError
 
     def describe(self) -> str:
+        raise NotImplementedError
+
+    def schema(self) -> dict[str, Any]:
+        """This rule as JSON Schema (draft 2020-12)."""
+        raise NotImplementedError
+
+    def sample(self) -> str:
+        """A valid value, as YAML text, for the reference's examples."""
         raise NotImplementedError
 
     def _scalar_of(self, node: yaml.Node, where: str, v: Validation) -> Any:  # noqa: ANN401
@@ -148,17 +217,61 @@ class Str(Spec):
             return None
         return value
 
+    def schema(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": "string"}
+        if self.pattern:
+            out["pattern"] = f"^(?:{self.pattern})$"
+        return out
+
+    def sample(self) -> str:
+        return self.example or "some text"
+
+
+@dataclass
+class Regex(Str):
+    """A Python regular expression, searched in each line (``re.search``)."""
+
+    def describe(self) -> str:
+        return "a regular expression"
+
+    def _check(self, node: yaml.Node, where: str, v: Validation) -> Any:  # noqa: ANN401
+        value = super()._check(node, where, v)
+        if value is None:
+            return None
+        try:
+            re.compile(value)
+        except re.error as exc:
+            v.problem(
+                node,
+                f"{where} {value!r} is not a valid regular expression: {exc}",
+                "escape . ( ) [ ] with a backslash to match them literally",
+            )
+            return None
+        return value
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "string", "format": "regex"}
+
+    def sample(self) -> str:
+        return self.example or '"Hash verification succeeded for content PS100012\\\\.1"'
+
 
 @dataclass
 class Int(Spec):
     minimum: int | None = None
+    maximum: int | None = None
     choices: tuple[int, ...] = ()
     doc: str = ""
 
     def describe(self) -> str:
         if self.choices:
             return "one of " + ", ".join(map(str, self.choices))
-        return "an integer" + (f" >= {self.minimum}" if self.minimum is not None else "")
+        text = "an integer"
+        if self.minimum is not None and self.maximum is not None:
+            return f"{text} from {self.minimum} to {self.maximum}"
+        if self.maximum is not None:
+            return f"{text} <= {self.maximum}"
+        return text + (f" >= {self.minimum}" if self.minimum is not None else "")
 
     def _check(self, node: yaml.Node, where: str, v: Validation) -> Any:  # noqa: ANN401
         value = self._scalar_of(node, where, v)
@@ -167,7 +280,9 @@ class Int(Spec):
         if isinstance(value, bool) or not isinstance(value, int):
             v.problem(node, f"{where} must be {self.describe()}, got {value!r}")
             return None
-        if self.minimum is not None and value < self.minimum:
+        if (self.minimum is not None and value < self.minimum) or (
+            self.maximum is not None and value > self.maximum
+        ):
             v.problem(node, f"{where} must be {self.describe()}, got {value}")
             return None
         if self.choices and value not in self.choices:
@@ -175,6 +290,21 @@ class Int(Spec):
             v.problem(node, f"{where} {value} is not {self.describe()}", f"nearest: {near}")
             return None
         return value
+
+    def schema(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": "integer"}
+        if self.choices:
+            out["enum"] = list(self.choices)
+        if self.minimum is not None:
+            out["minimum"] = self.minimum
+        if self.maximum is not None:
+            out["maximum"] = self.maximum
+        return out
+
+    def sample(self) -> str:
+        if self.choices:
+            return str(self.choices[-1])
+        return str(max(self.minimum or 0, 1) if self.maximum is None or self.maximum >= 1 else 0)
 
 
 @dataclass
@@ -192,6 +322,12 @@ class Bool(Spec):
             v.problem(node, f"{where} must be {self.describe()}, got {value!r}")
             return None
         return value
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "boolean"}
+
+    def sample(self) -> str:
+        return "true"
 
 
 @dataclass
@@ -213,6 +349,12 @@ class Choice(Spec):
             return None
         return str(value)
 
+    def schema(self) -> dict[str, Any]:
+        return {"enum": list(self.choices)}
+
+    def sample(self) -> str:
+        return self.choices[0]
+
 
 @dataclass
 class Number(Spec):
@@ -233,6 +375,12 @@ class Number(Spec):
             return None
         return float(value)
 
+    def schema(self) -> dict[str, Any]:
+        return {"type": "number", "minimum": self.minimum}
+
+    def sample(self) -> str:
+        return "0.5"
+
 
 @dataclass
 class Size(Spec):
@@ -250,10 +398,171 @@ class Size(Spec):
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             return value
         match = _SIZE.match(str(value))
-        if not match:
+        if isinstance(value, bool) or not match:
             v.problem(node, f"{where} {value!r} is not {self.describe()}")
             return None
         return int(float(match[1]) * _UNITS[match[2]])
+
+    def schema(self) -> dict[str, Any]:
+        return {
+            "oneOf": [
+                {"type": "integer", "minimum": 0},
+                {"type": "string", "pattern": _SIZE_SCHEMA},
+            ]
+        }
+
+    def sample(self) -> str:
+        return "64MiB"
+
+
+@dataclass
+class Duration(Spec):
+    """Seconds: a number, or a string like ``90s``, ``5m``, ``1h30m``, ``250ms``."""
+
+    negative: bool = False
+    maximum: float | None = None
+    doc: str = ""
+
+    def describe(self) -> str:
+        text = "a duration such as 90s, 5m, 1h30m or a number of seconds"
+        if self.negative:
+            text += " (may be negative)"
+        if self.maximum is not None:
+            text += f", at most {self.maximum:g}s"
+        return text
+
+    def _check(self, node: yaml.Node, where: str, v: Validation) -> Any:  # noqa: ANN401
+        value = self._scalar_of(node, where, v)
+        if value is None:
+            return None
+        seconds: float | None
+        if isinstance(value, bool):
+            seconds = None
+        elif isinstance(value, int | float):
+            seconds = float(value)
+        else:
+            seconds = parse_duration(str(value))
+        if seconds is None or (seconds < 0 and not self.negative):
+            v.problem(node, f"{where} {value!r} is not {self.describe()}")
+            return None
+        if self.maximum is not None and seconds > self.maximum:
+            v.problem(node, f"{where} {value!r} is longer than {self.maximum:g}s")
+            return None
+        return seconds
+
+    def schema(self) -> dict[str, Any]:
+        number: dict[str, Any] = {"type": "number"}
+        if not self.negative:
+            number["minimum"] = 0
+        if self.maximum is not None:
+            number["maximum"] = self.maximum
+        pattern = _DURATION_SCHEMA if self.negative else _DURATION_SCHEMA.replace("^-?", "^")
+        return {"oneOf": [number, {"type": "string", "pattern": pattern}]}
+
+    def sample(self) -> str:
+        return "90s"
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """An inclusive range a measured value must fall in (``None``: unbounded on that side)."""
+
+    at_least: float | None = None
+    at_most: float | None = None
+
+    def holds(self, value: float) -> bool:
+        return (self.at_least is None or value >= self.at_least) and (
+            self.at_most is None or value <= self.at_most
+        )
+
+    def describe(self, unit: str = "") -> str:
+        def show(x: float) -> str:
+            return f"{x:g}{unit}"
+
+        if self.at_least is not None and self.at_least == self.at_most:
+            return f"exactly {show(self.at_least)}"
+        if self.at_least is not None and self.at_most is not None:
+            return f"between {show(self.at_least)} and {show(self.at_most)}"
+        if self.at_least is not None:
+            return f"at least {show(self.at_least)}"
+        if self.at_most is not None:
+            return f"at most {show(self.at_most)}"
+        return "anything"
+
+
+@dataclass
+class Count(Spec):
+    """An exact value (``3``), or a range ``{at_least: 1, at_most: 3}`` (either bound optional).
+
+    ``low``/``high`` name the bounds (``min``/``max`` for durations read better).
+    """
+
+    unit: Spec = field(default_factory=lambda: Int(minimum=0))
+    low: str = "at_least"
+    high: str = "at_most"
+    doc: str = ""
+
+    def describe(self) -> str:
+        return f"{self.unit.describe()}, or a mapping with {self.low} and/or {self.high}"
+
+    def _check(self, node: yaml.Node, where: str, v: Validation) -> Any:  # noqa: ANN401
+        if isinstance(node, yaml.MappingNode):
+            bounds = Record(
+                fields={self.low: Field(self.unit), self.high: Field(self.unit)},
+                at_least_one=True,
+            )._check(node, where, v)
+            if not isinstance(bounds, dict):
+                return None
+            low, high = bounds.get(self.low), bounds.get(self.high)
+            if low is not None and high is not None and low > high:
+                v.problem(node, f"{where}: {self.low} {low:g} is more than {self.high} {high:g}")
+                return None
+            return Bounds(low, high)
+        value = self.unit._check(node, where, v)
+        return None if value is None else Bounds(value, value)
+
+    def schema(self) -> dict[str, Any]:
+        unit = self.unit.schema()
+        return {
+            "oneOf": [
+                unit,
+                {
+                    "type": "object",
+                    "properties": {self.low: unit, self.high: unit},
+                    "additionalProperties": False,
+                    "minProperties": 1,
+                },
+            ]
+        }
+
+    def sample(self) -> str:
+        return f"{{{self.low}: {self.unit.sample()}}}"
+
+
+@dataclass
+class Anything(Spec):
+    """Any YAML value; what it must be is decided where it is used (e.g. a ``set`` path)."""
+
+    scalar: bool = False
+    doc: str = ""
+
+    def describe(self) -> str:
+        return "a scalar value" if self.scalar else "any value"
+
+    def _check(self, node: yaml.Node, where: str, v: Validation) -> Any:  # noqa: ANN401
+        if self.scalar:
+            return self._scalar_of(node, where, v)
+        try:
+            return yaml.SafeLoader("").construct_document(node)
+        except (yaml.YAMLError, ValueError) as exc:
+            v.problem(node, f"{where} is not valid YAML: {str(exc).splitlines()[0]}")
+            return None
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": ["string", "number", "boolean"]} if self.scalar else {}
+
+    def sample(self) -> str:
+        return "certificate"
 
 
 @dataclass
@@ -273,6 +582,15 @@ class ListOf(Spec):
             v.problem(node, f"{where} needs at least {self.min_items} item(s)")
         return [self.item.check(child, f"{where}[{i}]", v) for i, child in enumerate(node.value)]
 
+    def schema(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": "array", "items": self.item.schema()}
+        if self.min_items:
+            out["minItems"] = self.min_items
+        return out
+
+    def sample(self) -> str:
+        return f"[{self.item.sample()}]"
+
 
 @dataclass
 class MapOf(Spec):
@@ -290,11 +608,102 @@ class MapOf(Spec):
             v.problem(node, f"{_where(where)} must be {self.describe()}")
             return None
         out = {}
+        seen: set[str] = set()
         for key_node, value_node in node.value:
             key = self.key.check(key_node, f"{where}<key>", v)
-            if key is not None:
-                out[key] = self.value.check(value_node, f"{where}.{key}", v)
+            if key is None:
+                continue
+            if key in seen:
+                v.problem(key_node, f"{where}.{key} is given twice")
+                continue
+            seen.add(key)
+            out[key] = self.value.check(value_node, f"{where}.{key}", v)
         return out
+
+    def schema(self) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "propertyNames": self.key.schema(),
+            "additionalProperties": self.value.schema(),
+        }
+
+    def sample(self) -> str:
+        return f"{{{self.key.sample()}: {self.value.sample()}}}"
+
+
+@dataclass
+class Marker(Spec):
+    """A pytest marker: a name (``slow``), or one name with its arguments.
+
+    ``{xfail: {reason: ..., strict: true}}`` gives keyword arguments, ``{name: [a, b]}``
+    positional ones, ``{name: value}`` one positional argument. Known markers (``xfail``,
+    ``skip``, ``skipif``) have their keywords checked; whether a name is registered is checked at
+    collection, where pytest's configuration is known.
+    """
+
+    known: dict[str, Record] = field(default_factory=dict)
+    doc: str = ""
+
+    def describe(self) -> str:
+        return "a marker name, or a mapping of one marker name to its arguments"
+
+    def _check(self, node: yaml.Node, where: str, v: Validation) -> Any:  # noqa: ANN401
+        name_spec = Str(pattern=_MARKER_NAME, example="slow")
+        if isinstance(node, yaml.ScalarNode):
+            name = name_spec._check(node, where, v)
+            if name is None:
+                return None
+            if name in self.known and any(f.required for f in self.known[name].fields.values()):
+                v.problem(node, f"{where}: marker {name} needs arguments", self.known[name].doc)
+                return None
+            return (name, (), {})
+        if not isinstance(node, yaml.MappingNode) or len(node.value) != 1:
+            v.problem(node, f"{where} must be {self.describe()}")
+            return None
+        key_node, value_node = node.value[0]
+        name = name_spec._check(key_node, where, v)
+        if name is None:
+            return None
+        if name in self.known:
+            kwargs = self.known[name].check(value_node, f"{where}.{name}", v)
+            if kwargs is None:
+                return None
+            return (name, (), {k: x for k, x in kwargs.items() if x is not None})
+        if isinstance(value_node, yaml.MappingNode):
+            kwargs = MapOf(key=Str(pattern=r"[A-Za-z_][A-Za-z0-9_]*"), value=Anything(scalar=True))
+            given = kwargs.check(value_node, f"{where}.{name}", v)
+            return None if given is None else (name, (), given)
+        if isinstance(value_node, yaml.SequenceNode):
+            args = ListOf(item=Anything(scalar=True)).check(value_node, f"{where}.{name}", v)
+            return None if args is None else (name, tuple(args), {})
+        arg = Anything(scalar=True).check(value_node, f"{where}.{name}", v)
+        return None if arg is None else (name, (arg,), {})
+
+    def schema(self) -> dict[str, Any]:
+        scalar = {"type": ["string", "number", "boolean"]}
+        free = {
+            "anyOf": [
+                scalar,
+                {"type": "array", "items": scalar},
+                {"type": "object", "additionalProperties": scalar},
+            ]
+        }
+        return {
+            "oneOf": [
+                {"type": "string", "pattern": f"^{_MARKER_NAME}$"},
+                {
+                    "type": "object",
+                    "minProperties": 1,
+                    "maxProperties": 1,
+                    "propertyNames": {"pattern": f"^{_MARKER_NAME}$"},
+                    "properties": {name: r.schema() for name, r in self.known.items()},
+                    "additionalProperties": free,
+                },
+            ]
+        }
+
+    def sample(self) -> str:
+        return "slow"
 
 
 @dataclass
@@ -303,6 +712,11 @@ class Field:
     required: bool = False
     default: Any = None
     doc: str = ""
+    #: A YAML example of the value, for the reference (generated from the spec when empty).
+    example: str = ""
+    #: An absent all-optional section is filled from its keys' defaults; False keeps it None
+    #: (e.g. a fault entry's kinds, where absence is how the kind is told).
+    fill: bool = True
 
 
 def _absent(item: Field) -> Any:  # noqa: ANN401 - any field's value
@@ -315,6 +729,7 @@ def _absent(item: Field) -> Any:  # noqa: ANN401 - any field's value
     spec = item.spec
     if (
         item.default is None
+        and item.fill
         and isinstance(spec, Record)
         and not any(f.required for f in spec.fields.values())
     ):
@@ -322,12 +737,25 @@ def _absent(item: Field) -> Any:  # noqa: ANN401 - any field's value
     return item.default
 
 
+def _json_default(value: Any) -> bool:  # noqa: ANN401
+    return value is not None and not isinstance(value, dict) and value != ""
+
+
 @dataclass
 class Record(Spec):
-    """A mapping with a fixed set of keys; unknown keys are reported with the nearest valid one."""
+    """A mapping with a fixed set of keys; unknown keys are reported with the nearest valid one.
+
+    :param required_unless: a key whose presence makes the required keys optional (a package
+        given by ``ref`` takes them from its catalog entry).
+    :param exactly_one: keys of which exactly one must be given (a fault's kind).
+    :param at_least_one: at least one key must be given.
+    """
 
     fields: dict[str, Field] = field(default_factory=dict)
     doc: str = ""
+    required_unless: str | None = None
+    exactly_one: tuple[str, ...] = ()
+    at_least_one: bool = False
 
     def describe(self) -> str:
         return "a mapping with keys " + ", ".join(self.fields)
@@ -335,6 +763,20 @@ class Record(Spec):
     def defaults(self) -> dict[str, Any]:
         """The value of this section when the file leaves it out: every field's default."""
         return {name: _absent(item) for name, item in self.fields.items() if not item.required}
+
+    def relaxed(self, *, drop: tuple[str, ...] = ()) -> Record:
+        """This record with no required key, down through nested records (not list items).
+
+        Shared files (worlds, catalog entries) give part of a scenario: what they leave out,
+        the scenario or a later include must give.
+        """
+        fields = {}
+        for name, item in self.fields.items():
+            if name in drop:
+                continue
+            spec = item.spec.relaxed() if isinstance(item.spec, Record) else item.spec
+            fields[name] = dataclasses.replace(item, spec=spec, required=False)
+        return dataclasses.replace(self, fields=fields, required_unless=None)
 
     def _check(self, node: yaml.Node, where: str, v: Validation) -> Any:  # noqa: ANN401
         if not isinstance(node, yaml.MappingNode):
@@ -363,17 +805,59 @@ class Record(Spec):
                 # PyYAML marks an empty value at the next token, often lines later: report
                 # at the key. Empty means "not given" only where absence is a value (default
                 # None); an empty ``files:`` or ``seed:`` is a mistake, not a request for defaults.
-                v.lines[prefix + key] = _line(key_node)
+                v.remember(prefix + key, key_node)
                 if item.required or item.default is not None:
                     v.problem(key_node, f"{prefix}{key} must be {item.spec.describe()}, not empty")
-                out[key] = None if item.required else item.default
+                out[key] = None if item.required else _absent(item)
                 continue
             out[key] = item.spec.check(value_node, prefix + key, v)
+        excused = self.required_unless is not None and self.required_unless in seen
         for name, item in self.fields.items():
             if name in seen:
                 continue
-            if item.required:
+            if item.required and not excused:
                 v.problem(node, f"{_where(where)} is missing the required key {name!r}", item.doc)
-            else:
+            elif not item.required:
                 out[name] = _absent(item)
+        given = [k for k in self.exactly_one if k in seen]
+        if self.exactly_one and len(given) != 1:
+            v.problem(
+                node,
+                f"{_where(where)} needs exactly one of {', '.join(self.exactly_one)}",
+                f"given: {', '.join(given) or 'none'}",
+            )
+        if self.at_least_one and not seen:
+            v.problem(node, f"{_where(where)} needs at least one of {', '.join(self.fields)}")
         return out
+
+    def schema(self) -> dict[str, Any]:
+        properties: dict[str, Any] = {}
+        for name, item in self.fields.items():
+            prop = item.spec.schema()
+            if not item.required and item.default is None:
+                prop = _or_null(prop)  # ``key:`` with no value means "not given"
+            doc = item.doc or item.spec.doc
+            if doc:
+                prop = {"description": doc, **prop}
+            if _json_default(item.default):
+                prop["default"] = item.default
+            properties[name] = prop
+        out: dict[str, Any] = {"type": "object"}
+        if self.doc:
+            out["description"] = self.doc
+        out["properties"] = properties
+        out["additionalProperties"] = False
+        required = [name for name, item in self.fields.items() if item.required]
+        if required and self.required_unless:
+            out["anyOf"] = [{"required": [self.required_unless]}, {"required": required}]
+        elif required:
+            out["required"] = required
+        if self.exactly_one:
+            out["oneOf"] = [{"required": [k]} for k in self.exactly_one]
+        if self.at_least_one:
+            out["minProperties"] = 1
+        return out
+
+    def sample(self) -> str:
+        names = [n for n, f in self.fields.items() if f.required] or list(self.fields)[:1]
+        return "{" + ", ".join(f"{n}: {self.fields[n].spec.sample()}" for n in names) + "}"

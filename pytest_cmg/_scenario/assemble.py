@@ -1,0 +1,515 @@
+"""Putting a scenario together before it is validated: includes, catalog refs, and cases.
+
+Everything here works on PyYAML nodes, never on loaded values, so every value keeps the file and
+line it was written at: a problem in an included world is reported at the world's line (and the
+line that included it), a matrix value at the matrix's line.
+
+Rules (documented in docs/scenarios.md):
+
+* ``include: [a, b]``: ``a`` then ``b`` are merged under the including file; later files override
+  earlier ones and the including file overrides them all. Mappings merge key by key, lists are
+  replaced, except ``packages``, merged by ``id`` (a package given again overrides the keys it
+  gives). A key given empty (``key:``) keeps the included value.
+* ``./`` and ``../`` paths are relative to the file that names them; other paths are relative to
+  the fixtures folder (configured, else the nearest ``fixtures`` folder above the scenario).
+  ``.yaml`` may be left off.
+* ``packages: [{ref: catalog/x, version: 2}]`` takes the package from a catalog file; the keys
+  given next to ``ref`` override the catalog's.
+* ``matrix`` and ``cases`` make one scenario per combination, each validated with its values set.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from .spec import ListOf, MapOf, Record, Validation, is_null
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .spec import Spec
+
+__all__ = [
+    "Assembler",
+    "CasePlan",
+    "compose_file",
+    "find_fixtures",
+    "merge_nodes",
+    "plan_cases",
+]
+
+_MAP = "tag:yaml.org,2002:map"
+_STR = "tag:yaml.org,2002:str"
+#: Nesting of includes, far beyond any sensible world; a guard against runaway chains.
+MAX_INCLUDE_DEPTH = 16
+#: Keys a case or a matrix may not change: they are the file's identity and plan.
+_FIXED = ("scenario", "description", "include", "matrix", "cases", "markers")
+_PATH_TOKEN = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)|\[([A-Za-z0-9]+)\]")
+
+
+def show(path: Path) -> str:
+    """A path as a reader wants it: relative to the working folder when it is inside it."""
+    try:
+        return os.path.relpath(path)
+    except ValueError:
+        return str(path)
+
+
+def find_fixtures(scenario: Path) -> Path | None:
+    """The nearest ``fixtures`` folder at or above the scenario's folder."""
+    for folder in scenario.resolve().parents:
+        candidate = folder / "fixtures"
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def compose_file(path: Path, v: Validation, *, empty_is_problem: bool = True) -> yaml.Node | None:
+    """Compose one YAML document whose marks carry ``path``; problems go to ``v``."""
+    text = path.read_text(encoding="utf-8")
+    loader = yaml.SafeLoader(text)
+    # Marks copy the reader's name when they are made, so every node of this file knows it.
+    loader.name = str(path)
+    try:
+        node = loader.get_single_node()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        v.problems.append(v.make(path, mark.line + 1 if mark else 1, f"not valid YAML: {exc.problem}"))
+        return None
+    finally:
+        loader.dispose()
+    if node is None and empty_is_problem:
+        v.problems.append(v.make(path, 1, "the file is empty"))
+    return node
+
+
+def _key(node: yaml.Node) -> str:
+    return str(node.value) if isinstance(node, yaml.ScalarNode) else "?"
+
+
+def get(node: yaml.Node | None, key: str) -> yaml.Node | None:
+    """The value node of ``key`` in a mapping node (the first, if given twice)."""
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    return next((v for k, v in node.value if _key(k) == key), None)
+
+
+def _mapping(like: yaml.Node, pairs: list[tuple[yaml.Node, yaml.Node]]) -> yaml.MappingNode:
+    tag = like.tag if isinstance(like, yaml.MappingNode) else _MAP
+    flow = like.flow_style if isinstance(like, yaml.MappingNode) else None
+    return yaml.MappingNode(tag, pairs, like.start_mark, like.end_mark, flow_style=flow)
+
+
+def _sequence(like: yaml.SequenceNode, items: list[yaml.Node]) -> yaml.SequenceNode:
+    return yaml.SequenceNode(
+        like.tag, items, like.start_mark, like.end_mark, flow_style=like.flow_style
+    )
+
+
+def _with(node: yaml.MappingNode, key: str, value: yaml.Node) -> yaml.MappingNode:
+    pairs = list(node.value)
+    for i, (k, _) in enumerate(pairs):
+        if _key(k) == key:
+            pairs[i] = (k, value)
+            return _mapping(node, pairs)
+    key_node = yaml.ScalarNode(_STR, key, value.start_mark, value.end_mark)
+    return _mapping(node, [*pairs, (key_node, value)])
+
+
+def _package_id(node: yaml.Node) -> str | None:
+    value = get(node, "id")
+    return str(value.value) if isinstance(value, yaml.ScalarNode) and not is_null(value) else None
+
+
+def merge_nodes(base: yaml.Node, over: yaml.Node, where: str = "") -> yaml.Node:
+    """``over`` merged onto ``base``: mappings key by key, packages by id, anything else replaced."""
+    if not (isinstance(base, yaml.MappingNode) and isinstance(over, yaml.MappingNode)):
+        return over
+    over_keys = {_key(k) for k, _ in over.value}
+    pairs = [
+        (k, v)
+        for k, v in base.value
+        # A world's own include list was resolved already: it is not the including file's.
+        if _key(k) not in over_keys and not (where == "" and _key(k) == "include")
+    ]
+    merged_keys: set[str] = set()
+    for k, given in over.value:
+        name = _key(k)
+        below = get(base, name) if name not in merged_keys else None
+        merged_keys.add(name)
+        value = given
+        if below is not None and is_null(given):
+            value = below  # ``key:`` given empty keeps what was included
+        elif below is not None:
+            child = f"{where}.{name}" if where else name
+            if child == "packages" and isinstance(below, yaml.SequenceNode) and isinstance(
+                given, yaml.SequenceNode
+            ):
+                value = _merge_by_id(below, given)
+            else:
+                value = merge_nodes(below, given, child)
+        pairs.append((k, value))
+    return _mapping(over, pairs)
+
+
+def _merge_by_id(base: yaml.SequenceNode, over: yaml.SequenceNode) -> yaml.SequenceNode:
+    items = list(base.value)
+    index = {pid: i for i, n in enumerate(items) if (pid := _package_id(n)) is not None}
+    merged: set[str] = set()
+    for item in over.value:
+        pid = _package_id(item)
+        if pid is not None and pid in index and pid not in merged:
+            items[index[pid]] = merge_nodes(items[index[pid]], item, "packages[]")
+            merged.add(pid)
+        else:
+            # A package declared twice in one file stays twice, so the duplicate is reported.
+            items.append(item)
+    return _sequence(over, items)
+
+
+@dataclass
+class Assembler:
+    """Resolves a scenario's includes and package refs into one node tree."""
+
+    v: Validation
+    fragment: Record
+    catalog: Record
+    fixtures: Path | None = None
+    find: Callable[[Path], Path | None] = find_fixtures
+    _root_looked: bool = False
+    _catalogs: dict[Path, yaml.Node | None] = field(default_factory=dict)
+
+    def assemble(self, root: yaml.Node) -> yaml.Node:
+        return self._includes(root, [self.v.path.resolve()])
+
+    def _fixtures(self) -> Path | None:
+        if self.fixtures is None and not self._root_looked:
+            self._root_looked = True
+            self.fixtures = self.find(self.v.path)
+        return self.fixtures
+
+    def _origin(self, target: Path, entry: yaml.Node, verb: str) -> None:
+        source = self.v.file_of(entry)
+        text = f"{verb} {show(source)}:{entry.start_mark.line + 1}"
+        if source in self.v.included_from:
+            text += f", {self.v.included_from[source]}"
+        self.v.included_from.setdefault(target, text)
+
+    def _locate(self, entry: yaml.ScalarNode, kind: str) -> Path | None:
+        text = str(entry.value).strip()
+        origin = self.v.file_of(entry)
+        name = text if text.endswith((".yaml", ".yml")) else f"{text}.yaml"
+        if text.startswith(("./", "../")) or Path(text).is_absolute():
+            where = "this file's folder"
+            target = origin.parent / name
+        else:
+            root = self._fixtures()
+            if root is None:
+                self.v.problem(
+                    entry,
+                    f"{kind} {text!r} is looked up in the fixtures folder, and none was found "
+                    f"above {show(self.v.path)}",
+                    "start the path with ./ or ../ for a file next to this one, or set "
+                    "--cmg-fixtures (ini cmg_fixtures)",
+                )
+                return None
+            where = f"the fixtures folder {show(root)}"
+            target = root / name
+        target = target.resolve()
+        if not target.is_file():
+            near = ""
+            if target.parent.is_dir():
+                names = [p.name for p in target.parent.glob("*.y*ml")]
+                close = difflib.get_close_matches(target.name, names, n=1)
+                near = f"did you mean {close[0]!r}? " if close else ""
+            self.v.problem(
+                entry,
+                f"{kind} {text!r}: no such file {show(target)}",
+                f"{near}./ and ../ paths are relative to the naming file, others to the fixtures "
+                f"folder; this one was looked up in {where}",
+            )
+            return None
+        return target
+
+    def _load(self, target: Path, entry: yaml.ScalarNode, verb: str, spec: Record) -> yaml.Node | None:
+        self._origin(target, entry, verb)
+        try:
+            node = compose_file(target, self.v)
+        except (OSError, UnicodeDecodeError) as exc:
+            self.v.problem(entry, f"cannot read {show(target)}: {exc}")
+            return None
+        if node is None:
+            return None
+        spec.check(node, "", Validation(target, self.v.problems, included_from=self.v.included_from))
+        return node
+
+    def _includes(self, node: yaml.Node, stack: list[Path]) -> yaml.Node:
+        node = self._refs(node)
+        include = get(node, "include")
+        base: yaml.Node | None = None
+        for entry in include.value if isinstance(include, yaml.SequenceNode) else []:
+            if not isinstance(entry, yaml.ScalarNode) or is_null(entry):
+                continue  # the spec reports it
+            target = self._locate(entry, "include")
+            if target is None:
+                continue
+            if target in stack:
+                chain = " -> ".join(show(p) for p in [*stack[stack.index(target) :], target])
+                self.v.problem(entry, f"include cycle: {chain}")
+                continue
+            if len(stack) > MAX_INCLUDE_DEPTH:
+                self.v.problem(entry, f"includes nest deeper than {MAX_INCLUDE_DEPTH} files")
+                continue
+            world = self._load(target, entry, "included from", self.fragment)
+            if world is None:
+                continue
+            world = self._includes(world, [*stack, target])
+            base = world if base is None else merge_nodes(base, world)
+        return node if base is None else merge_nodes(base, node)
+
+    def _refs(self, node: yaml.Node) -> yaml.Node:
+        packages = get(node, "packages")
+        if not isinstance(node, yaml.MappingNode) or not isinstance(packages, yaml.SequenceNode):
+            return node
+        items, changed = [], False
+        for item in packages.value:
+            ref = get(item, "ref")
+            resolved = item
+            if isinstance(item, yaml.MappingNode) and isinstance(ref, yaml.ScalarNode):
+                entry = None if is_null(ref) else self._catalog_entry(ref)
+                if entry is not None:
+                    own = [(k, v) for k, v in item.value if _key(k) != "ref"]
+                    resolved = merge_nodes(entry, _mapping(item, own), "packages[]")
+                    changed = True
+            items.append(resolved)
+        return _with(node, "packages", _sequence(packages, items)) if changed else node
+
+    def _catalog_entry(self, ref: yaml.ScalarNode) -> yaml.Node | None:
+        target = self._locate(ref, "ref")
+        if target is None:
+            return None
+        if target not in self._catalogs:
+            self._catalogs[target] = self._load(target, ref, "referenced from", self.catalog)
+        return self._catalogs[target]
+
+
+@dataclass
+class _Setting:
+    path: str
+    segments: list[tuple[str, str]]
+    value: yaml.Node
+    key: yaml.Node
+    where: str
+
+
+@dataclass
+class CasePlan:
+    """One item of a parametrised file: its ID and the values it sets."""
+
+    id: str
+    where: str
+    settings: list[_Setting]
+    expect: yaml.Node | None = None
+    case_index: int | None = None
+
+    @property
+    def values(self) -> tuple[tuple[str, str, str], ...]:
+        return tuple(
+            (s.path, _text(s.value), s.where) for s in self.settings
+        )
+
+    def apply(self, tree: yaml.Node, v: Validation) -> yaml.Node | None:
+        for setting in self.settings:
+            changed = _set(tree, setting.segments, setting.value, setting, v)
+            if changed is None:
+                return None
+            tree = changed
+        if self.expect is not None and isinstance(tree, yaml.MappingNode):
+            below = get(tree, "expect")
+            merged = merge_nodes(below, self.expect, "expect") if below is not None else self.expect
+            tree = _with(tree, "expect", merged)
+        return tree
+
+    def markers(self, data: dict[str, Any]) -> list[tuple[str, Any]]:
+        if self.case_index is None:
+            return []
+        case = (data.get("cases") or [])[self.case_index] or {}
+        base = f"cases[{self.case_index}].markers"
+        return [(f"{base}[{i}]", m) for i, m in enumerate(case.get("markers") or [])]
+
+
+def _text(node: yaml.Node) -> str:
+    if isinstance(node, yaml.ScalarNode):
+        return str(node.value)
+    return str(yaml.serialize(node)).strip().replace("\n", " ")
+
+
+def _id_part(node: yaml.Node, fallback: str) -> str:
+    if isinstance(node, yaml.ScalarNode) and str(node.value):
+        return re.sub(r"[^A-Za-z0-9_.+]", "_", str(node.value))
+    return fallback
+
+
+def resolve_path(
+    text: str, key: yaml.Node, spec: Spec, v: Validation, what: str
+) -> list[tuple[str, str]] | None:
+    """The steps of a ``set`` path through the language, or None (reported) if it leads nowhere."""
+    segments: list[tuple[str, str]] = []
+    walked = ""
+    for match in _PATH_TOKEN.finditer(text):
+        name, bracket = match.group(1), match.group(2)
+        if name is not None:
+            if isinstance(spec, Record):
+                if name not in spec.fields or (not walked and name in _FIXED):
+                    allowed = [f for f in spec.fields if walked or f not in _FIXED]
+                    near = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
+                    hint = f"did you mean {near[0]!r}? " if near else ""
+                    rule = (
+                        f"{what} {text!r}: {name!r} cannot be set per case"
+                        if name in _FIXED and not walked
+                        else f"{what} {text!r}: unknown key {name!r} in {walked or 'the document'}"
+                    )
+                    v.problem(key, rule, f"{hint}allowed keys: {', '.join(allowed)}")
+                    return None
+                spec = spec.fields[name].spec
+            elif isinstance(spec, MapOf):
+                spec = spec.value
+            else:
+                v.problem(key, f"{what} {text!r}: {walked} is not a mapping")
+                return None
+            segments.append(("key", name))
+            walked = f"{walked}.{name}" if walked else name
+        else:
+            if not isinstance(spec, ListOf):
+                v.problem(key, f"{what} {text!r}: {walked or 'the document'} is not a list")
+                return None
+            segments.append(("index" if bracket.isdigit() else "id", bracket))
+            spec = spec.item
+            walked = f"{walked}[{bracket}]"
+    return segments
+
+
+def _set(
+    node: yaml.Node | None,
+    segments: list[tuple[str, str]],
+    value: yaml.Node,
+    setting: _Setting,
+    v: Validation,
+) -> yaml.Node | None:
+    if not segments:
+        return value
+    (kind, token), rest = segments[0], segments[1:]
+    if kind == "key":
+        if node is None or is_null(node):
+            node = yaml.MappingNode(_MAP, [], value.start_mark, value.end_mark)
+        if not isinstance(node, yaml.MappingNode):
+            v.problem(setting.key, f"cannot set {setting.path!r}: {token!r} is under a non-mapping")
+            return None
+        child = _set(get(node, token), rest, value, setting, v)
+        return None if child is None else _with(node, token, child)
+    if not isinstance(node, yaml.SequenceNode):
+        v.problem(setting.key, f"cannot set {setting.path!r}: there is no list at [{token}]")
+        return None
+    items = list(node.value)
+    if kind == "index":
+        index = int(token)
+        if index >= len(items):
+            v.problem(
+                setting.key, f"cannot set {setting.path!r}: the list has {len(items)} item(s)"
+            )
+            return None
+    else:
+        ids = [_package_id(n) for n in items]
+        if token not in ids:
+            known = ", ".join(i for i in ids if i) or "none"
+            v.problem(
+                setting.key, f"cannot set {setting.path!r}: no item with id {token}", f"ids: {known}"
+            )
+            return None
+        index = ids.index(token)
+    child = _set(items[index], rest, value, setting, v)
+    if child is None:
+        return None
+    items[index] = child
+    return _sequence(node, items)
+
+
+def plan_cases(tree: yaml.Node, spec: Record, v: Validation, *, max_cases: int) -> list[CasePlan]:
+    """The items a file's ``matrix`` and ``cases`` make, in the order they are written."""
+    matrix, cases = get(tree, "matrix"), get(tree, "cases")
+    axes: list[list[_Setting]] = []
+    if isinstance(matrix, yaml.MappingNode):
+        for key, values in matrix.value:
+            if not isinstance(key, yaml.ScalarNode) or not isinstance(values, yaml.SequenceNode):
+                continue
+            segments = resolve_path(str(key.value), key, spec, v, "matrix key")
+            if segments is None or not values.value:
+                continue
+            axes.append(
+                [
+                    _Setting(str(key.value), segments, value, key, f"matrix.{key.value}[{i}]")
+                    for i, value in enumerate(values.value)
+                ]
+            )
+    entries: list[tuple[str, int, list[_Setting], yaml.Node | None, yaml.Node] | None] = []
+    if isinstance(cases, yaml.SequenceNode):
+        seen: set[str] = set()
+        for index, case in enumerate(cases.value):
+            id_node = get(case, "id")
+            if not isinstance(id_node, yaml.ScalarNode) or is_null(id_node):
+                continue
+            case_id = str(id_node.value)
+            if case_id in seen:
+                v.problem(id_node, f"case id {case_id!r} is given twice")
+                continue
+            seen.add(case_id)
+            settings = []
+            given = get(case, "set")
+            for key, value in given.value if isinstance(given, yaml.MappingNode) else []:
+                if not isinstance(key, yaml.ScalarNode):
+                    continue
+                segments = resolve_path(str(key.value), key, spec, v, "case set path")
+                if segments is not None:
+                    where = f"cases[{index}].set.{key.value}"
+                    settings.append(_Setting(str(key.value), segments, value, key, where))
+            expect = get(case, "expect")
+            expect = expect if isinstance(expect, yaml.MappingNode) else None
+            entries.append((case_id, index, settings, expect, id_node))
+    if not axes and not entries:
+        return []
+    combos = list(itertools.product(*axes)) if axes else [()]
+    total = max(len(entries), 1) * len(combos)
+    if total > max_cases:
+        anchor = matrix if matrix is not None else cases
+        assert anchor is not None
+        v.problem(anchor, f"this file makes {total} items; at most {max_cases} are allowed")
+        return []
+    plans: list[CasePlan] = []
+    for entry in [*entries] or [None]:
+        for combo in combos:
+            parts = [entry[0]] if entry else []
+            parts += [_id_part(s.value, f"{s.path}{i}") for i, s in enumerate(combo)]
+            settings = [*combo, *(entry[2] if entry else [])]
+            plans.append(
+                CasePlan(
+                    id="-".join(parts),
+                    where=f"cases[{entry[1]}]" if entry else "matrix",
+                    settings=settings,
+                    expect=entry[3] if entry else None,
+                    case_index=entry[1] if entry else None,
+                )
+            )
+    ids = [p.id for p in plans]
+    for duplicate in sorted({i for i in ids if ids.count(i) > 1}):
+        anchor = matrix if matrix is not None else cases
+        assert anchor is not None
+        v.problem(anchor, f"two items would have the same ID {duplicate!r}", "make the values differ")
+    return plans

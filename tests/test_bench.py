@@ -1,0 +1,394 @@
+"""The benchmark machinery, for real at a tiny scale (--quick, 1 round) and in its pure parts.
+
+The full-size benchmark never runs in the suite (``--cmg-bench`` is off); these tests prove that
+what it reports is computed right: statistics, ratios, targets, the JSON layout, the chart,
+``--compare`` pass and fail, and the refusal to run under xdist.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from pytest_cmg._bench._aria2 import find_aria2, resolve_aria2
+from pytest_cmg._bench._cases import Sample
+from pytest_cmg._bench._compare import compare, load_baseline
+from pytest_cmg._bench._main import EXIT_BREACHED, EXIT_OK, EXIT_USAGE
+from pytest_cmg._bench._report import (
+    PEAK_METRIC,
+    CaseResult,
+    MemoryProbe,
+    WorkloadResult,
+    build_report,
+    render_table,
+    time_stats,
+)
+from pytest_cmg._bench._workloads import FULL, QUICK, Workload, parse_workloads
+from pytest_cmg._cli import main
+from pytest_cmg._storage.azurite import CACHE_ENV, cache_dir
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+XDIST_ENV = ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID")
+
+
+def run_cli(*args):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["bench", *args])
+    return code, out.getvalue()
+
+
+# --- a real run at tiny scale -------------------------------------------------------------------
+
+
+def test_quick_bench_measures_every_case_verifies_and_reports(tmp_path):
+    report_path, chart_path = tmp_path / "run.json", tmp_path / "run.png"
+    code, table = run_cli(
+        "--quick", "--json", str(report_path), "--chart", str(chart_path), "--aria2", "cached", "-q"
+    )
+    assert code == EXIT_OK, table
+    report = json.loads(report_path.read_text())
+
+    # pytest-benchmark's top-level layout, plus our sections.
+    assert {"machine_info", "commit_info", "benchmarks", "datetime", "version"} <= set(report)
+    assert {"ratios", "targets", "bench"} <= set(report)
+    assert report["bench"]["rounds"] == 1 and report["bench"]["quick"] is True
+
+    cases = {(b["group"], b["extra_info"]["case"]): b for b in report["benchmarks"]}
+    for workload in ("big", "m1", "k16"):
+        for case in ("core", "sdk", "raw", "hashlib"):
+            assert (workload, case) in cases, (workload, case)
+    aria2_measured = ("big", "aria2c") in cases
+    unavailable = report["bench"]["unavailable"].get("big", {})
+    assert aria2_measured != ("aria2c" in unavailable)
+    if not aria2_measured:
+        assert unavailable["aria2c"].startswith("not available: ")
+    assert not any(case == "aria2c" for (group, case) in cases if group != "big")
+
+    for (workload, case), bench in cases.items():
+        stats, info = bench["stats"], bench["extra_info"]
+        shape = QUICK[workload]
+        assert stats["rounds"] == 1 and len(stats["data"]) == 1
+        assert stats["min"] == stats["median"] == stats["max"] > 0
+        assert stats["ops"] == pytest.approx(1 / stats["mean"])
+        assert info["bytes"] == shape.total and info["files"] == shape.files
+        assert info["mb_per_s"]["median"] == pytest.approx(shape.total / 1e6 / stats["median"])
+        if shape.many:
+            assert info["files_per_s"]["median"] == pytest.approx(shape.files / stats["median"])
+        else:
+            assert info["files_per_s"] is None
+        assert info["cpu_percent"]["median"] >= 0
+        if case != "hashlib":
+            assert info["server_cpu_percent"] is not None  # Azurite's /proc/<pid>/stat delta
+
+    # Ratios are medians of this run divided by each other.
+    for workload, ratios in report["ratios"].items():
+        core = cases[(workload, "core")]["extra_info"]["mb_per_s"]["median"]
+        for base in ("sdk", "raw", "hashlib"):
+            other = cases[(workload, base)]["extra_info"]["mb_per_s"]["median"]
+            assert ratios[f"core/{base}"] == pytest.approx(core / other)
+        assert ("core/aria2c" in ratios) == (workload == "big" and aria2_measured)
+
+    memory = report["bench"]["memory"]["big"]
+    assert 0 < memory["baseline_mib"] <= memory["peak_mib"]
+    assert set(report["bench"]["memory"]) == {"big"}
+    targets = {(t["workload"], t["metric"]): t for t in report["targets"]}
+    assert targets[("big", PEAK_METRIC)]["value"] == memory["peak_mib"]
+    assert targets[("big", PEAK_METRIC)]["met"] == (memory["peak_mib"] < 128)
+    assert targets[("m1", "core/sdk")]["met"] == (report["ratios"]["m1"]["core/sdk"] >= 3.5)
+
+    for heading in ("big: 1 x 32 MiB", "m1: 16 x 1 MiB", "k16: 200 x 16 KiB", "core/sdk"):
+        assert heading in table
+
+    data = chart_path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and data[12:16] == b"IHDR"
+    from matplotlib.image import imread
+
+    height, width = imread(chart_path).shape[:2]
+    assert width > 300 and height > 200
+
+    # The saved run compared with itself passes even with no margin ...
+    code, out = run_cli("--load", str(report_path), "--compare", str(report_path), "--margin", "0")
+    assert code == EXIT_OK, out
+    assert "figures within the margin" in out
+    # ... and with a baseline whose core was twice as good, every ratio breaches.
+    better = copy.deepcopy(report)
+    better["ratios"] = {w: {k: 2 * v for k, v in r.items()} for w, r in report["ratios"].items()}
+    baseline = tmp_path / "better.json"
+    baseline.write_text(json.dumps(better))
+    code, out = run_cli("--load", str(report_path), "--compare", str(baseline))
+    assert code == EXIT_BREACHED
+    breached = [line for line in out.splitlines() if line.strip().startswith("BREACHED")]
+    assert len(breached) == sum(len(r) for r in report["ratios"].values())
+    assert any("k16 core/raw" in line for line in breached)
+
+
+# --- statistics, report, compare ----------------------------------------------------------------
+
+
+def test_time_stats_use_pytest_benchmark_names_and_values():
+    stats = time_stats([3.0, 1.0, 10.0, 2.0, 4.0])
+    assert stats["min"] == 1.0 and stats["max"] == 10.0
+    assert stats["median"] == 3.0 and stats["mean"] == 4.0
+    assert stats["stddev"] == pytest.approx(statistics.stdev([1, 2, 3, 4, 10]))
+    assert stats["rounds"] == 5 and stats["iterations"] == 1
+    assert (stats["q1"], stats["q3"], stats["iqr"]) == (2.0, 4.0, 2.0)
+    # 10 lies beyond q3 + 1.5 IQR = 7: one IQR outlier, and the whiskers stop at 1 and 4.
+    assert stats["iqr_outliers"] == 1 and (stats["ld15iqr"], stats["hd15iqr"]) == (1.0, 4.0)
+    assert stats["ops"] == 0.25 and stats["total"] == 20.0
+    assert stats["data"] == [3.0, 1.0, 10.0, 2.0, 4.0]  # in round order
+    single = time_stats([2.0])
+    assert single["stddev"] == 0.0 and single["median"] == 2.0 and single["rounds"] == 1
+
+
+def _result(workload, seconds_by_case, peak=None):
+    result = WorkloadResult(workload)
+    for case, seconds in seconds_by_case.items():
+        result.cases[case] = CaseResult(case, f"{case} case")
+        result.cases[case].samples = [Sample(s, s / 2, s / 4) for s in seconds]
+    if peak is not None:
+        result.memory = MemoryProbe(peak, 30.0, 1.0, "test")
+    return result
+
+
+BIG = Workload("big", 1, 100_000_000)
+K16 = Workload("k16", 1000, 16 * 1024)
+
+
+def synthetic_report(core_big=(1.0, 2.0, 1.5), peak=40.0):
+    big = _result(
+        BIG,
+        {"core": core_big, "sdk": (3.0, 3.0, 3.0), "hashlib": (0.5, 0.5, 0.5), "raw": (1, 1, 1)},
+        peak=peak,
+    )
+    big.unavailable["aria2c"] = "not available: disabled"
+    k16 = _result(K16, {"core": (2.0,), "sdk": (5.0,), "raw": (1.0,), "hashlib": (0.1,)})
+    return build_report([big, k16], {"rounds": 3, "workers": 8})
+
+
+def test_ratios_come_from_median_throughput_and_targets_say_met_or_not():
+    report = synthetic_report()
+    # core big: 100 MB in 1.5 s median -> 66.7 MB/s; sdk 33.3; hashlib 200; raw 100.
+    ratios = report["ratios"]["big"]
+    assert ratios["core/sdk"] == pytest.approx(2.0)
+    assert ratios["core/hashlib"] == pytest.approx(1 / 3)
+    assert ratios["core/raw"] == pytest.approx(2 / 3)
+    assert "core/aria2c" not in ratios
+    assert report["ratios"]["k16"]["core/sdk"] == pytest.approx(2.5)
+    targets = {(t["workload"], t["metric"]): t for t in report["targets"]}
+    assert targets[("big", "core/sdk")]["met"] is True  # 2.0 >= 1.8
+    assert targets[("big", "core/hashlib")]["met"] is False  # 0.33 < 0.7
+    assert targets[("big", "core/aria2c")]["met"] is None  # not measured
+    assert targets[("big", PEAK_METRIC)]["met"] is True  # 40 < 128
+    assert targets[("k16", "core/raw")]["met"] is False  # 0.5 < 0.9
+    assert not any(t["workload"] == "m1" for t in report["targets"])  # m1 did not run
+
+    table = render_table(report)
+    assert "core/sdk            2.00  >= 1.8  met" in table
+    assert "core/hashlib        0.33  >= 0.7  NOT MET" in table
+    assert "core/aria2c            -  >= 1.1  not measured" in table
+    assert "aria2c   not available: disabled" in table
+    assert "core peak memory 40.0 MiB" in table
+
+
+def test_compare_with_a_baseline_flags_only_ratios_beyond_the_margin():
+    baseline = synthetic_report()
+    slower = synthetic_report(core_big=(1.8, 1.8, 1.8))  # core/sdk 2.0 -> 1.67, -17%
+    result = compare(slower, baseline, 0.15)
+    assert [(c.workload, c.metric) for c in result.breaches] == [
+        ("big", "core/hashlib"),
+        ("big", "core/raw"),
+        ("big", "core/sdk"),
+    ]
+    assert compare(slower, baseline, 0.20).breaches == []
+    assert compare(baseline, baseline, 0.0).breaches == []
+    assert "3 of" in result.render() and "BREACHED big core/sdk = 1.67" in result.render()
+
+
+def test_compare_memory_is_worse_when_higher_and_missing_figures_are_skipped():
+    baseline = synthetic_report(peak=40.0)
+    fatter = synthetic_report(peak=50.0)
+    breaches = compare(fatter, baseline, 0.15).breaches
+    assert [(c.workload, c.metric) for c in breaches] == [("big", PEAK_METRIC)]
+    assert compare(synthetic_report(peak=30.0), baseline, 0.0).breaches == []
+    with_aria2 = copy.deepcopy(baseline)
+    with_aria2["ratios"]["big"]["core/aria2c"] = 1.3
+    result = compare(baseline, with_aria2, 0.15)
+    assert result.breaches == []
+    assert result.skipped == ["big core/aria2c: not measured in this run"]
+
+
+def test_compare_against_the_targets():
+    report = synthetic_report()
+    result = compare(report, None, 0.15)
+    assert result.against == "the targets"
+    # big core/hashlib 0.33 < 0.7 * 0.85 and k16 core/raw 0.5 < 0.9 * 0.85; the rest pass.
+    assert sorted((c.workload, c.metric) for c in result.breaches) == [
+        ("big", "core/hashlib"),
+        ("k16", "core/raw"),
+    ]
+    assert "big core/aria2c: not measured in this run" in result.skipped
+    assert load_baseline("targets") is None
+
+
+def test_bad_baselines_and_options_are_usage_errors(tmp_path, capsys):
+    with pytest.raises(ValueError, match="cannot read the baseline"):
+        load_baseline(str(tmp_path / "missing.json"))
+    (tmp_path / "other.json").write_text('{"benchmarks": []}')
+    with pytest.raises(ValueError, match="has no 'ratios' section"):
+        load_baseline(str(tmp_path / "other.json"))
+    assert run_cli("--compare", str(tmp_path / "missing.json"))[0] == EXIT_USAGE
+    for args in (["--workloads", "big,huge"], ["--margin", "1.5"], ["--rounds", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["bench", *args])
+        assert exit_info.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "unknown workload huge; choose among big, m1, k16" in err
+    assert "the margin must be a fraction between 0 and 1" in err
+
+
+def test_workloads_parse_and_match_performance_md_sizes():
+    assert parse_workloads("k16, big,k16") == ("k16", "big")
+    with pytest.raises(ValueError, match="unknown workload"):
+        parse_workloads("")
+    assert (FULL["big"].total, FULL["m1"].total, FULL["k16"].total) == (
+        256 << 20,
+        200 << 20,
+        2000 * 16 << 10,
+    )
+    assert all(QUICK[name].total < FULL[name].total for name in FULL)
+
+
+def test_aria2_missing_is_a_reason_not_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no aria2c, and no apt-get to fetch it with
+    assert resolve_aria2("never") == "not available: disabled"
+    reason = resolve_aria2("cached")
+    assert reason.startswith("not available: aria2c is not on PATH nor provisioned")
+    assert "--with-aria2" in reason
+    reason = resolve_aria2("auto")
+    assert reason.startswith("not available: `apt-get` is not available")
+
+
+def test_aria2_command_is_performance_md_s():
+    found = find_aria2()
+    if isinstance(found, str):
+        pytest.skip(found)
+    argv = found.command(cache_dir(), "blob", "http://127.0.0.1:1/x")
+    assert argv[argv.index("-x") + 1] == "8" and argv[argv.index("-s") + 1] == "8"
+    assert "--file-allocation=falloc" in argv and argv[-1] == "http://127.0.0.1:1/x"
+
+
+def test_plugin_import_does_not_load_the_benchmark():
+    code = (
+        "import sys, pytest_cmg.plugin; "
+        "print(','.join(m for m in sys.modules if m.startswith(('pytest_cmg._bench', 'matplotlib'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+# --- through pytest -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def real_cache_dir():
+    # Session scope resolves it before pytester points HOME at a temporary folder, where the
+    # inner session would install Azurite again (~30 s) and find no aria2c.
+    return str(cache_dir())
+
+
+@pytest.fixture
+def no_xdist_env(monkeypatch, real_cache_dir):
+    # This file itself may run in an xdist worker (CI runs `pytest -n 2`); the inner sessions
+    # must not inherit that, or every one of them would be refused.
+    for name in XDIST_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(CACHE_ENV, real_cache_dir)
+
+
+@pytest.mark.parametrize("args", [["-n", "1"], ["-n", "2"]])
+def test_bench_refuses_xdist_workers(pytester, no_xdist_env, args):
+    result = pytester.runpytest("--cmg-bench", *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["*benchmarks refuse to run under xdist: *run with -n 0 / -p no:xdist*"]
+    )
+
+
+def test_bench_refuses_to_run_inside_an_xdist_worker(pytester, no_xdist_env, monkeypatch):
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
+    result = pytester.runpytest("--cmg-bench", "-p", "no:xdist")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*benchmarks refuse to run under xdist*"])
+
+
+def test_without_the_option_no_benchmark_is_collected(pytester, no_xdist_env):
+    pytester.makepyfile(test_plain="def test_one():\n    assert True\n")
+    result = pytester.runpytest("-p", "no:xdist")
+    result.assert_outcomes(passed=1)
+    assert "cmg-bench" not in result.stdout.str()
+
+
+def test_bench_items_replace_the_suite_and_k_selects_workloads(pytester, no_xdist_env):
+    pytester.makepyfile(test_plain="def test_one():\n    assert True\n")
+    result = pytester.runpytest("--cmg-bench", "--collect-only", "-q", "-n", "0")
+    result.stdout.fnmatch_lines(["cmg-bench::big", "cmg-bench::m1", "cmg-bench::k16"])
+    assert "test_one" not in result.stdout.str()
+    result = pytester.runpytest("--cmg-bench", "--collect-only", "-q", "-p", "no:xdist", "-k", "m1")
+    assert [line for line in result.stdout.lines if line.startswith("cmg-bench")] == [
+        "cmg-bench::m1"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cmg-bench-workloads=big,huge"], "*--cmg-bench: unknown workload huge*"),
+        (["--cmg-bench-margin=-1"], "*--cmg-bench: the margin must be a fraction*"),
+        (["--cmg-bench-compare=nothing.json"], "*--cmg-bench-compare: cannot read the baseline*"),
+    ],
+)
+def test_bad_bench_options_are_usage_errors(pytester, no_xdist_env, args, message):
+    result = pytester.runpytest("--cmg-bench", "-p", "no:xdist", *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+
+
+def test_bench_items_run_print_the_table_and_fail_on_a_breached_margin(pytester, no_xdist_env):
+    # A baseline no core can meet: its item must fail, and say which ratio.
+    baseline = {"ratios": {"k16": {"core/sdk": 1000.0}, "m1": {"core/sdk": 0.001}}}
+    (pytester.path / "baseline.json").write_text(json.dumps(baseline))
+    result = pytester.runpytest_subprocess(
+        "-p",
+        "no:xdist",
+        "-p",
+        "no:cacheprovider",
+        "--cmg-bench",
+        "--cmg-bench-quick",
+        "--cmg-bench-workloads=k16,m1",
+        "--cmg-bench-compare=baseline.json",
+        "--cmg-bench-json=out.json",
+        timeout=240,
+    )
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*cmg-bench k16*",
+            "k16: 1 figure(s) more than 15% worse than baseline.json:",
+            "  k16 core/sdk = *, below the limit 850.00 (baseline 1000.00)",
+            "*pytest-cmg benchmark*",
+            "k16: 200 x 16 KiB",
+            "*BREACHED k16 core/sdk*",
+            "JSON written to out.json",
+        ]
+    )
+    report = json.loads((pytester.path / "out.json").read_text())
+    assert {b["group"] for b in report["benchmarks"]} == {"k16", "m1"}

@@ -19,7 +19,7 @@ from .._protocol.manifest import ContentManifest, ManifestFile
 if TYPE_CHECKING:
     from .._storage.azurite import BlobEndpoint
 
-__all__ = ["FULL", "QUICK", "Dataset", "Workload", "parse_workloads", "upload"]
+__all__ = ["FULL", "QUICK", "Dataset", "Workload", "delete", "parse_workloads", "upload"]
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -104,7 +104,10 @@ def upload(endpoint: BlobEndpoint, workload: Workload, container: str, seed: int
     from azure.core.pipeline.transport import RequestsTransport
     from azure.storage.blob import BlobSasPermissions, BlobServiceClient, generate_blob_sas
 
-    data = random.Random(f"{workload.name}-{seed}").randbytes(workload.total)
+    rng = random.Random(f"{workload.name}-{seed}")
+    # randbytes(n) needs 8n bits in a C int: 256 MiB at once overflows it.
+    pieces = (rng.randbytes(min(MIB, workload.total - o)) for o in range(0, workload.total, MIB))
+    data = b"".join(pieces)
     service = BlobServiceClient.from_connection_string(
         endpoint.connection_string,
         max_block_size=_BLOCK,

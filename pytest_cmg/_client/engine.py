@@ -4,7 +4,11 @@ Flow for one package (protocol.md section 1, "Sequence for the emulator")::
 
     cache lookup -> [miss] CCM_POST ContentLocationRequest through the CMG (token auth)
     -> cloud location record + access token -> GET getcontentxmlsecure (manifest, SAS URLs)
-    -> download core (streaming SHA-256 per file) -> package hash check -> cache commit
+    -> room in the cache (evict or fail) -> download core (streaming SHA-256 per file)
+    -> package hash check -> cache commit
+
+The lookup-to-commit part runs under the cache's download lock for that content, so concurrent
+requests for it (threads or processes) make one download (``_client/cache.py``).
 
 Log lines reuse the product's wording (protocol.md sections 1.7, 3.2, 3.3, 5) so scenarios can
 match them the way administrators search smsts.log.
@@ -12,6 +16,7 @@ match them the way administrators search smsts.log.
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,13 +46,14 @@ from .._protocol.settings import (
     LaunchContext,
     launch_refusal,
 )
+from .cache import CacheSpaceError
 from .download import DownloadCore, redact
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
-    from .cache import CacheEntry, ClientCache
+    from .cache import CacheEntry, ClientCache, Lease, SpaceReport
     from .log import SmstsLog
     from .retry import RetryPolicy
 
@@ -75,6 +81,10 @@ _DEFAULT_VARIABLES = {"SMSTSDownloadRetryCount": "2", "SMSTSDownloadRetryDelay":
 _NOT_RETRIED = frozenset(
     {codes.HASH_MISMATCH, codes.CACHE_TOO_SMALL, codes.CACHE_FULL, codes.NO_LOCATIONS}
 )
+#: Writes that fail because the disk (or the user's quota) is full: "cache full" (0x87D01201).
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+#: ERROR_DISK_FULL as an HRESULT: what BITS reports when it cannot write a file.
+_HR_DISK_FULL = 0x80070070
 
 
 def _int_variable(variables: dict[str, str], name: str, default: int) -> int:
@@ -367,13 +377,30 @@ class TaskSequenceEngine:
         )
         self.variables: dict[str, str] = {}
         self.transfers: list[PackageTransfer] = []
+        #: Cache entries this engine holds (in use: never evicted), one lease per entry key.
+        self._leases: dict[str, Lease] = {}
         #: ``on_job(package_id, version, files, total_bytes)``: a package download begins
         #: (with the core's ``on_progress``, enough to draw a progress bar).
         self.on_job: Callable[[str, int, int, int], None] | None = None
 
     def close(self) -> None:
+        self.release_content()
         self.core.close()
         self.client.close()
+
+    def release_content(self, key: str | None = None) -> None:
+        """Stop holding the cache entry ``key`` (every entry by default): it may be evicted again."""
+        for held in [key] if key is not None else list(self._leases):
+            lease = self._leases.pop(held, None)
+            if lease is not None:
+                lease.release()
+
+    def _keep(self, lease: Lease) -> CacheEntry:
+        if lease.entry.key in self._leases:
+            lease.release()  # already held: one lease per entry is enough
+        else:
+            self._leases[lease.entry.key] = lease
+        return lease.entry
 
     def _set(self, name: str, value: str) -> None:
         self.variables[name] = value
@@ -382,6 +409,18 @@ class TaskSequenceEngine:
     def run(
         self, sequence: TaskSequence, launch: str = LaunchContext.SOFTWARE_CENTER
     ) -> TaskSequenceResult:
+        """Run ``sequence``; the content it uses is held in the cache while it needs it.
+
+        On demand, a step holds its package for the step; with "download all content locally
+        before starting", every package is held from its download to the end of the sequence
+        (eviction cannot take one package to make room for the next).
+        """
+        try:
+            return self._run(sequence, launch)
+        finally:
+            self.release_content()
+
+    def _run(self, sequence: TaskSequence, launch: str) -> TaskSequenceResult:
         self.transfers = []
         steps_run: list[str] = []
         ts = "TSManager"
@@ -430,6 +469,8 @@ class TaskSequenceEngine:
                         step.package, sequence.version_of(step.package)
                     )
                     self._execute(step, entry)
+                    if on_demand:
+                        self.release_content(entry.key)
             except ContentError as error:
                 return self._fail(step.name, error, steps_run)
             steps_run.append(step.name)
@@ -450,7 +491,7 @@ class TaskSequenceEngine:
         attempt = 0
         while True:
             try:
-                return self.resolve(package_id, version)
+                return self._resolve_on_disk(package_id, version)
             except ContentError as error:
                 if attempt >= count or error.hresult in _NOT_RETRIED:
                     raise
@@ -461,6 +502,25 @@ class TaskSequenceEngine:
                     f"(0x{error.hresult:08X}); retry {attempt} of {count} in {delay} seconds",
                 )
                 self.core.retry.sleep(float(delay))
+
+    def _resolve_on_disk(self, package_id: str, version: int) -> CacheEntry:
+        """``resolve``, with a full disk (ENOSPC at any write) reported as "cache full"."""
+        try:
+            return self.resolve(package_id, version)
+        except OSError as error:
+            if error.errno not in _DISK_FULL:
+                raise
+            # By now ClientCache.staging has removed the partial download; committed entries
+            # were never written to and stay as they were.
+            self.log.error(
+                "DataTransferService",
+                f"Failed to write content {package_id}.{version} under {self.cache.root}: "
+                f"There is not enough space on the disk. (0x{_HR_DISK_FULL:08X})",
+            )
+            self._download_failed(package_id, version, codes.CACHE_FULL)
+            raise ContentError(
+                codes.CACHE_FULL, f"{package_id}.{version}: the disk is full ({error.strerror})"
+            ) from error
 
     def _fail(
         self, step: str | None, error: ContentError, steps_run: list[str]
@@ -481,7 +541,12 @@ class TaskSequenceEngine:
         self._set("_SMSTSLastContentDownloadLocation", str(entry.path))
 
     def resolve(self, package_id: str, version: int) -> CacheEntry:
-        """Return the verified cache entry for a package version, downloading it if needed."""
+        """Return the verified cache entry for a package version, downloading it if needed.
+
+        The engine holds the entry (a cache lease: it cannot be evicted) until
+        :meth:`release_content`; ``run`` releases what it resolved. A write that finds the disk
+        full raises ``OSError`` here; ``run`` reports it as 0x87D01201.
+        """
         cm = "CacheManager"
         self.log.info("TSManager", f"Resolving local content for {package_id}:{version}")
         self.log.info(cm, f"Getting cached content information for {package_id}.{version}")
@@ -492,11 +557,37 @@ class TaskSequenceEngine:
                 "Failed to create instance of of ICacheManager. Is ccmexec running?, "
                 f"hr=0x{_NO_CACHE_MANAGER:08x}",
             )
-        cached = self.cache.lookup(package_id, version)
+        cached = self._from_cache(package_id, version)
         if cached is not None:
-            self.log.info(cm, f"Content {package_id}.{version} found in cache at {cached.path}")
-            self.transfers.append(PackageTransfer(package_id, version, 0, 0, 0.0, from_cache=True))
             return cached
+
+        def waiting() -> None:
+            self.log.info(
+                cm,
+                f"Content {package_id}.{version} is being downloaded by another request; "
+                "waiting for it to finish",
+            )
+
+        # One download per content, across threads and processes (reliability.md E2): the
+        # others wait here, then find the entry it committed without touching the network.
+        with self.cache.download_lock(package_id, version, on_wait=waiting):
+            cached = self._from_cache(package_id, version)
+            if cached is not None:
+                return cached
+            return self._locate_and_download(package_id, version)
+
+    def _from_cache(self, package_id: str, version: int) -> CacheEntry | None:
+        lease = self.cache.acquire(package_id, version)
+        if lease is None:
+            return None
+        entry = self._keep(lease)
+        self.log.info(
+            "CacheManager", f"Content {package_id}.{version} found in cache at {entry.path}"
+        )
+        self.transfers.append(PackageTransfer(package_id, version, 0, 0, 0.0, from_cache=True))
+        return entry
+
+    def _locate_and_download(self, package_id: str, version: int) -> CacheEntry:
         try:
             reply = self.client.locate(package_id, version)
         except ContentError as error:
@@ -534,11 +625,13 @@ class TaskSequenceEngine:
                 f"expected {package_id}.{version}",
             )
         total = manifest.total_size
-        if total > self.cache.size_mb * 1024 * 1024:
-            raise ContentError(
-                codes.CACHE_TOO_SMALL,
-                f"{package_id}.{version} needs {total} bytes; cache holds {self.cache.size_mb} MB",
-            )
+        # Before any byte is fetched (reliability.md E1): fail at once, or evict to make room.
+        try:
+            room = self.cache.make_room(package_id, version, total)
+        except CacheSpaceError as error:
+            self._no_room(package_id, version, error)
+            raise
+        self._log_evictions(room)
         started = time.perf_counter()
         with self.cache.staging(package_id, version) as staged:
             self.log.info(
@@ -578,7 +671,14 @@ class TaskSequenceEngine:
                 f"Hash verification succeeded for content {package_id}.{version} "
                 "downloaded under context System",
             )
-            entry = self.cache.commit(staged, package_id, version)
+            # Held before it is published, so no eviction can take it before its step runs.
+            lease = self.cache.hold(package_id, version)
+            try:
+                entry = self.cache.commit(staged, package_id, version)
+            except BaseException:
+                lease.release()
+                raise
+            self._keep(lease)
         self.log.info(
             "CacheManager",
             f"ADD new cache entry for id:{package_id} Version : {version} "
@@ -595,6 +695,68 @@ class TaskSequenceEngine:
             )
         )
         return entry
+
+    def _no_room(self, package_id: str, version: int, error: CacheSpaceError) -> None:
+        report, cm = error.report, "CacheManager"
+        mb = 1024 * 1024
+        if error.hresult == codes.CACHE_TOO_SMALL:
+            # The wording of the product's status message 10050 (KB839513).
+            self.log.error(
+                cm,
+                f"Content {package_id}.{version} requires package content to be downloaded, but "
+                "the total cache size is smaller than the size of the package content. The "
+                f"current cache size is {report.capacity // mb} MB, and {report.free // mb} MB "
+                f"of cache space is available. This content requires {-(-report.needed // mb)} "
+                "MB to be available in the cache.",
+            )
+        else:
+            self._log_usage(report)
+            # CAS.log's lines when only content in use is left (myitforum, 2013).
+            self.log.error("CAS", "Not enough non-active cache to delete")
+            self.log.error("CAS", "Not enough space in Cache")
+            self.log.error("CAS", "CreateContentRequest failed")
+        self._download_failed(package_id, version, error.hresult)
+
+    def _log_usage(self, report: SpaceReport) -> None:
+        self.log.info(
+            "CacheManager",
+            f"There are currently {report.used} bytes used for cached content items "
+            f"({report.entries} total, {report.active} active, 0 tombstoned, "
+            f"{report.expired} expired).",
+        )
+
+    def _log_evictions(self, report: SpaceReport) -> None:
+        if not report.evicted:
+            return
+        cm = "CacheManager"
+        self._log_usage(report)
+        self.log.info(
+            cm,
+            f"Need {report.needed} bytes with {report.free} of {report.capacity} free: "
+            f"deleting {len(report.evicted)} cache item(s), least recently used first",
+        )
+        for gone in report.evicted:
+            if gone.partial:
+                self.log.info(
+                    cm,
+                    f"DELETE abandoned partial download {gone.key} Size : {gone.size // 1024}K "
+                    f"Location : {gone.path}",
+                )
+                continue
+            package_id, _, version = gone.key.rpartition(".")
+            last = time.strftime("%m/%d/%Y %H:%M:%S", time.gmtime(gone.last_used))
+            self.log.info(
+                cm,
+                f"DELETE cache entry for id:{package_id} Version : {version} "
+                f"Size : {gone.size // 1024}K Last used : {last} Location : {gone.path}",
+            )
+
+    def _download_failed(self, package_id: str, version: int, hresult: int) -> None:
+        self.log.error(
+            "CAS",
+            f"Download failed for content {package_id}.{version} under context System, "
+            f"error 0x{hresult:08x}",
+        )
 
 
 class _Renewer:

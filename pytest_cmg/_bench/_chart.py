@@ -56,8 +56,10 @@ def write_chart(report: dict[str, Any], path: Path) -> None:
         if min(medians) > 0 and max(medians) / min(medians) > 20:
             # hashlib next to 16 KiB files would flatten every other bar.
             ax.set_xscale("log")
-        for y, value in enumerate(medians):
-            ax.text(value, y, f" {value:.0f}", va="center", ha="left", fontsize=8)
+        for y, info in enumerate(infos):
+            # Beside the whisker, not on it.
+            rate = info["mb_per_s"]
+            ax.text(rate["max"], y, f"  {rate['median']:.3g}", va="center", ha="left", fontsize=8)
         shape = bench.get("workloads", {}).get(workload, {})
         ratios = report.get("ratios", {}).get(workload, {})
         ratio_text = ", ".join(f"{k} {v:.2f}" for k, v in ratios.items())

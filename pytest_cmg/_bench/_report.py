@@ -347,6 +347,8 @@ def render_table(report: dict[str, Any], workloads: list[str] | None = None) -> 
         "MB/s in 10^6 bytes; median [min-max] over rounds; CPU% = user+sys / wall "
         "(100 = one core); ratios from medians of this run",
     ]
+    if bench.get("elapsed_s") is not None:
+        lines.append(f"whole run (Azurite start, uploads, rounds, checks): {bench['elapsed_s']:.0f} s")
     load = bench.get("loadavg")
     if load:
         lines.append(

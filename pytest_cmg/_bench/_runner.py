@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -95,6 +96,7 @@ class Bench:
         self._workdir: Path | None = None
         self._own_workdir = False
         self._loadavg: list[float] = []
+        self._started = 0.0
 
     def _say(self, line: str) -> None:
         if self.config.log is not None:
@@ -109,6 +111,7 @@ class Bench:
         from .._storage.azurite import AzuriteProcess
 
         self._loadavg = list(os.getloadavg())
+        self._started = time.monotonic()
         found = resolve_aria2(self.config.aria2)
         if isinstance(found, Aria2):
             self.aria2 = found
@@ -291,6 +294,7 @@ class Bench:
                 if self.aria2
                 else {"reason": self.aria2_reason}
             ),
+            "elapsed_s": round(time.monotonic() - self._started, 1),
             "loadavg": {
                 "start": [round(x, 2) for x in self._loadavg],
                 "end": [round(x, 2) for x in os.getloadavg()],

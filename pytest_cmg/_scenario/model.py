@@ -238,9 +238,9 @@ EXPECT = Record(
             MapOf(key=PACKAGE_ID, value=Count(unit=Size())),
             default=None,
             doc=(
-                "Response-body bytes storage served per package (every request counted, "
-                "retries included): a size, or {at_least: ..., at_most: ...}. `0` proves a "
-                "package was never read."
+                "Content bytes storage served per package: bodies of 200 and 206 answers, "
+                "bytes fetched again after a cut included; a size, or {at_least: ..., "
+                "at_most: ...}. `0` proves a package was never read."
             ),
             example="{PS100012: 24MiB, PS100013: 0}",
         ),

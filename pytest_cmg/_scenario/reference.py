@@ -1,7 +1,8 @@
 """Render the scenario key reference (docs/scenarios.md) from the spec that validates files.
 
 Run ``python -m pytest_cmg._scenario.reference > docs/scenarios.md``; a test fails when the
-committed file differs, so the reference cannot fall behind the language.
+committed file differs, so the reference cannot fall behind the language. Every key has an
+example: the field's own, or one made from its spec (a test checks each one validates).
 """
 
 from __future__ import annotations
@@ -9,20 +10,71 @@ from __future__ import annotations
 from .model import SCENARIO
 from .spec import Choice, Field, ListOf, Record, Spec
 
-__all__ = ["render_reference"]
+__all__ = ["example_of", "reference_rows", "render_reference"]
 
 _INTRO = """# Scenario file reference
 
 Generated from the scenario language's own definition (`pytest_cmg/_scenario/model.py`) by
-`python -m pytest_cmg._scenario.reference`; do not edit by hand.
+`python -m pytest_cmg._scenario.reference`; do not edit by hand. The same definition generates
+the JSON Schema `docs/scenario.schema.json` (`python -m pytest_cmg._scenario.schema`), for
+editors: `# yaml-language-server: $schema=../../docs/scenario.schema.json` on a file's first line.
 
 A scenario file is YAML named `*.cmg.yaml` (option `--cmg-scenario-pattern`). Every key below is
 checked at collection: an unknown key, a wrong type or a dangling reference is reported with the
-file and line, all problems of a file at once. The annotated example is
-`scenarios/ipu/on-demand-token-software-center.cmg.yaml`.
+file and line, all problems of a file (and of the files it includes) at once. The annotated
+example is `scenarios/ipu/on-demand-token-software-center.cmg.yaml`; `docs/tutorial.md` walks
+through writing one.
 
-| key | required | default | value | meaning |
-|---|---|---|---|---|
+| key | required | default | value | meaning | example |
+|---|---|---|---|---|---|
+"""
+
+_RULES = """
+## Rules
+
+**Values.** Sizes are bytes or `64MiB`, `512KiB`, `1.5GiB`, `10MB`; durations are seconds or
+`90s`, `5m`, `1h30m`, `250ms`. `key:` left empty means "not given" where the key has no default.
+
+**Log expectations** (`log`, `gateway_log`, `absent_log`, `absent_gateway_log`) are Python regular
+expressions searched in each line (`re.search`); smsts.log lines read `component: message`.
+Escape `.`, `(`, `)`, `[`, `]` to match them literally. A pattern that does not compile is a
+collection error at its line.
+
+**Counts** (`requests.*`, `storage_requests`, `retries`, `storage_bytes.*`) are exact values or
+`{at_least: n, at_most: m}` with either bound; `elapsed` takes `{min: ..., max: ...}`.
+
+**Includes.** `include: [worlds/ipu-world]` merges shared world files under the scenario, in
+order. A path starting with `./` or `../` is relative to the file that names it; any other path
+is relative to the fixtures folder (`--cmg-fixtures`, ini `cmg_fixtures`, else the nearest
+`fixtures` folder above the scenario); `.yaml` may be left off. Later files override earlier
+ones and the scenario overrides them all: mappings merge key by key, lists are replaced, except
+`packages`, which merge by `id` (a package given again changes only the keys it gives). A world
+may include others; cycles are errors. A world holds any scenario key except `scenario`,
+`description`, `markers`, `matrix` and `cases`, none required. Problems in a world are reported
+at its own line, with the line that included it. Name shared files `*.yaml`, not `*.cmg.yaml`, so
+they are not collected as scenarios.
+
+**Catalogs.** `packages: [{ref: catalog/os-upgrade-win11, version: 4}]` takes one package from a
+catalog file (same path rules; the file holds one package's keys), then applies the keys given
+next to `ref`.
+
+**Cases.** `matrix` makes one item per combination of its values; `cases` one item per case;
+both together make every case times every combination. Item IDs are the values (or case IDs)
+joined with `-`, in the order written: `file.cmg.yaml::name[token-1910]`, the same on every
+xdist worker. Paths in `matrix` and `cases[].set` name any key below `scenario` except
+`description`, `include`, `matrix`, `cases` and `markers`; list items by index (`packages[1]`)
+or by package ID (`packages[PS100013]`). The file without its cases must itself be valid; each
+case is then validated with its values set, and a problem only one case has names that case.
+
+**Timeline.** `faults` entries are armed before the run, or `before_step` (by step name), or
+`at` a virtual time. Gateway faults count requests per endpoint and storage faults count every
+storage request, from the start of the run. Time is virtual: it moves on retry waits, storage
+stalls, throttling and delays, and `clock` jumps; `clock` moves the site's clock (token
+lifetimes) but not storage's, so SAS expiry is scripted with `gateway.sas_ttl`. Gateway `delay`
+is real time (at most 10 s).
+
+**Markers.** `slow` and `benchmark` are registered by the plugin; other names must be registered
+in the `markers` ini option (`skip`, `skipif`, `xfail` are pytest's own).
 """
 
 
@@ -36,33 +88,49 @@ def _default(item: Field) -> str:
     return f"`{item.default}`" if item.default != "" else '`""`'
 
 
-def _rows(record: Record, prefix: str) -> list[str]:
-    rows = []
+def example_of(item: Field) -> str:
+    """The YAML example of a field's value: its own, or one made from its spec."""
+    return item.example or item.spec.sample()
+
+
+def reference_rows(record: Record, prefix: str = "") -> list[tuple[str, Field]]:
+    """Every documented key (dotted, ``[]`` for list items) with its field, in file order."""
+    rows: list[tuple[str, Field]] = []
     for name, item in record.fields.items():
         key = f"{prefix}{name}"
+        rows.append((key, item))
         spec: Spec = item.spec
-        value = (
-            spec.describe()
-            if not isinstance(spec, Record | ListOf)
-            else ("mapping" if isinstance(spec, Record) else "list")
-        )
-        if isinstance(spec, Choice):
-            value = " \\| ".join(f"`{c}`" for c in spec.choices)
-        doc = (item.doc or spec.doc).replace("|", "\\|")
-        rows.append(
-            f"| `{key}` | {'yes' if item.required else ''} | {_default(item)} | {value} | {doc} |"
-        )
+        if key == "cases[].expect":
+            continue  # the keys of expect, documented once
         if isinstance(spec, Record):
-            rows.extend(_rows(spec, f"{key}."))
+            rows.extend(reference_rows(spec, f"{key}."))
         elif isinstance(spec, ListOf) and isinstance(spec.item, Record):
-            rows.extend(_rows(spec.item, f"{key}[]."))
-        elif isinstance(spec, ListOf):
-            rows[-1] = rows[-1].replace("| list |", f"| list of {spec.item.describe()} |")
+            rows.extend(reference_rows(spec.item, f"{key}[]."))
     return rows
 
 
+def _row(key: str, item: Field) -> str:
+    spec = item.spec
+    if isinstance(spec, Choice):
+        value = " \\| ".join(f"`{c}`" for c in spec.choices)
+    elif isinstance(spec, Record):
+        value = "mapping"
+    elif isinstance(spec, ListOf):
+        value = "list" if isinstance(spec.item, Record) else f"list of {spec.item.describe()}"
+    else:
+        value = spec.describe()
+    doc = (item.doc or spec.doc).replace("|", "\\|")
+    if key == "cases[].expect":
+        doc += " Same keys as `expect`, none required."
+    name = key.rsplit(".", 1)[-1].removesuffix("[]")
+    example = f"`{name}: {example_of(item)}`".replace("|", "\\|")
+    required = "yes" if item.required else ""
+    return f"| `{key}` | {required} | {_default(item)} | {value} | {doc} | {example} |"
+
+
 def render_reference() -> str:
-    return _INTRO + "\n".join(_rows(SCENARIO, "")) + "\n"
+    rows = [_row(key, item) for key, item in reference_rows(SCENARIO)]
+    return _INTRO + "\n".join(rows) + "\n" + _RULES
 
 
 if __name__ == "__main__":

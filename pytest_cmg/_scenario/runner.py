@@ -178,11 +178,14 @@ def run_scenario(scenario: Scenario, harness: Harness, workdir: Path) -> Scenari
 
 
 def storage_bytes_by_package(storage: list[ProxiedRequest]) -> dict[str, int]:
-    """Response-body bytes storage served per package ID (blob ``<container>/<ID>.<ver>/...``)."""
+    """Content bytes storage served per package ID (blob ``<container>/<ID>.<ver>/...``).
+
+    Only the bodies of 200 and 206 answers are content; a 403's error document is not.
+    """
     served: dict[str, int] = {}
     for request in storage:
         parts = request.path.split("/")
-        if len(parts) > 3:
+        if len(parts) > 3 and request.status in (200, 206):
             package_id = parts[3].split(".", 1)[0]
             served[package_id] = served.get(package_id, 0) + request.body_bytes
     return served

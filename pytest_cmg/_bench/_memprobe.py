@@ -21,7 +21,11 @@ from pathlib import Path
 
 def _status_mib(field: str) -> float:
     """A ``/proc/self/status`` size field (``VmRSS``, ``VmHWM``) in MiB."""
-    for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+    try:
+        status = Path("/proc/self/status").read_text(encoding="ascii")
+    except OSError:
+        return float("nan")  # not Linux: the runner reports no memory figure
+    for line in status.splitlines():
         if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024  # the kernel prints kB
     return float("nan")

@@ -185,7 +185,7 @@ def machine_info() -> dict[str, Any]:
 
 
 def commit_info() -> dict[str, Any]:
-    """The git commit of the working directory, best effort (pytest-benchmark records it too)."""
+    """The git commit of the measured code's checkout, best effort (as pytest-benchmark records)."""
     info: dict[str, Any] = {"id": None, "dirty": None, "branch": None, "project": "pytest-cmg"}
     try:
         info["id"] = _git("rev-parse", "HEAD")
@@ -199,6 +199,8 @@ def commit_info() -> dict[str, Any]:
 def _git(*args: str) -> str:
     proc = subprocess.run(
         ["git", *args],  # noqa: S607 - git from PATH, as any developer tool would
+        # The checkout the measured code was imported from, wherever the bench was started.
+        cwd=Path(__file__).resolve().parents[2],
         capture_output=True,
         text=True,
         timeout=10,

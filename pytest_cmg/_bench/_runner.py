@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -239,7 +240,7 @@ class Bench:
         rate = dataset.workload.total / 1e6 / sample.seconds
         self._say(f"{label}: {sample.seconds:.3f} s, {rate:.1f} MB/s")
 
-    def _memory_probe(self, dataset: Dataset) -> MemoryProbe:
+    def _memory_probe(self, dataset: Dataset) -> MemoryProbe | None:
         assert self._workdir is not None
         dest = _fresh(self._workdir / "out" / "memprobe")
         job = {"manifest": dataset.manifest.to_xml(), "dest": str(dest), "workers": self.config.workers}
@@ -262,6 +263,9 @@ class Bench:
             raise BenchError(msg) from exc
         finally:
             shutil.rmtree(dest, ignore_errors=True)
+        if math.isnan(float(data["peak_mib"])):
+            self._say(f"{dataset.workload.name}: no peak memory figure (no /proc/self/status)")
+            return None
         probe = MemoryProbe(
             float(data["peak_mib"]),
             float(data["baseline_mib"]),

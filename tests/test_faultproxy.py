@@ -761,3 +761,20 @@ def test_garbage_request_gets_400_and_is_not_counted(proxy):
         data, _exc = read_all(sock)
     assert data.startswith(b"HTTP/1.1 400 ")
     assert proxy.log == []
+
+
+def test_path_filter_numbers_only_the_requests_for_that_blob(store, proxy, session):
+    """``request=N, path=P`` is the N-th request for P, whatever else arrived in between."""
+    proxy.add(respond(503), request=2, path="big.bin")
+    small, big = small_url(store, proxy), big_url(store, proxy)
+
+    statuses = [
+        session.get(url, headers={"Range": "bytes=0-9"}, timeout=10).status_code
+        for url in (small, big, small, small, big, big)
+    ]
+
+    # Global requests 3 and 4 are for small.bin: they neither fire the fault nor count for it.
+    assert statuses == [206, 206, 206, 206, 503, 206]
+    assert [r.faults for r in proxy.log][4] == ("respond(503)",)
+    with pytest.raises(ValueError, match="path must not be empty"):
+        proxy.add(respond(503), path="")

@@ -76,7 +76,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
@@ -344,6 +344,9 @@ class _Pending:
     fault: Fault
     first: int | None
     remaining: int
+    #: Only requests whose decoded path contains this count, and are numbered, for this fault.
+    path: str | None = None
+    seen: int = 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -1138,11 +1141,23 @@ class FaultProxy:
 
     # -- scripting -------------------------------------------------------------------------
 
-    def add(self, fault: Fault, *, request: int | None = None, times: int = 1) -> None:
+    def add(
+        self,
+        fault: Fault,
+        *,
+        request: int | None = None,
+        times: int = 1,
+        path: str | None = None,
+    ) -> None:
         """Script ``fault`` for requests ``request`` .. ``request + times - 1`` (1-based, global).
 
         With ``request=None`` it applies to the next ``times`` requests that arrive. Several
         faults may target the same request; they combine (e.g. ``delay`` + ``reset_after``).
+
+        With ``path``, only requests whose URL-decoded path contains it are counted and hit:
+        ``request=2, path="install.wim"`` is the second request for that blob, whatever other
+        blobs were asked for in between. Parallel downloads make global numbers race between
+        files, so a fault meant for one file should name it.
         """
         if request is not None and request < 1:
             msg = f"request numbers start at 1, not {request}"
@@ -1150,8 +1165,11 @@ class FaultProxy:
         if times < 1:
             msg = f"times must be >= 1, not {times}"
             raise ValueError(msg)
+        if path is not None and not path:
+            msg = "path must not be empty (leave it out to match every request)"
+            raise ValueError(msg)
         with self._lock:
-            self._pending.append(_Pending(fault, request, times))
+            self._pending.append(_Pending(fault, request, times, path))
 
     def clear(self) -> None:
         """Drop pending faults and the log and restart request numbering at 1.
@@ -1208,7 +1226,14 @@ class FaultProxy:
             number = self._counter
             faults: list[Fault] = []
             still: list[_Pending] = []
+            decoded = unquote(path)
             for entry in self._pending:
+                if entry.path is not None and entry.path not in decoded:
+                    still.append(entry)
+                    continue
+                entry.seen += 1
+                # Without a path filter every request counts, so ``seen`` equals ``number``.
+                index = entry.seen if entry.path is not None else number
                 if entry.first is None:
                     faults.append(entry.fault)
                     entry.remaining -= 1
@@ -1216,9 +1241,9 @@ class FaultProxy:
                         still.append(entry)
                 else:
                     last = entry.first + entry.remaining - 1
-                    if entry.first <= number <= last:
+                    if entry.first <= index <= last:
                         faults.append(entry.fault)
-                    if number < last:
+                    if index < last:
                         still.append(entry)
             self._pending = still
             plan = _Plan.build(faults)

@@ -271,3 +271,114 @@ def test_clear_forgets_what_a_test_changed(cmg, cloud_dp):
     assert cmg.faults.pending == []
     assert cmg.running
     assert len(cmg.log) == 0
+
+
+# --- on-premises sources and record order (protocol.md 1.5) ----------------------------------
+
+
+def reply_of(response):
+    assert response.status_code == 200
+    return ContentLocationReply.from_xml(decode_message(response.content).body)
+
+
+def test_on_prem_records_come_first_and_the_cloud_last(http, cmg, distributed):
+    cmg.add_on_prem_dp("PS1DP.contoso.test", distributed)
+    cmg.add_on_prem_dp("PS2DP.contoso.test", distributed, locality="REMOTE", https=True)
+    cmg.add_on_prem_dp("EMPTYDP.contoso.test")  # holds nothing: never listed
+    body = decode_message(locate(http, cmg, "PS100012", 2).content).body
+    reply = ContentLocationReply.from_xml(body)
+    assert [(r.server_remote_name, r.dp_type, r.locality) for r in reply.records] == [
+        ("PS1DP.contoso.test", "SERVER", "LOCAL"),
+        ("PS2DP.contoso.test", "SERVER", "REMOTE"),
+        (cmg.hostname, "CLOUD", "REMOTE"),
+    ]
+    local, remote, cloud = reply.records
+    assert local.url == "http://PS1DP.contoso.test/SMS_DP_SMSPKG$/PS100012"
+    assert local.signature_url == "http://PS1DP.contoso.test/SMS_DP_SMSSIG$/PS100012.2.tar"
+    assert (local.ssl_state, remote.ssl_state, cloud.ssl_state) == (0, 1, 1)
+    assert remote.url.startswith("https://PS2DP.contoso.test/")
+    assert local.windows_trust and not cloud.windows_trust
+    assert local.access_token is None and cloud.access_token is not None
+    assert reply.package_hash == distributed.hash
+    assert '<MPSite SiteCode="PS1" MasterSiteCode="PS1" SiteLocality="LOCAL"' in body
+    assert "<ADSite Name=\"Default-First-Site-Name\" />" in body
+
+
+def test_prefer_cloud_sources_puts_the_cloud_record_first(http, cmg, distributed):
+    cmg.add_on_prem_dp("PS1DP.contoso.test", distributed)
+    cmg.configure(settings=CmgSettings(prefer_cloud_sources=True))
+    reply = reply_of(locate(http, cmg, "PS100012", 2))
+    assert [r.dp_type for r in reply.records] == ["CLOUD", "SERVER"]
+
+
+def test_content_only_on_prem_gets_on_prem_records_and_no_fallback(http, cmg, cloud_dp):
+    from pytest_cmg import ContentManifest, ManifestFile
+
+    on_prem_only = ContentManifest("PS100077", 1, (ManifestFile("a.txt", 3, "0" * 64),))
+    cmg.add_on_prem_dp("PS1DP.contoso.test", on_prem_only)
+    response = locate(http, cmg, "PS100077", 1)
+    body = decode_message(response.content).body
+    assert 'SiteLocality="FALLBACK"' not in body
+    [record] = ContentLocationReply.from_xml(body).records
+    assert record.dp_type == "SERVER"
+    assert ContentLocationReply.from_xml(body).package_hash == on_prem_only.hash
+    assert any("No cloud location for PS100077:1" in ln for ln in cmg.service_lines)
+    assert not any("No content location" in ln for ln in cmg.service_lines)
+
+
+def test_engine_skips_intranet_dps_and_downloads_from_the_cloud(cmg, cmg_client, distributed):
+    from pytest_cmg import Step, TaskSequence
+
+    cmg.add_on_prem_dp("PS1DP.contoso.test", distributed)
+    cmg.add_on_prem_dp("PS2DP.contoso.test", distributed, locality="REMOTE")
+    engine = cmg_client()
+    sequence = TaskSequence(
+        "PS100020", "On-prem first", (Step("Upgrade", "upgrade_os", "PS100012"),), {"PS100012": 2}
+    )
+    result = engine.run(sequence)
+    assert result.succeeded, result.error
+    messages = engine.log.messages
+    assert "TSManager: Processing 3 locations." in messages
+    skipped = [m for m in messages if m.startswith("LocationServices: Skipping distribution point")]
+    assert [m.split("'")[1] for m in skipped] == ["PS1DP.contoso.test", "PS2DP.contoso.test"]
+    assert all("cannot reach an intranet distribution point" in m for m in skipped)
+    # Records are logged in reply order, then the cloud one is used.
+    listed = [m for m in messages if m.startswith("LocationServices: Distribution Point=")]
+    assert ["PS1DP" in listed[0], "PS2DP" in listed[1], "getcontentxmlsecure" in listed[2]] == [
+        True,
+        True,
+        True,
+    ]
+    cmg.log.assert_request_made("manifest", count=1, status=200)
+
+
+def test_engine_with_only_intranet_sources_finds_no_content_server(cmg, cmg_client, cloud_dp):
+    from pytest_cmg import ContentManifest, ManifestFile, Step, TaskSequence
+    from pytest_cmg._protocol import codes
+
+    on_prem_only = ContentManifest("PS100077", 1, (ManifestFile("a.txt", 3, "0" * 64),))
+    cmg.add_on_prem_dp("PS1DP.contoso.test", on_prem_only)
+    engine = cmg_client()
+    result = engine.run(
+        TaskSequence("PS100020", "Intranet only", (Step("Run", "run_command_line", "PS100077"),))
+    )
+    assert result.exit_code == codes.NO_LOCATIONS
+    messages = engine.log.messages
+    assert "TSManager: Processing 1 locations." in messages
+    assert "TSManager: No static content server." in messages
+    assert "TSManager: Content location request for PS100077:1 failed, hr=0x80040102" in messages
+    assert cmg.log.count("manifest") == 0
+
+
+def test_on_prem_dp_locality_is_checked(cmg):
+    with pytest.raises(ValueError, match="locality 'NEARBY'"):
+        cmg.add_on_prem_dp("PS1DP.contoso.test", locality="NEARBY")
+    cmg.add_on_prem_dp("PS1DP.contoso.test")
+    cmg.clear()
+    assert cmg.on_prem_dps == []
+
+
+def test_request_log_records_the_gateway_latency(http, cmg, distributed):
+    locate(http, cmg, "PS100012", 2)
+    [entry] = cmg.log.entries
+    assert 0 < entry.elapsed < 10

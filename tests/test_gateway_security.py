@@ -924,3 +924,214 @@ def test_no_tokens_or_signatures_in_the_request_or_service_log(web, cmg, distrib
     assert "sig=" not in lines
     assert token not in lines
     assert signature not in lines
+
+
+# --- 9. certificate trust list and revocation (reliability.md 32) -------------------------------
+
+CLIENT_CA = "pytest-cmg client CA"
+PARTNER_CA = "pytest-cmg partner CA"
+
+
+def mutual_locate(cmg, credentials):
+    with make_session(cmg.ca_pem, credentials) as session:
+        return locate(session, cmg, token=False, url=cmg.mutual_location_url)
+
+
+def test_ctl_refuses_an_uploaded_root_it_does_not_list(cmg, distributed):
+    ours = cmg.issue_client_certificate("GUID:ours")
+    partner = cmg.issue_client_certificate("GUID:partner", issuer=PARTNER_CA)
+    # Without a CTL every uploaded root is accepted.
+    assert mutual_locate(cmg, partner).status_code == 200
+    cmg.configure(settings=CmgSettings(certificate_trust_list=(CLIENT_CA,)))
+    refused = mutual_locate(cmg, partner)
+    assert (refused.status_code, refused.reason) == (403, "Client certificate is untrusted or invalid")
+    assert refused.content == b""
+    assert "'pytest-cmg partner CA' is not in the certificate trust list" in cmg.log.entries[-1].detail
+    assert mutual_locate(cmg, ours).status_code == 200
+    # A CTL listing the partner root accepts it again.
+    cmg.configure(settings=CmgSettings(certificate_trust_list=(CLIENT_CA, PARTNER_CA)))
+    assert mutual_locate(cmg, partner).status_code == 200
+
+
+def test_revoked_certificate_is_refused_only_with_crl_checking(cmg, distributed):
+    revoked = cmg.issue_client_certificate("GUID:revoked")
+    sibling = cmg.issue_client_certificate("GUID:sibling")
+    cmg.revoke_client_certificate(revoked)
+    assert mutual_locate(cmg, revoked).status_code == 200  # checking off (the default)
+    cmg.configure(settings=CmgSettings(crl_check=True))
+    refused = mutual_locate(cmg, revoked)
+    assert (refused.status_code, refused.reason) == (403, "Client certificate revoked")
+    assert "is revoked by 'pytest-cmg client CA'" in cmg.log.entries[-1].detail
+    assert cmg.log.entries[-1].client_id == ""  # refused before authentication
+    assert mutual_locate(cmg, sibling).status_code == 200
+    # Fail closed on every path: the revoked certificate with a valid token is refused too.
+    with make_session(cmg.ca_pem, revoked) as session:
+        assert locate(session, cmg).status_code == 403
+
+
+def test_unreachable_crl_fails_closed_when_checking(cmg, distributed):
+    credentials = cmg.issue_client_certificate("GUID:crl-offline")
+    cmg.tls.withdraw_crls()
+    assert mutual_locate(cmg, credentials).status_code == 200  # nobody asks for the CRL
+    cmg.configure(settings=CmgSettings(crl_check=True))
+    refused = mutual_locate(cmg, credentials)
+    assert (refused.status_code, refused.reason) == (403, "Client certificate is untrusted or invalid")
+    assert "unreachable" in cmg.log.entries[-1].detail
+    # Token clients present no certificate: revocation never concerns them.
+    assert locate(make_session(cmg.ca_pem), cmg).status_code == 200
+    cmg.clear()  # publishes the CRLs again
+    cmg.configure(settings=CmgSettings(crl_check=True))
+    assert cmg.tls.crl_path(cmg.tls.client_ca).is_file()
+    assert mutual_locate(cmg, credentials).status_code == 200
+
+
+def test_crl_signed_by_another_ca_is_not_trusted(cmg, distributed):
+    from pytest_cmg._gateway.pki import CertificateAuthority
+
+    credentials = cmg.issue_client_certificate("GUID:forged-crl")
+    cmg.tls.crl_path(cmg.tls.client_ca).write_bytes(CertificateAuthority("impostor").crl())
+    cmg.configure(settings=CmgSettings(crl_check=True))
+    refused = mutual_locate(cmg, credentials)
+    assert refused.status_code == 403
+    assert "is not signed by it" in cmg.log.entries[-1].detail
+
+
+# --- 10. every site-version gate of protocol.md section 0 -----------------------------------
+
+
+def test_gate_2107_refuses_a_classic_cloud_dp_world(cmg):
+    with pytest.raises(ValueError, match="classic cloud distribution point cannot be created"):
+        CmgSettings(classic_cloud_dp=True)  # the default site version is 2107
+    with pytest.raises(ValueError, match="from 2107 on; use a content-enabled CMG"):
+        CmgSettings(classic_cloud_dp=True, site_version=2203)
+    assert CmgSettings(site_version=2107).content_enabled  # a content-enabled CMG works
+
+
+def test_classic_cloud_dp_before_2107_serves_content_under_its_own_name(cmg, cmg_client, distributed):
+    cmg.configure(settings=CmgSettings(classic_cloud_dp=True, site_version=2103, content_enabled=False))
+    engine = cmg_client()
+    result = engine.run(ONE_STEP)
+    assert result.succeeded, result.error
+    assert any(
+        f"Content location for {PACKAGE}:1: cloud DP {cmg.classic_dp_hostname}" in ln
+        for ln in cmg.service_lines
+    )
+    # The content access token names the service that issued it.
+    assert cmg.log.matching("manifest")[0].query["iss"] == cmg.classic_dp_hostname
+
+
+def test_gate_2002_site_tokens(web, cmg):
+    bulk = cmg.authority.issue_bulk_token()
+    headers = {"Authorization": f"Bearer {bulk}"}
+    cmg.configure(settings=CmgSettings(site_version=1910))
+    refused = web.post(sts_url(cmg), data=b"GUID:early", headers=headers, timeout=10)
+    assert (refused.status_code, refused.reason) == (401, INVALID_TOKEN)
+    assert "predates token-based authentication (2002)" in cmg.log.entries[-1].detail
+    cmg.configure(settings=CmgSettings(site_version=2002))
+    assert web.post(sts_url(cmg), data=b"GUID:on-time", headers=headers, timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("version", "launch", "boot_image", "refused"),
+    [
+        (2002, "software_center", True, "before 2006"),
+        (2006, "software_center", True, ""),
+        (2006, "boot_media", False, "before 2010"),
+        (2010, "boot_media", False, ""),
+        (2107, "pxe", False, "PXE is not available"),
+        (1910, "software_center", False, ""),
+    ],
+)
+def test_launch_gates_2002_2006_2010(version, launch, boot_image, refused):
+    from pytest_cmg._protocol.settings import launch_refusal
+
+    reason = launch_refusal(version, launch, boot_image=boot_image)
+    assert (refused in reason) if refused else reason == ""
+
+
+# --- 11. measured egress ------------------------------------------------------------------
+
+
+def test_measured_egress_counts_what_storage_served(web, cmg, distributed):
+    cmg.configure(settings=CmgSettings(measure_egress=True))
+    manifest = ContentManifest.from_xml(manifest_for(web, reply_of(locate(web, cmg))).text)
+    assert cmg.egress_authorised_bytes == PACKAGE_SIZE
+    assert cmg.egress_bytes == 0  # authorised, nothing read yet
+    small = next(f for f in manifest.files if f.relpath == "readme.txt")
+    big = next(f for f in manifest.files if f.relpath != "readme.txt")
+    assert f"127.0.0.1:{urlport(small.url)}" != cloud_port(cmg)  # through the meter
+    with requests.Session() as storage:
+        storage.trust_env = False
+        assert storage.get(small.url, timeout=10).content == PAYLOAD["readme.txt"]
+        ranged = storage.get(big.url, headers={"Range": "bytes=0-99"}, timeout=10)
+        assert ranged.status_code == 206
+        refused = storage.get(small.url.replace("sig=", "sig=AAAA"), timeout=10)
+        assert refused.status_code == 403  # an error body is not egress of content
+    assert cmg.wait_egress_idle()
+    assert cmg.egress_bytes == len(PAYLOAD["readme.txt"]) + 100
+    assert cmg.egress_authorised_bytes == PACKAGE_SIZE
+
+
+def urlport(url):
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).port
+
+
+def cloud_port(cmg):
+    from urllib.parse import urlsplit
+
+    return f"127.0.0.1:{urlsplit(cmg.cloud_dp.endpoint.url).port}"
+
+
+def test_measured_egress_over_the_threshold_stops_the_service_at_the_next_check(
+    cmg, cmg_client, distributed
+):
+    cmg.configure(
+        settings=CmgSettings(measure_egress=True, egress_threshold_gb=1e-9, stop_when_critical=True)
+    )
+    engine = cmg_client()
+    result = engine.run(ONE_STEP)
+    # The manifest came before any byte left storage: the download itself was allowed.
+    assert result.succeeded, result.error
+    assert cmg.running
+    assert cmg.wait_egress_idle()
+    # Every byte the client read left storage (a retried request would count twice: it is
+    # egress too); the exact count is checked with plain requests above.
+    served = cmg.egress_bytes
+    assert PACKAGE_SIZE <= served < 2 * PACKAGE_SIZE
+    # The next check (here: the next request) sees the bytes served and stops the service.
+    assert raw_locate(cmg).status == 503
+    assert not cmg.running
+    critical = [ln for ln in cmg.service_lines if "exceeds the critical threshold" in ln]
+    assert len(critical) == 1
+    assert f"Outbound data transfer {served} bytes" in critical[0]
+    assert any("service stopped" in ln and "critical" in ln for ln in cmg.service_lines)
+
+
+def test_measured_egress_counts_a_resumed_transfer_once(cmg, cmg_client, distributed, storage_faults):
+    from pytest_cmg.faults import reset_after
+
+    cmg.configure(settings=CmgSettings(measure_egress=True))
+    storage_faults.add(reset_after(1000), request=1)
+    storage_faults.add(reset_after(1000), request=2)
+    result = cmg_client().run(ONE_STEP)
+    assert result.succeeded, result.error
+    assert cmg.wait_egress_idle()
+    storage_faults.wait_idle()
+    # Client -> meter -> fault proxy -> Azurite: the meter counts what reached the client; the
+    # resumed request only re-sends what the cut did not deliver.
+    assert PACKAGE_SIZE <= cmg.egress_bytes <= PACKAGE_SIZE + 2 * 1000
+    assert cmg.egress_authorised_bytes == PACKAGE_SIZE
+    assert any(r.faults for r in storage_faults.log)
+
+
+def test_classic_cloud_dp_egress_only_alerts(web, cmg, distributed):
+    cmg.configure(
+        settings=CmgSettings(
+            classic_cloud_dp=True, site_version=2103, egress_threshold_gb=1e-9, stop_when_critical=True
+        )
+    )
+    assert manifest_for(web, reply_of(locate(web, cmg))).status_code == 200
+    assert any("exceeds the critical threshold" in ln for ln in cmg.service_lines)
+    assert cmg.running  # "does not stop the transfer" (S49)

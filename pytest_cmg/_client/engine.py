@@ -20,7 +20,7 @@ import errno
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 from urllib.parse import urlencode
 
 import requests
@@ -37,7 +37,13 @@ from .._protocol.ccm import (
 )
 from .._protocol.location import ContentLocationReply, ContentLocationRequest, LocationRecord
 from .._protocol.manifest import ContentManifest, ManifestFile, package_hash
-from .._protocol.paths import CCM_METHOD, TOKEN_SIGNATURE_HEADER, mutual_auth_path, token_auth_path
+from .._protocol.paths import (
+    CCM_METHOD,
+    TOKEN_SIGNATURE_HEADER,
+    mutual_auth_path,
+    sts_path,
+    token_auth_path,
+)
 from .._protocol.settings import (
     CURRENT_SITE_VERSION,
     ClientSettings,
@@ -106,8 +112,10 @@ STEP_ACTIONS = (
 class CMGConnection:
     """Everything a client needs to reach a gateway (the ``serve`` JSON line carries the same).
 
-    With a ``token`` the client uses the token path (``CCM_Proxy_ServerAuth``); without one it
-    presents ``client_cert``/``client_key`` on the mutual-TLS path (``CCM_Proxy_MutualAuth``).
+    With a ``token`` the client uses the token path (``CCM_Proxy_ServerAuth``). With an
+    ``aad_token`` (an Azure AD device token) it first exchanges it at CCM_STS for a CCM token, as
+    Azure AD-joined clients do, then uses the token path. Without either it presents
+    ``client_cert``/``client_key`` on the mutual-TLS path (``CCM_Proxy_MutualAuth``).
     """
 
     cmg_url: str
@@ -118,19 +126,32 @@ class CMGConnection:
     token: str | None = None
     client_cert: Path | None = None
     client_key: Path | None = None
+    aad_token: str | None = None
 
     def __post_init__(self) -> None:
-        if not self.token and not (self.client_cert and self.client_key):
+        if not self.token and not self.aad_token and not (self.client_cert and self.client_key):
             msg = (
-                f"client {self.client_id} has neither a token nor a client certificate and key; "
-                "give one of them to reach the CMG"
+                f"client {self.client_id} has neither a token, an Azure AD token nor a client "
+                "certificate and key; give one of them to reach the CMG"
             )
             raise ValueError(msg)
 
     @property
+    def uses_token_path(self) -> bool:
+        return bool(self.token or self.aad_token)
+
+    @property
     def location_url(self) -> str:
-        path = token_auth_path(self.mp_role_id) if self.token else mutual_auth_path(self.mp_role_id)
+        path = (
+            token_auth_path(self.mp_role_id)
+            if self.uses_token_path
+            else mutual_auth_path(self.mp_role_id)
+        )
         return self.cmg_url.rstrip("/") + path
+
+    @property
+    def sts_url(self) -> str:
+        return self.cmg_url.rstrip("/") + sts_path(self.mp_role_id)
 
 
 class CMGClient:
@@ -156,9 +177,50 @@ class CMGClient:
         self._session.verify = str(connection.ca_cert)
         if connection.client_cert and connection.client_key:
             self._session.cert = (str(connection.client_cert), str(connection.client_key))
+        #: The CCM token obtained for ``connection.aad_token`` (memory only, never logged).
+        self._ccm_token: str | None = None
 
     def close(self) -> None:
         self._session.close()
+
+    def _bearer(self) -> str | None:
+        """The CCM token to append to requests: the given one, or one got for the AAD token."""
+        conn = self.connection
+        if conn.token:
+            return conn.token
+        if not conn.aad_token:
+            return None
+        if self._ccm_token is None:
+            self._ccm_token = self._exchange_aad_token(conn.aad_token)
+        return self._ccm_token
+
+    def _exchange_aad_token(self, aad_token: str) -> str:
+        """CCM_STS: an Azure AD device token in, a CCM token out (azure-ccmsetup.md, S9)."""
+        url = self.connection.sts_url
+        self.log.info("ClientIDManagerStartup", f"Getting CCM Token from {url}")
+        try:
+            response = self._session.post(
+                url,
+                data=self.connection.client_id.encode("utf-8"),
+                headers={"Authorization": f"Bearer {aad_token}", "User-Agent": USER_AGENT},
+                timeout=self.timeout,
+            )
+        except requests.RequestException as exc:
+            raise ContentError(
+                codes.NO_LOCATIONS, f"CCM token request failed: {exc.__class__.__name__}"
+            ) from exc
+        if response.status_code != 200 or not response.text.strip():
+            self.log.error(
+                "ClientIDManagerStartup",
+                f"Failed to get CCM token. StatusCode={response.status_code} "
+                f"StatusText={response.reason}",
+            )
+            raise ContentError(
+                codes.NO_LOCATIONS,
+                f"CCM token request answered {response.status_code} {response.reason}",
+            )
+        self.log.info("ClientIDManagerStartup", "Cached encrypted token for 'S-1-5-18'.")
+        return response.text.strip()
 
     def locate(self, package_id: str, version: int) -> ContentLocationReply:
         """Ask MP_LocationManager, through the CMG, where ``package_id`` version lives."""
@@ -179,9 +241,10 @@ class CMGClient:
         )
         message = CcmMessage(body=request.to_xml(), source_id=conn.client_id)
         headers = {"Content-Type": CCM_CONTENT_TYPE, "User-Agent": USER_AGENT}
-        if conn.token:
+        bearer = self._bearer()
+        if bearer:
             self.log.info("LocationServices", f"Converting MutualAuth URL to ServerAuth: {url}")
-            headers["Authorization"] = f"Bearer {conn.token}"
+            headers["Authorization"] = f"Bearer {bearer}"
         self.log.info("LocationServices", f"CCM_POST {url}")
         try:
             response = self._session.request(
@@ -592,20 +655,32 @@ class TaskSequenceEngine:
             reply = self.client.locate(package_id, version)
         except ContentError as error:
             self._no_location(package_id, version, error)
-        cloud = [r for r in reply.records if r.is_cloud]
         self.log.info("TSManager", f"Processing {len(reply.records)} locations.")
+        usable: LocationRecord | None = None
         for record in reply.records:
             self.log.info(
                 "LocationServices",
                 f"Distribution Point='{redact(record.url)}', Locality='{record.locality}', "
                 f"Version='{record.version}', DPType='{record.dp_type}'",
             )
-        if not cloud:
+            # In reply order; on the internet only the cloud source is reachable: an intranet
+            # DP is skipped without a connection attempt (emulation, docs/emulation.md).
+            if usable is None and record.is_cloud:
+                usable = record
+            elif not record.is_cloud:
+                self.log.info(
+                    "LocationServices",
+                    f"Skipping distribution point '{record.server_remote_name}': the client is "
+                    "on the internet and cannot reach an intranet distribution point",
+                )
+        if usable is None:
             self.log.info("TSManager", "No static content server.")
             self._no_location(package_id, version, None)
-        return self._download(package_id, version, reply, cloud[0])
+        return self._download(package_id, version, reply, usable)
 
-    def _no_location(self, package_id: str, version: int, cause: ContentError | None) -> None:
+    def _no_location(
+        self, package_id: str, version: int, cause: ContentError | None
+    ) -> NoReturn:
         hr = codes.NO_LOCATIONS
         self.log.error(
             "TSManager",

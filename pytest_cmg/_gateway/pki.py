@@ -2,9 +2,11 @@
 
 Built on ``cryptography`` rather than trustme because tests need the certificates the product
 must refuse (reliability.md test 32): expired, not yet valid, issued by a CA the CMG does not
-trust, or lacking the client-authentication usage. OpenSSL enforces all of those during the
-handshake; a certificate with *no* extended key usage at all counts as "any purpose" there, as it
-does on Windows, and is accepted.
+trust, lacking the client-authentication usage, or revoked. OpenSSL enforces the first four
+during the handshake; a certificate with *no* extended key usage at all counts as "any purpose"
+there, as it does on Windows, and is accepted. Revocation is the gateway's check: each CA keeps
+a revocation list (:meth:`CertificateAuthority.crl`) and names where it is published in the
+certificates it issues (CRL distribution point).
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ class CertificateAuthority:
 
     def __init__(self, name: str) -> None:
         self.name = name
+        #: Serial numbers this CA revoked, with when.
+        self.revoked: dict[int, dt.datetime] = {}
         self._key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         now = _now()
@@ -85,6 +89,27 @@ class CertificateAuthority:
         path.write_bytes(self.cert_pem)
         return path
 
+    def revoke(self, serial: int) -> None:
+        self.revoked.setdefault(serial, _now())
+
+    def crl(self, *, next_update: dt.timedelta = dt.timedelta(days=7)) -> bytes:
+        """The CA's current certificate revocation list (DER), signed by the CA."""
+        now = _now()
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.certificate.subject)
+            .last_update(now - dt.timedelta(minutes=5))
+            .next_update(now + next_update)
+        )
+        for serial, when in sorted(self.revoked.items()):
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder()
+                .serial_number(serial)
+                .revocation_date(when)
+                .build()
+            )
+        return builder.sign(self._key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
     def issue(
         self,
         folder: Path,
@@ -96,8 +121,12 @@ class CertificateAuthority:
         not_before: dt.datetime | None = None,
         not_after: dt.datetime | None = None,
         file_stem: str | None = None,
+        crl_url: str | None = None,
     ) -> Credentials:
-        """Issue a leaf certificate; ``usage`` is ``"client"``, ``"server"`` or ``None`` (no EKU)."""
+        """Issue a leaf certificate; ``usage`` is ``"client"``, ``"server"`` or ``None`` (no EKU).
+
+        ``crl_url`` becomes the certificate's CRL distribution point.
+        """
         key = ec.generate_private_key(ec.SECP256R1())
         now = _now()
         # Either bound alone must give a valid window: an expired certificate needs only
@@ -121,6 +150,14 @@ class CertificateAuthority:
         names += [x509.IPAddress(ip) for ip in ip_addresses]
         if names:
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        if crl_url is not None:
+            point = x509.DistributionPoint(
+                full_name=[x509.UniformResourceIdentifier(crl_url)],
+                relative_name=None,
+                reasons=None,
+                crl_issuer=None,
+            )
+            builder = builder.add_extension(x509.CRLDistributionPoints([point]), critical=False)
         cert = builder.sign(self._key, hashes.SHA256())
         folder.mkdir(parents=True, exist_ok=True)
         # The serial makes every issue its own pair of files: a second certificate for the same

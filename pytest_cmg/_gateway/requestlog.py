@@ -28,6 +28,8 @@ class LoggedRequest:
     #: Client identity: the token's UniqueId or the certificate's subject CN.
     client_id: str = ""
     headers: dict[str, str] = field(default_factory=dict)
+    #: Seconds the gateway took from reading the request line to answering (its own latency).
+    elapsed: float = 0.0
 
     def summary(self) -> str:
         target = f" {self.package_id}" if self.package_id else ""

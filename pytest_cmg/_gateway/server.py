@@ -8,11 +8,18 @@ it into fixtures. Published paths (protocol.md sections 1.3 to 1.6, module ``_pr
   ``MP_LocationManager`` with a ContentLocationRequest, answered with a ContentLocationReply;
 * ``GET /downloadrestservice.svc/getcontentxmlsecure?pid&cid&tid&iss&alg&st&et``: the content
   manifest with per-file SAS URLs on the cloud DP's storage;
-* ``POST .../CCM_STS`` (CCM token issuance), ``GET .../ServiceMetadata`` and
+* ``POST .../CCM_STS`` (CCM token issuance, also in exchange for an Azure AD device token),
+  ``GET .../ServiceMetadata``, ``GET /CCM_Proxy_ServerAuth/AADAuthInfo?TenantID=<guid>`` and
   ``GET /CCM_Proxy_MutualAuth/<role>/SMS_MP/.sms_aut?MPLIST|SITESIGNCERT``.
 
 Everything else is refused before any processing (URL filtering), and bodies longer than the
 endpoint's limit are refused unread (the CMG's per-endpoint content-length check).
+
+Client authentication: mutual TLS (uploaded roots, then the site's CTL and optional CRL check,
+see ``tls.py``), a site-signed CCM token, or an Azure AD device token of an onboarded tenant
+(``FakeCMG.azure_ad``) on the ServerAuth paths. Location replies list the on-premises DPs that
+hold the content (``add_on_prem_dp``) and the cloud source, cloud last unless the boundary group
+prefers cloud sources.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from .._protocol.location import (
     ContentLocationReply,
     ContentLocationRequest,
     LocationRecord,
+    OnPremDP,
     is_content_id,
 )
 from .._protocol.paths import (
@@ -59,14 +67,25 @@ from .._protocol.paths import (
 from .._protocol.settings import (
     INTERNET_TS_SINCE,
     ON_DEMAND_FROM_CLOUD_SINCE,
+    SITE_TOKEN_AUTH_SINCE,
     CmgSettings,
     DeploymentSettings,
     DownloadMode,
 )
-from .._protocol.tokens import BULK_REGISTRATION, INVALID_TOKEN, SiteAuthority, TokenRejected
+from .._protocol.tokens import (
+    AAD_RESOURCE,
+    BULK_REGISTRATION,
+    INVALID_TOKEN,
+    AzureADDirectory,
+    AzureADTenant,
+    SiteAuthority,
+    TokenRejected,
+    is_azure_ad_token,
+)
+from .egress import EgressMeter
 from .faults import FaultPlan, GatewayFault
 from .requestlog import RequestLog
-from .tls import GatewayTLS
+from .tls import CertificateRefusal, GatewayTLS
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -84,6 +103,7 @@ BODY_LIMITS = {
     Endpoint.MANIFEST: 0,
     Endpoint.METADATA: 0,
     Endpoint.MP_AUTH: 0,
+    Endpoint.AAD_INFO: 0,
 }
 #: SAS start is back-dated so a client whose clock runs behind is not refused (reliability.md C1).
 SAS_CLOCK_SKEW = timedelta(minutes=15)
@@ -117,6 +137,8 @@ class FakeCMG:
     :param role_id: the MP role ID published through the CMG (``vProxy_Roles``).
     :param hostname: the CMG service FQDN (the CN of its server certificate).
     :param sas_lifetime: how long a minted SAS stays valid (capped by the access token's ``et``).
+    :param classic_dp_hostname: the service FQDN of the classic cloud DP, when the settings say
+        content comes from one (``CmgSettings.classic_cloud_dp``) rather than from the CMG.
     """
 
     def __init__(
@@ -129,6 +151,7 @@ class FakeCMG:
         hostname: str = "cmg.contoso.test",
         sas_lifetime: timedelta = timedelta(hours=1),
         workdir: Path | None = None,
+        classic_dp_hostname: str = "clouddp.contoso.test",
     ) -> None:
         self.cloud_dp = cloud_dp
         self.clock: Clock = clock or SystemClock()
@@ -136,6 +159,7 @@ class FakeCMG:
         self._default_site_code = site_code
         self.role_id = role_id
         self.hostname = hostname
+        self.classic_dp_hostname = classic_dp_hostname
         self.sas_lifetime = sas_lifetime
         self.settings = CmgSettings()
         #: The deployment the site knows for the task sequence being run (the MP decides cloud
@@ -144,8 +168,16 @@ class FakeCMG:
         self.log = RequestLog()
         self.faults = FaultPlan()
         self.authority = SiteAuthority(clock=self.clock)
-        #: Bytes the CMG has authorised clients to read from its storage (emulated egress).
-        self.egress_bytes = 0
+        #: What the site knows of Azure AD; ``tenant`` is onboarded from the start.
+        self.azure_ad = AzureADDirectory(clock=self.clock)
+        self.tenant: AzureADTenant = self.azure_ad.onboard()
+        #: On-premises DPs of the site (in the order the MP lists them).
+        self.on_prem_dps: list[OnPremDP] = []
+        #: Bytes of the manifests issued: what clients were authorised to read from storage.
+        self.egress_authorised_bytes = 0
+        self._unmetered_bytes = 0
+        self._meter: EgressMeter | None = None
+        self._egress_critical = False
         self.running = True
         self._workdir = workdir
         self._tempdir: tempfile.TemporaryDirectory[str] | None = None
@@ -174,6 +206,9 @@ class FakeCMG:
         return self
 
     def stop(self) -> None:
+        if self._meter is not None:
+            self._meter.close()
+            self._meter = None
         if self._server is None:
             return
         self._server.shutdown()
@@ -243,9 +278,45 @@ class FakeCMG:
 
         Keyword arguments make the certificates the CMG must refuse: ``usage="server"`` (no
         client-authentication usage), ``not_after=`` in the past (expired), ``rogue=True``
-        (signed by a CA the CMG does not trust).
+        (signed by a CA the CMG does not trust), ``issuer="pytest-cmg partner CA"`` (an uploaded
+        root that a certificate trust list may leave out).
         """
         return self.tls.issue_client(client_id, **kwargs)
+
+    def revoke_client_certificate(self, credentials: Credentials) -> None:
+        """Revoke a client certificate: refused once ``CmgSettings.crl_check`` is on."""
+        self.tls.revoke(credentials)
+
+    def issue_aad_token(
+        self, client_id: str, *, tenant: AzureADTenant | None = None, **kwargs: Any  # noqa: ANN401
+    ) -> str:
+        """An Azure AD device token for the device of ``client_id``, registered with the site.
+
+        The device (``tenant.device_id_of(client_id)``) is recorded as the client ``client_id``,
+        as registration does. Other keywords go to ``AzureADTenant.issue_device_token`` and
+        make the tokens the CMG must refuse (``audience=``, ``lifetime=``, ``kid=``...).
+        """
+        tenant = tenant or self.tenant
+        device_id = tenant.device_id_of(client_id)
+        self.azure_ad.register_device(tenant.tenant_id, device_id, client_id)
+        return tenant.issue_device_token(device_id, **kwargs)
+
+    def add_on_prem_dp(
+        self,
+        fqdn: str,
+        *manifests: ContentManifest,
+        locality: str = "LOCAL",
+        https: bool = False,
+    ) -> OnPremDP:
+        """An on-premises DP holding the content versions of ``manifests``, listed in replies."""
+        dp = OnPremDP(
+            fqdn=fqdn,
+            locality=locality,
+            https=https,
+            content={(m.package_id, m.version): m.hash for m in manifests},
+        )
+        self.on_prem_dps.append(dp)
+        return dp
 
     # --- per-test state ----------------------------------------------------------------------
 
@@ -282,14 +353,24 @@ class FakeCMG:
         self.service_log("CMG service started")
 
     def clear(self) -> None:
-        """Forget everything a test did: settings, faults, logs, errors, egress, stopped state."""
+        """Forget everything a test did: settings, faults, logs, errors, egress, stopped state,
+        tenants and on-prem DPs it added, CRLs it withdrew."""
         self.site_code = self._default_site_code
         self.settings = CmgSettings()
         self.deployment = DeploymentSettings()
         self.log.clear()
         self.faults.clear()
         self.authority.blocked.clear()
-        self.egress_bytes = 0
+        self.azure_ad = AzureADDirectory(clock=self.clock)
+        self.azure_ad.onboard(self.tenant)
+        self.on_prem_dps = []
+        if self._tls is not None:
+            self._tls.publish_crls()
+        if self._meter is not None:
+            self._meter.reset()
+        self.egress_authorised_bytes = 0
+        self._unmetered_bytes = 0
+        self._egress_critical = False
         self.running = True
         with self._lock:
             self._errors.clear()
@@ -336,7 +417,7 @@ class FakeCMG:
                 "deployed with 'Download content locally when needed' before "
                 f"{ON_DEMAND_FROM_CLOUD_SINCE}"
             )
-        if not self.settings.content_enabled:
+        if not self.settings.content_enabled and not self.settings.classic_cloud_dp:
             return "CMG does not serve content from Azure storage"
         if not request.use_azure:
             return "client does not allow cloud sources (UseAzure=0)"
@@ -344,36 +425,59 @@ class FakeCMG:
             return "no cloud DP attached"
         return ""
 
+    @property
+    def content_hostname(self) -> str:
+        """The FQDN of the cloud content source: the CMG, or the classic cloud DP."""
+        return self.classic_dp_hostname if self.settings.classic_cloud_dp else self.hostname
+
     def locate(self, request: ContentLocationRequest, client_id: str) -> ContentLocationReply:
-        """What MP_LocationManager answers through this CMG."""
+        """What MP_LocationManager answers through this CMG.
+
+        Every on-prem DP holding the content version is listed (the emulated MP does not filter
+        by the client's network; the internet client skips what it cannot reach), then the cloud
+        source: last, as content source priority puts it, or first when the boundary group
+        prefers cloud sources. No source at all is the empty FALLBACK reply.
+        """
+        package_id, version = request.package_id, request.version
+        where = f"{package_id}:{version}"
+        on_prem = [
+            dp for dp in self.on_prem_dps if is_content_id(package_id) and dp.holds(package_id, version)
+        ]
         why_not = self._no_cloud_reason(request)
         manifest = None
         if not why_not:
             assert self.cloud_dp is not None
-            manifest = self.cloud_dp.manifest(request.package_id, request.version)
+            manifest = self.cloud_dp.manifest(package_id, version)
             if manifest is None:
                 why_not = "content version is not on the cloud DP"
-        if manifest is None:
-            self.service_log(
-                f"No content location for {request.package_id}:{request.version}: {why_not}"
-            )
+        if manifest is None and not on_prem:
+            self.service_log(f"No content location for {where}: {why_not}")
             return ContentLocationReply(site_code=self.site_code)
-        token = self.authority.issue_access_token(
-            request.package_id, request.package_id, client_id, self.hostname
-        )
-        record = LocationRecord(
-            url=manifest_url(self.url, request.package_id, request.package_id),
-            server_remote_name=self.hostname,
-            dp_type="CLOUD",
-            locality="REMOTE",
-            version=request.version,
-            access_token=token,
-        )
-        self.service_log(
-            f"Content location for {request.package_id}:{request.version}: cloud DP {self.hostname}"
-        )
+        records = [dp.record_for(package_id, version) for dp in on_prem]
+        if manifest is None:
+            self.service_log(f"No cloud location for {where}: {why_not}")
+            package_hash = on_prem[0].content[(package_id, version)]
+        else:
+            package_hash = manifest.hash
+            host = self.content_hostname
+            token = self.authority.issue_access_token(package_id, package_id, client_id, host)
+            cloud = LocationRecord(
+                url=manifest_url(self.url, package_id, package_id),
+                server_remote_name=host,
+                dp_type="CLOUD",
+                locality="REMOTE",
+                version=version,
+                access_token=token,
+            )
+            if self.settings.prefer_cloud_sources:
+                records.insert(0, cloud)
+            else:
+                records.append(cloud)
+        sources = ", ".join(f"{r.server_remote_name} ({r.dp_type} {r.locality})" for r in records)
+        kind = "cloud DP " + self.content_hostname if len(records) == 1 and manifest else sources
+        self.service_log(f"Content location for {where}: {kind}")
         return ContentLocationReply(
-            site_code=self.site_code, package_hash=manifest.hash, records=(record,)
+            site_code=self.site_code, package_hash=package_hash, records=tuple(records)
         )
 
     def manifest_xml(
@@ -401,7 +505,8 @@ class FakeCMG:
         package_id = params["pid"]
         if not is_content_id(package_id):
             raise _Refusal(400, "Bad Request", "pid is not a valid package ID")
-        if not self.settings.content_enabled or self.cloud_dp is None:
+        serves_content = self.settings.content_enabled or self.settings.classic_cloud_dp
+        if not serves_content or self.cloud_dp is None:
             raise _Refusal(404, "Not Found", "CMG does not serve content from Azure storage")
         versions = self.cloud_dp.versions(package_id)
         manifest = self.cloud_dp.manifest(package_id, versions[-1]) if versions else None
@@ -419,6 +524,16 @@ class FakeCMG:
             )
             for f in manifest.files
         }
+        unmetered = 0
+        if self.settings.measure_egress:
+            sizes = {f.relpath: f.size for f in manifest.files}
+            meter = self._egress_meter()
+            for relpath, url in list(urls.items()):
+                metered = meter.rewrite(url)
+                if metered is None:
+                    unmetered += sizes[relpath]
+                else:
+                    urls[relpath] = metered
         served = manifest.with_urls(urls)
         if any(f.wrong_hash for f in faults) and served.files:
             first = served.files[0]
@@ -428,27 +543,89 @@ class FakeCMG:
             f"Issued manifest for {package_id}.{manifest.version}: {len(urls)} file(s), "
             f"SAS valid until {expiry:%Y-%m-%dT%H:%M:%SZ}"
         )
-        self._account_egress(manifest)
+        with self._lock:
+            self.egress_authorised_bytes += manifest.total_size
+            self._unmetered_bytes += unmetered
+        if unmetered:
+            self.service_log(
+                f"Egress of {unmetered} bytes cannot be measured (storage is not plain HTTP): "
+                "counted from the manifest"
+            )
+        self.check_egress()
         return served.to_xml()
 
-    def _account_egress(self, manifest: ContentManifest) -> None:
-        # Emulation: the CMG counts the bytes it authorises a client to read from its storage
-        # (real egress is metered by Azure; the CMG checks it every 6 minutes).
-        self.egress_bytes += manifest.total_size
+    def _egress_meter(self) -> EgressMeter:
+        with self._lock:
+            if self._meter is None:
+                self._meter = EgressMeter()
+            return self._meter
+
+    @property
+    def egress_bytes(self) -> int:
+        """Outbound bytes as the CMG's accounting counts them (see ``CmgSettings.measure_egress``).
+
+        Measured: body bytes storage served for the gateway's SAS URLs, plus the manifest sizes
+        of any URL that could not be metered. Otherwise: the sizes of the manifests issued.
+        """
+        with self._lock:
+            meter, unmetered, authorised = self._meter, self._unmetered_bytes, self.egress_authorised_bytes
+        if not self.settings.measure_egress:
+            return authorised
+        return unmetered + (meter.served_bytes if meter is not None else 0)
+
+    def wait_egress_idle(self, timeout: float = 5.0) -> bool:
+        """Wait until no metered transfer is in flight (its bytes are then all counted)."""
+        with self._lock:
+            meter = self._meter
+        return meter is None or meter.wait_idle(timeout)
+
+    def check_egress(self) -> None:
+        """The CMG's periodic egress check (every 6 minutes in the product; here before every
+        request and after every manifest): log the critical line once the total crosses 90 % of
+        the threshold, and stop the service if "Stop this service" is set.
+
+        A classic cloud DP only alerts: its transfer limit "does not stop the transfer" (S49).
+        """
+        egress = self.egress_bytes
         critical = self.settings.egress_threshold_gb * _GB * _CRITICAL_SHARE
-        if self.egress_bytes >= critical:
+        if egress < critical:
+            return
+        with self._lock:
+            first, self._egress_critical = not self._egress_critical, True
+        if first:
             self.service_log(
-                f"Outbound data transfer {self.egress_bytes} bytes exceeds the critical "
+                f"Outbound data transfer {egress} bytes exceeds the critical "
                 f"threshold ({_CRITICAL_SHARE:.0%} of {self.settings.egress_threshold_gb} GB)"
             )
-            if self.settings.stop_when_critical and self.running:
-                self.stop_service("critical outbound data transfer threshold exceeded")
+        if self.settings.stop_when_critical and not self.settings.classic_cloud_dp and self.running:
+            self.stop_service("critical outbound data transfer threshold exceeded")
 
-    def issue_for(self, client_id: str) -> str:
+    def issue_for(self, client_id: str, *, token_type: str = "") -> str:
         """CCM_STS: a client token for a registered identity."""
         token = self.authority.issue_ccm_token(client_id)
+        if token_type:
+            # CCM_STS.log wording (S9) for a token issued in exchange for an Azure AD token.
+            self.service_log(f"Created SCCM token, token type: {token_type}, deviceId: {client_id}")
         self.service_log(f"Issued CCM token for {client_id}")
         return token
+
+    def aad_auth_info(self, query: dict[str, str]) -> str:
+        """``AADAuthInfo?TenantID=``: the Azure AD properties ccmsetup needs, for an onboarded,
+        enabled tenant only (S9: otherwise "the CMG doesn't give the required properties")."""
+        tenant_id = next((v for k, v in query.items() if k.lower() == "tenantid"), "")
+        if not tenant_id:
+            raise _Refusal(400, "Bad Request", "AADAuthInfo without TenantID")
+        tenant = self.azure_ad.auth_info(tenant_id)
+        if tenant is None:
+            raise _Refusal(404, "Not Found", f"tenant {tenant_id[:64]!r} is not onboarded or is disabled")
+        root = ET.Element(
+            "AADAuthInfo",
+            TenantID=tenant.tenant_id,
+            AADCLIENTAPPID=tenant.client_app_id,
+            AADRESOURCEURI=AAD_RESOURCE,
+            AADAuthority=f"https://login.microsoftonline.com/{tenant.tenant_id}",
+        )
+        return ET.tostring(root, encoding="unicode")
 
     def metadata_xml(self) -> str:
         root = ET.Element(
@@ -546,6 +723,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         self._body_read = False
+        self._started = time.perf_counter()
         url = urlsplit(self.path)
         query = dict(parse_qsl(url.query, keep_blank_values=True))
         route = classify(self.command, url.path)
@@ -556,6 +734,7 @@ class _Handler(BaseHTTPRequestHandler):
             "package_id": query.get("pid", ""),
         }
         try:
+            self.gateway.check_egress()
             if not self.gateway.running:
                 raise _Refusal(503, "Service Unavailable", "CMG service is stopped")
             if route is None:
@@ -566,6 +745,9 @@ class _Handler(BaseHTTPRequestHandler):
             # request, so a refusal never leaves it in the stream to be parsed as the next one.
             body = self._read_body(route.endpoint)
             self._body_read = True
+            refused = self._certificate_refusal()
+            if refused is not None:
+                raise _Refusal(403, refused.reason, refused.detail)
             _, faults = self.gateway.faults.next_request(route.endpoint)
             if self._apply_faults(faults, entry):
                 return
@@ -626,12 +808,30 @@ class _Handler(BaseHTTPRequestHandler):
             return gateway.metadata_xml().encode("utf-8"), "text/xml; charset=utf-8"
         if route.endpoint == Endpoint.MP_AUTH:
             return gateway.sms_aut(query).encode("utf-8"), "text/plain; charset=utf-8"
+        if route.endpoint == Endpoint.AAD_INFO:
+            return gateway.aad_auth_info(query).encode("utf-8"), "text/xml; charset=utf-8"
         client_id = self._authenticate(route, entry)
         if route.endpoint == Endpoint.STS:
-            return gateway.issue_for(self._registering(client_id, body, entry)).encode(
+            registered = self._registering(client_id, body, entry)
+            token_type = "Device" if "_aad" in entry else ""
+            return gateway.issue_for(registered, token_type=token_type).encode(
                 "ascii"
             ), "application/jwt"
         return self._location(body, client_id, entry)
+
+    def _certificate_refusal(self) -> CertificateRefusal | None:
+        """The CTL and revocation checks, for a connection that presented a certificate."""
+        settings = self.gateway.settings
+        if not settings.certificate_trust_list and not settings.crl_check:
+            return None
+        if not isinstance(self.connection, ssl.SSLSocket):
+            return None
+        der = self.connection.getpeercert(binary_form=True)
+        if not der:
+            return None
+        return self.gateway.tls.refusal(
+            der, trust_list=settings.certificate_trust_list, crl_check=settings.crl_check
+        )
 
     def _registering(self, client_id: str, body: bytes, entry: dict[str, Any]) -> str:
         """Whom CCM_STS issues a token to.
@@ -641,12 +841,55 @@ class _Handler(BaseHTTPRequestHandler):
         never for an identity it names: that would let any client impersonate any other.
         """
         requested = body.decode("utf-8", "replace").strip()
-        if entry.get("bulk"):
+        if "_aad" in entry:
+            return self._registering_aad(client_id, requested, entry["_aad"])
+        if entry.get("_bulk"):
             if not requested:
                 raise _Refusal(400, "Bad Request", "registration without a client ID in the body")
             return requested
         if requested and requested != client_id:
             raise _Refusal(403, "Forbidden", f"{client_id} asked for a token for {requested}")
+        return client_id
+
+    def _registering_aad(self, client_id: str, requested: str, device: tuple[str, str]) -> str:
+        """CCM_STS with an Azure AD device token: the device's client, registered if new.
+
+        A device the site knows gets a token for its own client only. An unknown device
+        registers as the SMSID in the body ("Registering device using AAD auth"), unless another
+        device already registered as that client (no taking over someone else's identity).
+        """
+        gateway = self.gateway
+        tenant_id, device_id = device
+        if client_id:
+            if requested and requested != client_id:
+                raise _Refusal(403, "Forbidden", f"{client_id} asked for a token for {requested}")
+            return client_id
+        if not requested or not is_content_id(requested):
+            raise _Refusal(400, "Bad Request", "registration without a valid client ID in the body")
+        if requested in gateway.azure_ad.devices.values():
+            raise _Refusal(403, "Forbidden", f"{requested} is registered to another device")
+        gateway.azure_ad.register_device(tenant_id, device_id, requested)
+        gateway.service_log(
+            f"Registering device using AAD auth: DeviceId='{device_id}', TenantId='{tenant_id}'"
+        )
+        return requested
+
+    def _authenticate_aad(self, route: Route, token: str, entry: dict[str, Any]) -> str:
+        gateway = self.gateway
+        try:
+            claims = gateway.azure_ad.verify(token)
+        except TokenRejected as exc:
+            raise _Refusal(401, INVALID_TOKEN, f"Azure AD token: {exc.reason}") from exc
+        tenant_id, device_id = str(claims["tid"]), str(claims["deviceid"])
+        gateway.service_log(
+            f"Validated AAD token. TokenType: Device TenantId: {tenant_id} DeviceId: {device_id}"
+        )
+        client_id = gateway.azure_ad.client_of(claims) or ""
+        if not client_id and route.endpoint != Endpoint.STS:
+            raise _Refusal(
+                401, INVALID_TOKEN, f"Azure AD device {device_id} is not registered with the site"
+            )
+        entry.update(auth=Auth.AZURE_AD, client_id=client_id, _aad=(tenant_id, device_id))
         return client_id
 
     def _authenticate(self, route: Route, entry: dict[str, Any]) -> str:
@@ -667,6 +910,8 @@ class _Handler(BaseHTTPRequestHandler):
         scheme, _, token = auth.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise _Refusal(401, INVALID_TOKEN, "no bearer token")
+        if is_azure_ad_token(token.strip()):
+            return self._authenticate_aad(route, token.strip(), entry)
         try:
             claims = self.gateway.authority.verify_ccm_token(
                 token.strip(), for_registration=route.endpoint == Endpoint.STS
@@ -674,9 +919,17 @@ class _Handler(BaseHTTPRequestHandler):
         except TokenRejected as exc:
             raise _Refusal(401, INVALID_TOKEN, exc.reason) from exc
         client_id = str(claims.get("UniqueId", ""))
-        entry.update(auth=Auth.TOKEN, client_id=client_id)
         if claims.get("Type") == BULK_REGISTRATION:
-            entry["bulk"] = True
+            version = self.gateway.settings.site_version
+            if version < SITE_TOKEN_AUTH_SINCE:
+                raise _Refusal(
+                    401,
+                    INVALID_TOKEN,
+                    f"site version {version} predates token-based authentication "
+                    f"({SITE_TOKEN_AUTH_SINCE})",
+                )
+            entry["_bulk"] = True
+        entry.update(auth=Auth.TOKEN, client_id=client_id)
         return client_id
 
     def _discard_body(self) -> None:
@@ -758,7 +1011,8 @@ class _Handler(BaseHTTPRequestHandler):
             status=status,
             reason=reason,
             headers={k: v for k, v in self.headers.items() if k.lower() not in hidden},
-            **{k: v for k, v in entry.items() if k != "bulk"},
+            elapsed=time.perf_counter() - getattr(self, "_started", time.perf_counter()),
+            **{k: v for k, v in entry.items() if not k.startswith("_")},
         )
 
     def _answer(

@@ -2,22 +2,31 @@
 
 Element and attribute names follow the public samples. The cloud ``LocationRecord`` has no public
 sample; its shape here is our emulation design (docs/emulation.md, "Cloud location record").
+On-premises distribution points (:class:`OnPremDP`) give records shaped like the public on-prem
+sample: ``DPType`` ``SERVER``, an ``SMS_DP_SMSPKG$`` URL with its ``SMS_DP_SMSSIG$`` signature,
+``Windows Trust="1"`` and ``Locality`` ``LOCAL``/``REMOTE``/``SUBNET``.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from xml.etree import ElementTree as ET
 
 from .xml import parse_untrusted
 
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
 __all__ = [
     "CALG_SHA_256",
+    "ON_PREM_LOCALITIES",
     "AccessToken",
     "ContentLocationReply",
     "ContentLocationRequest",
     "LocationRecord",
+    "OnPremDP",
     "is_content_id",
 ]
 
@@ -136,10 +145,61 @@ class LocationRecord:
     locality: str
     version: int
     access_token: AccessToken | None = None
+    #: ``<URL Signature=...>``: where an on-prem DP serves the content's signature (.tar).
+    signature_url: str = ""
+    #: ``<Capabilities><Property Name="SSLState">``: 1 for an HTTPS source, 0 for HTTP.
+    ssl_state: int = 1
+    #: ``<Windows Trust>``: 1 for a DP in a trusted forest (on-prem), 0 for the cloud.
+    windows_trust: bool = False
+    ad_site: str = ""
 
     @property
     def is_cloud(self) -> bool:
         return self.dp_type == "CLOUD"
+
+
+#: Localities an on-prem DP can have relative to the client (LocationServices.log, S17).
+ON_PREM_LOCALITIES = ("LOCAL", "REMOTE", "SUBNET")
+
+
+@dataclass(frozen=True)
+class OnPremDP:
+    """An on-premises distribution point of the site and the content versions it holds.
+
+    ``content`` maps ``(package ID, version)`` to the package hash. Its URLs name an intranet
+    host, which a client on the internet cannot reach.
+    """
+
+    fqdn: str
+    locality: str = "LOCAL"
+    https: bool = False
+    ad_site: str = "Default-First-Site-Name"
+    content: Mapping[tuple[str, int], str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.locality not in ON_PREM_LOCALITIES:
+            msg = (
+                f"on-prem DP {self.fqdn}: locality {self.locality!r} is not one of "
+                f"{', '.join(ON_PREM_LOCALITIES)}"
+            )
+            raise ValueError(msg)
+
+    def holds(self, package_id: str, version: int) -> bool:
+        return (package_id, version) in self.content
+
+    def record_for(self, package_id: str, version: int) -> LocationRecord:
+        scheme = "https" if self.https else "http"
+        return LocationRecord(
+            url=f"{scheme}://{self.fqdn}/SMS_DP_SMSPKG$/{package_id}",
+            signature_url=f"{scheme}://{self.fqdn}/SMS_DP_SMSSIG$/{package_id}.{version}.tar",
+            server_remote_name=self.fqdn,
+            dp_type="SERVER",
+            locality=self.locality,
+            version=version,
+            ssl_state=1 if self.https else 0,
+            windows_trust=True,
+            ad_site=self.ad_site,
+        )
 
 
 @dataclass(frozen=True)
@@ -185,14 +245,16 @@ class ContentLocationReply:
         records = ET.SubElement(site, "LocationRecords")
         for record in self.records:
             node = ET.SubElement(records, "LocationRecord")
-            ET.SubElement(node, "URL", Name=record.url, Signature="")
+            ET.SubElement(node, "URL", Name=record.url, Signature=record.signature_url)
+            if record.ad_site:
+                ET.SubElement(node, "ADSite", Name=record.ad_site)
             ET.SubElement(node, "Metric", Value="")
             ET.SubElement(node, "Version").text = str(record.version)
             caps = ET.SubElement(node, "Capabilities", SchemaVersion="1.0")
-            ET.SubElement(caps, "Property", Name="SSLState", Value="1")
+            ET.SubElement(caps, "Property", Name="SSLState", Value=str(record.ssl_state))
             ET.SubElement(node, "ServerRemoteName").text = record.server_remote_name
             ET.SubElement(node, "DPType").text = record.dp_type
-            ET.SubElement(node, "Windows", Trust="0")
+            ET.SubElement(node, "Windows", Trust="1" if record.windows_trust else "0")
             ET.SubElement(node, "Locality").text = record.locality
             if record.access_token is not None:
                 token = record.access_token
@@ -251,6 +313,9 @@ class ContentLocationReply:
                     et=_attr(token_node, "et"),
                     signature=_attr(token_node, "Signature"),
                 )
+            ssl = node.find("Capabilities/Property[@Name='SSLState']")
+            windows = node.find("Windows")
+            ad_site = node.find("ADSite")
             records.append(
                 LocationRecord(
                     url=_attr(url, "Name"),
@@ -259,6 +324,10 @@ class ContentLocationReply:
                     locality=node.findtext("Locality", ""),
                     version=int(node.findtext("Version", "0") or 0),
                     access_token=token,
+                    signature_url=url.get("Signature", ""),
+                    ssl_state=int(ssl.get("Value", "0") or 0) if ssl is not None else 0,
+                    windows_trust=windows is not None and windows.get("Trust") == "1",
+                    ad_site=ad_site.get("Name", "") if ad_site is not None else "",
                 )
             )
         return cls(site_code=site_code, package_hash=root.get("Hash", ""), records=tuple(records))

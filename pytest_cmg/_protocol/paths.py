@@ -14,11 +14,14 @@ __all__ = [
     "CCM_METHOD",
     "MANIFEST_PATH",
     "TOKEN_SIGNATURE_HEADER",
+    "Auth",
     "Endpoint",
     "Route",
+    "aad_auth_info_path",
     "classify",
     "manifest_url",
     "mutual_auth_path",
+    "sts_path",
     "token_auth_path",
 ]
 
@@ -36,7 +39,8 @@ class Endpoint:
     STS = "sts"  # CCM_STS: CCM token issuance
     METADATA = "metadata"  # ServiceMetadata
     MP_AUTH = "sms_aut"  # SMS_MP/.sms_aut?MPLIST | MPLIST2 | SITESIGNCERT
-    ALL = (LOCATION, MANIFEST, STS, METADATA, MP_AUTH)
+    AAD_INFO = "aad_info"  # CCM_Proxy_ServerAuth/AADAuthInfo?TenantID=<guid>
+    ALL = (LOCATION, MANIFEST, STS, METADATA, MP_AUTH, AAD_INFO)
 
 
 class Auth:
@@ -44,6 +48,8 @@ class Auth:
 
     TOKEN = "token"  # CCM_Proxy_ServerAuth: server-authenticated TLS + a site-signed token
     CERTIFICATE = "certificate"  # CCM_Proxy_MutualAuth: mutual TLS with a PKI client certificate
+    #: CCM_Proxy_ServerAuth with an Azure AD device token instead of a CCM token (request log).
+    AZURE_AD = "azure_ad"
     NONE = "none"
 
 
@@ -73,6 +79,7 @@ _ROUTES: tuple[tuple[str, re.Pattern[str], str, str], ...] = tuple(
         ("POST", r"/CCM_Proxy_ServerAuth/(?P<role>[0-9]+)/CCM_STS", Endpoint.STS, Auth.TOKEN),
         ("POST", r"/CCM_Proxy_MutualAuth/(?P<role>[0-9]+)/CCM_STS", Endpoint.STS, Auth.CERTIFICATE),
         ("GET", r"/CCM_Proxy_ServerAuth/ServiceMetadata", Endpoint.METADATA, Auth.NONE),
+        ("GET", r"/CCM_Proxy_ServerAuth/AADAuthInfo", Endpoint.AAD_INFO, Auth.NONE),
         ("GET", r"/CCM_Proxy_MutualAuth/ServiceMetadata", Endpoint.METADATA, Auth.NONE),
         (
             "GET",
@@ -91,6 +98,17 @@ def token_auth_path(role_id: str) -> str:
 
 def mutual_auth_path(role_id: str) -> str:
     return f"/CCM_Proxy_MutualAuth/{role_id}/ccm_system/request"
+
+
+def sts_path(role_id: str, *, mutual: bool = False) -> str:
+    """CCM_STS, where a client exchanges an Azure AD or registration token for a CCM token."""
+    proxy = "CCM_Proxy_MutualAuth" if mutual else "CCM_Proxy_ServerAuth"
+    return f"/{proxy}/{role_id}/CCM_STS"
+
+
+def aad_auth_info_path(tenant_id: str) -> str:
+    """Where ccmsetup asks the CMG for the Azure AD properties of its tenant (S9)."""
+    return f"/CCM_Proxy_ServerAuth/AADAuthInfo?{urlencode({'TenantID': tenant_id})}"
 
 
 def manifest_url(base_url: str, package_id: str, content_id: str) -> str:

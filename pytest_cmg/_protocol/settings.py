@@ -12,7 +12,9 @@ __all__ = [
     "BOOT_IMAGE_OVER_CMG_SINCE",
     "BOOT_MEDIA_OVER_CMG_SINCE",
     "INTERNET_TS_SINCE",
+    "NO_NEW_CLASSIC_CLOUD_DP_SINCE",
     "ON_DEMAND_FROM_CLOUD_SINCE",
+    "SITE_TOKEN_AUTH_SINCE",
     "SITE_VERSIONS",
     "ClientSettings",
     "CmgSettings",
@@ -67,6 +69,10 @@ def launch_refusal(site_version: int, launch: str, *, boot_image: bool) -> str:
 #: Site versions with a gate in this feature (protocol.md section 0).
 INTERNET_TS_SINCE = 1802  # a task sequence may run over a CMG, with "download all" only
 ON_DEMAND_FROM_CLOUD_SINCE = 1910  # the TS engine may fetch on demand from a cloud source
+#: Site-issued tokens (bulk registration, token-based client authentication) exist since 2002.
+SITE_TOKEN_AUTH_SINCE = 2002
+#: No new classic cloud distribution point can be created from 2107: content-enabled CMGs only.
+NO_NEW_CLASSIC_CLOUD_DP_SINCE = 2107
 #: The newest version the emulation knows; the default site version.
 CURRENT_SITE_VERSION = 2107
 #: Released current-branch versions, for validating a scenario's site version.
@@ -109,6 +115,31 @@ class CmgSettings:
     egress_threshold_gb: float = 10_000.0
     #: "Stop this service when the critical threshold is exceeded".
     stop_when_critical: bool = False
+    #: Boundary group option "Prefer cloud based sources over on-premises sources": the cloud
+    #: record comes first in location replies instead of last.
+    prefer_cloud_sources: bool = False
+    #: Content comes from a classic cloud distribution point (its own service, not the CMG).
+    #: Refused on a 2107 or later site, where no new classic cloud DP can be created.
+    classic_cloud_dp: bool = False
+    #: CMG setting "Verify client certificate revocation": a presented client certificate is
+    #: checked against its issuer's CRL; a revoked one, or no reachable CRL, is refused.
+    crl_check: bool = False
+    #: The site's certificate trust list, as the subject CNs of the roots it lists. Empty: no
+    #: CTL, every root uploaded to the CMG is accepted for client authentication.
+    certificate_trust_list: tuple[str, ...] = ()
+    #: Count egress from the bytes storage actually served for the gateway's SAS URLs (through
+    #: a counting proxy) instead of the sizes of the manifests it issued.
+    measure_egress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.classic_cloud_dp and self.site_version >= NO_NEW_CLASSIC_CLOUD_DP_SINCE:
+            msg = (
+                f"a classic cloud distribution point cannot be created on a site of version "
+                f"{self.site_version}: none can be created from {NO_NEW_CLASSIC_CLOUD_DP_SINCE} "
+                "on; use a content-enabled CMG (classic_cloud_dp false) or a site version "
+                f"before {NO_NEW_CLASSIC_CLOUD_DP_SINCE}"
+            )
+            raise ValueError(msg)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,15 @@
-"""Site-signed tokens: the CCM token clients present to the CMG, and the content access token.
+"""Tokens: the site's CCM and content access tokens, and Azure AD tokens of a fake tenant.
 
-Both are signed by the site's key. The CCM token is a JWT (RS256) carried as
+The site's tokens are signed by the site's key. The CCM token is a JWT (RS256) carried as
 ``Authorization: Bearer <jwt>`` (the header name is not public; emulation design). The content
 access token signs the ``pid cid tid iss st et`` parameters of the manifest request.
 Lifetimes follow protocol.md section 2: CCM token 8 h, content access window 8 h.
+
+Azure AD (protocol.md section 2, reliability.md test 33): :class:`AzureADTenant` is a fake
+tenant that signs device tokens (RS256, ``kid`` in the header) for the resource
+``https://ConfigMgrService``; :class:`AzureADDirectory` is what the site knows of Azure AD (the
+onboarded tenants, enabled or not, their signing keys, and which Azure AD device is which
+client) and validates those tokens the way Microsoft.IdentityModel does, with its ``IDX`` texts.
 """
 
 from __future__ import annotations
@@ -23,9 +29,14 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from .location import SHA256_RSA_OID, AccessToken
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from .clock import Clock
 
 __all__ = [
+    "AAD_CLOCK_SKEW",
+    "AAD_RESOURCE",
+    "AAD_TOKEN_LIFETIME",
     "AUDIENCE",
     "BULK_REGISTRATION",
     "BULK_TOKEN_LIFETIME",
@@ -33,8 +44,11 @@ __all__ = [
     "CCM_TOKEN_LIFETIME",
     "CONTENT_TOKEN_LIFETIME",
     "INVALID_TOKEN",
+    "AzureADDirectory",
+    "AzureADTenant",
     "SiteAuthority",
     "TokenRejected",
+    "is_azure_ad_token",
 ]
 
 AUDIENCE = "urn:sccm:service"
@@ -280,3 +294,245 @@ class SiteAuthority:
             reason = "access token is expired (et in the past)"
             raise TokenRejected(reason)
         return end
+
+
+# --- Azure AD ---------------------------------------------------------------------------------
+
+#: The resource Azure AD tokens are requested for: the App ID URI of the CMG's server app (S9).
+AAD_RESOURCE = "https://ConfigMgrService"
+#: Azure AD access tokens live 60 to 90 minutes; the fake tenant issues 1-hour ones.
+AAD_TOKEN_LIFETIME = timedelta(hours=1)
+#: Microsoft.IdentityModel's default clock skew (``TokenValidationParameters.DefaultClockSkew``).
+AAD_CLOCK_SKEW = timedelta(minutes=5)
+_AAD_ISSUERS = ("https://sts.windows.net/", "https://login.microsoftonline.com/")
+
+
+def _unverified_claims(token: str) -> dict[str, Any]:
+    """The claims of a JWT without any check; only ever used to choose how to validate it."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return {}
+    try:
+        claims = json.loads(_b64url_decode(parts[1]))
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return claims if isinstance(claims, dict) else {}
+
+
+def is_azure_ad_token(token: str) -> bool:
+    """Whether ``token`` says it comes from Azure AD (unverified ``iss``): picks the validator.
+
+    Nothing is trusted from this answer: the token is then validated against the tenant's keys,
+    and a forged ``iss`` only selects a validator that refuses it.
+    """
+    issuer = _unverified_claims(token).get("iss")
+    return isinstance(issuer, str) and issuer.startswith(_AAD_ISSUERS)
+
+
+def _new_kid() -> str:
+    return _b64url(uuid.uuid4().bytes)
+
+
+@dataclass
+class AzureADTenant:
+    """A fake Azure AD tenant: signs device tokens for the CMG's server app.
+
+    Keys rotate like Azure AD's: :meth:`rotate_key` adds a key with a new ``kid`` and signs with
+    it from then on; older keys stay published until :meth:`retire_key`.
+    """
+
+    clock: Clock
+    tenant_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    #: The native client app registered for the clients (ccmsetup's ``AADCLIENTAPPID``).
+    client_app_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    keys: dict[str, rsa.RSAPrivateKey] = field(default_factory=dict)
+    kid: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.keys:
+            self.rotate_key()
+
+    @property
+    def issuer(self) -> str:
+        return f"https://sts.windows.net/{self.tenant_id}/"
+
+    def rotate_key(self) -> str:
+        """Add a signing key and sign with it from now on; return its ``kid``."""
+        kid = _new_kid()
+        self.keys[kid] = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.kid = kid
+        return kid
+
+    def retire_key(self, kid: str) -> None:
+        """Stop publishing a key: tokens it signed no longer validate (``kid`` unknown)."""
+        self.keys.pop(kid, None)
+
+    def device_id_of(self, client_id: str) -> str:
+        """The Azure AD device ID of the device a client runs on (stable per tenant and client)."""
+        return str(uuid.uuid5(uuid.UUID(self.tenant_id), client_id))
+
+    def issue_device_token(
+        self,
+        device_id: str,
+        *,
+        audience: str = AAD_RESOURCE,
+        lifetime: timedelta = AAD_TOKEN_LIFETIME,
+        not_before: datetime | None = None,
+        kid: str | None = None,
+        signing_key: rsa.RSAPrivateKey | None = None,
+        alg: str = "RS256",
+    ) -> str:
+        """A v1.0 Azure AD device token; the keyword arguments make the ones a CMG must refuse.
+
+        ``kid`` names a key the tenant never published, ``signing_key`` signs with a key other
+        than the one ``kid`` names (bad signature), ``alg="none"`` leaves the token unsigned.
+        """
+        now = self.clock.now()
+        nbf = not_before or now
+        object_id = str(uuid.uuid5(uuid.UUID(self.tenant_id), "object:" + device_id))
+        claims = {
+            "aud": audience,
+            "iss": self.issuer,
+            "iat": int(now.timestamp()),
+            "nbf": int(nbf.timestamp()),
+            "exp": int((nbf + lifetime).timestamp()),
+            "appid": self.client_app_id,
+            "deviceid": device_id,
+            "oid": object_id,
+            "sub": object_id,
+            "tid": self.tenant_id,
+            "ver": "1.0",
+        }
+        header = {"typ": "JWT", "alg": alg, "kid": kid or self.kid}
+        signing_input = (
+            _b64url(json.dumps(header, separators=(",", ":")).encode())
+            + "."
+            + _b64url(json.dumps(claims, separators=(",", ":")).encode())
+        )
+        if alg == "none":
+            return signing_input + "."
+        # An unpublished ``kid`` still gets a real signature (the current key's): what fails
+        # is finding the key, not the signature.
+        key = signing_key or self.keys.get(kid or self.kid) or self.keys[self.kid]
+        signature = key.sign(signing_input.encode("ascii"), padding.PKCS1v15(), hashes.SHA256())
+        return signing_input + "." + _b64url(signature)
+
+
+@dataclass
+class AzureADDirectory:
+    """What the site knows of Azure AD: onboarded tenants, their state, and their devices.
+
+    :meth:`verify` validates a device token as Microsoft.IdentityModel would for the CMG's server
+    app (signature by a published key of the tenant, issuer, audience, lifetime with a 5-minute
+    skew), then the site's own rules: the tenant must be onboarded and enabled.
+    """
+
+    clock: Clock
+    tenants: dict[str, AzureADTenant] = field(default_factory=dict)
+    disabled: set[str] = field(default_factory=set)
+    #: (tenant ID, Azure AD device ID) -> the SMSID the device registered as.
+    devices: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def onboard(self, tenant: AzureADTenant | None = None) -> AzureADTenant:
+        """Add a tenant to the site (Cloud Services > Azure Services); a new one by default."""
+        tenant = tenant or AzureADTenant(clock=self.clock)
+        self.tenants[tenant.tenant_id] = tenant
+        return tenant
+
+    def disable(self, tenant_id: str) -> None:
+        self.disabled.add(tenant_id)
+
+    def enable(self, tenant_id: str) -> None:
+        self.disabled.discard(tenant_id)
+
+    def auth_info(self, tenant_id: str) -> AzureADTenant | None:
+        """The tenant ccmsetup may get Azure AD properties for, or None (unknown or disabled)."""
+        tenant = self.tenants.get(tenant_id)
+        if tenant is None or tenant_id in self.disabled:
+            return None
+        return tenant
+
+    def register_device(self, tenant_id: str, device_id: str, client_id: str) -> None:
+        self.devices[(tenant_id, device_id)] = client_id
+
+    def client_of(self, claims: Mapping[str, Any]) -> str | None:
+        """The SMSID of the device a validated token names, if it registered."""
+        return self.devices.get((str(claims.get("tid")), str(claims.get("deviceid"))))
+
+    def verify(self, token: str) -> dict[str, Any]:
+        """Return the claims of a valid device token, or raise :class:`TokenRejected`."""
+        parts = token.split(".")
+        if len(parts) != 3:
+            reason = "IDX12741: JWT must have three segments"
+            raise TokenRejected(reason)
+        try:
+            header = json.loads(_b64url_decode(parts[0]))
+            claims = json.loads(_b64url_decode(parts[1]))
+            signature = _b64url_decode(parts[2])
+        except (ValueError, UnicodeDecodeError) as exc:
+            reason = f"IDX12729: Unable to decode the token ({exc.__class__.__name__})"
+            raise TokenRejected(reason) from exc
+        if not isinstance(header, dict) or not isinstance(claims, dict):
+            reason = "IDX12729: Unable to decode the token (header or payload is not an object)"
+            raise TokenRejected(reason)
+        alg = header.get("alg")
+        if alg == "none" or not signature:
+            reason = f"IDX10504: Unable to validate signature, token does not have a signature (alg {alg!r})"
+            raise TokenRejected(reason)
+        if alg != "RS256":
+            reason = f"IDX10511: Signature validation failed: alg {alg!r} is not RS256"
+            raise TokenRejected(reason)
+        tenant = self.tenants.get(str(claims.get("tid")))
+        if tenant is None:
+            reason = (
+                f"IDX10205: Issuer validation failed. Issuer: '{claims.get('iss')}': tenant "
+                f"{claims.get('tid')} is not onboarded to this site"
+            )
+            raise TokenRejected(reason)
+        kid = header.get("kid")
+        key = tenant.keys.get(kid) if isinstance(kid, str) else None
+        if key is None:
+            reason = f"IDX10501: Signature validation failed. Unable to match key: kid: '{kid}'"
+            raise TokenRejected(reason)
+        try:
+            key.public_key().verify(
+                signature,
+                f"{parts[0]}.{parts[1]}".encode("ascii"),
+                padding.PKCS1v15(),
+                hashes.SHA256(),
+            )
+        except InvalidSignature as exc:
+            reason = f"IDX10511: Signature validation failed. Keys tried: kid '{kid}'"
+            raise TokenRejected(reason) from exc
+        if claims.get("iss") != tenant.issuer:
+            reason = (
+                f"IDX10205: Issuer validation failed. Issuer: '{claims.get('iss')}'. "
+                f"Did not match: '{tenant.issuer}'"
+            )
+            raise TokenRejected(reason)
+        if claims.get("aud") != AAD_RESOURCE:
+            reason = (
+                f"IDX10214: Audience validation failed. Audiences: '{claims.get('aud')}'. "
+                f"Did not match: validationParameters.ValidAudience: '{AAD_RESOURCE}'"
+            )
+            raise TokenRejected(reason)
+        now = self.clock.now().timestamp()
+        skew = AAD_CLOCK_SKEW.total_seconds()
+        try:
+            nbf, exp = float(claims["nbf"]), float(claims["exp"])
+        except (KeyError, TypeError, ValueError) as exc:
+            reason = "IDX10225: Lifetime validation failed. The token is missing an Expiration Time"
+            raise TokenRejected(reason) from exc
+        if now + skew < nbf:
+            reason = "IDX10222: Lifetime validation failed. The token is not yet valid."
+            raise TokenRejected(reason)
+        if now - skew >= exp:
+            reason = "IDX10223: Lifetime validation failed. The token is expired."
+            raise TokenRejected(reason)
+        if tenant.tenant_id in self.disabled:
+            reason = f"tenant {tenant.tenant_id} is disabled for this site"
+            raise TokenRejected(reason)
+        if not claims.get("deviceid"):
+            reason = "not a device token (no deviceid claim)"
+            raise TokenRejected(reason)
+        return claims

@@ -31,10 +31,15 @@ class Harness:
         *,
         connection_string: str | None = None,
         startup_timeout: float = 60.0,
+        storage_https: bool = False,
     ) -> None:
         self.backend_name = backend
+        # HTTP by default: the storage fault proxy and the egress meter speak HTTP only.
         self._backend: AzuriteProcess | AzuriteContainer | ExternalStorage = make_backend(
-            backend, connection_string=connection_string, startup_timeout=startup_timeout
+            backend,
+            connection_string=connection_string,
+            startup_timeout=startup_timeout,
+            https=storage_https,
         )
         self._endpoint: BlobEndpoint | None = None
         self._gateway: FakeCMG | None = None

@@ -6,6 +6,7 @@ credentials in answers).
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime, timedelta
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
@@ -170,11 +171,94 @@ def test_https_only_sas_is_refused_over_plain_http(cloud_dp, files):
     assert response.headers.get("x-ms-error-code") == "AuthorizationProtocolMismatch"
 
 
-def test_azurite_ignores_sip_so_the_cmg_never_relies_on_it(cloud_dp, files):
-    # reliability.md 24 documents the gap: Azurite accepts a SAS restricted to another IP.
-    # If Azurite starts enforcing sip, this fails and the emulation notes must change.
+@pytest.mark.xfail(
+    strict=True,
+    reason="Azurite 3.37 does not enforce sip (validateIPRange returns true); reliability.md 24",
+)
+def test_sas_restricted_to_another_ip_is_refused_by_storage(cloud_dp, files):
+    # What Azure does: a SAS with sip=10.1.2.3 used from 127.0.0.1 is refused with 403
+    # AuthorizationSourceIPMismatch. Azurite accepts it, so this test fails (xfail); strict, so
+    # the day Azurite enforces sip the suite says so and the emulation notes must change.
     response = requests.get(raw_sas_url(cloud_dp, ip="10.1.2.3"), timeout=10)
-    assert response.status_code == 200
+    assert response.status_code == 403
+    assert response.headers.get("x-ms-error-code") == "AuthorizationSourceIPMismatch"
+
+
+def test_sip_is_still_signed_so_it_cannot_be_removed_or_edited(cloud_dp, files):
+    # The other half of reliability.md 24: sip is inside the string-to-sign, so even Azurite
+    # refuses a SAS whose sip was edited. The gateway never mints sip (see the property test).
+    url = raw_sas_url(cloud_dp, ip="10.1.2.3")
+    assert requests.get(with_query(url, sip="127.0.0.1"), timeout=10).status_code == 403
+
+
+# --- HTTPS storage (reliability.md C1, test 25) ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def https_storage():
+    """An Azurite of its own serving HTTPS (the harness's is plain HTTP, see azurite.py)."""
+    from pytest_cmg._storage.azurite import AzuriteProcess
+
+    with AzuriteProcess(https=True) as azurite:
+        assert azurite.endpoint is not None
+        yield azurite.endpoint
+
+
+@pytest.fixture
+def https_dp(https_storage):
+    from pytest_cmg import CloudDP
+
+    dp = CloudDP(https_storage, f"cmg-https-{uuid.uuid4().hex[:12]}")
+    dp.create()
+    dp.distribute("PS100012", 1, {"a.bin": b"A" * 4096, "b.bin": b"B" * 10})
+    yield dp
+    dp.delete()
+
+
+def test_https_only_sas_is_served_over_https(https_dp):
+    assert https_dp.endpoint.url.startswith("https://127.0.0.1:")
+    assert https_dp.endpoint.ca_cert is not None
+    url = raw_sas_url(https_dp, protocol="https")
+    assert "spr=https&" in url or url.endswith("spr=https")
+    with requests.Session() as storage:
+        storage.trust_env = False
+        response = storage.get(url, verify=str(https_dp.endpoint.ca_cert), timeout=10)
+        assert response.status_code == 200
+        assert response.content == b"A" * 4096
+        # The storage CA is not one the system trusts: a client must be given it.
+        with pytest.raises(requests.exceptions.SSLError):
+            storage.get(url, timeout=10)
+
+
+def test_gateway_mints_https_only_sas_for_https_storage(https_dp):
+    with FakeCMG(cloud_dp=https_dp) as gateway:
+        session = session_for(gateway)
+        manifest = manifest_of(session, gateway)
+        session.close()
+    for item in manifest.files:
+        query = parse_qs(urlsplit(item.url).query)
+        assert query["spr"] == ["https"]
+        assert item.url.startswith("https://")
+        body = requests.get(item.url, verify=str(https_dp.endpoint.ca_cert), timeout=10)
+        assert body.status_code == 200
+        assert len(body.content) == item.size
+        # The same SAS over plain HTTP is a protocol mismatch on Azure; Azurite serving HTTPS
+        # only cannot even be reached over HTTP.
+        with pytest.raises(requests.ConnectionError):
+            requests.get(item.url.replace("https://", "http://", 1), timeout=10)
+
+
+def test_measured_egress_falls_back_to_manifest_sizes_for_https_storage(https_dp):
+    from pytest_cmg import CmgSettings
+
+    with FakeCMG(cloud_dp=https_dp) as gateway:
+        gateway.configure(settings=CmgSettings(measure_egress=True))
+        session = session_for(gateway)
+        manifest = manifest_of(session, gateway)
+        session.close()
+        assert all(item.url.startswith(https_dp.endpoint.url) for item in manifest.files)
+        assert gateway.egress_bytes == manifest.total_size == 4106
+        assert any("cannot be measured" in line for line in gateway.service_lines)
 
 
 def test_a_public_container_is_refused(cloud_dp, files):

@@ -8,6 +8,12 @@ Three backends hand out the same :class:`BlobEndpoint`:
 * ``container``: testcontainers' Azurite module, for machines that have a Docker engine.
 * ``external``: an Azurite or a real storage account somebody else runs, given by a
   connection string.
+
+The process backend serves plain HTTP by default: the storage fault proxy and the egress meter
+speak HTTP only, and TLS would cost every download CPU for nothing the tests check. With
+``https=True`` it serves HTTPS (Azurite's ``--cert``/``--key``) with a server certificate from a
+test CA of :mod:`pytest_cmg._gateway.pki`; the endpoint's ``ca_cert`` is that CA, which clients
+must trust, and SAS URLs then carry ``spr=https`` (reliability.md C1, test 25).
 """
 
 from __future__ import annotations
@@ -384,12 +390,17 @@ def ensure_azurite(node: NodeRuntime | None = None, *, timeout: float = 600.0) -
 
 @dataclass(frozen=True)
 class BlobEndpoint:
-    """Where a blob service answers and the shared key that signs requests to it."""
+    """Where a blob service answers and the shared key that signs requests to it.
+
+    ``ca_cert`` is the PEM of the CA that signed an HTTPS endpoint's certificate when it is not
+    one the system trusts (an HTTPS Azurite); None for HTTP or a publicly trusted endpoint.
+    """
 
     url: str
     account_name: str
     account_key: str
     backend: str
+    ca_cert: Path | None = None
 
     @property
     def connection_string(self) -> str:
@@ -405,19 +416,22 @@ class BlobEndpoint:
 
         if api_version is None and self.backend == "container":
             api_version = CONTAINER_API_VERSION
-        if api_version is None:
-            return BlobServiceClient.from_connection_string(self.connection_string)
-        return BlobServiceClient.from_connection_string(
-            self.connection_string, api_version=api_version
-        )
+        options: dict[str, Any] = {}
+        if api_version is not None:
+            options["api_version"] = api_version
+        if self.ca_cert is not None:
+            # A path wins over REQUESTS_CA_BUNDLE in requests, which azure-core uses.
+            options["connection_verify"] = str(self.ca_cert)
+        return BlobServiceClient.from_connection_string(self.connection_string, **options)
 
 
-def _endpoint_from_base(base_url: str, backend: str) -> BlobEndpoint:
+def _endpoint_from_base(base_url: str, backend: str, ca_cert: Path | None = None) -> BlobEndpoint:
     return BlobEndpoint(
         url=f"{base_url.rstrip('/')}/{DEV_ACCOUNT_NAME}",
         account_name=DEV_ACCOUNT_NAME,
         account_key=DEV_ACCOUNT_KEY,
         backend=backend,
+        ca_cert=ca_cert,
     )
 
 
@@ -457,7 +471,11 @@ def _die_with_parent() -> None:
 
 
 class AzuriteProcess:
-    """Azurite blob service as a subprocess: in-memory, 127.0.0.1, OS-chosen port."""
+    """Azurite blob service as a subprocess: in-memory, 127.0.0.1, OS-chosen port.
+
+    ``https=True`` serves HTTPS with a certificate for 127.0.0.1 and ``localhost`` from a fresh
+    test CA (``endpoint.ca_cert``), kept in a temporary folder removed by :meth:`stop`.
+    """
 
     def __init__(
         self,
@@ -466,8 +484,12 @@ class AzuriteProcess:
         extra_args: Sequence[str] = (),
         node: NodeRuntime | None = None,
         main_js: Path | None = None,
+        https: bool = False,
     ) -> None:
         self.startup_timeout = startup_timeout
+        self.https = https
+        self._tls_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._ca_cert: Path | None = None
         self.extra_args = list(extra_args)
         self._node = node
         self._main_js = main_js
@@ -519,8 +541,31 @@ class AzuriteProcess:
             # Port 0: parallel workers and other emulators never collide on 10000.
             "--blobPort",
             "0",
+            *self._tls_args(),
             *self.extra_args,
         ]
+
+    def _tls_args(self) -> list[str]:
+        if not self.https:
+            return []
+        import ipaddress
+
+        from pytest_cmg._gateway.pki import CertificateAuthority
+
+        if self._tls_dir is None:
+            self._tls_dir = tempfile.TemporaryDirectory(prefix="pytest-cmg-azurite-tls-")
+        folder = Path(self._tls_dir.name)
+        ca = CertificateAuthority("pytest-cmg storage CA")
+        server = ca.issue(
+            folder,
+            "127.0.0.1",
+            usage="server",
+            dns_names=("localhost",),
+            ip_addresses=(ipaddress.IPv4Address("127.0.0.1"),),
+            file_stem="azurite",
+        )
+        self._ca_cert = ca.write_pem(folder / "storage-ca.pem")
+        return ["--cert", str(server.cert), "--key", str(server.key)]
 
     def _read_output(self, stream: IO[str]) -> None:
         # Keeps draining after readiness too, so Azurite never blocks on a full pipe.
@@ -586,7 +631,7 @@ class AzuriteProcess:
                 break
         else:
             assert self._ready_url is not None
-            self._endpoint = _endpoint_from_base(self._ready_url, "process")
+            self._endpoint = _endpoint_from_base(self._ready_url, "process", self._ca_cert)
             return self._endpoint
 
         self._kill()
@@ -609,6 +654,15 @@ class AzuriteProcess:
     def stop(self) -> None:
         proc = self._proc
         self._endpoint = None
+        try:
+            self._stop_process(proc)
+        finally:
+            if self._tls_dir is not None:
+                self._tls_dir.cleanup()
+                self._tls_dir = None
+                self._ca_cert = None
+
+    def _stop_process(self, proc: subprocess.Popen[str] | None) -> None:
         if proc is None:
             return
         # Popen.send_signal/kill do nothing once the child is reaped, so a recycled pid is
@@ -822,10 +876,18 @@ def make_backend(
     *,
     connection_string: str | None = None,
     startup_timeout: float = 60.0,
+    https: bool = False,
 ) -> AzuriteProcess | AzuriteContainer | ExternalStorage:
-    """The storage backend called ``name`` (one of :data:`BACKENDS`), not yet started."""
+    """The storage backend called ``name`` (one of :data:`BACKENDS`), not yet started.
+
+    ``https`` (process backend only) serves storage over HTTPS with a test CA's certificate;
+    an external endpoint is HTTPS when its connection string says so.
+    """
+    if https and name != "process":
+        msg = f"https=True is for the process backend; the {name} backend cannot serve it"
+        raise ValueError(msg)
     if name == "process":
-        return AzuriteProcess(startup_timeout=startup_timeout)
+        return AzuriteProcess(startup_timeout=startup_timeout, https=https)
     if name == "container":
         return AzuriteContainer(startup_timeout=startup_timeout)
     if name == "external":

@@ -1057,6 +1057,15 @@ def test_application_package_file_names() -> None:
     assert suffixes == ["msi", "cab", "mst", "mst"]
 
 
+@pytest.mark.parametrize("kind", ["package", "driver", "application", "os_upgrade"])
+@pytest.mark.parametrize("seed", [1, 81, 1910])
+def test_every_it_it_package_has_an_accented_name(kind: str, seed: int) -> None:
+    generated = generate_package(spec(kind=kind, files=4, size=4000, locale="it_IT"), seed)
+    accented = [f.relpath for f in generated if not f.relpath.isascii()]
+    assert accented, [f.relpath for f in generated]
+    assert all(any(not c.isascii() and c.isalpha() for c in name) for name in accented)
+
+
 def test_ja_jp_locale_yields_non_ascii_names() -> None:
     generated = generate_package(spec(kind="driver", files=12, size=12_000, locale="ja_JP"), 1910)
     assert any(not f.relpath.isascii() for f in generated)
@@ -1121,12 +1130,12 @@ def test_many_files_in_a_small_vocabulary_terminate(monkeypatch: pytest.MonkeyPa
     calls = 0
     original = content._name
 
-    def bounded(fake: object, pattern: str) -> str:
+    def bounded(fake: object, pattern: str, word: str | None = None) -> str:
         nonlocal calls
         calls += 1
         if calls > 50 * files:
             raise RuntimeError(f"still looking for unique names after {calls} attempts")
-        return original(fake, pattern)  # type: ignore[arg-type]
+        return original(fake, pattern, word)  # type: ignore[arg-type]
 
     monkeypatch.setattr(content, "_name", bounded)
     generated = generate_package(

@@ -34,8 +34,18 @@ _LAYOUTS = {
 }
 
 
-def _name(fake: Faker, pattern: str) -> str:
-    return pattern.format(word=fake.word(), ext=fake.file_extension())
+def _name(fake: Faker, pattern: str, word: str | None = None) -> str:
+    return pattern.format(word=word or fake.word(), ext=fake.file_extension())
+
+
+def _accented_word(fake: Faker) -> str | None:
+    """A word of the locale's list that is not ASCII (it_IT: città, perché...), if it has any.
+
+    Only about 3 % of the Italian words carry an accent, so without this an it_IT package of a
+    few files would often have ASCII names only and prove nothing about non-ASCII names.
+    """
+    words = sorted({w for w in fake.get_words_list() if not w.isascii()})
+    return str(fake.random_element(words)) if words else None
 
 
 def generate_package(spec: PackageSpec, seed: int) -> list[PackageSource]:
@@ -46,9 +56,15 @@ def generate_package(spec: PackageSpec, seed: int) -> list[PackageSource]:
     layout = _LAYOUTS[spec.type]
     names: list[str] = []
     taken: set[str] = set()
+    # The first generated word of a non-English package is one that is not ASCII, so every
+    # it_IT and ja_JP package has such a name to carry through blob names, SAS URLs and
+    # manifests.
+    accented = _accented_word(fake) if spec.locale != "en_US" else None
     while len(names) < spec.files:
         pattern = layout[len(names)] if len(names) < len(layout) else layout[-1]
-        name = _name(fake, pattern)
+        name = _name(fake, pattern, accented if "{word}" in pattern else None)
+        if "{word}" in pattern:
+            accented = None
         # Word lists are finite (ja_JP has ~200 words): number a repeated name instead of
         # drawing again, which could never end for large file counts.
         if name in taken:

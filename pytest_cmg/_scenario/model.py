@@ -781,9 +781,16 @@ def load_scenarios(path: Path, *, fixtures: Path | None = None) -> list[Scenario
         v, fragment=FRAGMENT, catalog=CATALOG_PACKAGE, fixtures=fixtures, find=find_fixtures
     )
     merged = assembler.assemble(root)
+    # Included files were checked on their own while assembling, with paths as they read in
+    # that file; the merged check finds the same mistakes again under merged paths.
+    assembled = len(v.problems)
     data = SCENARIO.check(merged, "", v)
     if isinstance(data, dict):
         _cross_check(data, v)
+    seen = {(p.path, p.line) for p in v.problems[:assembled]}
+    v.problems[assembled:] = [
+        p for p in v.problems[assembled:] if p.path == path or (p.path, p.line) not in seen
+    ]
     plans = plan_cases(merged, SCENARIO, v, max_cases=MAX_CASES)
     if not plans:
         if v.problems:

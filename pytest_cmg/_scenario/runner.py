@@ -296,6 +296,7 @@ def check_expectations(scenario: Scenario, run: ScenarioRun) -> list[Expectation
 
     smsts = _excerpt("  smsts.log", run.smsts)
     requests = _excerpt("  gateway requests", [r.summary() for r in run.requests])
+    gateway_log = _excerpt("  gateway log", run.gateway_log, limit=6)
     timeline = _excerpt("  timeline", run.timeline) if run.timeline else ""
 
     outcome = "success" if result.succeeded else "failure"
@@ -311,6 +312,7 @@ def check_expectations(scenario: Scenario, run: ScenarioRun) -> list[Expectation
             why if outcome == "failure" else outcome,
             smsts,
             requests,
+            gateway_log,
             timeline,
         )
     if expect["exit_code"] is not None and int(expect["exit_code"], 16) != result.exit_code:

@@ -2,7 +2,8 @@
 
 Run ``python -m pytest_cmg._scenario.schema > docs/scenario.schema.json``; a test fails when the
 committed file differs. ``$defs/world`` describes included world files and ``$defs/catalog_package``
-catalog entries. The schema is what an editor can check; collection checks more (references to
+catalog entries; a scenario is checked against ``$defs/scenario``, or, when it has an
+``include``, against ``$defs/scenario_with_include`` (nothing but its name required). The schema is what an editor can check; collection checks more (references to
 declared packages and steps, marker registration, case values in place).
 """
 
@@ -19,13 +20,19 @@ SCHEMA_ID = "https://pytest-cmg.invalid/scenario.schema.json"
 
 
 def scenario_schema() -> dict[str, Any]:
-    body = SCENARIO.schema()
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": SCHEMA_ID,
         "title": "pytest-cmg scenario file (*.cmg.yaml)",
-        **body,
+        "description": SCENARIO.doc,
+        # A file with an include may take any required key (but its name) from the worlds it
+        # includes, which a schema cannot see; collection checks the assembled file.
+        "if": {"type": "object", "required": ["include"]},
+        "then": {"$ref": "#/$defs/scenario_with_include"},
+        "else": {"$ref": "#/$defs/scenario"},
         "$defs": {
+            "scenario": SCENARIO.schema(),
+            "scenario_with_include": SCENARIO.relaxed(keep=("scenario",)).schema(),
             "world": {"title": "pytest-cmg shared world (include)", **FRAGMENT.schema()},
             "catalog_package": {
                 "title": "pytest-cmg catalog package (ref)",

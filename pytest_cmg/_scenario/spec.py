@@ -95,7 +95,7 @@ class Validation:
         self.problems.append(self.make(path, _line(node), rule, hint))
 
     def make(self, path: Path, line: int, rule: str, hint: str = "") -> ScenarioProblem:
-        origin = self.included_from.get(path) if path != self.path else None
+        origin = self.included_from.get(path)
         if origin:
             hint = f"{hint}; {origin}" if hint else origin
         return ScenarioProblem(path, line, rule, hint)
@@ -460,7 +460,7 @@ class Duration(Spec):
         return {"oneOf": [number, {"type": "string", "pattern": pattern}]}
 
     def sample(self) -> str:
-        return "90s"
+        return "90s" if self.maximum is None or self.maximum >= 90 else "2s"
 
 
 @dataclass(frozen=True)
@@ -764,7 +764,7 @@ class Record(Spec):
         """The value of this section when the file leaves it out: every field's default."""
         return {name: _absent(item) for name, item in self.fields.items() if not item.required}
 
-    def relaxed(self, *, drop: tuple[str, ...] = ()) -> Record:
+    def relaxed(self, *, drop: tuple[str, ...] = (), keep: tuple[str, ...] = ()) -> Record:
         """This record with no required key, down through nested records (not list items).
 
         Shared files (worlds, catalog entries) give part of a scenario: what they leave out,
@@ -775,7 +775,7 @@ class Record(Spec):
             if name in drop:
                 continue
             spec = item.spec.relaxed() if isinstance(item.spec, Record) else item.spec
-            fields[name] = dataclasses.replace(item, spec=spec, required=False)
+            fields[name] = dataclasses.replace(item, spec=spec, required=name in keep)
         return dataclasses.replace(self, fields=fields, required_unless=None)
 
     def _check(self, node: yaml.Node, where: str, v: Validation) -> Any:  # noqa: ANN401

@@ -1,40 +1,81 @@
 """The download core: fetch a manifest's files, verifying each one while it streams.
 
-Design anchored in performance.md: on this machine SHA-256 (~250-300 MB/s on one core) is the
-ceiling of any verified download, and one streaming GET per file beats ranged GETs against Azurite
-(each range costs Azurite 15-23 ms of CPU). So each file is one streaming GET with the hash updated
-on every chunk as it is written (never a second read), files run in parallel on kept-alive
-connections, and a file reaches its final name only after its size and hash are checked.
+Speed (anchored in performance.md: on this machine SHA-256, ~250-300 MB/s on one core, is the
+ceiling of any verified download; one streaming GET per file beats ranged GETs against Azurite,
+whose CPU cost per range is 15-23 ms; the Azure SDK is client-CPU-bound):
 
-When a transfer is cut, the file resumes where the bytes stopped (``Range: bytes=N-``) with the
-hash continuing from the same state; the ETag of the first answer is pinned with ``If-Match``, so
-a blob replaced mid-download restarts the file from zero instead of splicing two versions; a
-``206`` whose ``Content-Range`` does not start at N, and a ``200`` to a resume request, are never
-appended (reliability.md A4, A5, B1). An expired SAS is renewed through the gateway (``renew``).
+* Storage GETs go through :mod:`._http`, a thin HTTP/1.1 client on kept-alive sockets (shared
+  by the worker threads through a pool), not ``requests``: the body is received with
+  ``recv_into`` straight into a reused 1 MiB buffer, which is hashed and written as a
+  ``memoryview`` (no bytes object per chunk). ``hashlib``, ``recv_into`` and ``pwrite`` all
+  release the GIL on such buffers, so threads overlap.
+* Files run in parallel, largest first, one worker thread and one kept-alive connection each
+  (``workers``, 8 by default: Azurite is a single Node thread and ~8 connections saturate it).
+  A small file costs one ``open``, one request, one ``pwrite``, one ``rename``; folders are made
+  once per download, not once per file.
+* A file of 8 MiB or more is received by a helper thread while the worker thread hashes what
+  already arrived (three 1 MiB buffers in flight), so receive-and-write overlaps the hash.
+* Ranges (``range_parts`` > 1, off by default): a file of at least ``range_threshold`` bytes is
+  fetched by ``range_parts`` connections at once, each taking the next ``range_size`` range. The
+  hash still runs in order while bytes stream: ranges that arrive early are written at their
+  offset at once and kept in memory until the hash reaches them, within a window of
+  ``range_parts * range_size`` bytes (at most 32 MiB; a connection that runs a window ahead of
+  the hash waits). One file at a time uses ranges, so memory stays bounded. It is off by
+  default because against Azurite one streaming GET is faster (each range costs Azurite a
+  fixed 15-23 ms of CPU, and the hash is the limit anyway); it pays off against servers that
+  cap the rate per connection.
 
-Not yet here (issue 4): resume after the process is killed (offsets are not persisted).
+Integrity (reliability.md A1-A5): bytes go to ``<name>.part``; the file reaches its final name
+only after its size and SHA-256 match the manifest. The ETag of the first answer is pinned with
+``If-Match`` on every later request (ranges and resumes), and a different ETag or a 412 restarts
+the file from zero instead of splicing two versions; a ``206`` whose ``Content-Range`` does not
+start where asked, and a ``200`` to a range request, are never appended; a size that differs from
+the manifest's is a hash failure at once. An expired SAS (403) is renewed through the gateway
+(``renew``), once per file.
+
+Retries (reliability.md B2, B3): see :mod:`.retry`. A cut connection resumes at the byte where it
+stopped (``Range: bytes=N-``, the bytes already in the buffer are kept), with the hash continuing.
+
+Resume after the process dies (reliability.md B4): next to each ``.part`` file the core keeps a
+journal (:mod:`._journal`: content ID, version, path, size, SHA-256, ETag and the last durable
+offset; never a URL or SAS). A checkpoint ``fdatasync``'s the ``.part`` and then records the
+offset; checkpoints run on a background thread, at least ``journal_bytes`` apart and at most one
+per ``journal_seconds``, so they cost the transfer nearly nothing. ``download()`` called again on
+the same staging folder (a new process, a new core) skips files already at their final name
+(they were verified before the rename), and continues each ``.part`` whose journal matches the
+manifest from the journal's offset, with ``If-Match`` on the recorded ETag (412: start that file
+again). **hashlib cannot save a hash's state, so after a crash the core re-hashes the durable
+prefix once from disk**: this is the only time any byte is read back, and it only happens after a
+crash (or after a download given up on a transient error, whose partial file is kept for the
+next try). A file that never reached a checkpoint (smaller than ``journal_bytes`` or younger
+than ``journal_seconds``) starts over. Files that had a journal are ``fdatasync``'d before their
+rename and the folder after it; small files are not (one ``fsync`` per 16 KiB file would cost
+more than the download), so after a power cut, unlike a killed process, a small final-named file
+is only as durable as the file system makes a rename.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import queue
 import re
+import ssl
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
-
-import requests
 
 from .._errors import ContentError
 from .._protocol import codes
+from . import _journal
+from ._http import Connection, ConnectionPool, Origin, Response, TransportError, split_url
 from .retry import RetryPolicy, is_transient_status, parse_retry_after
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
-    from typing import BinaryIO
 
     from .._protocol.manifest import ContentManifest, ManifestFile
 
@@ -45,6 +86,11 @@ _USER_AGENT = "SMS CCM 5.0 TS"
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 #: Storage answers an expired or otherwise invalid SAS with 403 and one of these codes.
 _AUTH_ERRORS = frozenset({"AuthenticationFailed", "AuthorizationFailure"})
+#: Files this large get a receiving thread, so the hash overlaps the network and the disk.
+_PIPELINE_MIN = 8 << 20
+_PIPELINE_WINDOW = 3 * _CHUNK
+_MAX_RANGE_WINDOW = 32 << 20
+_PART = ".part"
 
 
 def redact(url: str) -> str:
@@ -60,53 +106,23 @@ class DownloadStats:
     #: Requests repeated after a transient failure, and bytes fetched again after a restart.
     retries: int = 0
     refetched: int = 0
+    #: Bytes of partial files taken over from an earlier run (re-hashed from disk, not fetched).
+    resumed: int = 0
+    #: Files found complete (at their final name) from an earlier run, not fetched again.
+    skipped: int = 0
 
 
-@dataclass
-class _Progress:
-    retries: int = 0
-    refetched: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def add(self, retries: int = 0, refetched: int = 0) -> None:
-        with self.lock:
-            self.retries += retries
-            self.refetched += refetched
-
-
-@dataclass
-class _FileState:
-    """One file's transfer so far. Invariant: ``offset`` bytes are in ``out`` and in ``digest``."""
-
-    out: BinaryIO
-    url: str
-    offset: int = 0
-    etag: str | None = None
-    digest: hashlib._Hash = field(default_factory=hashlib.sha256)
-    #: The furthest offset ever reached: only passing it is progress, so re-fetching the same
-    #: bytes after a restart cannot keep the retry budget open forever.
-    high_water: int = 0
-    progressed: bool = False
-    renewed: bool = False
-
-    def append(self, chunk: bytes) -> None:
-        self.digest.update(chunk)
-        self.out.write(chunk)
-        self.offset += len(chunk)
-        if self.offset > self.high_water:
-            self.high_water = self.offset
-            self.progressed = True
-
-    def restart(self) -> None:
-        self.out.seek(0)
-        self.out.truncate()
-        self.digest = hashlib.sha256()
-        self.offset = 0
-        self.etag = None
+# --- failures -------------------------------------------------------------------------------
 
 
 class _Restart(Exception):
     """The partial file cannot be continued; start again from byte 0."""
+
+    def __init__(self, reason: str, *, no_ranges: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        #: The server ignores ranges: fetch the file as one stream from now on.
+        self.no_ranges = no_ranges
 
 
 class _Transient(Exception):
@@ -116,13 +132,422 @@ class _Transient(Exception):
         super().__init__(reason)
 
 
+class _SasRefused(Exception):
+    def __init__(self, code: str, url: str) -> None:
+        self.code = code
+        self.url = url
+        super().__init__(code)
+
+
+class _Fatal(Exception):
+    def __init__(self, hresult: int, message: str, *, keep_partial: bool = False) -> None:
+        self.hresult = hresult
+        self.message = message
+        #: The bytes so far are good (a give-up on transient errors): keep them for a later try.
+        self.keep_partial = keep_partial
+        super().__init__(message)
+
+
+class _Budget:
+    """Failures in a row and time without progress for one stream of requests (RetryPolicy)."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+        self.failures = 0
+        self.high_water = 0
+        self.last_progress = policy.clock()
+
+    def failed(self, position: int, size: int, relpath: str, failure: _Transient) -> float:
+        """Count a failure at ``position``; the wait before the next try, or raise _Fatal."""
+        policy = self.policy
+        now = policy.clock()
+        # Only passing the furthest byte ever reached is progress, so re-fetching the same bytes
+        # after a restart cannot keep the budget open forever; progress restarts both budgets,
+        # as BITS resets its no-progress timer.
+        if position > self.high_water:
+            self.high_water = position
+            self.failures, self.last_progress = 0, now
+        self.failures += 1
+        stalled = now - self.last_progress
+        if self.failures > policy.attempts or stalled > policy.no_progress_timeout:
+            raise _Fatal(
+                codes.CONNECTION_ABORTED,
+                f"{relpath}: gave up after {self.failures} failed tries in a row "
+                f"({stalled:.0f} s without progress, {position} of {size} bytes): "
+                f"{failure.reason}",
+                keep_partial=True,
+            )
+        return policy.backoff(self.failures, failure.retry_after)
+
+
+# --- one file -------------------------------------------------------------------------------
+
+
+class _Job:
+    """One file's transfer. Invariant: ``hashed`` bytes are in ``digest`` and at the start of
+    the ``.part`` file (bytes past it may be on disk too: early ranges, or a crash's leftovers).
+    """
+
+    def __init__(self, run: _Run, item: ManifestFile) -> None:
+        self.run = run
+        self.item = item
+        self.target = run.dest / item.relpath
+        self.part = self.target.with_name(self.target.name + _PART)
+        self.journal = _journal.journal_path(self.part)
+        self.url = item.url
+        self.etag: str | None = None
+        self.digest = hashlib.sha256()
+        self.hashed = 0
+        self.renewed = False
+        self.fd = -1
+        self.lock = threading.Lock()
+        # Checkpoints: at most one in flight; the job waits for it before truncating or closing.
+        self._idle = threading.Condition(self.lock)
+        self._pending = False
+        self.journaled = False
+        #: Bytes came from an earlier run's ``.part`` (a mismatch may be the disk's fault).
+        self.taken_over = False
+        self._journal_ok = run.core.journal_bytes > 0
+        self._checkpointed = 0
+        self._checkpoint_time = time.monotonic()
+
+    # -- opening, with resume from a journal --
+
+    def open(self, buf: memoryview) -> int:
+        """Open the ``.part`` file; return the bytes taken over from an earlier run's journal."""
+        run = self.run
+        parent = self.target.parent
+        if parent not in run.dirs:
+            parent.mkdir(parents=True, exist_ok=True)
+            run.dirs.add(parent)
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        record = _journal.read(self.journal) if run.leftovers else None
+        if record is not None and self._matches(record):
+            self.fd = os.open(self.part, flags, 0o644)
+            if os.fstat(self.fd).st_size >= record.offset:
+                return self._take_over(record, buf)
+            os.ftruncate(self.fd, 0)
+        else:
+            self.fd = os.open(self.part, flags | os.O_TRUNC, 0o644)
+        if run.leftovers:
+            _journal.remove(self.journal)
+        return 0
+
+    def _matches(self, record: _journal.JournalRecord) -> bool:
+        item, manifest = self.item, self.run.manifest
+        return (
+            record.package_id == manifest.package_id
+            and record.version == manifest.version
+            and record.relpath == item.relpath
+            and record.size == item.size
+            and record.sha256.lower() == item.sha256.lower()
+            and bool(record.etag)
+            and record.offset > 0
+        )
+
+    def _take_over(self, record: _journal.JournalRecord, buf: memoryview) -> int:
+        # hashlib cannot persist its state: re-hash the durable prefix once (after a crash only).
+        offset = record.offset
+        position = 0
+        while position < offset:
+            n = os.preadv(self.fd, [buf[: min(len(buf), offset - position)]], position)
+            if n <= 0:  # pragma: no cover - the size was checked just before
+                self.digest = hashlib.sha256()
+                os.ftruncate(self.fd, 0)
+                _journal.remove(self.journal)
+                return 0
+            self.digest.update(buf[:n])
+            position += n
+        # Bytes past the durable offset were never recorded as hashed: fetch them again.
+        os.ftruncate(self.fd, offset)
+        self.hashed = offset
+        self.etag = record.etag
+        self.journaled = self.taken_over = True
+        self._checkpointed = offset
+        self.run.core.on_event(
+            f"{self.item.relpath}: resuming at byte {offset} of {self.item.size} from an earlier "
+            f"run's journal (re-hashed from disk)"
+        )
+        return offset
+
+    # -- data --
+
+    def write(self, view: memoryview, offset: int) -> None:
+        written = 0
+        while written < len(view):
+            written += os.pwrite(self.fd, view[written:], offset + written)
+
+    def hash(self, view: memoryview) -> None:
+        """Count ``view`` (already written at ``hashed``) into the digest; maybe checkpoint."""
+        self.digest.update(view)
+        self.hashed += len(view)
+        core = self.run.core
+        if core.on_progress is not None:
+            core.on_progress(len(view), 0)
+        if (
+            self._journal_ok
+            and self.hashed - self._checkpointed >= core.journal_bytes
+            and not self._pending
+            and self.etag
+        ):
+            now = time.monotonic()
+            if now - self._checkpoint_time >= core.journal_seconds:
+                self._checkpointed, self._checkpoint_time = self.hashed, now
+                with self.lock:
+                    self._pending = True
+                self.run.checkpoints.submit(self, self.hashed, self.etag)
+
+    # -- checkpoints (run on the checkpoint thread) --
+
+    def checkpoint(self, offset: int, etag: str) -> None:
+        item, manifest = self.item, self.run.manifest
+        try:
+            os.fdatasync(self.fd)
+            record = _journal.JournalRecord(
+                manifest.package_id, manifest.version, item.relpath, item.size,
+                item.sha256.lower(), etag, offset,
+            )  # fmt: skip
+            _journal.write(self.journal, record)
+            self.journaled = True
+        except OSError as exc:
+            # The journal only saves work after a crash; the download itself goes on.
+            self._journal_ok = False
+            self.run.core.on_event(f"{item.relpath}: cannot write the resume journal ({exc})")
+        finally:
+            with self._idle:
+                self._pending = False
+                self._idle.notify_all()
+
+    def quiesce(self) -> None:
+        """Wait for the checkpoint in flight, if any (before truncating or closing the file)."""
+        with self._idle:
+            self._idle.wait_for(lambda: not self._pending)
+
+    # -- ends --
+
+    def restart(self) -> int:
+        """Back to byte 0 (the journal goes: its bytes are no longer wanted). Returns the loss."""
+        self.quiesce()
+        if self.journaled:
+            _journal.remove(self.journal)
+            self.journaled = False
+        lost = self.hashed
+        os.ftruncate(self.fd, 0)
+        self.digest = hashlib.sha256()
+        self.hashed = 0
+        self.etag = None
+        self._checkpointed = 0
+        self._checkpoint_time = time.monotonic()
+        return lost
+
+    def commit(self) -> None:
+        """Verify and rename; raise _Fatal (and remove the partial file) on a mismatch."""
+        item = self.item
+        self.quiesce()
+        actual = self.digest.hexdigest()
+        if self.hashed != item.size or actual != item.sha256.lower():
+            raise _Fatal(
+                codes.HASH_MISMATCH,
+                f"{item.relpath}: SHA-256 {actual} does not match manifest {item.sha256}",
+            )
+        hook = self.run.core.before_commit
+        if hook is not None:
+            hook(item.relpath, self.part)
+        if self.journaled:
+            # A file that had a journal is worth making durable before its name says "done".
+            os.fdatasync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        self.part.replace(self.target)
+        if self.journaled:
+            _journal.fsync_dir(self.target.parent)
+            _journal.remove(self.journal)
+
+    def abandon(self, keep: bool) -> None:
+        """After a failure: keep the partial file and a final journal for a later try, or delete."""
+        self.quiesce()
+        if self.fd < 0:
+            return
+        if keep and self._journal_ok and self.hashed > 0 and self.etag:
+            self.checkpoint(self.hashed, self.etag)
+        else:
+            keep = False
+        os.close(self.fd)
+        self.fd = -1
+        if not keep:
+            self.part.unlink(missing_ok=True)
+            _journal.remove(self.journal)
+
+
+class _Checkpoints:
+    """The background thread that makes checkpoints durable (fdatasync, then the journal)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[_Job, int, str] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, job: _Job, offset: int, etag: str) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="download-checkpoints", daemon=True
+                )
+                self._thread.start()
+        self._queue.put((job, offset, etag))
+
+    def _run(self) -> None:
+        while (entry := self._queue.get()) is not None:
+            job, offset, etag = entry
+            job.checkpoint(offset, etag)
+
+    def close(self) -> None:
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join()
+
+
+@dataclass
+class _Run:
+    """State shared by the threads of one ``download()`` call."""
+
+    core: DownloadCore
+    manifest: ContentManifest
+    dest: Path
+    renew: Callable[[ManifestFile], str] | None
+    #: The staging folder held files before this call: look for journals and finished files.
+    leftovers: bool
+    checkpoints: _Checkpoints
+    dirs: set[Path]
+    lock: threading.Lock
+    retries: int = 0
+    refetched: int = 0
+    resumed: int = 0
+    stop: bool = False
+
+    def add(self, retries: int = 0, refetched: int = 0, resumed: int = 0) -> None:
+        with self.lock:
+            self.retries += retries
+            self.refetched += refetched
+            self.resumed += resumed
+
+
+# --- in-order hand-off from receiving threads to the hashing thread ---------------------------
+
+
+class _Segments:
+    """The byte ranges of one file, handed out in order to the receiving threads."""
+
+    def __init__(self, start: int, size: int, step: int) -> None:
+        self._bounds = [(a, min(a + step, size)) for a in range(start, size, step)]
+        self._next = 0
+        self._lock = threading.Lock()
+
+    @property
+    def count(self) -> int:
+        return len(self._bounds)
+
+    def take(self) -> tuple[int, int] | None:
+        with self._lock:
+            if self._next >= len(self._bounds):
+                return None
+            self._next += 1
+            return self._bounds[self._next - 1]
+
+
+class _Window:
+    """Buffers received at any offset, given to the hasher in offset order, within ``size`` bytes.
+
+    A receiving thread may only fill a buffer that ends within ``size`` bytes of the hash, so
+    memory is bounded; the thread holding the next bytes to hash is never the one waiting, so
+    the hand-off cannot deadlock.
+    """
+
+    def __init__(self, start: int, size: int) -> None:
+        self.next = start
+        self.size = size
+        self._pieces: dict[int, tuple[memoryview, int]] = {}
+        self._free: list[memoryview] = []
+        self._cond = threading.Condition()
+        self._failure: BaseException | None = None
+        self.aborted = False
+        self.etag_known = threading.Event()
+        self._active: set[Connection] = set()
+
+    def buffer(self, position: int) -> memoryview | None:
+        """A buffer for the bytes at ``position``; None when the transfer was aborted."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.aborted or position + _CHUNK <= self.next + self.size)
+            if self.aborted:
+                return None
+            return self._free.pop() if self._free else memoryview(bytearray(_CHUNK))
+
+    def put(self, position: int, buf: memoryview, n: int) -> None:
+        with self._cond:
+            self._pieces[position] = (buf, n)
+            self._cond.notify_all()
+
+    def get(self) -> tuple[memoryview, int]:
+        """The buffer holding the next bytes to hash; raises what a receiving thread raised."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.next in self._pieces or self._failure is not None)
+            if self.next in self._pieces:
+                return self._pieces.pop(self.next)
+            assert self._failure is not None
+            raise self._failure
+
+    def hashed(self, buf: memoryview, n: int) -> None:
+        with self._cond:
+            self.next += n
+            self._free.append(buf)
+            self._cond.notify_all()
+
+    def fail(self, exc: BaseException) -> None:
+        with self._cond:
+            if self._failure is None:
+                self._failure = exc
+            self._cond.notify_all()
+
+    def track(self, conn: Connection, active: bool) -> None:
+        with self._cond:
+            if active:
+                self._active.add(conn)
+            else:
+                self._active.discard(conn)
+
+    def abort(self) -> None:
+        """Stop every receiving thread, including one blocked on a socket."""
+        with self._cond:
+            self.aborted = True
+            self._cond.notify_all()
+            active = list(self._active)
+        for conn in active:
+            conn.abort()
+
+
+# --- the core -------------------------------------------------------------------------------
+
+
 class DownloadCore:
     """Parallel, verifying, resuming downloader of manifest files into a folder.
 
     :param workers: files fetched at once (each on its own kept-alive connection).
     :param timeout: seconds to wait for a connection or for the next bytes of a response.
     :param retry: retry bounds, clock and sleep (inject fakes in tests).
-    :param on_event: receives one line per retry, restart or renewal (for the client's log).
+    :param on_event: receives one line per retry, restart, renewal or resume (for the log).
+    :param on_progress: ``on_progress(new_bytes, files_done)``, called from the download
+        threads as bytes are verified (``files_done`` 0) and once per verified file
+        (``new_bytes`` 0). Bytes taken over from an earlier run or files found complete are
+        reported too, so a progress bar reaches the total.
+    :param ssl_context: TLS settings for ``https`` storage (default: system CAs, verification
+        on); ``ca_file`` is a shortcut for a context trusting that CA bundle.
+    :param range_parts: connections per large file (1: one streaming GET per file).
+    :param range_threshold: files from this size on use ranges when ``range_parts`` > 1.
+    :param range_size: bytes per ranged request.
+    :param journal_bytes: bytes between two resume checkpoints (0: no journal).
+    :param journal_seconds: minimum time between two checkpoints of a file.
     """
 
     def __init__(
@@ -133,35 +558,48 @@ class DownloadCore:
         retry: RetryPolicy | None = None,
         on_event: Callable[[str], None] | None = None,
         on_progress: Callable[[int, int], None] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        range_parts: int = 1,
+        range_threshold: int = 64 << 20,
+        range_size: int = 8 << 20,
+        journal_bytes: int = 8 << 20,
+        journal_seconds: float = 1.0,
     ) -> None:
+        if workers < 1 or range_parts < 1 or range_size < _CHUNK or journal_bytes < 0:
+            msg = (
+                "workers and range_parts must be >= 1, range_size >= 1 MiB, journal_bytes >= 0 "
+                f"(got {workers}, {range_parts}, {range_size}, {journal_bytes})"
+            )
+            raise ValueError(msg)
         self.workers = workers
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self.on_event = on_event or (lambda line: None)
-        #: ``on_progress(new_bytes, files_done)``: called from the download threads as bytes
-        #: arrive (``files_done`` 0) and once per verified file (``new_bytes`` 0).
         self.on_progress = on_progress
-        self._local = threading.local()
-        self._sessions: list[requests.Session] = []
-        self._lock = threading.Lock()
+        self.range_parts = range_parts
+        self.range_threshold = range_threshold
+        self.range_size = range_size
+        self.journal_bytes = journal_bytes
+        self.journal_seconds = journal_seconds
+        #: Test hook: ``before_commit(relpath, part)`` runs after a file's hash matched and
+        #: before its rename (reliability.md test 12 kills the process there).
+        self.before_commit: Callable[[str, Path], None] | None = None
+        if ssl_context is None and ca_file is not None:
+            ssl_context = ssl.create_default_context(cafile=os.fspath(ca_file))
+        self._pool = ConnectionPool(timeout=timeout, ssl_context=ssl_context)
+        # One ranged file at a time keeps the memory of the reorder windows bounded.
+        self._ranged = threading.Semaphore(1)
 
-    def _session(self) -> requests.Session:
-        session: requests.Session | None = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            # Storage is reached directly, never through an environment proxy (see CMGClient).
-            session.trust_env = False
-            session.headers["User-Agent"] = _USER_AGENT
-            self._local.session = session
-            with self._lock:
-                self._sessions.append(session)
-        return session
+    @property
+    def connections_opened(self) -> int:
+        """Storage connections opened so far (keep-alive keeps this near ``workers``)."""
+        return self._pool.opened
 
     def close(self) -> None:
-        with self._lock:
-            sessions, self._sessions = self._sessions, []
-        for session in sessions:
-            session.close()
+        self._pool.close()
+
+    # -- the manifest --
 
     def download(
         self,
@@ -173,163 +611,388 @@ class DownloadCore:
 
         ``renew(file)`` returns a fresh URL for a file whose SAS storage refused (403); without
         it such a refusal is final. Files start largest first so the longest transfer overlaps
-        the many small ones.
+        the many small ones. Called again on the same ``dest`` after a crash, it resumes (see
+        the module docstring).
         """
         started = time.perf_counter()
-        files = sorted(manifest.files, key=lambda f: f.size, reverse=True)
-        if not files:
+        if not manifest.files:
             return DownloadStats(0, 0, 0.0)
-        progress = _Progress()
-        total = 0
-        with ThreadPoolExecutor(max_workers=min(self.workers, len(files))) as pool:
-            futures = [pool.submit(self._fetch, item, dest, renew, progress) for item in files]
-            try:
-                for future in as_completed(futures):
-                    total += future.result()
-            except BaseException:
-                # First failure wins: files not started yet are not fetched for nothing.
-                for future in futures:
-                    future.cancel()
-                raise
+        dest.mkdir(parents=True, exist_ok=True)
+        with os.scandir(dest) as entries:
+            leftovers = any(True for _ in entries)
+        run = _Run(self, manifest, dest, renew, leftovers, _Checkpoints(), {dest}, threading.Lock())
+        files = sorted(manifest.files, key=lambda f: f.size, reverse=True)
+        todo = [item for item in files if not (leftovers and self._complete(item, run))]
+        skipped = len(files) - len(todo)
+        total = sum(f.size for f in files)
+        errors: list[BaseException] = []
+        pending = iter(todo)
+
+        def worker() -> None:
+            buf = memoryview(bytearray(_CHUNK))
+            while True:
+                with run.lock:
+                    item = None if run.stop else next(pending, None)
+                if item is None:
+                    return
+                try:
+                    self._fetch(run, item, buf)
+                except BaseException as exc:
+                    with run.lock:
+                        # First failure wins: files not started yet are not fetched for nothing.
+                        run.stop = True
+                        errors.append(exc)
+                    return
+
+        threads = [
+            threading.Thread(target=worker, name=f"download-{n}", daemon=True)
+            for n in range(min(self.workers, len(todo)))
+        ]
+        try:
+            if len(threads) == 1:
+                worker()  # one file: no thread to start
+            else:
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+        except BaseException:
+            with run.lock:
+                run.stop = True
+            raise
+        finally:
+            run.checkpoints.close()
+        if errors:
+            raise errors[0]
         return DownloadStats(
-            len(files), total, time.perf_counter() - started, progress.retries, progress.refetched
+            len(files),
+            total,
+            time.perf_counter() - started,
+            run.retries,
+            run.refetched,
+            run.resumed,
+            skipped,
         )
 
-    def _fetch(
-        self,
-        item: ManifestFile,
-        dest: Path,
-        renew: Callable[[ManifestFile], str] | None,
-        progress: _Progress,
-    ) -> int:
-        target = dest / item.relpath
-        target.parent.mkdir(parents=True, exist_ok=True)
-        part = target.with_name(target.name + ".part")
-        policy = self.retry
-        with part.open("wb") as out:
-            state = _FileState(out=out, url=item.url)
-            failures = 0
-            last_progress = policy.clock()
+    def _complete(self, item: ManifestFile, run: _Run) -> bool:
+        """A file at its final name from an earlier run (renamed only after verification)."""
+        target = run.dest / item.relpath
+        try:
+            size = target.stat().st_size
+        except OSError:
+            return False
+        part = target.with_name(target.name + _PART)
+        if size != item.size or not target.is_file():
+            target.unlink(missing_ok=True)
+            return False
+        part.unlink(missing_ok=True)
+        _journal.remove(_journal.journal_path(part))
+        if self.on_progress is not None:
+            self.on_progress(item.size, 0)
+            self.on_progress(0, 1)
+        return True
+
+    # -- one file --
+
+    def _fetch(self, run: _Run, item: ManifestFile, buf: memoryview) -> None:
+        job = _Job(run, item)
+        try:
+            resumed = job.open(buf)
+            if resumed:
+                run.add(resumed=resumed)
+                if self.on_progress is not None:
+                    self.on_progress(resumed, 0)
             while True:
+                if item.size >= _PIPELINE_MIN:
+                    self._fetch_streamed(job)
+                elif job.hashed < item.size or item.size == 0:
+                    self._fetch_inline(job, buf)
                 try:
-                    self._transfer(item, state)
+                    job.commit()
                     break
-                except _Restart as restart:
-                    self.on_event(f"{item.relpath}: restarting from 0 ({restart})")
-                    progress.add(refetched=state.offset)
-                    state.restart()
-                    failure = _Transient(str(restart))
-                except _Transient as transient:
-                    failure = transient
-                except _SasRefused as refused:
-                    if renew is None or state.renewed:
-                        part.unlink(missing_ok=True)
-                        raise ContentError(
-                            codes.BAD_HTTP_STATUS,
-                            f"GET {redact(state.url)} answered 403 {refused.code}".rstrip(),
-                        ) from None
-                    # One renewal per file: a fresh URL that is refused too is final.
-                    self.on_event(f"{item.relpath}: SAS refused ({refused.code}), renewing")
-                    state.url, state.renewed = renew(item), True
-                    continue
                 except _Fatal as fatal:
-                    part.unlink(missing_ok=True)
-                    raise ContentError(fatal.hresult, fatal.message) from None
-                now = policy.clock()
-                if state.progressed:
-                    # Progress restarts both budgets, as BITS resets its no-progress timer.
-                    failures, last_progress, state.progressed = 0, now, False
-                failures += 1
-                stalled = now - last_progress
-                if failures > policy.attempts or stalled > policy.no_progress_timeout:
-                    part.unlink(missing_ok=True)
-                    raise ContentError(
-                        codes.CONNECTION_ABORTED,
-                        f"{item.relpath}: gave up after {failures} failed tries in a row "
-                        f"({stalled:.0f} s without progress, {state.offset} of {item.size} "
-                        f"bytes): {failure.reason}",
-                    )
-                wait = policy.backoff(failures, failure.retry_after)
-                progress.add(retries=1)
-                self.on_event(
-                    f"{item.relpath}: {failure.reason}; retry {failures} in {wait:.1f} s "
-                    f"from byte {state.offset}"
-                )
-                policy.sleep(wait)
-        if state.digest.hexdigest() != item.sha256.lower():
-            part.unlink(missing_ok=True)
-            raise ContentError(
-                codes.HASH_MISMATCH,
-                f"{item.relpath}: SHA-256 {state.digest.hexdigest()} does not match manifest "
-                f"{item.sha256}",
-            )
-        part.rename(target)
+                    if fatal.hresult != codes.HASH_MISMATCH or not job.taken_over:
+                        raise
+                    # The bytes taken over from disk may be what is wrong, not the blob's.
+                    job.taken_over = False
+                    self._restarted(job, _Restart("mismatch after resuming from disk"))
+        except _Fatal as fatal:
+            job.abandon(keep=fatal.keep_partial)
+            raise ContentError(fatal.hresult, fatal.message) from None
+        except BaseException:
+            job.abandon(keep=True)
+            raise
         if self.on_progress is not None:
             self.on_progress(0, 1)
-        return state.offset
 
-    def _transfer(self, item: ManifestFile, state: _FileState) -> None:
-        """One request from ``state.offset`` on; returns when the file is whole, else raises."""
-        headers = {}
-        if state.offset:
-            headers["Range"] = f"bytes={state.offset}-"
-        if state.etag:
-            headers["If-Match"] = state.etag
-        try:
-            response = self._session().get(
-                state.url, headers=headers, stream=True, timeout=self.timeout
-            )
-        except requests.RequestException as exc:
-            reason = f"GET {redact(state.url)} failed: {exc.__class__.__name__}"
-            raise _Transient(reason) from None
-        with response:
-            status = response.status_code
-            if status == 412:
-                msg = "the blob changed since the download began (412, ETag)"
-                raise _Restart(msg)
-            if status == 416:
-                msg = f"range from byte {state.offset} not satisfiable (416)"
-                raise _Restart(msg)
-            if status == 403 and response.headers.get("x-ms-error-code") in _AUTH_ERRORS:
-                raise _SasRefused(response.headers.get("x-ms-error-code", ""))
-            if status not in (200, 206):
-                reason = f"GET {redact(state.url)} answered {status}"
-                if is_transient_status(status):
-                    raise _Transient(reason, parse_retry_after(response.headers.get("Retry-After")))
-                code = response.headers.get("x-ms-error-code", "")
-                raise _Fatal(codes.BAD_HTTP_STATUS, f"{reason} {code}".rstrip())
-            if state.offset and status == 200:
-                # The server ignored the range: appending would duplicate the first bytes.
-                msg = "a resume request was answered 200 (range ignored)"
-                raise _Restart(msg)
-            if status == 206:
-                self._check_range(response.headers.get("Content-Range", ""), state.offset, item)
-            else:
-                length = response.headers.get("Content-Length")
-                if length is not None and length.isdigit() and int(length) != item.size:
-                    # Not the content the manifest describes: no retry can fix that.
-                    msg = f"{item.relpath}: storage holds {length} bytes, manifest says {item.size}"
-                    raise _Fatal(codes.HASH_MISMATCH, msg)
-            state.etag = state.etag or response.headers.get("ETag")
+    def _fetch_inline(self, job: _Job, buf: memoryview) -> None:
+        """Small files: receive, write and hash on this thread."""
+        item = job.item
+        budget = _Budget(self.retry)
+        while True:
             try:
-                for chunk in response.iter_content(_CHUNK):
-                    if state.offset + len(chunk) > item.size:
-                        raise _Fatal(
-                            codes.HASH_MISMATCH,
-                            f"{item.relpath}: more than the manifest's {item.size} bytes",
-                        )
-                    state.append(chunk)
-                    if self.on_progress is not None:
-                        self.on_progress(len(chunk), 0)
-            except requests.RequestException as exc:
-                msg = (
-                    f"connection lost after {state.offset} of {item.size} bytes "
-                    f"({exc.__class__.__name__})"
+                self._stream(job, job.hashed, item.size, ranged=False, buf=buf)
+                return
+            except _Restart as restart:
+                failure = self._restarted(job, restart)
+            except _Transient as transient:
+                failure = transient
+            except _SasRefused as refused:
+                self._renew(job, refused)
+                continue
+            self._wait(job, budget, job.hashed, failure)
+
+    def _fetch_streamed(self, job: _Job) -> None:
+        """Large files: receiving threads write, this thread hashes in order."""
+        item = job.item
+        budget = _Budget(self.retry)
+        parts = self.range_parts if item.size >= self.range_threshold else 1
+        slot = parts > 1 and self._ranged.acquire(blocking=False)
+        if not slot:
+            parts = 1
+        try:
+            while job.hashed < item.size:
+                try:
+                    self._stream_parallel(job, parts)
+                    return
+                except _Restart as restart:
+                    if restart.no_ranges:
+                        parts = 1
+                    failure = self._restarted(job, restart)
+                self._wait(job, budget, job.hashed, failure)
+        finally:
+            if slot:
+                self._ranged.release()
+
+    def _restarted(self, job: _Job, restart: _Restart) -> _Transient:
+        self.on_event(f"{job.item.relpath}: restarting from 0 ({restart.reason})")
+        job.run.add(refetched=job.restart())
+        return _Transient(restart.reason)
+
+    def _wait(self, job: _Job, budget: _Budget, position: int, failure: _Transient) -> None:
+        wait = budget.failed(position, job.item.size, job.item.relpath, failure)
+        job.run.add(retries=1)
+        self.on_event(
+            f"{job.item.relpath}: {failure.reason}; retry {budget.failures} in {wait:.1f} s "
+            f"from byte {position}"
+        )
+        self.retry.sleep(wait)
+
+    def _renew(self, job: _Job, refused: _SasRefused) -> None:
+        with job.lock:
+            if job.url != refused.url:
+                return  # another range of this file already renewed it
+            if job.run.renew is None or job.renewed:
+                raise _Fatal(
+                    codes.BAD_HTTP_STATUS,
+                    f"GET {redact(refused.url)} answered 403 {refused.code}".rstrip(),
                 )
-                raise _Transient(msg) from None
-        if state.offset != item.size:
-            msg = f"the answer ended after {state.offset} of {item.size} bytes"
-            raise _Transient(msg)
+            # One renewal per file: a fresh URL that is refused too is final.
+            self.on_event(f"{job.item.relpath}: SAS refused ({refused.code}), renewing")
+            job.url, job.renewed = job.run.renew(job.item), True
+
+    def _stream_parallel(self, job: _Job, parts: int) -> None:
+        item = job.item
+        if parts > 1:
+            step = self.range_size
+            window = _Window(
+                job.hashed, min(max(parts * step, 2 * parts * _CHUNK), _MAX_RANGE_WINDOW)
+            )
+        else:
+            step = item.size
+            window = _Window(job.hashed, _PIPELINE_WINDOW)
+        segments = _Segments(job.hashed, item.size, step)
+        if job.etag:
+            window.etag_known.set()
+
+        def receive(first: bool) -> None:
+            try:
+                if not first:
+                    # Later ranges wait for the first answer's ETag, so all of them pin it.
+                    window.etag_known.wait()
+                while not window.aborted and (bounds := segments.take()) is not None:
+                    self._fetch_range(job, window, bounds, parts > 1)
+            except BaseException as exc:
+                window.fail(exc)
+            finally:
+                window.etag_known.set()
+
+        threads = [
+            threading.Thread(target=receive, args=(n == 0,), name=f"range-{n}", daemon=True)
+            for n in range(min(parts, segments.count))
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            while job.hashed < item.size:
+                buf, n = window.get()
+                job.hash(buf[:n])
+                window.hashed(buf, n)
+        except BaseException:
+            window.abort()
+            raise
+        finally:
+            for thread in threads:
+                thread.join()
+
+    def _fetch_range(
+        self,
+        job: _Job,
+        window: _Window,
+        bounds: tuple[int, int],
+        ranged: bool,
+    ) -> None:
+        start, end = bounds
+        budget = _Budget(self.retry)
+        position = [start]
+        while position[0] < end and not window.aborted:
+            try:
+                self._stream(job, position[0], end, ranged=ranged, window=window, cursor=position)
+            except _Transient as transient:
+                if window.aborted:
+                    return
+                self._wait(job, budget, position[0], transient)
+            except _SasRefused as refused:
+                self._renew(job, refused)
+
+    # -- one request --
+
+    def _stream(
+        self,
+        job: _Job,
+        start: int,
+        end: int,
+        *,
+        ranged: bool,
+        buf: memoryview | None = None,
+        window: _Window | None = None,
+        cursor: list[int] | None = None,
+    ) -> None:
+        """One GET for bytes ``start``..``end`` of the file; returns when they are all in.
+
+        Inline (``buf``): bytes are written and hashed here. Streamed (``window``): bytes are
+        written here and handed to the hashing thread; ``cursor[0]`` follows the position.
+        """
+        item = job.item
+        url = job.url
+        origin, target = split_url(url)
+        headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
+        if ranged and (start or end < item.size):
+            headers["Range"] = f"bytes={start}-{end - 1}"
+        elif start:
+            headers["Range"] = f"bytes={start}-"
+        if job.etag:
+            headers["If-Match"] = job.etag
+        response = self._request(origin, target, headers, url)
+        conn = response.connection
+        if window is not None:
+            window.track(conn, True)
+        position = start
+        try:
+            self._check(job, response, start, "Range" in headers, url)
+            if window is not None:
+                window.etag_known.set()
+            while position < end:
+                if window is not None:
+                    piece = window.buffer(position)
+                    if piece is None:
+                        return
+                else:
+                    assert buf is not None
+                    piece = buf
+                view = piece[: min(len(piece), end - position)]
+                try:
+                    n = response.read_into(view)
+                except TransportError as exc:
+                    n = exc.received
+                    if n:
+                        position = self._deliver(job, view[:n], position, window, piece, cursor)
+                    msg = f"connection lost after {position} of {item.size} bytes ({exc.reason})"
+                    raise _Transient(msg) from None
+                if not n:
+                    msg = f"the answer ended after {position} of {item.size} bytes"
+                    raise _Transient(msg)
+                position = self._deliver(job, view[:n], position, window, piece, cursor)
+            if not response.complete:
+                # A body longer than the manifest says (no Content-Length to tell us earlier).
+                extra = memoryview(bytearray(1))
+                if not ranged and response.read_into(extra):
+                    raise _Fatal(
+                        codes.HASH_MISMATCH,
+                        f"{item.relpath}: more than the manifest's {item.size} bytes",
+                    )
+        finally:
+            if window is not None:
+                window.track(conn, False)
+            self._pool.release(conn, response)
+
+    def _deliver(
+        self,
+        job: _Job,
+        view: memoryview,
+        position: int,
+        window: _Window | None,
+        piece: memoryview,
+        cursor: list[int] | None,
+    ) -> int:
+        job.write(view, position)
+        if window is None:
+            job.hash(view)
+        else:
+            window.put(position, piece, len(view))
+            assert cursor is not None
+            cursor[0] = position + len(view)
+        return position + len(view)
+
+    def _request(self, origin: Origin, target: str, headers: dict[str, str], url: str) -> Response:
+        try:
+            return self._pool.get(origin, target, headers)
+        except TransportError as exc:
+            msg = f"GET {redact(url)} failed: {exc.reason}"
+            raise _Transient(msg) from None
+
+    def _check(self, job: _Job, response: Response, start: int, ranged: bool, url: str) -> None:
+        """Everything about a response's head that decides whether its body may be used."""
+        item = job.item
+        status = response.status
+        headers = response.headers
+        if status not in (200, 206):
+            # Read a short error body to the end, so the connection can be kept.
+            with contextlib.suppress(TransportError):
+                response.drain()
+        if status == 412:
+            msg = "the blob changed since the download began (412, ETag)"
+            raise _Restart(msg)
+        if status == 416:
+            msg = f"range from byte {start} not satisfiable (416)"
+            raise _Restart(msg)
+        if status == 403 and headers.get("x-ms-error-code") in _AUTH_ERRORS:
+            raise _SasRefused(headers.get("x-ms-error-code", ""), url)
+        if status not in (200, 206):
+            reason = f"GET {redact(url)} answered {status}"
+            if is_transient_status(status):
+                raise _Transient(reason, parse_retry_after(headers.get("retry-after")))
+            code = headers.get("x-ms-error-code", "")
+            raise _Fatal(codes.BAD_HTTP_STATUS, f"{reason} {code}".rstrip())
+        if ranged and status == 200:
+            # The server ignored the range: appending would duplicate the first bytes.
+            msg = f"a {'resume' if start else 'range'} request was answered 200 (range ignored)"
+            raise _Restart(msg, no_ranges=True)
+        if status == 206:
+            self._check_range(headers.get("content-range", ""), start, item)
+        elif response.length is not None and response.length != item.size:
+            # Not the content the manifest describes: no retry can fix that.
+            msg = (
+                f"{item.relpath}: storage holds {response.length} bytes, manifest says {item.size}"
+            )
+            raise _Fatal(codes.HASH_MISMATCH, msg)
+        etag = headers.get("etag")
+        with job.lock:
+            if job.etag is None:
+                job.etag = etag
+            elif etag is not None and etag != job.etag:
+                msg = f"the blob changed since the download began (ETag {etag} != {job.etag})"
+                raise _Restart(msg)
 
     @staticmethod
     def _check_range(header: str, offset: int, item: ManifestFile) -> None:
@@ -344,16 +1007,3 @@ class DownloadCore:
         if start != offset:
             msg = f"206 for bytes {start}- when bytes {offset}- were asked"
             raise _Restart(msg)
-
-
-class _SasRefused(Exception):
-    def __init__(self, code: str) -> None:
-        self.code = code
-        super().__init__(code)
-
-
-class _Fatal(Exception):
-    def __init__(self, hresult: int, message: str) -> None:
-        self.hresult = hresult
-        self.message = message
-        super().__init__(message)

@@ -1,0 +1,349 @@
+"""Resume after the client process is killed (reliability.md B4; tests 11, 12 and 28).
+
+A real client process (``python -c`` running :class:`DownloadCore` on a manifest given as JSON on
+stdin) downloads through the storage fault proxy from the session's Azurite; the test SIGKILLs
+it by pid, then a second process on the same staging folder must resume from the journal, not
+from zero, and end with a verified file and nothing else in the folder. The in-process tests
+below cover what the journal must refuse (another manifest, a replaced blob).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+import pytest
+
+from pytest_cmg._client import _journal
+from pytest_cmg._client.download import DownloadCore
+from pytest_cmg._client.retry import VirtualTime
+from pytest_cmg._errors import ContentError
+from pytest_cmg._protocol import codes
+from pytest_cmg.faults import reset_after, throttle
+
+if TYPE_CHECKING:
+    from pytest_cmg._protocol.manifest import ContentManifest
+
+MiB = 1 << 20
+SIZE = 24 * MiB
+RATE = 8 * MiB  # bytes per second through the proxy: the first run lasts about 3 s
+JOURNAL = 2 * MiB  # checkpoint interval of the child processes
+RELPATH = "sources/install.wim"
+DATA = random.Random(11).randbytes(SIZE)
+
+CHILD = r"""
+import json, sys, time
+from pathlib import Path
+from pytest_cmg._client.download import DownloadCore
+from pytest_cmg._protocol.manifest import ContentManifest, ManifestFile
+
+spec = json.loads(sys.stdin.read())
+manifest = ContentManifest(
+    spec["package_id"], spec["version"], tuple(ManifestFile(**f) for f in spec["files"])
+)
+core = DownloadCore(
+    workers=2,
+    timeout=20,
+    journal_bytes=spec["journal_bytes"],
+    journal_seconds=0.0,
+    on_event=lambda line: print("event:", line, file=sys.stderr, flush=True),
+)
+if spec.get("hang_before_commit"):
+    def hang(relpath, part):
+        Path(spec["hang_before_commit"]).write_text(relpath)
+        time.sleep(60)  # the test kills this process here
+    core.before_commit = hang
+stats = core.download(manifest, Path(spec["dest"]))
+core.close()
+print(json.dumps({"resumed": stats.resumed, "skipped": stats.skipped, "bytes": stats.bytes}))
+"""
+
+
+@pytest.fixture
+def package(cloud_dp):
+    return cloud_dp.distribute("PS1000K1", 1, {RELPATH: DATA})
+
+
+def signed(cloud_dp, manifest: ContentManifest) -> ContentManifest:
+    """The manifest with fresh SAS URLs (through the fault proxy when it is routed)."""
+    now = datetime.now(UTC)
+    urls = {
+        f.relpath: cloud_dp.signed_url(
+            manifest.package_id,
+            manifest.version,
+            f.relpath,
+            start=now - timedelta(minutes=15),
+            expiry=now + timedelta(hours=1),
+        )
+        for f in manifest.files
+    }
+    return manifest.with_urls(urls)
+
+
+def start_child(manifest: ContentManifest, dest, **extra) -> subprocess.Popen[str]:
+    spec = {
+        "package_id": manifest.package_id,
+        "version": manifest.version,
+        "files": [
+            {"relpath": f.relpath, "size": f.size, "sha256": f.sha256, "url": f.url}
+            for f in manifest.files
+        ],
+        "dest": str(dest),
+        "journal_bytes": JOURNAL,
+        **extra,
+    }
+    # The SAS travels on stdin, never on a command line other processes can read.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps(spec))
+    proc.stdin.close()
+    proc.stdin = None  # communicate() must not flush it again
+    return proc
+
+
+def kill(proc: subprocess.Popen[str]) -> str:
+    """SIGKILL our child by its pid; return what it wrote to stderr."""
+    os.kill(proc.pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == -signal.SIGKILL
+    return err
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[dict, str]:
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=10)
+        raise
+    assert proc.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1]), err
+
+
+def wait_until(condition, proc, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"the child ended ({proc.returncode}) before {what}: {proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            kill(proc)
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def size_of(path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def files_in(folder) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def assert_no_secret(*texts: str) -> None:
+    # reliability.md 28: no SAS signature, no SAS field, no query string anywhere on disk or in logs.
+    for text in texts:
+        assert "sig=" not in text
+        assert "se=" not in text and "sp=" not in text
+
+
+def test_a_killed_download_resumes_from_its_journal_in_a_new_process(
+    cloud_dp, storage_faults, package, tmp_path
+):
+    # reliability.md 11 (and 28 for the journal and the logs).
+    dest = tmp_path / ".staging" / "PS1000K1.1"
+    part = dest / f"{RELPATH}.part"
+    journal = _journal.journal_path(part)
+    manifest = signed(cloud_dp, package)
+    storage_faults.add(throttle(RATE), request=1)
+
+    first = start_child(manifest, dest)
+    wait_until(
+        lambda: size_of(part) >= SIZE * 0.4 and journal.exists(), first, 30, "40 % on disk"
+    )
+    first_log = kill(first)
+
+    on_disk = size_of(part)
+    assert SIZE * 0.4 <= on_disk < SIZE * 0.8
+    assert not (dest / RELPATH).exists()
+    journal_text = journal.read_text()
+    assert_no_secret(journal_text, first_log)
+    record = json.loads(journal_text)
+    durable = record["offset"]
+    assert record["etag"] and record["sha256"] == package.files[0].sha256
+    assert 0 < durable <= on_disk
+    # What the second run fetches again: the bytes on disk past the last checkpoint. At most one
+    # journal interval, plus the 1 MiB buffer being hashed and what arrived while the last
+    # checkpoint's fdatasync was running.
+    assert on_disk - durable <= JOURNAL + 2 * MiB
+
+    storage_faults.wait_idle(10)
+    storage_faults.clear()
+    second = start_child(signed(cloud_dp, package), dest)
+    stats, second_log = finish(second)
+
+    assert stats == {"resumed": durable, "skipped": 0, "bytes": SIZE}
+    storage_faults.wait_idle(10)
+    [request] = [e for e in storage_faults.log if e.path.endswith(RELPATH)]
+    assert request.range == f"bytes={durable}-"
+    assert request.status == 206 and request.body_bytes == SIZE - durable
+    assert hashlib.sha256((dest / RELPATH).read_bytes()).hexdigest() == package.files[0].sha256
+    assert files_in(dest) == [RELPATH]
+    assert f"resuming at byte {durable}" in second_log
+    assert_no_secret(second_log)
+
+
+def test_a_kill_between_verification_and_rename_never_leaves_an_unverified_final_file(
+    cloud_dp, storage_faults, package, tmp_path
+):
+    # reliability.md 12: killed after "hash OK", before "rename": on restart the file is
+    # verified-complete or absent, never final-named and unverified.
+    dest = tmp_path / ".staging" / "PS1000K1.1"
+    marker = tmp_path / "verified"
+    manifest = signed(cloud_dp, package)
+
+    first = start_child(manifest, dest, hang_before_commit=str(marker))
+    wait_until(marker.exists, first, 60, "the hash check")
+    assert not (dest / RELPATH).exists()
+    assert size_of(dest / f"{RELPATH}.part") == SIZE
+    first_log = kill(first)
+    assert not (dest / RELPATH).exists()
+    leftovers = [(dest / name).read_text(errors="replace") for name in files_in(dest) if name.endswith(".journal")]
+    assert_no_secret(first_log, *leftovers)
+
+    storage_faults.wait_idle(10)
+    storage_faults.clear()
+    stats, _ = finish(start_child(signed(cloud_dp, package), dest))
+
+    assert hashlib.sha256((dest / RELPATH).read_bytes()).hexdigest() == package.files[0].sha256
+    assert files_in(dest) == [RELPATH]
+    storage_faults.wait_idle(10)
+    fetched = sum(e.body_bytes for e in storage_faults.log)
+    # Only what lay past the last checkpoint is fetched again.
+    assert fetched == SIZE - stats["resumed"]
+
+
+def test_a_file_already_complete_is_not_fetched_again(cloud_dp, storage_faults, tmp_path):
+    # The final name is the proof of verification: a restarted download skips such files and
+    # removes a journal left between the rename and its deletion.
+    files = {f"f{i}.bin": random.Random(i).randbytes(100_000) for i in range(3)}
+    manifest = signed(cloud_dp, cloud_dp.distribute("PS1000K2", 1, files))
+    dest = tmp_path / "staging"
+    core = DownloadCore(retry=VirtualTime().policy())
+    core.download(manifest, dest)
+    stray = _journal.journal_path(dest / "f1.bin.part")
+    stray.write_text("{}")
+    (dest / "f2.bin").unlink()
+    storage_faults.clear()
+
+    stats = core.download(manifest, dest)
+    core.close()
+    assert stats.skipped == 2
+    storage_faults.wait_idle(10)
+    assert [e.path.rsplit("/", 1)[1] for e in storage_faults.log] == ["f2.bin"]
+    assert files_in(dest) == sorted(files)
+
+
+def give_up_halfway(cloud_dp, storage_faults, manifest, dest) -> int:
+    """A download that gives up after a reset keeps its .part and journal; the kept offset."""
+    storage_faults.add(reset_after(SIZE // 2), request=1)
+    core = DownloadCore(retry=VirtualTime().policy(attempts=0), journal_bytes=JOURNAL)
+    with pytest.raises(ContentError) as failure:
+        core.download(manifest, dest)
+    core.close()
+    assert failure.value.hresult == codes.CONNECTION_ABORTED
+    record = _journal.read(_journal.journal_path(dest / f"{RELPATH}.part"))
+    # Everything received before the reset is kept: a final checkpoint when giving up.
+    assert record is not None and SIZE // 2 - MiB < record.offset <= SIZE // 2
+    storage_faults.wait_idle(10)
+    storage_faults.clear()
+    return record.offset
+
+
+def test_a_blob_replaced_between_runs_restarts_the_file_on_412(
+    cloud_dp, storage_faults, package, tmp_path
+):
+    # The journal's ETag goes out as If-Match: the same bytes under a new ETag still answer
+    # 412, and the file starts again rather than splicing two uploads.
+    dest = tmp_path / "staging"
+    manifest = signed(cloud_dp, package)
+    kept = give_up_halfway(cloud_dp, storage_faults, manifest, dest)
+    cloud_dp.distribute("PS1000K1", 1, {RELPATH: DATA})  # same content, new ETag
+
+    events: list[str] = []
+    core = DownloadCore(retry=VirtualTime().policy(), on_event=events.append)
+    stats = core.download(manifest, dest)
+    core.close()
+    storage_faults.wait_idle(10)
+    assert [(e.range, e.status) for e in storage_faults.log] == [(f"bytes={kept}-", 412), (None, 200)]
+    assert stats.resumed == kept
+    assert any("restarting from 0" in e and "412" in e for e in events)
+    assert (dest / RELPATH).read_bytes() == DATA
+    assert files_in(dest) == [RELPATH]
+
+
+def test_a_journal_for_other_content_is_ignored(cloud_dp, storage_faults, package, tmp_path):
+    dest = tmp_path / "staging"
+    manifest = signed(cloud_dp, package)
+    kept = give_up_halfway(cloud_dp, storage_faults, manifest, dest)
+    path = _journal.journal_path(dest / f"{RELPATH}.part")
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "sha256": "0" * 64}))
+
+    core = DownloadCore(retry=VirtualTime().policy())
+    stats = core.download(manifest, dest)
+    core.close()
+    storage_faults.wait_idle(10)
+    assert kept > 0 and stats.resumed == 0
+    assert [e.range for e in storage_faults.log] == [None]
+    assert (dest / RELPATH).read_bytes() == DATA
+
+
+def test_bad_bytes_on_disk_after_a_crash_cost_a_restart_not_a_failure(
+    cloud_dp, storage_faults, package, tmp_path
+):
+    # The durable prefix is re-hashed from disk; if the disk returned other bytes, the final
+    # hash fails, and that is the disk's fault: the file is fetched again once, from zero.
+    dest = tmp_path / "staging"
+    manifest = signed(cloud_dp, package)
+    give_up_halfway(cloud_dp, storage_faults, manifest, dest)
+    with (dest / f"{RELPATH}.part").open("r+b") as handle:
+        handle.seek(1000)
+        handle.write(b"\x00" * 16)
+
+    events: list[str] = []
+    core = DownloadCore(retry=VirtualTime().policy(), on_event=events.append)
+    core.download(manifest, dest)
+    core.close()
+    assert (dest / RELPATH).read_bytes() == DATA
+    assert any("mismatch after resuming from disk" in e for e in events)
+
+
+def test_journal_records_round_trip_and_refuse_garbage(tmp_path):
+    record = _journal.JournalRecord("PS1", 2, "a/b.bin", 10, "ab" * 32, '"0x1"', 4)
+    path = tmp_path / "b.bin.part.journal"
+    _journal.write(path, record)
+    assert _journal.read(path) == record
+    assert not path.with_name(path.name + ".tmp").exists()
+    for bad in (b"", b"[]", b"{\"format\": 1}", json.dumps({**json.loads(record.to_json()), "offset": 11}).encode()):
+        path.write_bytes(bad)
+        assert _journal.read(path) is None
+    assert set(json.loads(record.to_json())) == {
+        "format", "package_id", "version", "relpath", "size", "sha256", "etag", "offset"
+    }

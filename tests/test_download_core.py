@@ -6,13 +6,30 @@ slept.
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import random
+import ssl
+import threading
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from pytest_cmg import Step, TaskSequence
-from pytest_cmg._client.retry import RetryPolicy, is_transient_status, parse_retry_after
+from pytest_cmg._client import download as download_module
+from pytest_cmg._client._http import ConnectionPool, split_url
+from pytest_cmg._client.download import DownloadCore
+from pytest_cmg._client.retry import (
+    RetryPolicy,
+    VirtualTime,
+    is_transient_status,
+    parse_retry_after,
+)
+from pytest_cmg._errors import ContentError
+from pytest_cmg._gateway.pki import CertificateAuthority
 from pytest_cmg._protocol import codes
+from pytest_cmg._protocol.manifest import ContentManifest, ManifestFile
 from pytest_cmg.faults import ignore_range, reset_after, respond
 
 SIZE = 4 * 1024 * 1024
@@ -207,3 +224,267 @@ def test_download_all_before_start_retries_too(cmg, cmg_client, cmg_time, big_pa
     result = engine.run(TaskSequence("PS100020", "IPU", ONE_FILE.steps))
     assert result.succeeded, result.error
     assert 15.0 in cmg_time.waits
+
+
+# --- the core on its own: transport, large files, ranges ----------------------------------------
+
+MiB = 1 << 20
+LARGE = random.Random(12).randbytes(20 * MiB)
+
+
+def signed(cloud_dp, manifest):
+    now = datetime.now(UTC)
+    return manifest.with_urls(
+        {
+            f.relpath: cloud_dp.signed_url(
+                manifest.package_id, manifest.version, f.relpath,
+                start=now - timedelta(minutes=15), expiry=now + timedelta(hours=1),
+            )
+            for f in manifest.files
+        }
+    )
+
+
+def core_for(**kw):
+    return DownloadCore(retry=VirtualTime().policy(), **kw)
+
+
+def range_start(entry):
+    return int(entry.range.removeprefix("bytes=").split("-")[0])
+
+
+@pytest.fixture
+def large(cloud_dp, storage_faults):
+    return signed(cloud_dp, cloud_dp.distribute("PS100030", 1, {"big.bin": LARGE}))
+
+
+def test_a_large_file_streams_resumes_at_the_byte_cut_and_keeps_the_hash_in_order(large, storage_faults, tmp_path):
+    # Files of 8 MiB and more are received by a helper thread while the caller hashes; a reset
+    # still resumes at exactly the byte it cut (the bytes of the half-filled buffer are kept).
+    storage_faults.add(reset_after(5_000_000), request=1)
+    events = []
+    core = core_for(on_event=events.append)
+    stats = core.download(large, tmp_path)
+    core.close()
+    assert (tmp_path / "big.bin").read_bytes() == LARGE
+    storage_faults.wait_idle(10)
+    first, second = storage_faults.log
+    assert first.range is None and first.outcome == "reset"
+    assert second.range == f"bytes={first.body_bytes}-" and second.status == 206
+    assert first.body_bytes + second.body_bytes == len(LARGE)  # nothing fetched twice
+    assert stats.retries == 1 and stats.refetched == 0
+    assert any(f"from byte {first.body_bytes}" in e for e in events)
+
+
+def test_ranges_cover_the_file_once_and_a_cut_range_resumes_mid_range(large, storage_faults, tmp_path):
+    # issue 4: "parallel across ranges of large files over kept-alive connections".
+    storage_faults.add(reset_after(1_500_000), request=2)
+    core = core_for(range_parts=3, range_threshold=8 * MiB, range_size=4 * MiB)
+    core.download(large, tmp_path)
+    core.close()
+    assert (tmp_path / "big.bin").read_bytes() == LARGE
+    storage_faults.wait_idle(10)
+    log = storage_faults.log
+    assert all(e.status == 206 and e.range for e in log)
+    starts = sorted(range_start(e) for e in log)
+    aligned = [s for s in starts if s % (4 * MiB) == 0]
+    assert aligned == [i * 4 * MiB for i in range(5)]  # 20 MiB in five 4 MiB ranges
+    [resumed] = [s for s in starts if s % (4 * MiB)]
+    cut = log[1]
+    assert resumed == range_start(cut) + cut.body_bytes  # the cut range goes on where it stopped
+    assert sum(e.body_bytes for e in log) == len(LARGE)
+    assert storage_faults.connections <= 3 + 1  # three kept-alive connections (+1 for the reset)
+
+
+def test_a_server_that_ignores_ranges_gets_one_stream_instead(large, storage_faults, tmp_path):
+    storage_faults.add(ignore_range(), request=1)
+    events = []
+    core = core_for(range_parts=3, range_threshold=8 * MiB, range_size=4 * MiB, on_event=events.append)
+    core.download(large, tmp_path)
+    core.close()
+    assert (tmp_path / "big.bin").read_bytes() == LARGE
+    assert any("restarting from 0" in e and "range ignored" in e for e in events)
+    storage_faults.wait_idle(10)
+    assert storage_faults.log[-1].range is None and storage_faults.log[-1].status == 200
+
+
+def test_a_sas_refused_on_one_range_is_renewed_once_for_the_file(cloud_dp, large, storage_faults, tmp_path):
+    storage_faults.add(respond(403, headers={"x-ms-error-code": "AuthenticationFailed"}), request=3)
+    renewals = []
+
+    def renew(item):
+        renewals.append(item.relpath)
+        return signed(cloud_dp, large).files[0].url
+
+    core = core_for(range_parts=3, range_threshold=8 * MiB, range_size=4 * MiB)
+    core.download(large, tmp_path, renew=renew)
+    core.close()
+    assert renewals == ["big.bin"]
+    assert (tmp_path / "big.bin").read_bytes() == LARGE
+
+
+def test_many_small_files_share_kept_alive_connections(cloud_dp, storage_faults, tmp_path):
+    files = {f"k/f{i:03d}": random.Random(i).randbytes(16 * 1024) for i in range(60)}
+    manifest = signed(cloud_dp, cloud_dp.distribute("PS100031", 1, files))
+    progress = []
+    core = core_for(workers=4, on_progress=lambda b, f: progress.append((b, f)))
+    stats = core.download(manifest, tmp_path)
+    core.close()
+    assert all((tmp_path / name).read_bytes() == data for name, data in files.items())
+    assert stats.files == 60 and stats.bytes == 60 * 16 * 1024
+    assert core.connections_opened <= 4 and storage_faults.connections <= 4
+    assert sum(b for b, _ in progress) == stats.bytes and sum(f for _, f in progress) == 60
+    assert sorted(p.name for p in (tmp_path / "k").iterdir()) == sorted(n[2:] for n in files)
+
+
+def test_the_reorder_window_bounds_memory_and_cannot_deadlock():
+    # A receiver more than a window ahead of the hash waits; the one holding the next bytes never.
+    window = download_module._Window(0, 2 * MiB)
+    ahead = []
+
+    def far_receiver():
+        buf = window.buffer(2 * MiB)  # needs the hash to reach 1 MiB first
+        ahead.append(buf is not None)
+
+    thread = threading.Thread(target=far_receiver)
+    thread.start()
+    thread.join(0.2)
+    assert thread.is_alive() and ahead == []
+    first = window.buffer(0)
+    window.put(0, first, MiB)
+    buf, n = window.get()
+    window.hashed(buf, n)
+    thread.join(5)
+    assert ahead == [True]
+    window.abort()
+    assert window.buffer(10 * MiB) is None
+
+
+class _Blob(BaseHTTPRequestHandler):
+    """A minimal blob server: Range, If-Match, optional chunked answers; records requests."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        server = self.server
+        server.requests.append(dict(self.headers.items()))
+        data, etag = server.data, '"0xE1"'
+        if self.headers.get("If-Match", etag) != etag:
+            self.send_response(412)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        start, end, status = 0, len(data) - 1, 200
+        if "Range" in self.headers:
+            first, _, last = self.headers["Range"].removeprefix("bytes=").partition("-")
+            start, end, status = int(first), int(last) if last else len(data) - 1, 206
+        body = data[start : end + 1]
+        self.send_response(status)
+        self.send_header("ETag", etag)
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+        if server.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(0, len(body), 70_000):
+                piece = body[i : i + 70_000]
+                self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            self.wfile.write(b"0\r\n\r\n")
+        else:
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        # Close without saying so ("Connection: close"), as a server dropping an idle one does.
+        self.close_connection = server.close_after_answer
+
+
+@pytest.fixture
+def blob_server():
+    servers = []
+
+    def start(data, *, chunked=False, tls=None):
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _Blob)
+        server.daemon_threads = True
+        server.data, server.chunked, server.requests = data, chunked, []
+        server.close_after_answer = False
+        if tls is not None:
+            server.socket = tls.wrap_socket(server.socket, server_side=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        scheme = "https" if tls else "http"
+        return server, f"{scheme}://127.0.0.1:{server.server_address[1]}/c/blob.bin?sv=x&sig=secret"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def one_file(url, data):
+    return ContentManifest("PS100032", 1, (ManifestFile("blob.bin", len(data), hashlib.sha256(data).hexdigest(), url),))
+
+
+def test_every_range_after_the_first_answer_pins_its_etag(blob_server, tmp_path):
+    server, url = blob_server(LARGE)
+    core = core_for(range_parts=4, range_threshold=8 * MiB, range_size=2 * MiB)
+    core.download(one_file(url, LARGE), tmp_path)
+    core.close()
+    assert (tmp_path / "blob.bin").read_bytes() == LARGE
+    ranges = sorted(r["Range"] for r in server.requests)
+    assert len(ranges) == 10 and len(set(ranges)) == 10
+    assert sum(1 for r in server.requests if "If-Match" not in r) == 1
+    assert all(r.get("If-Match", '"0xE1"') == '"0xE1"' for r in server.requests)
+
+
+def test_chunked_bodies_are_read_and_the_connection_kept(blob_server, tmp_path):
+    data = random.Random(5).randbytes(300_000)
+    server, url = blob_server(data, chunked=True)
+    core = core_for()
+    for n in range(3):
+        core.download(one_file(url, data), tmp_path / str(n))
+        assert (tmp_path / str(n) / "blob.bin").read_bytes() == data
+    core.close()
+    assert core.connections_opened == 1 and len(server.requests) == 3
+
+
+def test_https_storage_is_verified_against_the_ca_it_is_given(blob_server, tmp_path):
+    ca = CertificateAuthority("Storage Test CA")
+    creds = ca.issue(tmp_path, "127.0.0.1", usage="server", ip_addresses=(ipaddress.IPv4Address("127.0.0.1"),))
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(creds.cert, creds.key)
+    data = random.Random(6).randbytes(100_000)
+    _, url = blob_server(data, tls=tls)
+
+    untrusting = core_for()
+    with pytest.raises(ContentError) as refused:
+        untrusting.download(one_file(url, data), tmp_path / "a")
+    untrusting.close()
+    assert refused.value.hresult == codes.CONNECTION_ABORTED
+    assert "CERTIFICATE_VERIFY_FAILED" in str(refused.value)
+    assert "sig=" not in str(refused.value)
+
+    trusting = core_for(ca_file=ca.write_pem(tmp_path / "ca.pem"))
+    trusting.download(one_file(url, data), tmp_path / "b")
+    trusting.close()
+    assert (tmp_path / "b" / "blob.bin").read_bytes() == data
+
+
+def test_the_transport_replaces_a_kept_alive_connection_the_server_closed(blob_server):
+    # Azurite closes idle kept-alive connections after 5 s: the next GET on such a connection
+    # finds it closed before any answer and goes out again on a new one, silently.
+    data = b"x" * 1000
+    server, url = blob_server(data)
+    server.close_after_answer = True
+    pool = ConnectionPool(timeout=5)
+    origin, target = split_url(url)
+    buf = memoryview(bytearray(4096))
+    for count in (1, 2):
+        response = pool.get(origin, target, {})
+        assert response.read_into(buf) == 1000 and response.reusable
+        pool.release(response.connection, response)
+        assert pool.opened == count
+    pool.close()
+    assert len(server.requests) == 2

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 from .._client.cache import ClientCache
 from .._client.engine import CMGClient, CMGConnection, TaskSequenceEngine, TaskSequenceResult
@@ -247,7 +248,7 @@ def _storage_lines(storage: list[ProxiedRequest], package_id: str | None = None)
         rng = f" range={r.range}" if r.range else ""
         faults = f" faults={','.join(r.faults)}" if r.faults else ""
         out.append(
-            f"#{r.number} {r.method} {'/'.join(parts[3:])}{rng} -> {r.status} "
+            f"#{r.number} {r.method} {unquote('/'.join(parts[3:]))}{rng} -> {r.status} "
             f"{r.body_bytes} bytes {r.outcome}{faults}"
         )
     return out
@@ -372,8 +373,10 @@ def check_expectations(scenario: Scenario, run: ScenarioRun) -> list[Expectation
                 f"expect.{key}[{index}]",
                 f"a {title} line matching /{pattern}/",
                 "no such line",
-                _excerpt(f"  closest {title} lines", close) if close else "",
-                _excerpt(f"  {title}", lines),
+                # The nearest lines say why; the log's tail only when none comes near.
+                _excerpt(f"  closest {title} lines", close)
+                if close
+                else _excerpt(f"  {title}", lines),
             )
     for key, lines, title in (
         ("absent_log", run.smsts, "smsts.log"),
@@ -406,7 +409,8 @@ def check_expectations(scenario: Scenario, run: ScenarioRun) -> list[Expectation
             f"{run.elapsed:g}s (retry waits {sum(run.waits):g}s)",
             timeline,
         )
-    return failures
+    # In the order of the file, as a reader goes through it.
+    return sorted(failures, key=lambda f: (str(f.path) != str(scenario.path), str(f.path), f.line))
 
 
 def _check_storage(expect: dict[str, Any], run: ScenarioRun, fail: Any) -> None:  # noqa: ANN401

@@ -488,3 +488,33 @@ def test_the_transport_replaces_a_kept_alive_connection_the_server_closed(blob_s
         assert pool.opened == count
     pool.close()
     assert len(server.requests) == 2
+
+
+def test_a_full_disk_fails_the_download_as_cache_full_and_leaves_no_partial(blob_server, tmp_path, monkeypatch):
+    # reliability.md 39: ENOSPC mid-write -> a clear error, no .part, no journal.
+    _, url = blob_server(LARGE)
+    real = download_module.os.pwrite
+    written = []
+
+    def pwrite(fd, data, offset):
+        if sum(written) > 3 * MiB:
+            raise OSError(28, "No space left on device")
+        written.append(len(data))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(download_module.os, "pwrite", pwrite)
+    core = core_for(journal_bytes=MiB, journal_seconds=0.0)
+    with pytest.raises(ContentError) as full:
+        core.download(one_file(url, LARGE), tmp_path)
+    core.close()
+    assert full.value.hresult == codes.CACHE_FULL
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unusable_url_is_a_clear_failure_not_a_retry_storm(tmp_path):
+    manifest = one_file("ftp://example.invalid/blob.bin?sig=secret", b"abc")
+    core = core_for()
+    with pytest.raises(ContentError) as bad:
+        core.download(manifest, tmp_path)
+    assert bad.value.hresult == codes.BAD_HTTP_STATUS
+    assert "sig=" not in str(bad.value)

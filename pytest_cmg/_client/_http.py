@@ -20,6 +20,7 @@ hash is over the stored bytes).
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import ssl
 import threading
@@ -61,18 +62,29 @@ class Origin:
     netloc: str
 
 
-def split_url(url: str) -> tuple[Origin, str]:
-    """The origin of ``url`` and its request target (path and query, byte for byte)."""
-    parts = urlsplit(url)
+@functools.lru_cache(maxsize=64)
+def _origin(scheme: str, netloc: str) -> Origin:
+    parts = urlsplit(f"{scheme}://{netloc}/")
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https") or not parts.hostname:
         msg = f"not an http(s) URL: {parts.scheme}://{parts.netloc}"
         raise ValueError(msg)
     port = parts.port or (443 if scheme == "https" else 80)
-    netloc = parts.netloc.rpartition("@")[2]
-    # The query is kept exactly as given: re-encoding a SAS would break its signature.
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return Origin(scheme, parts.hostname, port, netloc), target
+    return Origin(scheme, parts.hostname, port, netloc.rpartition("@")[2])
+
+
+def split_url(url: str) -> tuple[Origin, str]:
+    """The origin of ``url`` and its request target (path and query, byte for byte)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        msg = f"not an http(s) URL: {url.split('?', 1)[0]!r}"
+        raise ValueError(msg)
+    netloc = rest.split("/", 1)[0].split("?", 1)[0]
+    # The target is kept exactly as given: re-encoding a SAS would break its signature.
+    target = rest[len(netloc) :].partition("#")[0]
+    if not target.startswith("/"):
+        target = "/" + target
+    return _origin(scheme.lower(), netloc), target
 
 
 class Response:
@@ -297,22 +309,21 @@ class Connection:
                 msg = "connection closed before a response" if nothing else "head cut short"
                 raise TransportError(msg, stale=reused and nothing)
             reused = reused and nothing
-        raw = bytes(self._rbuf[self._rpos : end])
+        raw = self._rbuf[:end].decode("latin-1")
         self._rpos = end + 4
-        status_line, _, rest = raw.partition(b"\r\n")
+        status_line, _, rest = raw.partition("\r\n")
         parts = status_line.split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
             msg = f"not an HTTP response: {status_line[:40]!r}"
             raise TransportError(msg)
         headers: dict[str, str] = {}
-        for line in rest.split(b"\r\n"):
-            name, sep, value = line.partition(b":")
-            if not sep:
-                continue
-            key = name.strip().lower().decode("latin-1")
-            text = value.strip().decode("latin-1")
-            headers[key] = f"{headers[key]}, {text}" if key in headers else text
-        return int(parts[1]), headers, parts[0].decode("latin-1")
+        for line in rest.split("\r\n"):
+            name, sep, value = line.partition(":")
+            if sep:
+                key = name.strip().lower()
+                text = value.strip()
+                headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        return int(parts[1]), headers, parts[0]
 
     def _recv_more(self) -> bool:
         """Append one ``recv`` to the read buffer; False at EOF."""

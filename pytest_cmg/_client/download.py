@@ -57,6 +57,7 @@ is only as durable as the file system makes a rename.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import queue
@@ -65,6 +66,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .._errors import ContentError
@@ -75,7 +77,6 @@ from .retry import RetryPolicy, is_transient_status, parse_retry_after
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from pathlib import Path
 
     from .._protocol.manifest import ContentManifest, ManifestFile
 
@@ -191,9 +192,9 @@ class _Job:
     def __init__(self, run: _Run, item: ManifestFile) -> None:
         self.run = run
         self.item = item
-        self.target = run.dest / item.relpath
-        self.part = self.target.with_name(self.target.name + _PART)
-        self.journal = _journal.journal_path(self.part)
+        # Plain strings: for 16 KiB files, pathlib's objects cost more than the syscalls.
+        self.target = f"{run.dest_str}/{item.relpath}"
+        self.part = self.target + _PART
         self.url = item.url
         self.etag: str | None = None
         self.digest = hashlib.sha256()
@@ -211,14 +212,18 @@ class _Job:
         self._checkpointed = 0
         self._checkpoint_time = time.monotonic()
 
+    @property
+    def journal(self) -> Path:
+        return Path(self.part + _journal.SUFFIX)
+
     # -- opening, with resume from a journal --
 
     def open(self, buf: memoryview) -> int:
         """Open the ``.part`` file; return the bytes taken over from an earlier run's journal."""
         run = self.run
-        parent = self.target.parent
+        parent = os.path.dirname(self.target)  # noqa: PTH120
         if parent not in run.dirs:
-            parent.mkdir(parents=True, exist_ok=True)
+            os.makedirs(parent, exist_ok=True)  # noqa: PTH103
             run.dirs.add(parent)
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
         record = _journal.read(self.journal) if run.leftovers else None
@@ -352,15 +357,15 @@ class _Job:
             )
         hook = self.run.core.before_commit
         if hook is not None:
-            hook(item.relpath, self.part)
+            hook(item.relpath, Path(self.part))
         if self.journaled:
             # A file that had a journal is worth making durable before its name says "done".
             os.fdatasync(self.fd)
         os.close(self.fd)
         self.fd = -1
-        self.part.replace(self.target)
+        os.rename(self.part, self.target)  # noqa: PTH104 - str paths, see __init__
         if self.journaled:
-            _journal.fsync_dir(self.target.parent)
+            _journal.fsync_dir(Path(self.target).parent)
             _journal.remove(self.journal)
 
     def abandon(self, keep: bool) -> None:
@@ -375,7 +380,8 @@ class _Job:
         os.close(self.fd)
         self.fd = -1
         if not keep:
-            self.part.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.part)  # noqa: PTH108
             _journal.remove(self.journal)
 
 
@@ -416,11 +422,12 @@ class _Run:
     core: DownloadCore
     manifest: ContentManifest
     dest: Path
+    dest_str: str
     renew: Callable[[ManifestFile], str] | None
     #: The staging folder held files before this call: look for journals and finished files.
     leftovers: bool
     checkpoints: _Checkpoints
-    dirs: set[Path]
+    dirs: set[str]
     lock: threading.Lock
     retries: int = 0
     refetched: int = 0
@@ -620,7 +627,10 @@ class DownloadCore:
         dest.mkdir(parents=True, exist_ok=True)
         with os.scandir(dest) as entries:
             leftovers = any(True for _ in entries)
-        run = _Run(self, manifest, dest, renew, leftovers, _Checkpoints(), {dest}, threading.Lock())
+        root = os.fspath(dest)
+        run = _Run(
+            self, manifest, dest, root, renew, leftovers, _Checkpoints(), {root}, threading.Lock()
+        )
         files = sorted(manifest.files, key=lambda f: f.size, reverse=True)
         todo = [item for item in files if not (leftovers and self._complete(item, run))]
         skipped = len(files) - len(todo)
@@ -719,6 +729,15 @@ class DownloadCore:
         except _Fatal as fatal:
             job.abandon(keep=fatal.keep_partial)
             raise ContentError(fatal.hresult, fatal.message) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                job.abandon(keep=True)
+                raise
+            # reliability.md 39: a full disk leaves no partial file behind and says so.
+            job.abandon(keep=False)
+            raise ContentError(
+                codes.CACHE_FULL, f"{item.relpath}: no space left while writing ({exc.strerror})"
+            ) from None
         except BaseException:
             job.abandon(keep=True)
             raise
@@ -875,7 +894,10 @@ class DownloadCore:
         """
         item = job.item
         url = job.url
-        origin, target = split_url(url)
+        try:
+            origin, target = split_url(url)
+        except ValueError as exc:
+            raise _Fatal(codes.BAD_HTTP_STATUS, f"{item.relpath}: unusable URL ({exc})") from None
         headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
         if ranged and (start or end < item.size):
             headers["Range"] = f"bytes={start}-{end - 1}"

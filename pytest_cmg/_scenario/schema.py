@@ -1,9 +1,10 @@
 """The JSON Schema (draft 2020-12) of scenario files, generated from the spec that validates them.
 
 Run ``python -m pytest_cmg._scenario.schema > docs/scenario.schema.json``; a test fails when the
-committed file differs. ``$defs/world`` describes included world files and ``$defs/catalog_package``
-catalog entries; a scenario is checked against ``$defs/scenario``, or, when it has an
-``include``, against ``$defs/scenario_with_include`` (nothing but its name required). The schema is what an editor can check; collection checks more (references to
+committed file differs. ``$defs/world`` describes included world files and
+``$defs/catalog_package`` catalog entries; a scenario is checked against ``$defs/scenario``, or,
+when it has an ``include``, against ``$defs/scenario_with_include`` (nothing but its name
+required). The schema is what an editor can check; collection checks more (references to
 declared packages and steps, marker registration, case values in place).
 """
 

@@ -490,8 +490,9 @@ def test_the_transport_replaces_a_kept_alive_connection_the_server_closed(blob_s
     assert len(server.requests) == 2
 
 
-def test_a_full_disk_fails_the_download_as_cache_full_and_leaves_no_partial(blob_server, tmp_path, monkeypatch):
-    # reliability.md 39: ENOSPC mid-write -> a clear error, no .part, no journal.
+def test_a_full_disk_fails_the_download_and_leaves_no_partial(blob_server, tmp_path, monkeypatch):
+    # reliability.md 39: ENOSPC mid-write -> the OSError reaches the engine (which reports
+    # 0x87D01201), and neither a .part nor a journal is left.
     _, url = blob_server(LARGE)
     real = download_module.os.pwrite
     written = []
@@ -504,10 +505,10 @@ def test_a_full_disk_fails_the_download_as_cache_full_and_leaves_no_partial(blob
 
     monkeypatch.setattr(download_module.os, "pwrite", pwrite)
     core = core_for(journal_bytes=MiB, journal_seconds=0.0)
-    with pytest.raises(ContentError) as full:
+    with pytest.raises(OSError) as full:
         core.download(one_file(url, LARGE), tmp_path)
     core.close()
-    assert full.value.hresult == codes.CACHE_FULL
+    assert full.value.errno == 28
     assert list(tmp_path.iterdir()) == []
 
 

@@ -730,14 +730,10 @@ class DownloadCore:
             job.abandon(keep=fatal.keep_partial)
             raise ContentError(fatal.hresult, fatal.message) from None
         except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                job.abandon(keep=True)
-                raise
-            # reliability.md 39: a full disk leaves no partial file behind and says so.
-            job.abandon(keep=False)
-            raise ContentError(
-                codes.CACHE_FULL, f"{item.relpath}: no space left while writing ({exc.strerror})"
-            ) from None
+            # reliability.md 39: a full disk leaves no partial file behind. The OSError goes on
+            # up: the engine reports it as "cache full" with the product's lines.
+            job.abandon(keep=exc.errno not in (errno.ENOSPC, errno.EDQUOT))
+            raise
         except BaseException:
             job.abandon(keep=True)
             raise

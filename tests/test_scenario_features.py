@@ -250,6 +250,27 @@ def test_an_include_cycle_is_reported(world: Path) -> None:
     assert problem.rule == f"include cycle: {_rel(a)} -> {_rel(b.resolve())} -> {_rel(a)}"
 
 
+def test_a_world_may_change_only_some_keys_of_an_included_package(world: Path) -> None:
+    write(world, "fixtures/worlds/newer.yaml", "include: [./ipu]\npackages:\n  - {id: PS100013, version: 2}\n")
+    text = USES_WORLD.replace("include: [worlds/ipu]", "include: [worlds/newer]").replace(
+        "PS100013.1]", "PS100013.2]"
+    )
+    scenario = load_scenario(scenario_in(world, text))
+    drivers = scenario.packages[1]
+    assert (drivers.version, drivers.files, drivers.locale) == (2, 6, "ja_JP")
+
+
+def test_a_partial_package_needs_its_id(world: Path) -> None:
+    world_file = write(world, "fixtures/worlds/newer.yaml", "include: [./ipu]\npackages:\n  - {version: 2}\n")
+    text = USES_WORLD.replace("include: [worlds/ipu]", "include: [worlds/newer]")
+    found = problems(scenario_in(world, text))
+    assert (found[0].path, found[0].line, found[0].rule) == (
+        world_file.resolve(),
+        3,
+        "packages[0] is missing the required key 'id'",
+    )
+
+
 def test_later_includes_override_earlier_ones(world: Path) -> None:
     write(world, "fixtures/worlds/old-site.yaml", "cmg:\n  site_version: 1910\nseed: 5\n")
     text = USES_WORLD.replace("include: [worlds/ipu]", "include: [worlds/ipu, worlds/old-site]")

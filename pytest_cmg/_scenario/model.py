@@ -8,6 +8,7 @@ line.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,7 @@ __all__ = [
     "CATALOG_PACKAGE",
     "FRAGMENT",
     "SCENARIO",
+    "SCENARIO_WITH_INCLUDE",
     "MarkerUse",
     "PackageSpec",
     "Scenario",
@@ -646,8 +648,28 @@ SCENARIO = Record(
     },
 )
 
-#: What a shared world (an included file) may hold: a scenario's keys, none required.
-FRAGMENT = SCENARIO.relaxed(drop=("scenario", "description", "matrix", "cases", "markers"))
+#: A package given again over an included one: only its id (or a ref) is required.
+PARTIAL_PACKAGE = dataclasses.replace(PACKAGE.relaxed(keep=("id",)), required_unless="ref")
+
+
+def _partial_packages(record: Record) -> Record:
+    """``record`` whose packages may be partial, as in a file merged over included ones."""
+    fields = dict(record.fields)
+    packages = fields["packages"]
+    assert isinstance(packages.spec, ListOf)
+    spec = dataclasses.replace(packages.spec, item=PARTIAL_PACKAGE)
+    fields["packages"] = dataclasses.replace(packages, spec=spec)
+    return dataclasses.replace(record, fields=fields)
+
+
+#: What a shared world (an included file) may hold: a scenario's keys, none required, and
+#: packages that may only change some keys of an included world's.
+FRAGMENT = _partial_packages(
+    SCENARIO.relaxed(drop=("scenario", "description", "matrix", "cases", "markers"))
+)
+#: A scenario with an ``include`` as a schema sees it: it may take every key but its name from
+#: the worlds it includes (collection checks the assembled file against ``SCENARIO``).
+SCENARIO_WITH_INCLUDE = _partial_packages(SCENARIO.relaxed(keep=("scenario",)))
 #: A catalog entry (``ref``): one package's keys, none required.
 CATALOG_PACKAGE = PACKAGE.relaxed(drop=("ref",))
 

@@ -4,8 +4,9 @@ Run ``python -m pytest_cmg._scenario.schema > docs/scenario.schema.json``; a tes
 committed file differs. ``$defs/world`` describes included world files and
 ``$defs/catalog_package`` catalog entries; a scenario is checked against ``$defs/scenario``, or,
 when it has an ``include``, against ``$defs/scenario_with_include`` (nothing but its name
-required). The schema is what an editor can check; collection checks more (references to
-declared packages and steps, marker registration, case values in place).
+required, packages may give only their id and what they change). The schema is what an editor
+can check; collection checks more (references to declared packages and steps, marker
+registration, case values in place).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .model import CATALOG_PACKAGE, FRAGMENT, SCENARIO
+from .model import CATALOG_PACKAGE, FRAGMENT, SCENARIO, SCENARIO_WITH_INCLUDE
 
 __all__ = ["SCHEMA_ID", "render_schema", "scenario_schema"]
 
@@ -33,7 +34,7 @@ def scenario_schema() -> dict[str, Any]:
         "else": {"$ref": "#/$defs/scenario"},
         "$defs": {
             "scenario": SCENARIO.schema(),
-            "scenario_with_include": SCENARIO.relaxed(keep=("scenario",)).schema(),
+            "scenario_with_include": SCENARIO_WITH_INCLUDE.schema(),
             "world": {"title": "pytest-cmg shared world (include)", **FRAGMENT.schema()},
             "catalog_package": {
                 "title": "pytest-cmg catalog package (ref)",

@@ -208,8 +208,8 @@ EXPECT = Record(
             ),
             default=None,
             doc=(
-                "Gateway request counts by endpoint (location, manifest, sts, metadata, sms_aut): "
-                "a number, or {at_least: n, at_most: m}."
+                f"Gateway request counts by endpoint ({', '.join(Endpoint.ALL)}): a number, or "
+                "{at_least: n, at_most: m}."
             ),
             example="{location: 2, manifest: {at_least: 2}}",
         ),

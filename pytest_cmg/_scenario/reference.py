@@ -118,7 +118,7 @@ def _row(key: str, item: Field) -> str:
     elif isinstance(spec, ListOf):
         value = "list" if isinstance(spec.item, Record) else f"list of {spec.item.describe()}"
     else:
-        value = spec.describe()
+        value = spec.describe().replace("|", "\\|")
     doc = (item.doc or spec.doc).replace("|", "\\|")
     if key == "cases[].expect":
         doc += " Same keys as `expect`, none required."

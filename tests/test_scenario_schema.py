@@ -136,3 +136,13 @@ def test_every_key_has_an_example_that_its_rule_accepts() -> None:
         assert value is not None, (key, example)
     assert ("matrix", SCENARIO.fields["matrix"]) in rows
     assert any(key == "faults[].storage.reset_after" for key, _ in rows)
+
+
+def test_every_reference_row_has_six_cells() -> None:
+    import re
+
+    rows = [line for line in render_reference().splitlines() if line.startswith("| `")]
+    assert len(rows) == len(reference_rows(SCENARIO))
+    for row in rows:
+        cells = re.split(r"(?<!\\)\|", row)
+        assert len(cells) == 8, row  # six cells between the outer pipes

@@ -329,6 +329,17 @@ STORAGE_FAULT = Record(
             ),
         ),
         "times": Field(Int(minimum=1), default=1, doc="How many requests it hits."),
+        "file": Field(
+            Str(),
+            default=None,
+            doc=(
+                "Only requests for blobs whose name contains this (a file name such as "
+                "`install.wim`, or `PS100012.3/` for a whole package); `request` then counts "
+                "those requests only. Files download in parallel, so a global request number "
+                "may land on any of them: name the file to hit one."
+            ),
+            example="install.wim",
+        ),
         "reset_after": Field(Size(), default=None, doc="TCP reset after this many body bytes."),
         "close_after": Field(Size(), default=None, doc="Clean close after this many body bytes."),
         "stall_after": Field(

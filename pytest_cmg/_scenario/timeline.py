@@ -201,7 +201,10 @@ class Timeline:
                 raise RuntimeError(msg)
             for scripted in storage_faults(params):
                 self.proxy.add(
-                    scripted, request=params.get("request"), times=params.get("times", 1)
+                    scripted,
+                    request=params.get("request"),
+                    times=params.get("times", 1),
+                    path=params.get("file"),
                 )
         elif event.kind == "service":
             if params["service"] == "stop":

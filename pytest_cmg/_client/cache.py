@@ -70,9 +70,8 @@ DEFAULT_CACHE_MB = 5120
 #: The product's default "Minimum duration before cached content can be removed" (minutes).
 PRODUCT_KEEP_MINUTES = 1440
 MIB = 1024 * 1024
-#: 0x87D01203, "cache in use" (protocol.md 3.3): what a request that waited too long for another
-#: download of the same content fails with.
-CACHE_IN_USE = 0x87D01203
+#: Re-exported: tests and callers name it from the cache, where the wait that raises it lives.
+CACHE_IN_USE = codes.CACHE_IN_USE
 _STAGING = ".staging"
 _LEASES = ".leases"
 _TRASH = ".trash"

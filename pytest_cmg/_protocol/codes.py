@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "BAD_HTTP_STATUS",
     "CACHE_FULL",
+    "CACHE_IN_USE",
     "CACHE_TOO_SMALL",
     "CONNECTION_ABORTED",
     "CONTENT_NOT_FOUND",
@@ -24,6 +25,9 @@ HASH_MISMATCH = 0x80091007
 CACHE_FULL = 0x87D01201
 #: The total cache size is smaller than the content.
 CACHE_TOO_SMALL = 0x87D01202
+#: "Cache in use" (protocol.md 3.3): a request waited too long for another download of the same
+#: content to finish.
+CACHE_IN_USE = 0x87D01203
 #: Content not found.
 CONTENT_NOT_FOUND = 0x87D00607
 #: Transient error (e.g. MP 500).
@@ -37,6 +41,7 @@ _TEXTS = {
     HASH_MISMATCH: "Hash could not be matched for the downloaded content",
     CACHE_FULL: "Not enough cache space or disk full",
     CACHE_TOO_SMALL: "The total cache size is smaller than the content",
+    CACHE_IN_USE: "The cache is in use",
     CONTENT_NOT_FOUND: "Content not found",
     TRANSIENT_ERROR: "Transient error",
     CONNECTION_ABORTED: "The connection with the server was terminated abnormally",

@@ -30,3 +30,11 @@ def test_readme_has_the_commands_ci_runs():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert "<!-- ci:install -->\n```bash\npython -m pip install -e \".[test]\"\n```" in readme
     assert "<!-- ci:test -->\n```bash\npython -m pytest -n 2\n```" in readme
+
+
+def test_readme_timeline_example_is_a_passing_scenario_file():
+    """The README's fault timeline is copied from a scenario the suite runs, so it stays true."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split("```yaml\ninclude: [worlds/small-ipu-world]\n", 1)[1].split("```", 1)[0]
+    scenario = ROOT / "scenarios/faults/a-reset-a-busy-cmg-and-an-expired-token.cmg.yaml"
+    assert block in scenario.read_text(encoding="utf-8")

@@ -519,3 +519,29 @@ def test_an_unusable_url_is_a_clear_failure_not_a_retry_storm(tmp_path):
         core.download(manifest, tmp_path)
     assert bad.value.hresult == codes.BAD_HTTP_STATUS
     assert "sig=" not in str(bad.value)
+
+
+@pytest.fixture(scope="module")
+def https_azurite():
+    from pytest_cmg._storage.azurite import AzuriteProcess
+
+    with AzuriteProcess(https=True) as azurite:
+        yield azurite.endpoint
+
+
+def test_https_azurite_with_its_ca(https_azurite, tmp_path):
+    # HTTPS storage (docs/emulation.md "HTTPS storage"): the client is given the storage CA.
+    from pytest_cmg import CloudDP
+
+    dp = CloudDP(https_azurite, "cmg-core-https")
+    dp.create()
+    try:
+        data = random.Random(7).randbytes(9 * MiB)  # the streamed path, over TLS
+        manifest = signed(dp, dp.distribute("PS100033", 1, {"a/big.bin": data, "b.bin": b"b" * 10}))
+        assert manifest.files[0].url.startswith("https://")
+        core = core_for(ca_file=https_azurite.ca_cert)
+        stats = core.download(manifest, tmp_path)
+        core.close()
+        assert stats.files == 2 and (tmp_path / "a" / "big.bin").read_bytes() == data
+    finally:
+        dp.delete()

@@ -480,6 +480,7 @@ class _Window:
         self._cond = threading.Condition()
         self._failure: BaseException | None = None
         self.aborted = False
+        self.stopped = threading.Event()
         self.etag_known = threading.Event()
         self._active: set[Connection] = set()
 
@@ -530,6 +531,7 @@ class _Window:
             self.aborted = True
             self._cond.notify_all()
             active = list(self._active)
+        self.stopped.set()
         for conn in active:
             conn.abort()
 
@@ -784,14 +786,25 @@ class DownloadCore:
         job.run.add(refetched=job.restart())
         return _Transient(restart.reason)
 
-    def _wait(self, job: _Job, budget: _Budget, position: int, failure: _Transient) -> None:
+    def _wait(
+        self,
+        job: _Job,
+        budget: _Budget,
+        position: int,
+        failure: _Transient,
+        window: _Window | None = None,
+    ) -> None:
         wait = budget.failed(position, job.item.size, job.item.relpath, failure)
         job.run.add(retries=1)
         self.on_event(
             f"{job.item.relpath}: {failure.reason}; retry {budget.failures} in {wait:.1f} s "
             f"from byte {position}"
         )
-        self.retry.sleep(wait)
+        if window is not None and self.retry.sleep is time.sleep:
+            # A range waiting to retry must not hold up the file when another range failed.
+            window.stopped.wait(wait)
+        else:
+            self.retry.sleep(wait)
 
     def _renew(self, job: _Job, refused: _SasRefused) -> None:
         with job.lock:
@@ -866,7 +879,7 @@ class DownloadCore:
             except _Transient as transient:
                 if window.aborted:
                     return
-                self._wait(job, budget, position[0], transient)
+                self._wait(job, budget, position[0], transient, window)
             except _SasRefused as refused:
                 self._renew(job, refused)
 
@@ -899,6 +912,13 @@ class DownloadCore:
             headers["Range"] = f"bytes={start}-{end - 1}"
         elif start:
             headers["Range"] = f"bytes={start}-"
+        piece: memoryview | None = None
+        if window is not None:
+            # Room in the window first: a request whose answer could not be read yet would sit
+            # on a connection that the server may time out.
+            piece = window.buffer(start)
+            if piece is None:
+                return
         if job.etag:
             headers["If-Match"] = job.etag
         response = self._request(origin, target, headers, url)
@@ -912,7 +932,8 @@ class DownloadCore:
                 window.etag_known.set()
             while position < end:
                 if window is not None:
-                    piece = window.buffer(position)
+                    if piece is None:
+                        piece = window.buffer(position)
                     if piece is None:
                         return
                 else:
@@ -931,18 +952,24 @@ class DownloadCore:
                     msg = f"the answer ended after {position} of {item.size} bytes"
                     raise _Transient(msg)
                 position = self._deliver(job, view[:n], position, window, piece, cursor)
-            if not response.complete:
-                # A body longer than the manifest says (no Content-Length to tell us earlier).
-                extra = memoryview(bytearray(1))
-                if not ranged and response.read_into(extra):
-                    raise _Fatal(
-                        codes.HASH_MISMATCH,
-                        f"{item.relpath}: more than the manifest's {item.size} bytes",
-                    )
+                piece = None
+            if not response.complete and not ranged and self._more_than_asked(response):
+                raise _Fatal(
+                    codes.HASH_MISMATCH,
+                    f"{item.relpath}: more than the manifest's {item.size} bytes",
+                )
         finally:
             if window is not None:
                 window.track(conn, False)
             self._pool.release(conn, response)
+
+    @staticmethod
+    def _more_than_asked(response: Response) -> bool:
+        """Whether a body without a length goes on past the file (one byte is enough to tell)."""
+        try:
+            return response.read_into(memoryview(bytearray(1))) > 0
+        except TransportError:
+            return False  # every byte asked for is in; the connection is not reused
 
     def _deliver(
         self,

@@ -65,7 +65,9 @@ def requests_for(proxy):
     return [e for e in proxy.log if e.path.endswith("install.wim")]
 
 
-def test_a_reset_resumes_from_the_last_byte_received(cmg, cmg_client, cmg_time, big_package, storage_faults):
+def test_a_reset_resumes_from_the_last_byte_received(
+    cmg, cmg_client, cmg_time, big_package, storage_faults
+):
     # reliability.md 9: the second request asks for exactly what is missing, nothing is
     # fetched twice, and the hash covers the whole file across both responses.
     storage_faults.add(reset_after(2_500_000), request=1)
@@ -81,9 +83,13 @@ def test_a_reset_resumes_from_the_last_byte_received(cmg, cmg_client, cmg_time, 
     assert any("retry 1" in m and f"from byte {resumed_at}" in m for m in engine.log.messages)
 
 
-def test_transient_statuses_are_retried_honouring_retry_after(cmg, cmg_client, cmg_time, big_package, storage_faults):
+def test_transient_statuses_are_retried_honouring_retry_after(
+    cmg, cmg_client, cmg_time, big_package, storage_faults
+):
     # reliability.md 15 and 17.
-    storage_faults.add(respond(503, headers={"Retry-After": "7", "x-ms-error-code": "ServerBusy"}), request=1)
+    storage_faults.add(
+        respond(503, headers={"Retry-After": "7", "x-ms-error-code": "ServerBusy"}), request=1
+    )
     storage_faults.add(respond(500), request=2)
     storage_faults.add(respond(408), request=3)
     engine, result = run(cmg_client)
@@ -95,7 +101,9 @@ def test_transient_statuses_are_retried_honouring_retry_after(cmg, cmg_client, c
 
 
 @pytest.mark.parametrize("status", [400, 404, 405, 501, 505])
-def test_fatal_statuses_are_not_retried(cmg, cmg_client, cmg_time, big_package, storage_faults, status):
+def test_fatal_statuses_are_not_retried(
+    cmg, cmg_client, cmg_time, big_package, storage_faults, status
+):
     # reliability.md 16: exactly one attempt, a clear error, nothing cached.
     storage_faults.add(respond(status), request=1)
     engine, result = run(cmg_client)
@@ -118,7 +126,9 @@ def test_the_retry_budget_ends_a_storm(cmg, cmg_client, cmg_time, big_package, s
     assert engine.cache.staging_leftovers() == []
 
 
-def test_a_200_to_a_resume_is_never_appended(cmg, cmg_client, cmg_time, big_package, storage_faults):
+def test_a_200_to_a_resume_is_never_appended(
+    cmg, cmg_client, cmg_time, big_package, storage_faults
+):
     # reliability.md 7 and 14: the server "loses" range support after a reset; the core starts
     # the file again instead of appending a second copy of its first bytes.
     storage_faults.add(reset_after(2_500_000), request=1)
@@ -131,7 +141,9 @@ def test_a_200_to_a_resume_is_never_appended(cmg, cmg_client, cmg_time, big_pack
     assert any("restarting from 0" in m and "range ignored" in m for m in engine.log.messages)
 
 
-def test_a_changed_blob_restarts_the_file_never_splices(cmg, cmg_client, cmg_time, big_package, storage_faults):
+def test_a_changed_blob_restarts_the_file_never_splices(
+    cmg, cmg_client, cmg_time, big_package, storage_faults
+):
     # reliability.md 6: If-Match on the resume; 412 means another version, so start again.
     storage_faults.add(reset_after(2_500_000), request=1)
     storage_faults.add(respond(412, headers={"x-ms-error-code": "ConditionNotMet"}), request=2)
@@ -142,13 +154,13 @@ def test_a_changed_blob_restarts_the_file_never_splices(cmg, cmg_client, cmg_tim
     assert requests_for(storage_faults)[2].range is None  # the restart asks for the whole file
 
 
-def test_an_expired_sas_is_renewed_through_the_gateway_once(cmg, cmg_client, cmg_time, big_package, storage_faults):
+def test_an_expired_sas_is_renewed_through_the_gateway_once(
+    cmg, cmg_client, cmg_time, big_package, storage_faults
+):
     # reliability.md 21: 403 from storage mid-download -> one new manifest from the CMG, then
     # the download resumes from its offset.
     storage_faults.add(reset_after(2_500_000), request=1)
-    storage_faults.add(
-        respond(403, headers={"x-ms-error-code": "AuthenticationFailed"}), request=2
-    )
+    storage_faults.add(respond(403, headers={"x-ms-error-code": "AuthenticationFailed"}), request=2)
     engine, result = run(cmg_client)
     assert result.succeeded, result.error
     assert_verified(engine)
@@ -159,7 +171,9 @@ def test_an_expired_sas_is_renewed_through_the_gateway_once(cmg, cmg_client, cmg
     assert all("sig=" not in m for m in engine.log.messages)
 
 
-def test_a_sas_refused_again_after_renewal_is_final(cmg, cmg_client, cmg_time, big_package, storage_faults):
+def test_a_sas_refused_again_after_renewal_is_final(
+    cmg, cmg_client, cmg_time, big_package, storage_faults
+):
     storage_faults.add(respond(403, headers={"x-ms-error-code": "AuthenticationFailed"}), times=5)
     engine, result = run(cmg_client)
     assert result.exit_code == codes.BAD_HTTP_STATUS
@@ -205,7 +219,9 @@ def test_the_task_sequence_retries_a_failed_download_as_smstsdownloadretrycount_
     assert any("retry 1 of 2 in 15 seconds" in m for m in engine.log.messages)
 
 
-def test_no_task_sequence_retry_when_the_retry_count_is_zero(cmg, cmg_client, cmg_time, big_package, storage_faults):
+def test_no_task_sequence_retry_when_the_retry_count_is_zero(
+    cmg, cmg_client, cmg_time, big_package, storage_faults
+):
     storage_faults.add(respond(503), times=6)
     engine = cmg_client()
     sequence = TaskSequence(
@@ -216,7 +232,9 @@ def test_no_task_sequence_retry_when_the_retry_count_is_zero(cmg, cmg_client, cm
     assert 15.0 not in cmg_time.waits
 
 
-def test_download_all_before_start_retries_too(cmg, cmg_client, cmg_time, big_package, storage_faults):
+def test_download_all_before_start_retries_too(
+    cmg, cmg_client, cmg_time, big_package, storage_faults
+):
     from pytest_cmg import DeploymentSettings, DownloadMode
 
     storage_faults.add(respond(503), times=6)
@@ -237,8 +255,11 @@ def signed(cloud_dp, manifest):
     return manifest.with_urls(
         {
             f.relpath: cloud_dp.signed_url(
-                manifest.package_id, manifest.version, f.relpath,
-                start=now - timedelta(minutes=15), expiry=now + timedelta(hours=1),
+                manifest.package_id,
+                manifest.version,
+                f.relpath,
+                start=now - timedelta(minutes=15),
+                expiry=now + timedelta(hours=1),
             )
             for f in manifest.files
         }
@@ -258,7 +279,9 @@ def large(cloud_dp, storage_faults):
     return signed(cloud_dp, cloud_dp.distribute("PS100030", 1, {"big.bin": LARGE}))
 
 
-def test_a_large_file_streams_resumes_at_the_byte_cut_and_keeps_the_hash_in_order(large, storage_faults, tmp_path):
+def test_a_large_file_streams_resumes_at_the_byte_cut_and_keeps_the_hash_in_order(
+    large, storage_faults, tmp_path
+):
     # Files of 8 MiB and more are received by a helper thread while the caller hashes; a reset
     # still resumes at exactly the byte it cut (the bytes of the half-filled buffer are kept).
     storage_faults.add(reset_after(5_000_000), request=1)
@@ -276,7 +299,9 @@ def test_a_large_file_streams_resumes_at_the_byte_cut_and_keeps_the_hash_in_orde
     assert any(f"from byte {first.body_bytes}" in e for e in events)
 
 
-def test_ranges_cover_the_file_once_and_a_cut_range_resumes_mid_range(large, storage_faults, tmp_path):
+def test_ranges_cover_the_file_once_and_a_cut_range_resumes_mid_range(
+    large, storage_faults, tmp_path
+):
     # issue 4: "parallel across ranges of large files over kept-alive connections".
     storage_faults.add(reset_after(1_500_000), request=2)
     core = core_for(range_parts=3, range_threshold=8 * MiB, range_size=4 * MiB)
@@ -299,7 +324,9 @@ def test_ranges_cover_the_file_once_and_a_cut_range_resumes_mid_range(large, sto
 def test_a_server_that_ignores_ranges_gets_one_stream_instead(large, storage_faults, tmp_path):
     storage_faults.add(ignore_range(), request=1)
     events = []
-    core = core_for(range_parts=3, range_threshold=8 * MiB, range_size=4 * MiB, on_event=events.append)
+    core = core_for(
+        range_parts=3, range_threshold=8 * MiB, range_size=4 * MiB, on_event=events.append
+    )
     core.download(large, tmp_path)
     core.close()
     assert (tmp_path / "big.bin").read_bytes() == LARGE
@@ -308,7 +335,9 @@ def test_a_server_that_ignores_ranges_gets_one_stream_instead(large, storage_fau
     assert storage_faults.log[-1].range is None and storage_faults.log[-1].status == 200
 
 
-def test_a_sas_refused_on_one_range_is_renewed_once_for_the_file(cloud_dp, large, storage_faults, tmp_path):
+def test_a_sas_refused_on_one_range_is_renewed_once_for_the_file(
+    cloud_dp, large, storage_faults, tmp_path
+):
     storage_faults.add(respond(403, headers={"x-ms-error-code": "AuthenticationFailed"}), request=3)
     renewals = []
 
@@ -424,7 +453,9 @@ def blob_server():
 
 
 def one_file(url, data):
-    return ContentManifest("PS100032", 1, (ManifestFile("blob.bin", len(data), hashlib.sha256(data).hexdigest(), url),))
+    return ContentManifest(
+        "PS100032", 1, (ManifestFile("blob.bin", len(data), hashlib.sha256(data).hexdigest(), url),)
+    )
 
 
 def test_every_range_after_the_first_answer_pins_its_etag(blob_server, tmp_path):
@@ -452,7 +483,9 @@ def test_chunked_bodies_are_read_and_the_connection_kept(blob_server, tmp_path):
 
 def test_https_storage_is_verified_against_the_ca_it_is_given(blob_server, tmp_path):
     ca = CertificateAuthority("Storage Test CA")
-    creds = ca.issue(tmp_path, "127.0.0.1", usage="server", ip_addresses=(ipaddress.IPv4Address("127.0.0.1"),))
+    creds = ca.issue(
+        tmp_path, "127.0.0.1", usage="server", ip_addresses=(ipaddress.IPv4Address("127.0.0.1"),)
+    )
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     tls.load_cert_chain(creds.cert, creds.key)
     data = random.Random(6).randbytes(100_000)

@@ -310,7 +310,11 @@ def test_unknown_key_without_near_match_lists_allowed_keys(tmp_path: Path) -> No
     problem, _, _ = only_problem(tmp_path, text)
     assert problem.line == line_of(text, "zzz:")
     assert "did you mean" not in problem.hint
-    assert problem.hint == "allowed keys: content_enabled, site_version, egress_threshold_gb, stop_when_critical"
+    assert problem.hint == (
+        "allowed keys: content_enabled, site_version, egress_threshold_gb, stop_when_critical, "
+        "prefer_cloud_sources, classic_cloud_dp, crl_check, crl_reachable, certificate_trust_list, "
+        "measure_egress"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,7 +467,11 @@ def test_list_where_mapping_expected(tmp_path: Path) -> None:
     )
     problem, _, _ = only_problem(tmp_path, text)
     assert problem.line == line_of(text, "- content_enabled: true")
-    assert problem.rule == "cmg must be a mapping with keys content_enabled, site_version, egress_threshold_gb, stop_when_critical"
+    assert problem.rule == (
+        "cmg must be a mapping with keys content_enabled, site_version, egress_threshold_gb, "
+        "stop_when_critical, prefer_cloud_sources, classic_cloud_dp, crl_check, crl_reachable, "
+        "certificate_trust_list, measure_egress"
+    )
 
 
 def test_mapping_where_list_expected(tmp_path: Path) -> None:
@@ -975,6 +983,7 @@ def test_scenario_spec_describes_its_keys() -> None:
         "cmg",
         "client",
         "packages",
+        "distribution_points",
         "task_sequence",
         "expect",
         "faults",

@@ -99,15 +99,19 @@ class _Gateway:
 class _Proxy:
     def __init__(self) -> None:
         self.added: list[tuple[str, int | None, int]] = []
+        self.paths: list[str | None] = []
 
-    def add(self, fault: object, *, request: int | None = None, times: int = 1) -> None:
+    def add(
+        self, fault: object, *, request: int | None = None, times: int = 1, path: str | None = None
+    ) -> None:
         self.added.append((fault.name, request, times))  # type: ignore[attr-defined]
+        self.paths.append(path)
 
 
 def test_the_timeline_fires_each_event_at_its_moment() -> None:
     events = (
         TimelineEvent("faults[0]", "gateway", {"endpoint": "manifest", "request": 1, "times": 1, "status": 503, "retry_after": "5", "delay": None, "drop": False}),
-        TimelineEvent("faults[1]", "storage", {"request": 2, "times": 3, "reset_after": 1000, "delay": 2.0}),
+        TimelineEvent("faults[1]", "storage", {"request": 2, "times": 3, "reset_after": 1000, "delay": 2.0, "file": "install.wim"}),
         TimelineEvent("faults[2]", "service", {"service": "stop", "clock": None}, before_step=1),
         TimelineEvent("faults[3]", "clock", {"service": None, "clock": 3600.0}, at=30.0),
         TimelineEvent("faults[4]", "service", {"service": "start", "clock": None}, at=7200.0),
@@ -119,6 +123,7 @@ def test_the_timeline_fires_each_event_at_its_moment() -> None:
         ("fail", "manifest", {"request": 1, "times": 1, "status": 503, "retry_after": "5", "delay": 0.0, "drop": False})
     ]
     assert proxy.added == [("delay(2)", 2, 3), ("reset_after(1000)", 2, 3)]
+    assert proxy.paths == ["install.wim", "install.wim"]  # both target the file the entry names
     timeline.before_step(0)
     assert len(gateway.calls) == 1
     timeline.before_step(1)

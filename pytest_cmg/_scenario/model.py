@@ -18,6 +18,7 @@ from .._client.engine import STEP_ACTIONS, Condition, Step, TaskSequence
 from .._errors import ScenarioError, ScenarioProblem
 from .._protocol.paths import Endpoint
 from .._protocol.settings import (
+    NO_NEW_CLASSIC_CLOUD_DP_SINCE,
     SITE_VERSIONS,
     ClientSettings,
     CmgSettings,
@@ -54,6 +55,7 @@ __all__ = [
     "FRAGMENT",
     "SCENARIO",
     "SCENARIO_WITH_INCLUDE",
+    "DistributionPointSpec",
     "MarkerUse",
     "PackageSpec",
     "Scenario",
@@ -70,7 +72,26 @@ PACKAGE_ID = Str(
 PACKAGE_TYPES = ("package", "os_upgrade", "driver", "application")
 LOCALES = ("en_US", "it_IT", "ja_JP")
 OUTCOMES = ("success", "failure")
-AUTH_METHODS = ("token", "certificate")
+AUTH_METHODS = ("token", "certificate", "azure_ad")
+#: The client certificate a ``client.auth: certificate`` client presents (``client.certificate``).
+CERTIFICATES = (
+    "valid",
+    "partner_ca",
+    "revoked",
+    "expired",
+    "not_yet_valid",
+    "untrusted_ca",
+    "no_client_auth",
+)
+#: The state of the Azure AD tenant of an ``azure_ad`` client (``client.tenant``).
+TENANT_STATES = ("enabled", "disabled", "not_onboarded")
+#: The client CAs uploaded to the CMG, as a certificate trust list names them
+#: (``cmg.certificate_trust_list``): the site's own PKI and a partner's.
+TRUST_ROOTS = ("site", "partner")
+#: A host name with at least one dot (an intranet DP's FQDN); no scheme, port or path.
+FQDN_PATTERN = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)+"
+#: Where an on-premises DP is relative to the client's boundary group (``Locality``).
+DP_LOCALITIES = ("local", "remote", "subnet")
 #: What a ``set`` path or ``matrix`` key looks like: ``client.auth``, ``packages[1].locale``,
 #: ``packages[PS100013].size``, ``task_sequence.variables.OSDLanguage``.
 SET_PATH = Str(
@@ -118,6 +139,40 @@ PACKAGE = Record(
                 "Take this package from a catalog file (`<fixtures>/catalog/x.yaml`, or "
                 "`./x.yaml` next to this file); keys given here override the catalog's."
             ),
+        ),
+    },
+)
+
+DISTRIBUTION_POINT = Record(
+    doc="An on-premises distribution point of the site and the packages it holds.",
+    fields={
+        "fqdn": Field(
+            Str(pattern=FQDN_PATTERN, example="dp01.contoso.com"),
+            required=True,
+            doc="The DP's intranet FQDN, as its location record names it.",
+            example="dp01.contoso.com",
+        ),
+        "locality": Field(
+            Choice(choices=DP_LOCALITIES),
+            default="local",
+            doc=(
+                "Where the DP is for the client's boundary group (the record's `Locality`): "
+                "`local`, `remote` or `subnet`."
+            ),
+        ),
+        "https": Field(
+            Bool(),
+            default=False,
+            doc="Whether the DP is set up for HTTPS (`https://` URLs, `SSLState` 1).",
+        ),
+        "packages": Field(
+            ListOf(item=PACKAGE_ID, min_items=1),
+            required=True,
+            doc=(
+                "The declared packages whose declared version this DP holds; a package may be "
+                "on it and not on the cloud DP (`on_cloud_dp: false`)."
+            ),
+            example="[PS100012]",
         ),
     },
 )
@@ -250,6 +305,17 @@ EXPECT = Record(
             Count(),
             default=None,
             doc=f"Requests storage received, all packages together: {_COUNT}.",
+        ),
+        "egress_bytes": Field(
+            Count(unit=Size()),
+            default=None,
+            doc=(
+                "Outbound bytes the CMG's accounting counted by the end of the run "
+                "(`FakeCMG.egress_bytes`): the bytes storage served for its SAS URLs with "
+                "`cmg.measure_egress`, else the sizes of the manifests it issued; a size, or "
+                "{at_least: ..., at_most: ...}."
+            ),
+            example="{at_least: 1MiB, at_most: 2MiB}",
         ),
         "retries": Field(
             Count(),
@@ -498,6 +564,68 @@ SCENARIO = Record(
                         default=False,
                         doc="Stop the CMG service when the critical egress threshold is exceeded.",
                     ),
+                    "prefer_cloud_sources": Field(
+                        Bool(),
+                        default=False,
+                        doc=(
+                            "Boundary group option 'Prefer cloud based sources over on-premises "
+                            "sources': the cloud record comes first in location replies instead "
+                            "of last (see `distribution_points`)."
+                        ),
+                    ),
+                    "classic_cloud_dp": Field(
+                        Bool(),
+                        default=False,
+                        doc=(
+                            "Content comes from a classic cloud distribution point "
+                            "(`clouddp.contoso.test`, its own service) instead of the CMG; it "
+                            "serves content whatever `content_enabled` says and its egress "
+                            "threshold only alerts. None can be created from 2107 on: a site "
+                            "version of 2107 or later is a collection error."
+                        ),
+                    ),
+                    "crl_check": Field(
+                        Bool(),
+                        default=False,
+                        doc=(
+                            "CMG setting 'Verify client certificate revocation': a presented "
+                            "client certificate is checked against its issuer's CRL; revoked is "
+                            "`403 Client certificate revoked`, no readable CRL is refused too "
+                            "(fail closed)."
+                        ),
+                    ),
+                    "crl_reachable": Field(
+                        Bool(),
+                        default=True,
+                        doc=(
+                            "Whether the CRL distribution points answer; `false` withdraws every "
+                            "CRL, so with `crl_check` every certificate is refused (`403 Client "
+                            "certificate is untrusted or invalid`)."
+                        ),
+                        example="false",
+                    ),
+                    "certificate_trust_list": Field(
+                        ListOf(item=Choice(choices=TRUST_ROOTS)),
+                        default=None,
+                        doc=(
+                            "The site's certificate trust list: which uploaded client roots "
+                            "it accepts, `site` (the site's PKI, which issues `valid` "
+                            "certificates) and `partner` (a partner CA, which issues "
+                            "`partner_ca` ones). Not given or `[]`: no CTL, every uploaded "
+                            "root is accepted."
+                        ),
+                        example="[site]",
+                    ),
+                    "measure_egress": Field(
+                        Bool(),
+                        default=False,
+                        doc=(
+                            "Count egress from the bytes storage actually served for the "
+                            "gateway's SAS URLs (a counting proxy) instead of the sizes of the "
+                            "manifests issued; see `expect.egress_bytes`. HTTPS storage cannot "
+                            "be measured and is counted by manifest size."
+                        ),
+                    ),
                 },
             ),
         ),
@@ -510,9 +638,11 @@ SCENARIO = Record(
                         default="token",
                         doc=(
                             "How the client authenticates to the CMG: a site-issued token "
-                            "(CCM_Proxy_ServerAuth) or a PKI client certificate over mutual TLS "
-                            "(CCM_Proxy_MutualAuth)."
+                            "(CCM_Proxy_ServerAuth), a PKI client certificate over mutual TLS "
+                            "(CCM_Proxy_MutualAuth), or an Azure AD device token exchanged at "
+                            "CCM_STS for a CCM token, then the token path."
                         ),
+                        example="azure_ad",
                     ),
                     "enable_cmg": Field(
                         Bool(),
@@ -532,6 +662,32 @@ SCENARIO = Record(
                         default=DEFAULT_CACHE_MB * 1024 * 1024,
                         doc="Client cache size (default 5120MiB).",
                     ),
+                    "certificate": Field(
+                        Choice(choices=CERTIFICATES),
+                        default="valid",
+                        doc=(
+                            "With `auth: certificate`, the certificate the client presents: "
+                            "`valid` (from the site's client CA), `partner_ca` (from the "
+                            "partner CA, also uploaded to the CMG: see "
+                            "`cmg.certificate_trust_list`), `revoked` (valid, then revoked: "
+                            "refused with `cmg.crl_check`), `expired`, `not_yet_valid`, "
+                            "`untrusted_ca` (a CA the CMG does not know) and `no_client_auth` "
+                            "(server authentication usage only); the last four fail the TLS "
+                            "handshake."
+                        ),
+                        example="revoked",
+                    ),
+                    "tenant": Field(
+                        Choice(choices=TENANT_STATES),
+                        default="enabled",
+                        doc=(
+                            "With `auth: azure_ad`, the client's Azure AD tenant: `enabled` "
+                            "(onboarded to the site), `disabled` (onboarded, then disabled for "
+                            "the site) or `not_onboarded` (another tenant). The last two are "
+                            "refused at CCM_STS with `401 CMGService_Invalid_Token`."
+                        ),
+                        example="disabled",
+                    ),
                 },
             ),
         ),
@@ -547,6 +703,20 @@ SCENARIO = Record(
             ),
             required=True,
             example="[{id: PS100012, type: os_upgrade, files: 4, size: 24MiB}]",
+        ),
+        "distribution_points": Field(
+            ListOf(
+                doc=(
+                    "On-premises distribution points: the management point lists each one that "
+                    "holds a package in its location reply, before the cloud source (after it "
+                    "with `cmg.prefer_cloud_sources`). The internet client cannot reach them and "
+                    "skips them without a connection attempt; with no cloud source left the "
+                    "step fails with 0x80040102 ('No static content server.')."
+                ),
+                item=DISTRIBUTION_POINT,
+            ),
+            default=None,
+            example="[{fqdn: dp01.contoso.com, locality: local, https: true, packages: [PS100012]}]",
         ),
         "task_sequence": Field(
             Record(
@@ -698,6 +868,17 @@ class PackageSpec:
 
 
 @dataclass(frozen=True)
+class DistributionPointSpec:
+    """An on-premises DP of the scenario's site: the packages (declared versions) it holds."""
+
+    fqdn: str
+    #: The record's ``Locality``, as the product writes it: ``LOCAL``, ``REMOTE`` or ``SUBNET``.
+    locality: str
+    https: bool
+    packages: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class MarkerUse:
     """A marker to put on the items, and where the file asked for it."""
 
@@ -760,6 +941,17 @@ class Scenario:
     timeline: tuple[TimelineEvent, ...] = ()
     #: For each case value: the path it set and where the file gives it.
     case_values: tuple[tuple[str, str, str], ...] = ()
+    #: On-premises DPs listed in location replies (``distribution_points``).
+    distribution_points: tuple[DistributionPointSpec, ...] = ()
+    #: The roots the site's certificate trust list names (``site``, ``partner``); empty: no CTL.
+    #: The runner turns them into the gateway's CA names (``CmgSettings.certificate_trust_list``).
+    trust_list: tuple[str, ...] = ()
+    #: Whether the CRL distribution points can be read (``cmg.crl_reachable``).
+    crl_reachable: bool = True
+    #: The client certificate's kind (``client.certificate``), for ``auth: certificate``.
+    certificate: str = "valid"
+    #: The Azure AD tenant's state (``client.tenant``), for ``auth: azure_ad``.
+    tenant: str = "enabled"
 
     @property
     def item_name(self) -> str:
@@ -859,6 +1051,7 @@ def _sorted(problems: list[ScenarioProblem], path: Path) -> list[ScenarioProblem
 
 def _build(path: Path, data: dict[str, Any], v: Validation, plan: CasePlan | None) -> Scenario:
     ts = data["task_sequence"]
+    cmg = data["cmg"]
     packages = tuple(
         PackageSpec(**{k: p[k] for k in PackageSpec.__dataclass_fields__}) for p in data["packages"]
     )
@@ -908,10 +1101,14 @@ def _build(path: Path, data: dict[str, Any], v: Validation, plan: CasePlan | Non
         seed=data["seed"],
         site_code=data["site"]["code"],
         cmg=CmgSettings(
-            content_enabled=data["cmg"]["content_enabled"],
-            site_version=data["cmg"]["site_version"],
-            egress_threshold_gb=data["cmg"]["egress_threshold_gb"],
-            stop_when_critical=data["cmg"]["stop_when_critical"],
+            content_enabled=cmg["content_enabled"],
+            site_version=cmg["site_version"],
+            egress_threshold_gb=cmg["egress_threshold_gb"],
+            stop_when_critical=cmg["stop_when_critical"],
+            prefer_cloud_sources=cmg["prefer_cloud_sources"],
+            classic_cloud_dp=cmg["classic_cloud_dp"],
+            crl_check=cmg["crl_check"],
+            measure_egress=cmg["measure_egress"],
         ),
         client=ClientSettings(
             enable_cmg=data["client"]["enable_cmg"],
@@ -933,6 +1130,19 @@ def _build(path: Path, data: dict[str, Any], v: Validation, plan: CasePlan | Non
         markers=tuple(markers),
         timeline=timeline,
         case_values=plan.values if plan else (),
+        distribution_points=tuple(
+            DistributionPointSpec(
+                fqdn=dp["fqdn"],
+                locality=dp["locality"].upper(),
+                https=dp["https"],
+                packages=tuple(dict.fromkeys(dp["packages"])),
+            )
+            for dp in data["distribution_points"] or []
+        ),
+        trust_list=tuple(dict.fromkeys(cmg["certificate_trust_list"] or [])),
+        crl_reachable=cmg["crl_reachable"],
+        certificate=data["client"]["certificate"],
+        tenant=data["client"]["tenant"],
     )
 
 
@@ -966,6 +1176,23 @@ def _cross_check(data: dict[str, Any], v: Validation) -> None:
     names = [str(s["name"]) for _, s in steps if s.get("name") is not None]
     for index, event in records(data.get("faults")):
         _check_fault(event, f"faults[{index}]", names, problem)
+
+    _check_settings(data, problem)
+    points = records(data.get("distribution_points"))
+    fqdns: dict[str, int] = {}
+    for index, point in points:
+        fqdn = point.get("fqdn")
+        if fqdn is None:
+            continue
+        if fqdn.lower() in fqdns:
+            problem(
+                f"distribution_points[{index}].fqdn",
+                f"distribution point {fqdn} is listed twice",
+                f"first at distribution_points[{fqdns[fqdn.lower()]}]; give it every package "
+                "once",
+            )
+        else:
+            fqdns[fqdn.lower()] = index
 
     packages = records(data.get("packages"))
     declared: dict[str, int | None] = {}
@@ -1005,6 +1232,15 @@ def _cross_check(data: dict[str, Any], v: Validation) -> None:
                 f"step references package {step['package']}, which is not declared",
                 f"declared packages: {known}",
             )
+    for index, point in points:
+        for slot, package_id in enumerate(point.get("packages") or []):
+            if package_id is not None and package_id not in declared:
+                problem(
+                    f"distribution_points[{index}].packages[{slot}]",
+                    f"distribution point {point.get('fqdn')} holds package {package_id}, "
+                    "which is not declared",
+                    f"declared packages: {known}",
+                )
     expect: dict[str, Any] = data.get("expect") or {}
     for index, key in enumerate(expect.get("cache") or []):
         if key is None:
@@ -1037,6 +1273,37 @@ def _cross_check(data: dict[str, Any], v: Validation) -> None:
             )
     if expect.get("outcome") == "success" and expect.get("exit_code") not in (None, "0x00000000"):
         problem("expect.exit_code", "a successful outcome has exit code 0x00000000")
+
+
+def _check_settings(data: dict[str, Any], problem: Callable[..., None]) -> None:
+    """Settings that only make sense together: the 2107 gate, client variants and their auth."""
+    cmg: dict[str, Any] = data.get("cmg") or {}
+    version = cmg.get("site_version")
+    if cmg.get("classic_cloud_dp") and version is not None:
+        try:
+            CmgSettings(site_version=version, classic_cloud_dp=True)
+        except ValueError:
+            # The rule itself lives in CmgSettings; here it is reported at the file's line.
+            problem(
+                "cmg.classic_cloud_dp",
+                f"a classic cloud distribution point cannot be created on a site of version "
+                f"{version}: from {NO_NEW_CLASSIC_CLOUD_DP_SINCE} on, content comes from a "
+                "content-enabled CMG only",
+                f"use classic_cloud_dp: false, or a site_version before "
+                f"{NO_NEW_CLASSIC_CLOUD_DP_SINCE} (e.g. 2103)",
+            )
+    client: dict[str, Any] = data.get("client") or {}
+    auth = client.get("auth")
+    if auth is None:
+        return
+    for key, default, needs in (("certificate", "valid", "certificate"), ("tenant", "enabled", "azure_ad")):
+        value = client.get(key)
+        if value not in (None, default) and auth != needs:
+            problem(
+                f"client.{key}",
+                f"client.{key}: {value} needs client.auth: {needs} (the client uses {auth})",
+                f"set client.auth: {needs}, or leave {key} out",
+            )
 
 
 def _check_fault(

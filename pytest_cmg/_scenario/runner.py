@@ -12,14 +12,16 @@ from __future__ import annotations
 import difflib
 import hashlib
 import re
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from .._client.cache import ClientCache
+from .._client.download import DownloadCore
 from .._client.engine import CMGClient, CMGConnection, TaskSequenceEngine, TaskSequenceResult
 from .._errors import ExpectationFailed
+from .._protocol.manifest import ContentManifest, ManifestFile
 from .._protocol.paths import Endpoint
 from .content import generate_package
 from .timeline import ScenarioTime, Timeline, TimelineLog
@@ -27,11 +29,11 @@ from .timeline import ScenarioTime, Timeline, TimelineLog
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from .._gateway.pki import Credentials
     from .._gateway.requestlog import LoggedRequest
     from .._gateway.server import FakeCMG
     from .._harness import Harness
-    from .._protocol.manifest import ContentManifest
-    from .._storage.clouddp import CloudDP
+    from .._storage.clouddp import CloudDP, PackageSource
     from .._storage.faultproxy import ProxiedRequest
     from .model import Scenario
     from .spec import Bounds
@@ -71,52 +73,147 @@ class ScenarioRun:
     waits: list[float] = field(default_factory=list)
     #: The timeline as it happened: one line per fired (or never fired) event.
     timeline: list[str] = field(default_factory=list)
+    #: Outbound bytes as the CMG counted them (``FakeCMG.egress_bytes``) at the end of the run.
+    egress_bytes: int = 0
 
 
 @dataclass
 class World:
-    """A scenario's world on a running harness: its cloud DP, gateway and distributed content."""
+    """A scenario's world on a running harness: its cloud DP, gateway and distributed content.
+
+    ``certificate`` and ``tenant`` are the client's variants (``client.certificate``,
+    ``client.tenant``): :meth:`connection` hands out that kind of certificate, and a token of a
+    tenant in that state.
+    """
 
     dp: CloudDP
     gateway: FakeCMG
     manifests: dict[str, ContentManifest]
+    certificate: str = "valid"
+    tenant: str = "enabled"
+
+    @property
+    def storage_ca_cert(self) -> Path | None:
+        """The CA to trust for HTTPS storage (None: storage is plain HTTP)."""
+        return self.dp.endpoint.ca_cert if self.dp.endpoint.url.startswith("https:") else None
 
     def connection(self, client_id: str, auth: str) -> CMGConnection:
-        """How a client with ``client_id`` reaches the gateway (token or client certificate)."""
+        """How a client with ``client_id`` reaches the gateway.
+
+        ``auth`` is ``token`` (a site-issued CCM token), ``certificate`` (a client certificate
+        of the world's kind) or ``azure_ad`` (an Azure AD device token of the world's tenant,
+        for the device registered as ``client_id``).
+        """
         gateway = self.gateway
-        certificate = gateway.issue_client_certificate(client_id) if auth == "certificate" else None
+        token = aad_token = None
+        credentials = None
+        if auth == "certificate":
+            credentials = self._certificate(client_id)
+        elif auth == "azure_ad":
+            aad_token = self._aad_token(client_id)
+        else:
+            token = gateway.issue_token(client_id)
         return CMGConnection(
             cmg_url=gateway.url,
             ca_cert=gateway.ca_pem,
             site_code=gateway.site_code,
             mp_role_id=gateway.role_id,
             client_id=client_id,
-            token=gateway.issue_token(client_id) if certificate is None else None,
-            client_cert=certificate.cert if certificate else None,
-            client_key=certificate.key if certificate else None,
+            token=token,
+            client_cert=credentials.cert if credentials else None,
+            client_key=credentials.key if credentials else None,
+            aad_token=aad_token,
         )
+
+    def _certificate(self, client_id: str) -> Credentials:
+        from .._gateway.tls import PARTNER_CA_NAME
+
+        gateway, kind = self.gateway, self.certificate
+        now = datetime.now(UTC)
+        if kind == "partner_ca":
+            return gateway.issue_client_certificate(client_id, issuer=PARTNER_CA_NAME)
+        if kind == "expired":
+            return gateway.issue_client_certificate(client_id, not_after=now - timedelta(days=1))
+        if kind == "not_yet_valid":
+            return gateway.issue_client_certificate(client_id, not_before=now + timedelta(days=1))
+        if kind == "untrusted_ca":
+            return gateway.issue_client_certificate(client_id, rogue=True)
+        if kind == "no_client_auth":
+            return gateway.issue_client_certificate(client_id, usage="server")
+        credentials = gateway.issue_client_certificate(client_id)
+        if kind == "revoked":
+            gateway.revoke_client_certificate(credentials)
+        return credentials
+
+    def _aad_token(self, client_id: str) -> str:
+        from .._protocol.tokens import AzureADTenant
+
+        gateway = self.gateway
+        if self.tenant == "not_onboarded":
+            # A tenant of its own that the site never onboarded (issuer validation fails).
+            return gateway.issue_aad_token(client_id, tenant=AzureADTenant(clock=gateway.clock))
+        token = gateway.issue_aad_token(client_id)
+        if self.tenant == "disabled":
+            gateway.azure_ad.disable(gateway.tenant.tenant_id)
+        return token
 
 
 def build_world(scenario: Scenario, harness: Harness) -> World:
     """Distribute the scenario's packages into a fresh container and set the gateway up for it.
 
-    The caller owns the world: ``world.dp.delete()`` removes its content.
+    Packages on the cloud DP are uploaded; on-premises DPs (``distribution_points``) are listed
+    with the hash of the content the scenario generates for them, which is never uploaded
+    anywhere (the internet client cannot reach an intranet DP). The caller owns the world:
+    ``world.dp.delete()`` removes its content.
     """
+    from .._gateway.tls import CLIENT_CA_NAME, PARTNER_CA_NAME
+
     dp = harness.new_cloud_dp()
     gateway = harness.gateway
     gateway.clear()
+    on_prem = {p for point in scenario.distribution_points for p in point.packages}
+    held: dict[str, ContentManifest] = {}
     try:
         manifests = {}
         for package in scenario.packages:
+            if not package.on_cloud_dp and package.id not in on_prem:
+                continue
+            files = generate_package(package, scenario.seed)
             if package.on_cloud_dp:
-                files = generate_package(package, scenario.seed)
                 manifests[package.id] = dp.distribute(package.id, package.version, files)
+                held[package.id] = manifests[package.id]
+            else:
+                held[package.id] = _local_manifest(package.id, package.version, files)
     except BaseException:
         dp.delete()
         raise
+    roots = {"site": CLIENT_CA_NAME, "partner": PARTNER_CA_NAME}
+    settings = replace(
+        scenario.cmg, certificate_trust_list=tuple(roots[name] for name in scenario.trust_list)
+    )
     gateway.site_code = scenario.site_code
-    gateway.configure(settings=scenario.cmg, cloud_dp=dp, deployment=scenario.deployment)
-    return World(dp, gateway, manifests)
+    gateway.configure(settings=settings, cloud_dp=dp, deployment=scenario.deployment)
+    for point in scenario.distribution_points:
+        gateway.add_on_prem_dp(
+            point.fqdn,
+            *(held[package_id] for package_id in point.packages),
+            locality=point.locality,
+            https=point.https,
+        )
+    if not scenario.crl_reachable:
+        # Until the next clear(), which publishes them again.
+        gateway.tls.withdraw_crls()
+    return World(dp, gateway, manifests, scenario.certificate, scenario.tenant)
+
+
+def _local_manifest(package_id: str, version: int, files: list[PackageSource]) -> ContentManifest:
+    """The manifest of generated content that is not uploaded (it is on an on-prem DP only)."""
+    items = []
+    for source in files:
+        assert isinstance(source.data, bytes)  # generated content is in memory
+        digest = hashlib.sha256(source.data).hexdigest()
+        items.append(ManifestFile(source.relpath, len(source.data), digest))
+    return ContentManifest(package_id=package_id, version=version, files=tuple(items))
 
 
 def run_scenario(scenario: Scenario, harness: Harness, workdir: Path) -> ScenarioRun:
@@ -133,18 +230,26 @@ def run_scenario(scenario: Scenario, harness: Harness, workdir: Path) -> Scenari
         if world.dp.endpoint.url.startswith("http://"):
             proxy = FaultProxy(world.dp.endpoint.url, sleep=time.pass_time).start()
             world.dp.route_through(proxy.rewrite)
+        else:
+            _no_storage_faults(scenario, world.dp.endpoint.url)
         # Token lifetimes follow the scenario's clock for this run only; the session's gateway
         # gets its wall clock back in ``finally``.
         authority.clock = time.site_clock()
         timeline = Timeline(scenario.timeline, gateway, proxy, time)
         log = TimelineLog(workdir / "smsts.log", timeline.before_step)
         cache = ClientCache(workdir / "ccmcache", size_mb=max(1, scenario.cache_size // 2**20))
+        # The engine's own core, plus trust in the storage CA when storage is HTTPS.
+        core = DownloadCore(
+            retry=time.policy(),
+            on_event=lambda line: log.info("DataTransferService", line),
+            ca_file=world.storage_ca_cert,
+        )
         engine = TaskSequenceEngine(
             CMGClient(world.connection(CLIENT_ID, scenario.auth), log, scenario.client),
             cache,
             log,
             scenario.deployment,
-            retry=time.policy(),
+            core,
             site_version=scenario.cmg.site_version,
         )
         try:
@@ -154,6 +259,8 @@ def run_scenario(scenario: Scenario, harness: Harness, workdir: Path) -> Scenari
             engine.close()
         if proxy is not None:
             proxy.wait_idle()
+        # Measured egress is counted as the meter forwards bytes: wait for its last ones.
+        gateway.wait_egress_idle()
         gateway.check()
         return ScenarioRun(
             result=result,
@@ -169,6 +276,7 @@ def run_scenario(scenario: Scenario, harness: Harness, workdir: Path) -> Scenari
             elapsed=time.clock(),
             waits=list(time.waits),
             timeline=timeline.report(),
+            egress_bytes=gateway.egress_bytes,
         )
     finally:
         authority.clock = wall_clock
@@ -176,6 +284,19 @@ def run_scenario(scenario: Scenario, harness: Harness, workdir: Path) -> Scenari
         if proxy is not None:
             proxy.stop()
         world.dp.delete()
+
+
+def _no_storage_faults(scenario: Scenario, url: str) -> None:
+    """Refuse, before anything runs, a scenario whose storage faults cannot be injected."""
+    for event in scenario.timeline:
+        if event.kind == "storage":
+            path, line = scenario.location(event.where)
+            msg = (
+                f"{path}:{line}: {event.where}: storage faults need plain-http storage behind "
+                f"the fault proxy, and storage is {url.split(':', 1)[0]} ({url}); run this "
+                "scenario without HTTPS storage (--cmg-storage-https)"
+            )
+            raise RuntimeError(msg)
 
 
 def storage_bytes_by_package(storage: list[ProxiedRequest]) -> dict[str, int]:
@@ -394,6 +515,15 @@ def check_expectations(scenario: Scenario, run: ScenarioRun) -> list[Expectation
 
     _check_storage(expect, run, fail)
 
+    if expect["egress_bytes"] is not None and not expect["egress_bytes"].holds(run.egress_bytes):
+        egress_lines = [line for line in run.gateway_log if "gress" in line]
+        fail(
+            "expect.egress_bytes",
+            f"{_bounds(expect['egress_bytes'], _size)} of egress",
+            _size(run.egress_bytes)
+            + (" (measured)" if scenario.cmg.measure_egress else " (manifest sizes)"),
+            _excerpt("  egress lines in the gateway log", egress_lines) if egress_lines else "",
+        )
     if expect["retries"] is not None and not expect["retries"].holds(len(run.waits)):
         retry_lines = [line for line in run.smsts if _RETRY_LINE.search(line)]
         fail(

@@ -22,8 +22,8 @@ whose CPU cost per range is 15-23 ms; the Azure SDK is client-CPU-bound):
   ``range_parts * range_size`` bytes (at most 32 MiB; a connection that runs a window ahead of
   the hash waits). One file at a time uses ranges, so memory stays bounded. It is off by
   default because against Azurite one streaming GET is faster (each range costs Azurite a
-  fixed 15-23 ms of CPU, and the hash is the limit anyway); it pays off against servers that
-  cap the rate per connection.
+  fixed 15-23 ms of CPU, and the hash is the limit anyway); it can pay off where a server or a
+  network path caps the rate of each connection.
 
 Integrity (reliability.md A1-A5): bytes go to ``<name>.part``; the file reaches its final name
 only after its size and SHA-256 match the manifest. The ETag of the first answer is pinned with
@@ -51,7 +51,10 @@ next try). A file that never reached a checkpoint (smaller than ``journal_bytes`
 than ``journal_seconds``) starts over. Files that had a journal are ``fdatasync``'d before their
 rename and the folder after it; small files are not (one ``fsync`` per 16 KiB file would cost
 more than the download), so after a power cut, unlike a killed process, a small final-named file
-is only as durable as the file system makes a rename.
+is only as durable as the file system makes a rename. A resumed file whose final hash does not
+match is fetched once more from zero (the bytes on disk may be what is wrong). A full disk
+(ENOSPC) removes the partial file and its journal and lets the ``OSError`` through: the engine
+reports it as "cache full".
 """
 
 from __future__ import annotations
@@ -693,9 +696,11 @@ class DownloadCore:
             size = target.stat().st_size
         except OSError:
             return False
+        if not target.is_file():
+            return False  # not ours: the rename will fail and say so
         part = target.with_name(target.name + _PART)
-        if size != item.size or not target.is_file():
-            target.unlink(missing_ok=True)
+        if size != item.size:
+            target.unlink()
             return False
         part.unlink(missing_ok=True)
         _journal.remove(_journal.journal_path(part))

@@ -82,6 +82,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "folder of shared scenario worlds and catalogs, relative to the rootdir",
         default="",
     )
+    group.addoption(
+        "--cmg-storage-https",
+        dest="cmg_storage_https",
+        action="store_true",
+        default=None,
+        help="serve storage over HTTPS (process backend; SAS URLs are spr=https); storage faults "
+        "then cannot be injected (or ini cmg_storage_https)",
+    )
+    parser.addini(
+        "cmg_storage_https",
+        "serve storage over HTTPS with a test CA (process backend)",
+        type="bool",
+        default=False,
+    )
     _add_bench_options(group, parser)
 
 
@@ -177,8 +191,20 @@ def pytest_configure(config: pytest.Config) -> None:
     if timeout <= 0:
         msg = "--cmg-azurite-timeout must be a positive number of seconds, e.g. 60"
         raise pytest.UsageError(msg)
+    storage_https = config.getoption("cmg_storage_https")
+    if storage_https is None:
+        storage_https = bool(config.getini("cmg_storage_https"))
+    if storage_https and backend != "process":
+        msg = (
+            f"--cmg-storage-https needs the process backend (--cmg-azurite=process), not "
+            f"{backend!r}: only the Azurite subprocess is started with a test certificate"
+        )
+        raise pytest.UsageError(msg)
     config.stash[_HARNESS] = Harness(
-        backend, connection_string=connection_string or None, startup_timeout=timeout
+        backend,
+        connection_string=connection_string or None,
+        startup_timeout=timeout,
+        storage_https=storage_https,
     )
     # Scenario files put these on their items (``markers: [slow]``); registered here so that
     # --strict-markers accepts them in any project.
@@ -241,6 +267,11 @@ def storage_faults(cloud_dp: CloudDP) -> Iterator[FaultProxy]:
     """
     from ._storage.faultproxy import FaultProxy
 
+    if not cloud_dp.endpoint.url.startswith("http://"):
+        pytest.skip(
+            f"storage_faults needs plain-HTTP storage (the fault proxy speaks HTTP only); "
+            f"storage is {cloud_dp.endpoint.url} (--cmg-storage-https)"
+        )
     with FaultProxy(cloud_dp.endpoint.url) as proxy:
         cloud_dp.route_through(proxy.rewrite)
         try:
@@ -277,11 +308,14 @@ def cmg_client(
     """A factory of client engines connected to ``cmg`` with a cache under ``tmp_path``.
 
     ``cmg_client(settings=ClientSettings(...), deployment=DeploymentSettings(...),
-    cache_mb=5120, name="client", auth="token" | "certificate")`` returns a ready
+    cache_mb=5120, name="client", auth="token" | "certificate" | "azure_ad")`` returns a ready
     :class:`TaskSequenceEngine`; ``auth="certificate"`` uses mutual TLS with a client
-    certificate from the gateway's client CA.
+    certificate from the gateway's client CA, ``auth="azure_ad"`` an Azure AD device token of
+    ``cmg.tenant`` that the engine exchanges at CCM_STS for a CCM token. With HTTPS storage
+    the engines trust its CA.
     """
     from ._client.cache import ClientCache
+    from ._client.download import DownloadCore
     from ._client.engine import CMGClient, CMGConnection, TaskSequenceEngine
     from ._client.log import SmstsLog
 
@@ -295,8 +329,8 @@ def cmg_client(
         name: str = "client",
         auth: str = "token",
     ) -> TaskSequenceEngine:
-        if auth not in ("token", "certificate"):
-            msg = f"cmg_client(auth={auth!r}): choose 'token' or 'certificate'"
+        if auth not in ("token", "certificate", "azure_ad"):
+            msg = f"cmg_client(auth={auth!r}): choose 'token', 'certificate' or 'azure_ad'"
             raise ValueError(msg)
         client_id = f"GUID:{name}"
         folder = tmp_path / name
@@ -311,13 +345,20 @@ def cmg_client(
             token=cmg.issue_token(client_id) if auth == "token" else None,
             client_cert=credentials.cert if credentials else None,
             client_key=credentials.key if credentials else None,
+            aad_token=cmg.issue_aad_token(client_id) if auth == "azure_ad" else None,
+        )
+        endpoint = cmg.cloud_dp.endpoint if cmg.cloud_dp is not None else None
+        core = DownloadCore(
+            retry=cmg_time.policy(),
+            on_event=lambda line: log.info("DataTransferService", line),
+            ca_file=endpoint.ca_cert if endpoint and endpoint.url.startswith("https:") else None,
         )
         engine = TaskSequenceEngine(
             CMGClient(connection, log, settings),
             ClientCache(folder / "ccmcache", cache_mb),
             log,
             deployment,
-            retry=cmg_time.policy(),
+            core,
             site_version=cmg.settings.site_version,
         )
         engines.append(engine)

@@ -194,3 +194,96 @@ def test_fixtures_work_in_plain_python_tests(pytester):
     pytester.makepyfile(test_example=example.read_text(encoding="utf-8"))
     result = pytester.runpytest()
     result.assert_outcomes(passed=1)
+
+
+# --- HTTPS storage and the Azure AD client ----------------------------------------------------
+
+# Records every SAS URL the gateway mints, so the run can show they are https-only. The class
+# is shared with the outer session (pytester runs in process): it is put back at the end.
+SAS_PROBE = """
+from pytest_cmg._storage.clouddp import CloudDP
+
+_signed = CloudDP.signed_url
+
+
+def pytest_configure(config):
+    record = config.rootpath / "sas-urls.txt"
+
+    def recording(self, *args, **kwargs):
+        url = _signed(self, *args, **kwargs)
+        with record.open("a") as handle:
+            handle.write(url + "\\n")
+        return url
+
+    CloudDP.signed_url = recording
+
+
+def pytest_unconfigure(config):
+    CloudDP.signed_url = _signed
+"""
+
+AAD_FIXTURE_TEST = """
+from pytest_cmg import Step, TaskSequence
+
+
+def test_an_azure_ad_engine_downloads(cloud_dp, cmg, cmg_client):
+    cloud_dp.distribute("PS100013", 1, {"drivers/net.inf": b"[Version]"})
+    engine = cmg_client(auth="azure_ad")
+    result = engine.run(TaskSequence("PS100020", "Drivers",
+                                     (Step("Apply drivers", "apply_driver_package", "PS100013"),)))
+    assert result.succeeded, result.error
+    cmg.log.assert_request_made("sts", count=1)
+    cmg.log.assert_request_made("manifest", count=1, package_id="PS100013")
+
+
+def test_storage_faults_need_plain_http(storage_faults):
+    raise AssertionError("not reached: skipped under HTTPS storage")
+"""
+
+
+def test_https_storage_runs_a_scenario_and_fixtures_over_https(pytester):
+    write(pytester, "upgrade-over-https")
+    faulty = write(pytester, "storage-fault-over-https")
+    text = faulty.read_text()
+    faulty.write_text(text.replace("expect:", "faults:\n  - storage: {request: 1, reset_after: 1000}\nexpect:"))
+    fault_line = faulty.read_text().splitlines().index("  - storage: {request: 1, reset_after: 1000}") + 1
+    pytester.makeconftest(SAS_PROBE)
+    pytester.makepyfile(test_aad=AAD_FIXTURE_TEST)
+    result = pytester.runpytest("--cmg-storage-https", "-rA")
+    result.assert_outcomes(passed=2, failed=1, skipped=1)
+    result.stdout.fnmatch_lines([
+        "*Azurite blob service: https://127.0.0.1:*/devstoreaccount1 (backend process, pid *)",
+        "PASSED scenarios/upgrade-over-https.cmg.yaml::upgrade over https",
+        "PASSED test_aad.py::test_an_azure_ad_engine_downloads",
+        "SKIPPED *storage_faults needs plain-HTTP storage*",
+    ])
+    # The fault scenario fails before anything runs, naming its storage fault's line.
+    result.stdout.fnmatch_lines([
+        f"*storage-fault-over-https.cmg.yaml:{fault_line}: faults[[]0[]]: storage faults need "
+        "plain-http storage behind the fault proxy, and storage is https*",
+    ])
+    urls = (pytester.path / "sas-urls.txt").read_text().split()
+    # Two scenario packages and the fixture test's one, each file signed for HTTPS only.
+    assert len(urls) == 3 + 6 + 1
+    for url in urls:
+        assert url.startswith("https://127.0.0.1:")
+        assert "spr=https&" in url
+
+
+def test_storage_https_needs_the_process_backend(pytester):
+    result = pytester.runpytest(
+        "--cmg-storage-https", "--cmg-azurite=external", "--cmg-connection-string=UseDevelopmentStorage=true"
+    )
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--cmg-storage-https needs the process backend*"])
+
+
+def test_storage_https_from_the_ini_file(pytester):
+    pytester.makeini("[pytest]\ncmg_storage_https = true\n")
+    pytester.makeconftest(PROBE.replace(
+        'f"started={harness.started} gateway={harness._gateway is not None}"',
+        'f"https={harness._backend.https}"',
+    ))
+    result = pytester.runpytest("--collect-only")
+    assert result.ret == pytest.ExitCode.NO_TESTS_COLLECTED
+    assert (pytester.path / "harness-state.txt").read_text() == "https=True"

@@ -9,6 +9,7 @@ Layout under the cache root (every bookkeeping name starts with a dot)::
                                 the bytes that download reserved while it runs
     .staging/.cache.lock        flock'ed while space is counted and entries are evicted
     .leases/<PKG>.<ver>         flock'ed (shared) by every step using that entry, in any process
+    .pins/<PKG>.<ver>           the entry is pinned: kept after the task sequence, never evicted
     .trash/                     evicted entries on their way out
 
 Invariant: a folder directly under the cache root whose name does not start with a dot holds a
@@ -33,6 +34,11 @@ Concurrency (E2): locks are ``flock`` locks, which the kernel drops when a proce
 killed client never leaves the cache locked. Entries in use hold a shared lock (a :class:`Lease`)
 and are never evicted; two requests for the same content, in threads or processes, share one
 download through the exclusive download lock (:meth:`ClientCache.download_lock`).
+
+After a task sequence (``SMSTSPreserveContent``, protocol.md 1.7): a task sequence that must keep
+its content pins it (:meth:`ClientCache.pin`, a file that outlives every process: eviction skips
+it until :meth:`ClientCache.unpin`); one that need not releases what it downloaded with
+:meth:`ClientCache.expire`, which ages it past the minimum keep time so eviction may take it.
 """
 
 from __future__ import annotations
@@ -75,6 +81,7 @@ CACHE_IN_USE = codes.CACHE_IN_USE
 _STAGING = ".staging"
 _LEASES = ".leases"
 _TRASH = ".trash"
+_PINS = ".pins"
 _CACHE_LOCK = ".cache.lock"
 _LOCK_SUFFIX = ".lock"
 #: How often a lock held by another process is tried again (flock has no timeout of its own).
@@ -117,6 +124,8 @@ class SpaceReport:
     #: Entries older than the minimum keep time and not in use: those eviction may take.
     expired: int = 0
     evicted: tuple[Eviction, ...] = ()
+    #: Entries pinned (:meth:`ClientCache.pin`): never evicted, like entries in use.
+    pinned: int = 0
 
     @property
     def free(self) -> int:
@@ -335,6 +344,36 @@ class ClientCache:
     def _lease_path(self, key: str) -> Path:
         return self.root / _LEASES / key
 
+    # --- after a task sequence: pinned or released (SMSTSPreserveContent) --------------------
+
+    def pin(self, entry: CacheEntry) -> None:
+        """Keep ``entry`` whatever space is needed, in this and later processes, until unpinned."""
+        folder = self.root / _PINS
+        folder.mkdir(exist_ok=True)
+        (folder / entry.key).touch()
+
+    def unpin(self, entry: CacheEntry) -> None:
+        with suppress(FileNotFoundError):
+            (self.root / _PINS / entry.key).unlink()
+
+    def is_pinned(self, entry: CacheEntry) -> bool:
+        return (self.root / _PINS / entry.key).exists()
+
+    def pinned(self) -> list[str]:
+        """Keys of the pinned entries (pins of entries no longer cached included), sorted."""
+        folder = self.root / _PINS
+        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+    def expire(self, entry: CacheEntry) -> None:
+        """Release ``entry``: eligible for deletion now, whatever the minimum keep time.
+
+        Its last use moves back by the keep time, so eviction may take it at once and the order
+        among released entries (least recently used first) is kept.
+        """
+        with suppress(FileNotFoundError):
+            last = self.last_used(entry) - self.keep_minutes * 60
+            os.utime(entry.path, (last, last))
+
     # --- locks -----------------------------------------------------------------------------
 
     def _wait_lock(
@@ -478,7 +517,12 @@ class ClientCache:
         victims: list[tuple[Eviction, int]] = []
         freed = 0
         # Partial downloads nobody runs first, then entries least recently used first.
+        pins = set(self.pinned())
+        pinned = 0
         for _, last, name, path, lock_path, item_size, partial in sorted(candidates):
+            if not partial and name in pins:
+                pinned += 1
+                continue
             fd = _try_lock(lock_path, fcntl.LOCK_EX)
             if fd is None:
                 active += not partial
@@ -490,14 +534,14 @@ class ClientCache:
                 continue
             victims.append((Eviction(name, path, item_size, last, partial), fd))
             freed += item_size
-        report = SpaceReport(size, capacity, used, len(entries), active, expired)
+        report = SpaceReport(size, capacity, used, len(entries), active, expired, pinned=pinned)
         if free + freed < size:
             for _, fd in victims:
                 _unlock(fd)
             raise CacheSpaceError(
                 codes.CACHE_FULL,
                 f"{key} needs {size} bytes; {max(0, free)} of {capacity} are free and only "
-                f"{freed} more could be freed ({active} entries in use)",
+                f"{freed} more could be freed ({active} entries in use, {pinned} pinned)",
                 report,
             )
         for eviction, fd in victims:
@@ -506,7 +550,14 @@ class ClientCache:
             finally:
                 _unlock(fd)
         return SpaceReport(
-            size, capacity, used, len(entries), active, expired, tuple(e for e, _ in victims)
+            size,
+            capacity,
+            used,
+            len(entries),
+            active,
+            expired,
+            tuple(e for e, _ in victims),
+            pinned,
         )
 
     def _remove(self, path: Path) -> None:

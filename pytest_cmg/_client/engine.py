@@ -10,6 +10,16 @@ Flow for one package (protocol.md section 1, "Sequence for the emulator")::
 The lookup-to-commit part runs under the cache's download lock for that content, so concurrent
 requests for it (threads or processes) make one download (``_client/cache.py``).
 
+Where content goes (protocol.md 1.7, "Storage locations"): in the full OS a step's package goes
+to the client cache (ccmcache); in Windows PE, where there is no ccmexec and so no client cache,
+to the task sequence cache (``_SMSTaskSequence/Packages``, ``tscache.py``). A Download Package
+Content step may name its destination (:class:`ContentDestination`): the task sequence directory,
+the client cache (not in Windows PE) or a custom path (downloaded to the task sequence directory,
+then moved to ``<path>/<PackageID>``). Content in the task sequence cache is deleted after the
+step that used it unless ``SMSTSPersistContent`` is true, and the whole cache when the sequence
+ends; client cache entries the sequence downloaded are released then (eligible for deletion)
+unless ``SMSTSPreserveContent`` is true, which pins what the sequence uses.
+
 Log lines reuse the product's wording (protocol.md sections 1.7, 3.2, 3.3, 5) so scenarios can
 match them the way administrators search smsts.log.
 """
@@ -17,6 +27,7 @@ match them the way administrators search smsts.log.
 from __future__ import annotations
 
 import errno
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -52,14 +63,15 @@ from .._protocol.settings import (
     LaunchContext,
     launch_refusal,
 )
-from .cache import CacheSpaceError
+from .cache import CacheEntry, CacheSpaceError
 from .download import DownloadCore, redact
+from .tscache import WORKING_DIRECTORY, TaskSequenceCache, place
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
-    from .cache import CacheEntry, ClientCache, Lease, SpaceReport
+    from .cache import ClientCache, Lease, SpaceReport
     from .log import SmstsLog
     from .retry import RetryPolicy
 
@@ -67,6 +79,7 @@ __all__ = [
     "CMGClient",
     "CMGConnection",
     "Condition",
+    "ContentDestination",
     "PackageTransfer",
     "Step",
     "TaskSequence",
@@ -78,6 +91,8 @@ __all__ = [
 _NOT_ALLOWED_ON_INTERNET = 0x87D01018
 #: E_FAIL: what an unsupported launch over a CMG ends with (no code is published; emulation).
 _UNSUPPORTED_LAUNCH = 0x80004005
+#: E_FAIL again: a custom download path that cannot be written (emulation).
+_E_FAIL = 0x80004005
 #: REGDB_E_CLASSNOTREG: no ccmexec (and so no client cache) in Windows PE; benign (S30).
 _NO_CACHE_MANAGER = 0x80040154
 #: Variables the product defines with defaults (task-sequence-variables.md).
@@ -91,6 +106,18 @@ _NOT_RETRIED = frozenset(
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 #: ERROR_DISK_FULL as an HRESULT: what BITS reports when it cannot write a file.
 _HR_DISK_FULL = 0x80070070
+#: E_INVALIDARG: a custom download path that would land inside a cache.
+_HR_INVALID_ARG = 0x80070057
+#: Task sequence variables of the content locations (task-sequence-variables.md).
+PERSIST_CONTENT = "SMSTSPersistContent"
+PRESERVE_CONTENT = "SMSTSPreserveContent"
+LAST_LOCATION = "_SMSTSLastContentDownloadLocation"
+#: A drive prefix of a Windows path (``C:``), mapped to the emulated system drive.
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def _true(variables: dict[str, str], name: str) -> bool:
+    return variables.get(name, "").strip().casefold() == "true"
 
 
 def _int_variable(variables: dict[str, str], name: str, default: int) -> int:
@@ -100,12 +127,39 @@ def _int_variable(variables: dict[str, str], name: str, default: int) -> int:
         return default
 
 
+DOWNLOAD_PACKAGE_CONTENT = "download_package_content"
 STEP_ACTIONS = (
     "run_command_line",
     "upgrade_os",
-    "download_package_content",
+    DOWNLOAD_PACKAGE_CONTENT,
     "apply_driver_package",
 )
+
+
+class ContentDestination:
+    """Download Package Content's "Place into the following location" (protocol.md 1.7)."""
+
+    #: The task sequence working directory: kept there until the task sequence ends.
+    TS_CACHE = "ts_cache"
+    #: The client cache (ccmcache); in Windows PE, which has none, the task sequence directory.
+    CLIENT_CACHE = "client_cache"
+    #: A folder of the step's choice: the package lands in ``<path>/<PackageID>``.
+    CUSTOM = "custom"
+    ALL = (TS_CACHE, CLIENT_CACHE, CUSTOM)
+
+
+def custom_path_parts(path: str) -> tuple[str, ...]:
+    """The folders of a custom download path, below the system drive.
+
+    ``C:\\Drivers\\HP``, ``\\Drivers\\HP``, ``Drivers/HP`` all give ``("Drivers", "HP")``: the
+    emulation maps the system drive to a folder of its own, so no path can leave it. ``..`` and
+    an empty path are refused (``ValueError``).
+    """
+    parts = tuple(p for p in _DRIVE.sub("", path.strip()).replace("\\", "/").split("/") if p)
+    if not parts or any(p in (".", "..") for p in parts):
+        msg = f"custom download path {path!r}: give folders below the system drive, without '..'"
+        raise ValueError(msg)
+    return parts
 
 
 @dataclass(frozen=True)
@@ -364,6 +418,30 @@ class Step:
     action: str
     package: str | None = None
     conditions: tuple[Condition, ...] = ()
+    #: Download Package Content only: where the package goes (:class:`ContentDestination`);
+    #: ``None`` is where any step's content goes (the client cache; in Windows PE the task
+    #: sequence directory).
+    destination: str | None = None
+    #: With ``destination`` ``custom``: the folder the package folder is put in.
+    path: str | None = None
+    #: Download Package Content only: "Save path as a variable": ``<variable>01`` gets the
+    #: package's location (the product numbers one variable per package of the step).
+    variable: str | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        content_step = self.action == DOWNLOAD_PACKAGE_CONTENT
+        if self.destination is not None and self.destination not in ContentDestination.ALL:
+            problems.append(f"destination must be one of {', '.join(ContentDestination.ALL)}")
+        if (self.destination is not None or self.variable is not None) and not content_step:
+            problems.append(f"destination and variable belong to {DOWNLOAD_PACKAGE_CONTENT} steps")
+        if (self.destination == ContentDestination.CUSTOM) != (self.path is not None):
+            problems.append("a custom destination needs a path, and only it takes one")
+        if problems:
+            msg = f"step {self.name!r}: " + "; ".join(problems)
+            raise ValueError(msg)
+        if self.path is not None:
+            custom_path_parts(self.path)
 
 
 @dataclass(frozen=True)
@@ -405,6 +483,9 @@ class TaskSequenceResult:
     transfers: list[PackageTransfer]
     failed_step: str | None = None
     error: ContentError | None = None
+    #: Keys of the task sequence cache's content when the sequence ended, before the cache was
+    #: emptied: what ``SMSTSPersistContent`` and Download Package Content kept for the run.
+    ts_cache: list[str] = field(default_factory=list)
 
     @property
     def succeeded(self) -> bool:
@@ -427,7 +508,13 @@ class TaskSequenceEngine:
         *,
         retry: RetryPolicy | None = None,
         site_version: int = CURRENT_SITE_VERSION,
+        ts_cache: TaskSequenceCache | None = None,
+        system_drive: Path | None = None,
     ) -> None:
+        """``ts_cache`` is the task sequence cache (default: ``_SMSTaskSequence`` beside the
+        client cache, made on first use); ``system_drive`` is the folder custom download paths
+        are below (default: the folder holding the client cache, as C: holds the product's).
+        """
         self.client = client
         #: The site's version, as the client knows it from policy; it gates launch contexts.
         self.site_version = site_version
@@ -440,8 +527,16 @@ class TaskSequenceEngine:
         )
         self.variables: dict[str, str] = {}
         self.transfers: list[PackageTransfer] = []
-        #: Cache entries this engine holds (in use: never evicted), one lease per entry key.
-        self._leases: dict[str, Lease] = {}
+        #: Cache entries this engine holds (in use: never evicted), one lease per entry: keyed
+        #: by (in the task sequence cache, entry key).
+        self._leases: dict[tuple[bool, str], Lease] = {}
+        self.system_drive = system_drive if system_drive is not None else cache.root.parent
+        self._ts_cache = ts_cache
+        #: Of this run: client cache entries it downloaded (released at its end unless
+        #: preserved), those it pinned, and task sequence cache content kept to its end.
+        self._downloaded: set[str] = set()
+        self._pinned: set[str] = set()
+        self._kept: set[str] = set()
         #: ``on_job(package_id, version, files, total_bytes)``: a package download begins
         #: (with the core's ``on_progress``, enough to draw a progress bar).
         self.on_job: Callable[[str, int, int, int], None] | None = None
@@ -451,19 +546,32 @@ class TaskSequenceEngine:
         self.core.close()
         self.client.close()
 
+    @property
+    def ts_cache(self) -> TaskSequenceCache:
+        """The task sequence cache (its folder is made on first use)."""
+        if self._ts_cache is None:
+            self._ts_cache = TaskSequenceCache(
+                self.system_drive / WORKING_DIRECTORY, lock_timeout=self.cache.lock_timeout
+            )
+        return self._ts_cache
+
     def release_content(self, key: str | None = None) -> None:
         """Stop holding the cache entry ``key`` (every entry by default): it may be evicted again."""
-        for held in [key] if key is not None else list(self._leases):
-            lease = self._leases.pop(held, None)
-            if lease is not None:
-                lease.release()
+        for held in [k for k in self._leases if key is None or k[1] == key]:
+            self._leases.pop(held).release()
 
     def _keep(self, lease: Lease) -> CacheEntry:
-        if lease.entry.key in self._leases:
+        held = (lease.cache is self._ts_cache, lease.entry.key)
+        if held in self._leases:
             lease.release()  # already held: one lease per entry is enough
         else:
-            self._leases[lease.entry.key] = lease
+            self._leases[held] = lease
         return lease.entry
+
+    def _unhold(self, store: ClientCache, key: str) -> None:
+        lease = self._leases.pop((store is self._ts_cache, key), None)
+        if lease is not None:
+            lease.release()
 
     def _set(self, name: str, value: str) -> None:
         self.variables[name] = value
@@ -476,12 +584,47 @@ class TaskSequenceEngine:
 
         On demand, a step holds its package for the step; with "download all content locally
         before starting", every package is held from its download to the end of the sequence
-        (eviction cannot take one package to make room for the next).
+        (eviction cannot take one package to make room for the next). When the sequence ends,
+        however it ends, the task sequence cache is emptied and the client cache entries it
+        downloaded are released, unless ``SMSTSPreserveContent`` pinned them.
         """
         try:
-            return self._run(sequence, launch)
-        finally:
-            self.release_content()
+            result = self._run(sequence, launch)
+        except BaseException:
+            self._end_content()
+            raise
+        result.ts_cache = self._end_content()
+        return result
+
+    def _end_content(self) -> list[str]:
+        """The content work of the end of a run; returns what the task sequence cache held."""
+        self.release_content()
+        ts, cm = "TSManager", "CacheManager"
+        held: list[str] = []
+        if self._ts_cache is not None:
+            removed = self._ts_cache.clear()
+            held = [entry.key for entry in removed]
+            for entry in removed:
+                self.log.info(
+                    ts,
+                    f"Deleting content {entry.key} from the task sequence working directory: "
+                    "the task sequence has ended",
+                )
+        for key in sorted(self._downloaded - self._pinned):
+            package_id, _, version = key.rpartition(".")
+            released = self.cache.lookup(package_id, int(version))
+            if released is None:
+                continue
+            self.cache.expire(released)
+            self.log.info(
+                cm,
+                f"Content {key} is no longer needed by the task sequence: eligible for deletion "
+                f"({PRESERVE_CONTENT} is not set)",
+            )
+        for key in sorted(self._pinned):
+            self.log.info(cm, f"Content {key} stays pinned in the cache ({PRESERVE_CONTENT})")
+        self._downloaded, self._pinned, self._kept = set(), set(), set()
+        return held
 
     def _run(self, sequence: TaskSequence, launch: str) -> TaskSequenceResult:
         self.transfers = []
@@ -507,9 +650,14 @@ class TaskSequenceEngine:
         if not on_demand:
             # "Download all content locally before starting": every referenced package, before
             # the first step, whatever the steps' conditions (protocol.md section 4).
+            first = {s.package: s for s in reversed(sequence.steps) if s.package}
             for package_id in dict.fromkeys(s.package for s in sequence.steps if s.package):
                 try:
-                    self._resolve_with_retries(package_id, sequence.version_of(package_id))
+                    self._resolve_with_retries(
+                        package_id,
+                        sequence.version_of(package_id),
+                        self._store_for(first[package_id], quiet=True),
+                    )
                 except ContentError as error:
                     return self._fail(None, error, steps_run)
         for index, step in enumerate(sequence.steps):
@@ -528,12 +676,7 @@ class TaskSequenceEngine:
                 continue
             try:
                 if step.package:
-                    entry = self._resolve_with_retries(
-                        step.package, sequence.version_of(step.package)
-                    )
-                    self._execute(step, entry)
-                    if on_demand:
-                        self.release_content(entry.key)
+                    self._step_content(step, sequence.version_of(step.package), on_demand)
             except ContentError as error:
                 return self._fail(step.name, error, steps_run)
             steps_run.append(step.name)
@@ -543,7 +686,114 @@ class TaskSequenceEngine:
         self.log.info(ts, "Task sequence completed 0x00000000")
         return TaskSequenceResult(0, steps_run, list(self.transfers))
 
-    def _resolve_with_retries(self, package_id: str, version: int) -> CacheEntry:
+    def _step_content(self, step: Step, version: int, on_demand: bool) -> None:
+        """Obtain a step's package where the step wants it, run the step, then let it go."""
+        assert step.package is not None
+        package_id = step.package
+        key = f"{package_id}.{version}"
+        store = self._store_for(step)
+        # Checked before any byte is fetched: a path the step cannot use fails it at once.
+        target = self._custom_destination(step, package_id)
+        # Content the task sequence cache held before this step is not this step's to move.
+        was_there = target is not None and self.ts_cache.lookup(package_id, version) is not None
+        entry = self._resolve_with_retries(package_id, version, store)
+        from_ts = self._ts_cache is not None and entry.path.parent == self._ts_cache.root
+        used = entry
+        if target is not None:
+            used = self._place(entry, target, move=not was_there)
+        elif from_ts and step.action == DOWNLOAD_PACKAGE_CONTENT:
+            # Placed there on purpose, for later steps: it stays until the sequence ends.
+            self._kept.add(key)
+        self._execute(step, used)
+        if step.variable:
+            self._set(f"{step.variable}01", str(used.path))
+        if on_demand or from_ts:
+            self._unhold(self.ts_cache if from_ts else self.cache, key)
+        if from_ts and (target is None or was_there):
+            self._after_step(package_id, version)
+
+    def _after_step(self, package_id: str, version: int) -> None:
+        """Content a step used from the task sequence cache goes, unless it is kept for the run."""
+        key = f"{package_id}.{version}"
+        if key in self._kept:
+            return
+        ts = "TSManager"
+        if _true(self.variables, PERSIST_CONTENT):
+            self._kept.add(key)
+            self.log.info(
+                ts, f"{PERSIST_CONTENT} is set: content {key} stays in the task sequence cache"
+            )
+            return
+        self._unhold(self.ts_cache, key)
+        entry = self.ts_cache.lookup(package_id, version)
+        if entry is not None and self.ts_cache.remove(entry):
+            self.log.info(
+                ts,
+                f"Deleting content {key} from the task sequence cache: the step that used it "
+                f"is done ({PERSIST_CONTENT} is not set)",
+            )
+
+    def _store_for(self, step: Step, *, quiet: bool = False) -> ClientCache:
+        """Where ``step``'s package is downloaded to: the client cache or the task sequence's."""
+        destination = step.destination if step.action == DOWNLOAD_PACKAGE_CONTENT else None
+        if destination in (ContentDestination.TS_CACHE, ContentDestination.CUSTOM):
+            return self.ts_cache
+        if self.launch in LaunchContext.IN_WINDOWS_PE:
+            if destination == ContentDestination.CLIENT_CACHE and not quiet:
+                self.log.info(
+                    "TSManager",
+                    f"{step.name}: the client cache is not available in Windows PE; the content "
+                    "goes to the task sequence working directory",
+                )
+            return self.ts_cache
+        return self.cache
+
+    def _custom_destination(self, step: Step, package_id: str) -> Path | None:
+        """``<system drive>/<path>/<PackageID>`` for a custom destination, else ``None``."""
+        if step.destination != ContentDestination.CUSTOM or step.path is None:
+            return None
+        destination = self.system_drive.joinpath(*custom_path_parts(step.path), package_id)
+        for inside in (self.cache.root, self.ts_cache.working_directory):
+            if destination.resolve().is_relative_to(inside.resolve()):
+                self.log.error(
+                    "TSManager",
+                    f"{step.name}: the custom path {step.path} is inside a cache ({inside})",
+                )
+                raise ContentError(
+                    _HR_INVALID_ARG,
+                    f"custom download path {step.path!r} is inside a cache ({inside})",
+                )
+        return destination
+
+    def _place(self, entry: CacheEntry, destination: Path, *, move: bool) -> CacheEntry:
+        """Download Package Content to a custom path: the package folder goes to
+        ``destination``, moved out of the task sequence cache (copied when it was there before
+        this step, for another use)."""
+        how = "Moved" if move else "Copied"
+        try:
+            if move:
+                self._unhold(self.ts_cache, entry.key)
+                self.ts_cache.take(entry, destination)
+            else:
+                place(entry.path, destination, move=False)
+        except OSError as error:
+            hr = codes.CACHE_FULL if error.errno in _DISK_FULL else _E_FAIL
+            self.log.error(
+                "TSManager",
+                f"Failed to place content {entry.key} at {destination}: {error.strerror} "
+                f"(0x{hr:08X})",
+            )
+            raise ContentError(hr, f"{entry.key} could not be placed at {destination}") from error
+        self.log.info(
+            "TSManager",
+            f"{how} content {entry.key} from the task sequence working directory to "
+            f"{destination}",
+        )
+        return CacheEntry(entry.package_id, entry.version, destination)
+
+    def _resolve_with_retries(
+        self, package_id: str, version: int, into: ClientCache | None = None
+    ) -> CacheEntry:
         """``resolve`` repeated as ``SMSTSDownloadRetryCount`` and ``SMSTSDownloadRetryDelay`` say.
 
         Content that is wrong (hash mismatch) or cannot fit is not retried: another try would
@@ -554,7 +804,7 @@ class TaskSequenceEngine:
         attempt = 0
         while True:
             try:
-                return self._resolve_on_disk(package_id, version)
+                return self._resolve_on_disk(package_id, version, into)
             except ContentError as error:
                 if attempt >= count or error.hresult in _NOT_RETRIED:
                     raise
@@ -566,10 +816,13 @@ class TaskSequenceEngine:
                 )
                 self.core.retry.sleep(float(delay))
 
-    def _resolve_on_disk(self, package_id: str, version: int) -> CacheEntry:
+    def _resolve_on_disk(
+        self, package_id: str, version: int, into: ClientCache | None
+    ) -> CacheEntry:
         """``resolve``, with a full disk (ENOSPC at any write) reported as "cache full"."""
+        store = into if into is not None else self._default_store()
         try:
-            return self.resolve(package_id, version)
+            return self.resolve(package_id, version, into=store)
         except OSError as error:
             if error.errno not in _DISK_FULL:
                 raise
@@ -577,7 +830,7 @@ class TaskSequenceEngine:
             # were never written to and stay as they were.
             self.log.error(
                 "DataTransferService",
-                f"Failed to write content {package_id}.{version} under {self.cache.root}: "
+                f"Failed to write content {package_id}.{version} under {store.root}: "
                 f"There is not enough space on the disk. (0x{_HR_DISK_FULL:08X})",
             )
             self._download_failed(package_id, version, codes.CACHE_FULL)
@@ -601,26 +854,42 @@ class TaskSequenceEngine:
         self.log.info(
             "TSManager", f"{step.action}: using content {entry.key} at {entry.path} ({files} files)"
         )
-        self._set("_SMSTSLastContentDownloadLocation", str(entry.path))
+        self._set(LAST_LOCATION, str(entry.path))
 
-    def resolve(self, package_id: str, version: int) -> CacheEntry:
+    def _default_store(self) -> ClientCache:
+        in_pe = self.launch in LaunchContext.IN_WINDOWS_PE
+        return self.ts_cache if in_pe else self.cache
+
+    def resolve(
+        self, package_id: str, version: int, *, into: ClientCache | None = None
+    ) -> CacheEntry:
         """Return the verified cache entry for a package version, downloading it if needed.
+
+        Content already in the task sequence cache is used from there; the client cache is looked
+        up (outside Windows PE) when it is where the content would go. Otherwise the content is
+        downloaded ``into`` the client cache (the default; the task sequence cache in Windows PE)
+        or the task sequence cache.
 
         The engine holds the entry (a cache lease: it cannot be evicted) until
         :meth:`release_content`; ``run`` releases what it resolved. A write that finds the disk
         full raises ``OSError`` here; ``run`` reports it as 0x87D01201.
         """
+        store = into if into is not None else self._default_store()
         cm = "CacheManager"
         self.log.info("TSManager", f"Resolving local content for {package_id}:{version}")
         self.log.info(cm, f"Getting cached content information for {package_id}.{version}")
-        if self.launch in LaunchContext.IN_WINDOWS_PE:
-            # No ccmexec in Windows PE: the product logs this and goes on to locate the content.
+        in_pe = self.launch in LaunchContext.IN_WINDOWS_PE
+        if in_pe:
+            # No ccmexec in Windows PE: the product logs this and goes on to locate the content
+            # (and there is no client cache to look in, or to download to).
             self.log.info(
                 "TSManager",
                 "Failed to create instance of of ICacheManager. Is ccmexec running?, "
                 f"hr=0x{_NO_CACHE_MANAGER:08x}",
             )
-        cached = self._from_cache(package_id, version)
+        cached = self._from_ts_cache(package_id, version)
+        if cached is None and store is self.cache and not in_pe:
+            cached = self._from_cache(package_id, version)
         if cached is not None:
             return cached
 
@@ -633,11 +902,15 @@ class TaskSequenceEngine:
 
         # One download per content, across threads and processes (reliability.md E2): the
         # others wait here, then find the entry it committed without touching the network.
-        with self.cache.download_lock(package_id, version, on_wait=waiting):
-            cached = self._from_cache(package_id, version)
+        with store.download_lock(package_id, version, on_wait=waiting):
+            cached = (
+                self._from_cache(package_id, version)
+                if store is self.cache
+                else self._from_ts_cache(package_id, version)
+            )
             if cached is not None:
                 return cached
-            return self._locate_and_download(package_id, version)
+            return self._locate_and_download(package_id, version, store)
 
     def _from_cache(self, package_id: str, version: int) -> CacheEntry | None:
         lease = self.cache.acquire(package_id, version)
@@ -647,10 +920,41 @@ class TaskSequenceEngine:
         self.log.info(
             "CacheManager", f"Content {package_id}.{version} found in cache at {entry.path}"
         )
+        self._preserve(entry)
         self.transfers.append(PackageTransfer(package_id, version, 0, 0, 0.0, from_cache=True))
         return entry
 
-    def _locate_and_download(self, package_id: str, version: int) -> CacheEntry:
+    def _from_ts_cache(self, package_id: str, version: int) -> CacheEntry | None:
+        # Looked up only once something made the cache: a full-OS run that never needed it
+        # leaves no folder behind.
+        if self._ts_cache is None:
+            return None
+        lease = self._ts_cache.acquire(package_id, version)
+        if lease is None:
+            return None
+        entry = self._keep(lease)
+        self.log.info(
+            "TSManager",
+            f"Content {package_id}.{version} found in the task sequence cache at {entry.path}",
+        )
+        self.transfers.append(PackageTransfer(package_id, version, 0, 0, 0.0, from_cache=True))
+        return entry
+
+    def _preserve(self, entry: CacheEntry) -> None:
+        """With ``SMSTSPreserveContent``, pin client cache content the sequence uses."""
+        if entry.key in self._pinned or not _true(self.variables, PRESERVE_CONTENT):
+            return
+        self.cache.pin(entry)
+        self._pinned.add(entry.key)
+        self.log.info(
+            "CacheManager",
+            f"Pinned content {entry.key} in the cache: it is kept after the task sequence "
+            f"({PRESERVE_CONTENT})",
+        )
+
+    def _locate_and_download(
+        self, package_id: str, version: int, store: ClientCache
+    ) -> CacheEntry:
         try:
             reply = self.client.locate(package_id, version)
         except ContentError as error:
@@ -676,7 +980,7 @@ class TaskSequenceEngine:
         if usable is None:
             self.log.info("TSManager", "No static content server.")
             self._no_location(package_id, version, None)
-        return self._download(package_id, version, reply, usable)
+        return self._download(package_id, version, reply, usable, store)
 
     def _no_location(
         self, package_id: str, version: int, cause: ContentError | None
@@ -690,7 +994,12 @@ class TaskSequenceEngine:
         raise ContentError(hr, f"{package_id}:{version}: {detail}") from cause
 
     def _download(
-        self, package_id: str, version: int, reply: ContentLocationReply, record: LocationRecord
+        self,
+        package_id: str,
+        version: int,
+        reply: ContentLocationReply,
+        record: LocationRecord,
+        store: ClientCache,
     ) -> CacheEntry:
         manifest = self.client.manifest(record)
         if manifest.package_id != package_id or manifest.version != version:
@@ -702,13 +1011,13 @@ class TaskSequenceEngine:
         total = manifest.total_size
         # Before any byte is fetched (reliability.md E1): fail at once, or evict to make room.
         try:
-            room = self.cache.make_room(package_id, version, total)
+            room = store.make_room(package_id, version, total)
         except CacheSpaceError as error:
             self._no_room(package_id, version, error)
             raise
         self._log_evictions(room)
         started = time.perf_counter()
-        with self.cache.staging(package_id, version) as staged:
+        with store.staging(package_id, version) as staged:
             self.log.info(
                 "DataTransferService",
                 f"Job: {package_id}.{version}, Total Files: {len(manifest.files)}, "
@@ -747,18 +1056,27 @@ class TaskSequenceEngine:
                 "downloaded under context System",
             )
             # Held before it is published, so no eviction can take it before its step runs.
-            lease = self.cache.hold(package_id, version)
+            lease = store.hold(package_id, version)
             try:
-                entry = self.cache.commit(staged, package_id, version)
+                entry = store.commit(staged, package_id, version)
             except BaseException:
                 lease.release()
                 raise
             self._keep(lease)
-        self.log.info(
-            "CacheManager",
-            f"ADD new cache entry for id:{package_id} Version : {version} "
-            f"Size : {total // 1024}K RefCount:1 Location : {entry.path}",
-        )
+        if store is self.cache:
+            self.log.info(
+                "CacheManager",
+                f"ADD new cache entry for id:{package_id} Version : {version} "
+                f"Size : {total // 1024}K RefCount:1 Location : {entry.path}",
+            )
+            self._downloaded.add(entry.key)
+            self._preserve(entry)
+        else:
+            self.log.info(
+                "TSManager",
+                f"Saved content {entry.key} in the task sequence working directory: "
+                f"{entry.path} (Size : {total // 1024}K)",
+            )
         self.transfers.append(
             PackageTransfer(
                 package_id,

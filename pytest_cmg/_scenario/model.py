@@ -14,7 +14,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .._client.cache import DEFAULT_CACHE_MB
-from .._client.engine import STEP_ACTIONS, Condition, Step, TaskSequence
+from .._client.engine import (
+    DOWNLOAD_PACKAGE_CONTENT,
+    STEP_ACTIONS,
+    Condition,
+    ContentDestination,
+    Step,
+    TaskSequence,
+    custom_path_parts,
+)
 from .._errors import ScenarioError, ScenarioProblem
 from .._protocol.paths import Endpoint
 from .._protocol.settings import (
@@ -198,6 +206,32 @@ STEP = Record(
             default=None,
             example="{variable: OSDLanguage, equals: it-IT}",
         ),
+        # Download Package Content's options (protocol.md 1.7; docs/emulation.md, "Task
+        # sequence content locations").
+        "destination": Field(
+            Choice(choices=ContentDestination.ALL),
+            default=None,
+            doc=(
+                "download_package_content only: where the package goes: `ts_cache` (the task "
+                "sequence working directory, kept to the end of the run), `client_cache` "
+                "(ccmcache; in Windows PE the working directory) or `custom` (`path`). Default: "
+                "where any step's content goes."
+            ),
+        ),
+        "path": Field(
+            Str(example="C:\\Drivers"),
+            default=None,
+            doc=(
+                "With `destination: custom`: the folder (below the emulated system drive) the "
+                "package lands in, as `<path>/<PackageID>`; it sets "
+                "_SMSTSLastContentDownloadLocation."
+            ),
+        ),
+        "variable": Field(
+            Str(pattern=r"[A-Za-z_][A-Za-z0-9_]*", example="DRIVERS"),
+            default=None,
+            doc="download_package_content only: `<variable>01` gets the package's location.",
+        ),
     }
 )
 
@@ -334,6 +368,15 @@ EXPECT = Record(
                 "clock jumps): a duration, or {min: ..., max: ...}."
             ),
             example="{max: 60s}",
+        ),
+        "ts_cache": Field(
+            ListOf(item=Str(pattern=r"[A-Z0-9]{3}[0-9A-F]{5}\.\d+", example="PS100012.1")),
+            default=None,
+            doc=(
+                "Exactly these entries were in the task sequence cache when the task sequence "
+                "ended, before it was emptied: content `SMSTSPersistContent` or a "
+                "download_package_content step kept for the run."
+            ),
         ),
     },
 )
@@ -1059,7 +1102,15 @@ def _build(path: Path, data: dict[str, Any], v: Validation, plan: CasePlan | Non
         package_id=ts["id"],
         name=ts["name"],
         steps=tuple(
-            Step(s["name"], s["action"], s["package"], _conditions(s["condition"]))
+            Step(
+                s["name"],
+                s["action"],
+                s["package"],
+                _conditions(s["condition"]),
+                destination=s["destination"],
+                path=s["path"],
+                variable=s["variable"],
+            )
             for s in ts["steps"]
         ),
         package_versions={p.id: p.version for p in packages},
@@ -1226,6 +1277,7 @@ def _cross_check(data: dict[str, Any], v: Validation) -> None:
                     "a condition needs exactly one of equals, not_equals, exists",
                     f"given: {', '.join(given) or 'none'}",
                 )
+        _check_content_options(step, f"task_sequence.steps[{index}]", problem)
         if step.get("package") is not None and step["package"] not in declared:
             problem(
                 f"task_sequence.steps[{index}].package",
@@ -1304,6 +1356,26 @@ def _check_settings(data: dict[str, Any], problem: Callable[..., None]) -> None:
                 f"client.{key}: {value} needs client.auth: {needs} (the client uses {auth})",
                 f"set client.auth: {needs}, or leave {key} out",
             )
+
+
+def _check_content_options(
+    step: dict[str, Any], where: str, problem: Callable[..., None]
+) -> None:
+    """A step's content location options: the rules of :class:`Step`, at their lines."""
+    destination, path = step.get("destination"), step.get("path")
+    content_step = step.get("action") == DOWNLOAD_PACKAGE_CONTENT
+    for key in ("destination", "variable"):
+        if step.get(key) is not None and not content_step:
+            problem(f"{where}.{key}", f"{key} belongs to {DOWNLOAD_PACKAGE_CONTENT} steps")
+    if destination == ContentDestination.CUSTOM and path is None:
+        problem(f"{where}.destination", "a custom destination needs a path")
+    if path is not None and destination != ContentDestination.CUSTOM:
+        problem(f"{where}.path", "path goes with destination: custom")
+    if path is not None:
+        try:
+            custom_path_parts(path)
+        except ValueError as error:
+            problem(f"{where}.path", str(error))
 
 
 def _check_fault(

@@ -450,6 +450,14 @@ def check_expectations(scenario: Scenario, run: ScenarioRun) -> list[Expectation
             ", ".join(sorted(keys)) or "(empty)",
             smsts,
         )
+    wanted_ts = expect.get("ts_cache")
+    if wanted_ts is not None and sorted(wanted_ts) != sorted(result.ts_cache):
+        fail(
+            "expect.ts_cache",
+            ", ".join(sorted(wanted_ts)) or "(empty)",
+            ", ".join(sorted(result.ts_cache)) or "(empty)",
+            smsts,
+        )
     leftovers = run.cache.staging_leftovers()
     if leftovers:
         fail(

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
-#: Bumped when a field of the JSON line changes meaning or disappears (additions keep it).
+#: Bumped when a field of the JSON line changes meaning or disappears (additions keep it:
+#: ``aad_token``, ``tenant_id`` and ``storage_ca_cert`` were added under version 1).
 CONTRACT_VERSION = 1
 
 
@@ -52,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--connection-string", default=None, help="for --azurite=external")
     serve.add_argument(
         "--client-id", default=None, help="SMSID of the client (default: the scenario's)"
+    )
+    serve.add_argument(
+        "--storage-https",
+        action="store_true",
+        help="serve storage over HTTPS with a test CA (process backend); the JSON line then "
+        "names the CA in storage_ca_cert and SAS URLs carry spr=https",
     )
     client = commands.add_parser(
         "client",
@@ -75,7 +82,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SCENARIO.yaml",
         help="run this scenario file's task sequence and deployment",
     )
-    client.add_argument("--auth", choices=("token", "certificate"), default="token")
+    client.add_argument(
+        "--auth",
+        choices=("token", "certificate", "azure_ad"),
+        default="token",
+        help="token (the JSON line's token), certificate (client_cert/client_key) or azure_ad "
+        "(aad_token, exchanged at CCM_STS for a CCM token)",
+    )
     client.add_argument(
         "--cache",
         type=Path,
@@ -119,6 +132,9 @@ def _serve(args: argparse.Namespace) -> int:
     if args.azurite == "external" and not args.connection_string:
         print("--azurite=external needs --connection-string", file=sys.stderr)
         return 2
+    if args.storage_https and args.azurite != "process":
+        print("--storage-https needs --azurite=process", file=sys.stderr)
+        return 2
 
     stop = threading.Event()
 
@@ -128,12 +144,15 @@ def _serve(args: argparse.Namespace) -> int:
     # Installed before anything starts, so a signal during start-up still tears down cleanly.
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    harness = Harness(args.azurite, connection_string=args.connection_string)
+    harness = Harness(
+        args.azurite, connection_string=args.connection_string, storage_https=args.storage_https
+    )
     try:
         world = build_world(scenario, harness)
         client_id = args.client_id or CLIENT_ID
         token_connection = world.connection(client_id, "token")
         cert_connection = world.connection(client_id, "certificate")
+        aad_connection = world.connection(client_id, "azure_ad")
         gateway = world.gateway
         line: dict[str, Any] = {
             "contract": CONTRACT_VERSION,
@@ -147,6 +166,8 @@ def _serve(args: argparse.Namespace) -> int:
             "token": token_connection.token,
             "client_cert": str(cert_connection.client_cert),
             "client_key": str(cert_connection.client_key),
+            "aad_token": aad_connection.aad_token,
+            "tenant_id": gateway.tenant.tenant_id,
             "blob_endpoint": world.dp.endpoint.url,
             "container": world.dp.container,
             "azurite_pid": harness.backend_pid,
@@ -162,6 +183,8 @@ def _serve(args: argparse.Namespace) -> int:
                 if package.id in world.manifests
             ],
         }
+        if world.storage_ca_cert is not None:
+            line["storage_ca_cert"] = str(world.storage_ca_cert)
         print(json.dumps(line), flush=True)
         stop.wait()
         gateway.check()
@@ -239,7 +262,9 @@ def _client(args: argparse.Namespace) -> int:
             token=contract["token"] if args.auth == "token" else None,
             client_cert=Path(contract["client_cert"]) if args.auth == "certificate" else None,
             client_key=Path(contract["client_key"]) if args.auth == "certificate" else None,
+            aad_token=contract["aad_token"] if args.auth == "azure_ad" else None,
         )
+        storage_ca = contract.get("storage_ca_cert")
     except (OSError, ValueError, KeyError, IndexError) as error:
         print(f"cannot use connection {args.connection!r}: {error!r}", file=sys.stderr)
         return 2
@@ -271,7 +296,9 @@ def _client(args: argparse.Namespace) -> int:
     bar = _ProgressBar(enabled=sys.stderr.isatty() and not args.no_progress)
     log = SmstsLog(args.log)
     core = DownloadCore(
-        on_event=lambda line: log.info("DataTransferService", line), on_progress=bar.advance
+        on_event=lambda line: log.info("DataTransferService", line),
+        on_progress=bar.advance,
+        ca_file=storage_ca,
     )
     engine = TaskSequenceEngine(
         CMGClient(connection, log, settings),

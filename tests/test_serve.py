@@ -22,6 +22,7 @@ import time
 import uuid
 import zlib
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 from xml.etree import ElementTree as ET
 
 import pytest
@@ -79,14 +80,32 @@ def package_hash(files: list[tuple[str, int, str]]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest().upper()
 
 
-def fetch_package(contract: dict, package: dict, auth: str, folder: Path) -> list[tuple[str, int, str]]:
+def ccm_token_for_aad(contract: dict) -> str:
+    """The README's Azure AD path: the device token in, a CCM token out, at CCM_STS."""
+    with requests.Session() as session:
+        session.trust_env = False
+        session.verify = contract["ca_cert"]
+        url = f"{contract['cmg_url']}/CCM_Proxy_ServerAuth/{contract['mp_role_id']}/CCM_STS"
+        answer = session.post(
+            url,
+            data=contract["client_id"].encode("utf-8"),
+            headers={"Authorization": f"Bearer {contract['aad_token']}"},
+            timeout=30,
+        )
+    assert answer.status_code == 200, answer.reason
+    return answer.text.strip()
+
+
+def fetch_package(
+    contract: dict, package: dict, auth: str, folder: Path, *, token: str | None = None
+) -> list[tuple[str, int, str]]:
     session = requests.Session()
     session.trust_env = False
     session.verify = contract["ca_cert"]
     headers = {"Content-Type": f'multipart/mixed; boundary="{BOUNDARY}"'}
-    if auth == "token":
+    if auth in ("token", "azure_ad"):
         url = f"{contract['cmg_url']}/CCM_Proxy_ServerAuth/{contract['mp_role_id']}/ccm_system_tokenauth/request"
-        headers["Authorization"] = f"Bearer {contract['token']}"
+        headers["Authorization"] = f"Bearer {token or contract['token']}"
     else:
         url = f"{contract['cmg_url']}/CCM_Proxy_MutualAuth/{contract['mp_role_id']}/ccm_system/request"
         session.cert = (contract["client_cert"], contract["client_key"])
@@ -109,8 +128,15 @@ def fetch_package(contract: dict, package: dict, auth: str, folder: Path) -> lis
     )
     assert manifest.status_code == 200
     files = []
+    # Storage is another server: trusted through storage_ca_cert when it is HTTPS.
+    storage = requests.Session()
+    storage.trust_env = False
+    storage.verify = contract.get("storage_ca_cert", True)
     for node in ET.fromstring(manifest.text).iterfind("File"):
-        blob = requests.get(node.get("Url"), timeout=30)
+        # The README: SAS URLs allow HTTPS only when storage is HTTPS.
+        spr = parse_qs(urlsplit(node.get("Url")).query)["spr"]
+        assert spr == (["https"] if "storage_ca_cert" in contract else ["https,http"])
+        blob = storage.get(node.get("Url"), timeout=30)
         assert blob.status_code == 200
         digest = hashlib.sha256(blob.content).hexdigest()
         assert digest == node.get("Hash").lower()
@@ -120,6 +146,7 @@ def fetch_package(contract: dict, package: dict, auth: str, folder: Path) -> lis
         target.write_bytes(blob.content)
         files.append((node.get("RelPath"), int(node.get("Size")), digest))
     session.close()
+    storage.close()
     return files
 
 
@@ -134,9 +161,9 @@ def read_line(process: subprocess.Popen, timeout: float) -> str:
     raise AssertionError(f"serve printed no line in {timeout} s; stderr: {process.stderr.read()}")
 
 
-def start_serve(folder):
+def start_serve(folder, *options):
     process = subprocess.Popen(
-        [sys.executable, "-m", "pytest_cmg", "serve", str(SCENARIO)],
+        [sys.executable, "-m", "pytest_cmg", "serve", str(SCENARIO), *options],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -177,6 +204,61 @@ def test_the_json_line_carries_the_documented_contract(served):
     assert {p["id"] for p in contract["packages"]} == {"PS100012", "PS100013"}
     for path in ("ca_cert", "client_cert", "client_key"):
         assert Path(contract[path]).is_file()
+    assert contract["contract"] == 1  # fields were only added
+    assert contract["aad_token"].count(".") == 2 and contract["aad_token"] != contract["token"]
+    assert str(uuid.UUID(contract["tenant_id"])) == contract["tenant_id"]
+    assert "storage_ca_cert" not in contract  # storage is plain HTTP here
+
+
+def test_an_independent_client_downloads_on_the_azure_ad_path(served, tmp_path):
+    _, contract = served
+    # What ccmsetup asks first: the tenant's Azure AD properties, through the CMG, no auth.
+    with requests.Session() as session:
+        session.trust_env = False
+        session.verify = contract["ca_cert"]
+        info = session.get(
+            f"{contract['cmg_url']}/CCM_Proxy_ServerAuth/AADAuthInfo",
+            params={"TenantID": contract["tenant_id"]},
+            timeout=30,
+        )
+    assert info.status_code == 200
+    assert ET.fromstring(info.text).get("TenantID") == contract["tenant_id"]
+    ccm_token = ccm_token_for_aad(contract)
+    assert ccm_token.count(".") == 2 and ccm_token != contract["aad_token"]
+    package = next(p for p in contract["packages"] if p["id"] == "PS100013")
+    files = fetch_package(contract, package, "azure_ad", tmp_path / "aad", token=ccm_token)
+    assert len(files) == package["files"]
+    assert package_hash(files) == package["hash"]
+
+
+def test_a_tampered_azure_ad_token_is_refused_at_ccm_sts(served):
+    _, contract = served
+    with requests.Session() as session:
+        session.trust_env = False
+        session.verify = contract["ca_cert"]
+        url = f"{contract['cmg_url']}/CCM_Proxy_ServerAuth/{contract['mp_role_id']}/CCM_STS"
+        tampered = contract["aad_token"][:-4] + ("AAAA" if not contract["aad_token"].endswith("AAAA") else "BBBB")
+        answer = session.post(
+            url, data=contract["client_id"].encode(), headers={"Authorization": f"Bearer {tampered}"}, timeout=30
+        )
+    assert answer.status_code == 401
+    assert answer.reason == "CMGService_Invalid_Token"
+
+
+def test_serve_with_https_storage_names_its_ca_and_signs_https_only(tmp_path):
+    process, contract = start_serve(tmp_path, "--storage-https")
+    try:
+        assert contract["blob_endpoint"].startswith("https://127.0.0.1:")
+        assert Path(contract["storage_ca_cert"]).is_file()
+        package = next(p for p in contract["packages"] if p["id"] == "PS100013")
+        files = fetch_package(contract, package, "token", tmp_path / "https")
+        assert package_hash(files) == package["hash"]
+        # This project's client trusts the storage CA from the line too.
+        result = run_client(tmp_path, contract, "--package", "PS100013", "--auth", "azure_ad")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["packages"][0]["bytes"] == package["size"]
+    finally:
+        stop_serve(process)
 
 
 @pytest.mark.parametrize("auth", ["token", "certificate"])
@@ -302,3 +384,23 @@ def test_client_draws_a_progress_bar_on_a_terminal(served, tmp_path):
     assert result.returncode == 0
     assert b"PS100012.3 [" in drawn
     assert b"100%" in drawn and b"4/4 files" in drawn
+
+
+def test_https_storage_needs_the_process_backend(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest_cmg", "serve", str(SCENARIO), "--storage-https",
+         "--azurite=external", "--connection-string", "UseDevelopmentStorage=true"],
+        capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "--storage-https needs --azurite=process" in result.stderr
+
+
+def test_client_on_the_azure_ad_path_needs_the_field(served, tmp_path):
+    # A line from an older server has no aad_token: bad usage, not a crash.
+    _, contract = served
+    older = {k: v for k, v in contract.items() if k != "aad_token"}
+    result = run_client(tmp_path, older, "--package", "PS100013", "--auth", "azure_ad")
+    assert result.returncode == 2
+    assert "cannot use connection" in result.stderr and "aad_token" in result.stderr

@@ -38,3 +38,15 @@ def test_readme_timeline_example_is_a_passing_scenario_file():
     block = readme.split("```yaml\ninclude: [worlds/small-ipu-world]\n", 1)[1].split("```", 1)[0]
     scenario = ROOT / "scenarios/faults/a-reset-a-busy-cmg-and-an-expired-token.cmg.yaml"
     assert block in scenario.read_text(encoding="utf-8")
+
+
+def test_the_tutorial_scenarios_are_valid_files(tmp_path):
+    from pytest_cmg._scenario.model import load_scenarios
+
+    tutorial = (ROOT / "docs" / "tutorial.md").read_text(encoding="utf-8")
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", tutorial, flags=re.S) if b.startswith("scenario:")]
+    assert len(blocks) >= 3
+    for index, block in enumerate(blocks):
+        path = tmp_path / f"tutorial-{index}.cmg.yaml"
+        path.write_text(block, encoding="utf-8")
+        assert load_scenarios(path, fixtures=ROOT / "fixtures"), block

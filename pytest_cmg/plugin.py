@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from pathlib import Path
 
+    from _pytest.terminal import TerminalReporter
+
     from ._client.engine import TaskSequenceEngine
     from ._client.retry import VirtualTime
     from ._gateway.server import FakeCMG
@@ -239,6 +241,13 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
             parent, path=file_path, harness=lambda: config.stash[_HARNESS], fixtures=fixtures
         )
     return None
+
+
+def pytest_terminal_summary(terminalreporter: TerminalReporter) -> None:
+    # Benchmark scenarios' figures, read from the reports (so also under xdist), pass or fail.
+    from ._scenario.benchmark import terminal_summary
+
+    terminal_summary(terminalreporter)
 
 
 # --- fixtures ------------------------------------------------------------------------------

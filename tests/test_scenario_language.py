@@ -987,6 +987,7 @@ def test_scenario_spec_describes_its_keys() -> None:
         "task_sequence",
         "expect",
         "faults",
+        "benchmark",
         "markers",
         "matrix",
         "cases",

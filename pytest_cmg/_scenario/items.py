@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from .._errors import ExpectationFailed, ScenarioError, ScenarioProblem
+from .benchmark import report_lines, throughput_properties
 from .model import Scenario, load_scenarios
 from .runner import check_expectations, run_scenario
 
@@ -128,6 +129,12 @@ class ScenarioItem(pytest.Item):
             if run.timeline:
                 section += "\nTimeline:\n" + "\n".join(f"  {line}" for line in run.timeline)
             self.add_report_section("call", "cmg", section)
+            if run.throughput:
+                # Before the expectations are judged: the figures are reported pass or fail.
+                floors = self.scenario.expect.get("throughput") or {}
+                figures = list(run.throughput.values())
+                self.user_properties.extend(throughput_properties(figures, floors))
+                self.add_report_section("call", "cmg throughput", report_lines(figures, floors))
             failures = check_expectations(self.scenario, run)
             if failures:
                 raise ScenarioFailed(failures, workdir, self.scenario)

@@ -59,10 +59,12 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 __all__ = [
+    "BASELINES",
     "CATALOG_PACKAGE",
     "FRAGMENT",
     "SCENARIO",
     "SCENARIO_WITH_INCLUDE",
+    "BenchmarkSpec",
     "DistributionPointSpec",
     "MarkerUse",
     "PackageSpec",
@@ -109,6 +111,10 @@ SET_PATH = Str(
 CASE_ID = Str(pattern=r"[A-Za-z0-9_.+-]+", example="token-2107")
 #: Cases times matrix combinations a file may produce.
 MAX_CASES = 256
+#: What a benchmark scenario's download rate is compared with (``benchmark.baseline``).
+BASELINES = ("hashlib", "raw")
+#: Rounds a benchmark scenario may ask for: each is a whole download of its packages.
+MAX_ROUNDS = 9
 
 _COUNT = "an exact count, or {at_least: n, at_most: m}"
 
@@ -377,6 +383,57 @@ EXPECT = Record(
                 "ended, before it was emptied: content `SMSTSPersistContent` or a "
                 "download_package_content step kept for the run."
             ),
+        ),
+        "throughput": Field(
+            MapOf(key=PACKAGE_ID, value=Count(unit=Number(), exact=False)),
+            default=None,
+            doc=(
+                "With `benchmark` only: per package, its verified download rate (its bytes over "
+                "the seconds the engine spent downloading, verifying and committing it) divided "
+                "by the `benchmark.baseline` rate on the same bytes, measured right after the "
+                "run in the same process; the median over `benchmark.rounds`. "
+                "{at_least: r} and/or {at_most: r}: a measured ratio is never exact."
+            ),
+            example="{PS100012: {at_least: 0.3}}",
+        ),
+    },
+)
+
+BENCHMARK = Record(
+    doc=(
+        "Makes the scenario a benchmark of the whole download chain (location, manifest, SAS, "
+        "download core, cache): the client reaches storage directly, not through the fault "
+        "proxy (a Python proxy would be the bottleneck measured), and the items get the "
+        "`benchmark` marker. Each package read from storage is then timed against a baseline "
+        "on the same bytes (`expect.throughput`); the figures (MB/s, files/s, ratio) are shown "
+        "in the terminal summary and written as `--junitxml` properties, pass or fail. Storage "
+        "faults, `expect.storage_bytes`, `expect.storage_requests` and `cmg.measure_egress` "
+        "need a proxy in the path and are refused; gateway faults are allowed."
+    ),
+    fields={
+        "baseline": Field(
+            Choice(choices=BASELINES),
+            default="hashlib",
+            doc=(
+                "What the download rate is divided by: `hashlib` (one core's SHA-256 over as "
+                "many bytes from memory, in 1 MiB updates: the ceiling of a client that "
+                "verifies what it reads) or `raw` (plain keep-alive HTTP GETs of the package's "
+                "blobs straight from storage, bodies discarded, on as many connections as the "
+                "download core uses: storage's own ceiling, the fair one where per-request cost "
+                "dominates, as with many small files)."
+            ),
+            example="raw",
+        ),
+        "rounds": Field(
+            Int(minimum=1, maximum=MAX_ROUNDS),
+            default=1,
+            doc=(
+                "Downloads measured. The first run is the one every expectation checks; each "
+                "further round runs the task sequence again on a fresh client cache (same "
+                "world; the timeline is not replayed), each followed by its own baseline. The "
+                "ratio judged is the median of the rounds' ratios."
+            ),
+            example="3",
         ),
     },
 )
@@ -838,6 +895,9 @@ SCENARIO = Record(
                 "{clock: 9h, before_step: Apply drivers}]"
             ),
         ),
+        "benchmark": Field(
+            BENCHMARK, default=None, fill=False, example="{baseline: hashlib, rounds: 3}"
+        ),
         "markers": Field(MARKERS, default=None, example="[slow, {xfail: {reason: known gap}}]"),
         "matrix": Field(
             MapOf(key=SET_PATH, value=ListOf(item=Anything(scalar=True), min_items=1)),
@@ -922,6 +982,14 @@ class DistributionPointSpec:
 
 
 @dataclass(frozen=True)
+class BenchmarkSpec:
+    """A benchmark scenario's settings (``benchmark``): its baseline and how many rounds."""
+
+    baseline: str = "hashlib"
+    rounds: int = 1
+
+
+@dataclass(frozen=True)
 class MarkerUse:
     """A marker to put on the items, and where the file asked for it."""
 
@@ -995,6 +1063,8 @@ class Scenario:
     certificate: str = "valid"
     #: The Azure AD tenant's state (``client.tenant``), for ``auth: azure_ad``.
     tenant: str = "enabled"
+    #: Set when the scenario is a benchmark (``benchmark``): storage is reached directly.
+    benchmark: BenchmarkSpec | None = None
 
     @property
     def item_name(self) -> str:
@@ -1128,6 +1198,10 @@ def _build(path: Path, data: dict[str, Any], v: Validation, plan: CasePlan | Non
             for where, m in plan.markers(data)
             if m is not None
         ]
+    benchmark = data["benchmark"]
+    if benchmark is not None and not any(m.name == "benchmark" for m in markers):
+        # What ``-m benchmark`` / ``-m "not benchmark"`` select on, without the file saying it.
+        markers.append(MarkerUse("benchmark", (), {}, "benchmark"))
     steps = {s["name"]: i for i, s in reversed(list(enumerate(ts["steps"])))}
     timeline = tuple(
         TimelineEvent(
@@ -1194,6 +1268,11 @@ def _build(path: Path, data: dict[str, Any], v: Validation, plan: CasePlan | Non
         crl_reachable=cmg["crl_reachable"],
         certificate=data["client"]["certificate"],
         tenant=data["client"]["tenant"],
+        benchmark=(
+            BenchmarkSpec(baseline=benchmark["baseline"], rounds=benchmark["rounds"])
+            if benchmark is not None
+            else None
+        ),
     )
 
 
@@ -1229,6 +1308,7 @@ def _cross_check(data: dict[str, Any], v: Validation) -> None:
         _check_fault(event, f"faults[{index}]", names, problem)
 
     _check_settings(data, problem)
+    _check_benchmark(data, problem)
     points = records(data.get("distribution_points"))
     fqdns: dict[str, int] = {}
     for index, point in points:
@@ -1316,13 +1396,14 @@ def _cross_check(data: dict[str, Any], v: Validation) -> None:
                 f"downloaded names undeclared package {package_id}",
                 f"declared packages: {known}",
             )
-    for package_id in expect.get("storage_bytes") or {}:
-        if package_id not in declared:
-            problem(
-                f"expect.storage_bytes.{package_id}",
-                f"storage_bytes names undeclared package {package_id}",
-                f"declared packages: {known}",
-            )
+    for key in ("storage_bytes", "throughput"):
+        for package_id in expect.get(key) or {}:
+            if package_id not in declared:
+                problem(
+                    f"expect.{key}.{package_id}",
+                    f"{key} names undeclared package {package_id}",
+                    f"declared packages: {known}",
+                )
     if expect.get("outcome") == "success" and expect.get("exit_code") not in (None, "0x00000000"):
         problem("expect.exit_code", "a successful outcome has exit code 0x00000000")
 
@@ -1356,6 +1437,47 @@ def _check_settings(data: dict[str, Any], problem: Callable[..., None]) -> None:
                 f"client.{key}: {value} needs client.auth: {needs} (the client uses {auth})",
                 f"set client.auth: {needs}, or leave {key} out",
             )
+
+
+#: Why a benchmark scenario refuses what needs a proxy between the client and storage.
+_NO_PROXY = (
+    "a benchmark scenario's client reaches storage directly: {what} needs a Python proxy "
+    "between them, which would be the bottleneck the benchmark measures"
+)
+
+
+def _check_benchmark(data: dict[str, Any], problem: Callable[..., None]) -> None:
+    """``benchmark`` against what needs the fault proxy, at the line of what needs it."""
+    expect: dict[str, Any] = data.get("expect") or {}
+    if data.get("benchmark") is None:
+        if expect.get("throughput"):
+            problem(
+                "expect.throughput",
+                "expect.throughput needs a benchmark key: the rate is measured against the "
+                "benchmark's baseline",
+                "add benchmark: {baseline: hashlib}",
+            )
+        return
+    for index, event in enumerate(data.get("faults") or []):
+        if isinstance(event, dict) and event.get("storage") is not None:
+            problem(
+                f"faults[{index}].storage",
+                _NO_PROXY.format(what="a storage fault"),
+                "move this fault to a scenario without benchmark; gateway faults are allowed",
+            )
+    for key in ("storage_bytes", "storage_requests"):
+        if expect.get(key) is not None:
+            problem(
+                f"expect.{key}",
+                _NO_PROXY.format(what=f"expect.{key} (counted by the fault proxy)"),
+                "expect.downloaded and expect.cache say what was read",
+            )
+    if (data.get("cmg") or {}).get("measure_egress"):
+        problem(
+            "cmg.measure_egress",
+            _NO_PROXY.format(what="measured egress (a counting proxy)"),
+            "leave measure_egress out: egress is then counted by manifest size",
+        )
 
 
 def _check_content_options(

@@ -75,6 +75,16 @@ is real time (at most 10 s).
 
 **Markers.** `slow` and `benchmark` are registered by the plugin; other names must be registered
 in the `markers` ini option (`skip`, `skipif`, `xfail` are pytest's own).
+
+**Benchmarks.** A file with `benchmark` times the whole chain, and its items carry the
+`benchmark` marker without asking. A rate is judged only as a ratio to a baseline timed in the
+same process right after the run (`hashlib` or `raw`, `expect.throughput: {<package>: {at_least:
+r}}`), never as MB/s: a shared machine's load moves both sides. The client reaches storage
+directly, so what needs the fault proxy (storage faults, `storage_bytes`, `storage_requests`,
+`cmg.measure_egress`) is a collection error at its line; gateway faults are allowed. The
+figures appear under "pytest-cmg scenario throughput" in the terminal summary and as
+`throughput[<package>].<figure>` properties in `--junitxml`, whether the item passes or not.
+`scenarios/benchmarks/` has one per workload shape.
 """
 
 

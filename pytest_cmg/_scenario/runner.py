@@ -1,10 +1,12 @@
 """Running a scenario: build its world on the harness, run the client, check the expectations.
 
-Storage is always reached through a :class:`~pytest_cmg._storage.faultproxy.FaultProxy` (when it
-is plain HTTP, as Azurite is): it injects the scenario's storage faults and counts the bytes
-served per package, which is what ``expect.storage_bytes`` proves on-demand behaviour with. The
-engine runs on the scenario's virtual time (:mod:`.timeline`), and the gateway's token authority
-on the site clock derived from it, for the length of the run.
+Storage is reached through a :class:`~pytest_cmg._storage.faultproxy.FaultProxy` (when it is
+plain HTTP, as Azurite is): it injects the scenario's storage faults and counts the bytes served
+per package, which is what ``expect.storage_bytes`` proves on-demand behaviour with. A benchmark
+scenario (``benchmark``) is the exception: its client reaches storage directly, since the proxy
+would be the bottleneck it measures, and each package's rate is timed against a baseline after
+the run (:mod:`.benchmark`). The engine runs on the scenario's virtual time (:mod:`.timeline`),
+and the gateway's token authority on the site clock derived from it, for the length of the run.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import re
+import shutil
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -20,9 +23,11 @@ from urllib.parse import unquote
 from .._client.cache import ClientCache
 from .._client.download import DownloadCore
 from .._client.engine import CMGClient, CMGConnection, TaskSequenceEngine, TaskSequenceResult
+from .._client.log import SmstsLog
 from .._errors import ExpectationFailed
 from .._protocol.manifest import ContentManifest, ManifestFile
 from .._protocol.paths import Endpoint
+from .benchmark import BenchmarkRound, Throughput, collect_rounds, hashlib_seconds, raw_seconds
 from .content import generate_package
 from .timeline import ScenarioTime, Timeline, TimelineLog
 
@@ -75,6 +80,10 @@ class ScenarioRun:
     timeline: list[str] = field(default_factory=list)
     #: Outbound bytes as the CMG counted them (``FakeCMG.egress_bytes``) at the end of the run.
     egress_bytes: int = 0
+    #: A benchmark scenario's figures, by package ID (empty for other scenarios).
+    throughput: dict[str, Throughput] = field(default_factory=dict)
+    #: Benchmark rounds after the first that did not complete, and why.
+    benchmark_errors: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -227,7 +236,9 @@ def run_scenario(scenario: Scenario, harness: Harness, workdir: Path) -> Scenari
     wall_clock = authority.clock
     proxy: FaultProxy | None = None
     try:
-        if world.dp.endpoint.url.startswith("http://"):
+        # A benchmark's client reaches storage directly: validation refused everything that
+        # needs the proxy (storage faults and counts), which would otherwise cap the rate.
+        if scenario.benchmark is None and world.dp.endpoint.url.startswith("http://"):
             proxy = FaultProxy(world.dp.endpoint.url, sleep=time.pass_time).start()
             world.dp.route_through(proxy.rewrite)
         else:
@@ -261,8 +272,7 @@ def run_scenario(scenario: Scenario, harness: Harness, workdir: Path) -> Scenari
             proxy.wait_idle()
         # Measured egress is counted as the meter forwards bytes: wait for its last ones.
         gateway.wait_egress_idle()
-        gateway.check()
-        return ScenarioRun(
+        run = ScenarioRun(
             result=result,
             smsts=log.messages,
             gateway_log=gateway.service_lines,
@@ -278,12 +288,112 @@ def run_scenario(scenario: Scenario, harness: Harness, workdir: Path) -> Scenari
             timeline=timeline.report(),
             egress_bytes=gateway.egress_bytes,
         )
+        if scenario.benchmark is not None:
+            # After the run's evidence is taken: further rounds add requests and egress.
+            _benchmark(scenario, world, run, core.workers)
+        gateway.check()
+        return run
     finally:
         authority.clock = wall_clock
         world.dp.route_through(None)
         if proxy is not None:
             proxy.stop()
         world.dp.delete()
+
+
+def _benchmark(scenario: Scenario, world: World, run: ScenarioRun, workers: int) -> None:
+    """Time each package read from storage against the baseline, round after round.
+
+    Round 1 is the run the expectations check; each further round runs the task sequence again
+    on a fresh client cache in ``<workdir>/round-<n>`` (removed after it), without the timeline.
+    Each round's baselines are timed right after its run, in this process, on the same bytes.
+    """
+    spec = scenario.benchmark
+    assert spec is not None
+    rounds: dict[str, list[BenchmarkRound]] = {}
+    sizes: dict[str, tuple[int, int]] = {}
+
+    def measure(result: TaskSequenceResult) -> None:
+        # A package read twice in a round (two destinations) counts as one larger transfer.
+        done: dict[str, list[float]] = {}
+        for transfer in result.transfers:
+            if transfer.from_cache or transfer.bytes <= 0:
+                continue
+            files, size, seconds = done.setdefault(transfer.package_id, [0, 0, 0.0])
+            done[transfer.package_id] = [
+                files + transfer.files,
+                size + transfer.bytes,
+                seconds + transfer.seconds,
+            ]
+        for package_id, (files, size, seconds) in done.items():
+            baseline = _baseline_seconds(spec.baseline, world, package_id, int(size), workers)
+            rounds.setdefault(package_id, []).append(BenchmarkRound(seconds, baseline))
+            sizes[package_id] = (int(files), int(size))
+
+    measure(run.result)
+    for number in range(2, spec.rounds + 1):
+        folder = run.workdir / f"round-{number}"
+        try:
+            result = _run_again(scenario, world, folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        if not result.succeeded:
+            why = f"failed 0x{result.exit_code:08X}"
+            if result.failed_step:
+                why += f" at step {result.failed_step!r}"
+            if result.error:
+                why += f": {result.error}"
+            run.benchmark_errors.append(f"round {number} {why}")
+            break
+        measure(result)
+    run.throughput = {
+        package_id: collect_rounds(package_id, spec.baseline, *sizes[package_id], measured)
+        for package_id, measured in rounds.items()
+    }
+
+
+def _baseline_seconds(
+    baseline: str, world: World, package_id: str, size: int, workers: int
+) -> float:
+    if baseline == "hashlib":
+        return hashlib_seconds(size)
+    manifest = world.manifests[package_id]
+    now = datetime.now(UTC)
+    urls = [
+        world.dp.signed_url(
+            package_id,
+            manifest.version,
+            item.relpath,
+            start=now - timedelta(minutes=5),
+            expiry=now + timedelta(hours=1),
+        )
+        for item in manifest.files
+    ]
+    return raw_seconds(urls, size, workers=workers, ca_file=world.storage_ca_cert)
+
+
+def _run_again(scenario: Scenario, world: World, folder: Path) -> TaskSequenceResult:
+    """The task sequence once more on a fresh cache: a benchmark round after the first."""
+    time = ScenarioTime(datetime.now(UTC), seed=scenario.seed)
+    log = SmstsLog(folder / "smsts.log")
+    cache = ClientCache(folder / "ccmcache", size_mb=max(1, scenario.cache_size // 2**20))
+    core = DownloadCore(
+        retry=time.policy(),
+        on_event=lambda line: log.info("DataTransferService", line),
+        ca_file=world.storage_ca_cert,
+    )
+    engine = TaskSequenceEngine(
+        CMGClient(world.connection(CLIENT_ID, scenario.auth), log, scenario.client),
+        cache,
+        log,
+        scenario.deployment,
+        core,
+        site_version=scenario.cmg.site_version,
+    )
+    try:
+        return engine.run(scenario.task_sequence, scenario.launch)
+    finally:
+        engine.close()
 
 
 def _no_storage_faults(scenario: Scenario, url: str) -> None:
@@ -547,6 +657,7 @@ def check_expectations(scenario: Scenario, run: ScenarioRun) -> list[Expectation
             f"{run.elapsed:g}s (retry waits {sum(run.waits):g}s)",
             timeline,
         )
+    _check_throughput(scenario, run, fail)
     # In the order of the file, as a reader goes through it.
     return sorted(failures, key=lambda f: (str(f.path) != str(scenario.path), str(f.path), f.line))
 
@@ -579,6 +690,46 @@ def _check_storage(expect: dict[str, Any], run: ScenarioRun, fail: Any) -> None:
             str(len(storage)),
             _excerpt("  storage requests", _storage_lines(storage)),
         )
+
+
+def _check_throughput(scenario: Scenario, run: ScenarioRun, fail: Any) -> None:  # noqa: ANN401
+    spec = scenario.benchmark
+    if spec is None:
+        return
+    for error in run.benchmark_errors:
+        fail(
+            "benchmark.rounds",
+            f"{spec.rounds} round(s), each downloading the packages again",
+            error,
+            "  (the first round passed; a later one runs on a fresh cache, without the timeline)",
+        )
+    transfers = [
+        f"{t.package_id}.{t.version}: "
+        + ("from the cache" if t.from_cache else f"{t.bytes} bytes from storage in {t.seconds:.3f}s")
+        for t in run.result.transfers
+    ]
+    for package_id, wanted in (scenario.expect.get("throughput") or {}).items():
+        if wanted is None:
+            continue
+        figure = run.throughput.get(package_id)
+        expected = (
+            f"a ratio {_bounds(wanted, lambda r: f'{r:g}')} ({package_id}'s verified download "
+            f"rate / the {spec.baseline} baseline's on the same bytes)"
+        )
+        if figure is None:
+            fail(
+                f"expect.throughput.{package_id}",
+                expected,
+                f"not measured: {package_id} was not read from storage in this run",
+                _excerpt("  transfers", transfers),
+            )
+        elif not wanted.holds(figure.ratio):
+            fail(
+                f"expect.throughput.{package_id}",
+                expected,
+                f"{figure.ratio:.3f} ({figure.describe()})",
+                _excerpt("  rounds", figure.round_lines()),
+            )
 
 
 def _source_line(path: Path, line: int) -> str | None:

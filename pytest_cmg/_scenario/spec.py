@@ -501,8 +501,13 @@ class Count(Spec):
     low: str = "at_least"
     high: str = "at_most"
     doc: str = ""
+    #: False: bounds only. A measured ratio is never exactly a given value, so ``0.3`` alone
+    #: would be a mistake (meant ``{at_least: 0.3}``); it is reported at its line.
+    exact: bool = True
 
     def describe(self) -> str:
+        if not self.exact:
+            return f"a mapping with {self.low} and/or {self.high}, each {self.unit.describe()}"
         return f"{self.unit.describe()}, or a mapping with {self.low} and/or {self.high}"
 
     def _check(self, node: yaml.Node, where: str, v: Validation) -> Any:  # noqa: ANN401
@@ -518,22 +523,28 @@ class Count(Spec):
                 v.problem(node, f"{where}: {self.low} {low:g} is more than {self.high} {high:g}")
                 return None
             return Bounds(low, high)
+        if not self.exact:
+            shown = node.value if isinstance(node, yaml.ScalarNode) else "a list"
+            v.problem(
+                node,
+                f"{where} must be {self.describe()}, not {shown}",
+                f"a measured figure is never exact: write {{{self.low}: {shown}}}"
+                if isinstance(node, yaml.ScalarNode)
+                else "",
+            )
+            return None
         value = self.unit._check(node, where, v)
         return None if value is None else Bounds(value, value)
 
     def schema(self) -> dict[str, Any]:
         unit = self.unit.schema()
-        return {
-            "oneOf": [
-                unit,
-                {
-                    "type": "object",
-                    "properties": {self.low: unit, self.high: unit},
-                    "additionalProperties": False,
-                    "minProperties": 1,
-                },
-            ]
+        bounds = {
+            "type": "object",
+            "properties": {self.low: unit, self.high: unit},
+            "additionalProperties": False,
+            "minProperties": 1,
         }
+        return {"oneOf": [unit, bounds]} if self.exact else bounds
 
     def sample(self) -> str:
         return f"{{{self.low}: {self.unit.sample()}}}"

@@ -11,7 +11,8 @@ import http.server
 import textwrap
 import threading
 import xml.etree.ElementTree as ET
-from typing import TYPE_CHECKING, ClassVar
+from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -37,9 +38,6 @@ from pytest_cmg._scenario.model import BenchmarkSpec, load_scenario
 from pytest_cmg._scenario.runner import ScenarioRun, check_expectations
 from pytest_cmg._scenario.spec import Bounds
 from pytest_cmg._storage.azurite import CACHE_ENV, cache_dir
-
-if TYPE_CHECKING:
-    from pathlib import Path
 
 BENCHMARK = """\
 scenario: a benchmark
@@ -477,3 +475,24 @@ def test_figures_reach_the_terminal_and_junitxml_pass_or_fail(pytester, azurite_
         assert float(props["throughput[PS100012].mb_per_s"]) > 0
     # Only the benchmark scenarios were selected, by the marker they got without asking.
     assert len(list(ET.parse(pytester.path / "junit.xml").getroot().iter("testcase"))) == 2
+
+
+def test_the_published_schema_knows_benchmarks() -> None:
+    import json
+
+    import jsonschema
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    schema = json.loads((root / "docs" / "scenario.schema.json").read_text(encoding="utf-8"))
+    check = jsonschema.Draft202012Validator(schema)
+    base = yaml.safe_load(BENCHMARK)
+    assert check.is_valid(base)
+    for change in (
+        {"benchmark": {"baseline": "sha"}},
+        {"benchmark": {"rounds": 0}},
+        {"benchmark": {"round": 2}},
+        {"expect": {"outcome": "success", "throughput": {"PS100012": 0.5}}},
+        {"expect": {"outcome": "success", "throughput": {"PS100012": {"minimum": 0.5}}}},
+    ):
+        assert not check.is_valid({**base, **change}), change

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import threading
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import quote
@@ -38,6 +39,8 @@ __all__ = ["DEFAULT_CONTAINER", "CloudDP", "PackageSource"]
 
 DEFAULT_CONTAINER = "cmg-rg"
 _READ_CHUNK = 1 << 20
+#: Files uploaded at once by `distribute` (Azurite serves about 150 small uploads/s with 8).
+_UPLOAD_WORKERS = 8
 
 
 @dataclass(frozen=True)
@@ -97,10 +100,19 @@ class CloudDP:
         sources = (
             [PackageSource(k, v) for k, v in files.items()] if isinstance(files, Mapping) else files
         )
-        entries = []
-        for source in sources:
+        sources = list(sources)
+
+        def upload(source: PackageSource) -> ManifestFile:
             sha, size = self._upload(self.blob_name(package_id, version, source.relpath), source)
-            entries.append(ManifestFile(relpath=source.relpath, size=size, sha256=sha))
+            return ManifestFile(relpath=source.relpath, size=size, sha256=sha)
+
+        # A driver package of thousands of small files costs one round trip each: upload them
+        # side by side (Azurite answers them in parallel), keeping the manifest in source order.
+        if len(sources) > 1:
+            with ThreadPoolExecutor(max_workers=min(_UPLOAD_WORKERS, len(sources))) as pool:
+                entries = list(pool.map(upload, sources))
+        else:
+            entries = [upload(source) for source in sources]
         manifest = ContentManifest(package_id=package_id, version=version, files=tuple(entries))
         self._container.upload_blob(
             self.manifest_blob_name(package_id, version),

@@ -24,6 +24,7 @@ __all__ = [
     "ClientSettings",
     "CloudDP",
     "CmgSettings",
+    "ContentDestination",
     "ContentError",
     "ContentManifest",
     "DeploymentSettings",
@@ -51,9 +52,11 @@ __all__ = [
     "Step",
     "SystemClock",
     "TaskSequence",
+    "TaskSequenceCache",
     "TaskSequenceEngine",
     "TaskSequenceResult",
     "load_scenario",
+    "load_scenarios",
 ]
 
 _HOMES = {
@@ -67,6 +70,7 @@ _HOMES = {
     "ClientSettings": "._protocol.settings",
     "CloudDP": "._storage.clouddp",
     "CmgSettings": "._protocol.settings",
+    "ContentDestination": "._client.engine",
     "ContentError": "._errors",
     "ContentManifest": "._protocol.manifest",
     "DeploymentSettings": "._protocol.settings",
@@ -94,9 +98,11 @@ _HOMES = {
     "Step": "._client.engine",
     "SystemClock": "._protocol.clock",
     "TaskSequence": "._client.engine",
+    "TaskSequenceCache": "._client.tscache",
     "TaskSequenceEngine": "._client.engine",
     "TaskSequenceResult": "._client.engine",
     "load_scenario": "._scenario.model",
+    "load_scenarios": "._scenario.model",
 }
 
 if TYPE_CHECKING:
@@ -105,6 +111,7 @@ if TYPE_CHECKING:
     from ._client.engine import (
         CMGClient,
         CMGConnection,
+        ContentDestination,
         PackageTransfer,
         Step,
         TaskSequence,
@@ -112,6 +119,7 @@ if TYPE_CHECKING:
         TaskSequenceResult,
     )
     from ._client.log import SmstsLog
+    from ._client.tscache import TaskSequenceCache
     from ._errors import (
         ContentError,
         ExpectationFailed,
@@ -128,7 +136,7 @@ if TYPE_CHECKING:
     from ._protocol.clock import FakeClock, SystemClock
     from ._protocol.manifest import ContentManifest, ManifestFile
     from ._protocol.settings import ClientSettings, CmgSettings, DeploymentSettings, DownloadMode
-    from ._scenario.model import Scenario, load_scenario
+    from ._scenario.model import Scenario, load_scenario, load_scenarios
     from ._storage.azurite import AZURITE_VERSION, AzuriteProcess, BlobEndpoint, ExternalStorage
     from ._storage.clouddp import CloudDP, PackageSource
 

@@ -9,16 +9,15 @@ are verified by the runner after the case returns, outside the timed window.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import os
 import subprocess
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+
+from ._rawget import get_all
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -219,56 +218,14 @@ def run_aria2(ctx: CaseContext) -> Sample:
 # --- the raw ceiling: plain keep-alive GETs, bytes discarded -----------------------------------
 
 
-def _drain(conn: http.client.HTTPConnection, target: str, buffer: memoryview) -> int:
-    conn.request("GET", target)
-    response = conn.getresponse()
-    if response.status != 200:
-        body = response.read()[:200]
-        msg = f"raw GET answered {response.status}: {body!r}"
-        raise RuntimeError(msg)
-    total = 0
-    while True:
-        n = response.readinto(buffer)
-        if not n:
-            break
-        total += n
-    return total
-
-
 def run_raw(ctx: CaseContext) -> Sample:
     files = ctx.dataset.manifest.files
-    parts = urlsplit(files[0].url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    targets = [f"{urlsplit(f.url).path}?{urlsplit(f.url).query}" for f in files]
-    received: list[int] = []
     meter = Meter(ctx.server_pid)
     # One connection for the big blob; the core's concurrency for many files.
-    threads = min(ctx.workers, len(files))
     with meter:
-        lock = threading.Lock()
-        pending = iter(range(len(files)))
-
-        def worker() -> int:
-            conn = http.client.HTTPConnection(host, port, timeout=60)
-            buffer = memoryview(bytearray(_CHUNK))
-            done = 0
-            try:
-                while True:
-                    with lock:
-                        index = next(pending, None)
-                    if index is None:
-                        return done
-                    done += _drain(conn, targets[index], buffer)
-            finally:
-                conn.close()
-
-        if threads == 1:
-            received.append(worker())
-        else:
-            with ThreadPoolExecutor(max_workers=threads) as pool:
-                received.extend(pool.map(lambda _: worker(), range(threads)))
-    if sum(received) != ctx.dataset.workload.total:
-        msg = f"raw: received {sum(received)} bytes, expected {ctx.dataset.workload.total}"
+        received = get_all([f.url for f in files], workers=ctx.workers)
+    if received != ctx.dataset.workload.total:
+        msg = f"raw: received {received} bytes, expected {ctx.dataset.workload.total}"
         raise AssertionError(msg)
     return _measured(meter)
 

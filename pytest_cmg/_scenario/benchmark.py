@@ -26,16 +26,13 @@ This module imports nothing heavy: the plugin's terminal summary imports it in e
 from __future__ import annotations
 
 import hashlib
-import http.client
 import os
-import ssl
 import statistics
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+
+from .._bench._rawget import get_all
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -173,61 +170,13 @@ def raw_seconds(urls: Sequence[str], total: int, *, workers: int, ca_file: Path 
     Bodies are read into a 1 MiB buffer and discarded. The byte count must come to ``total``
     (the package's size), or the baseline did not read what the chain read.
     """
-    if not urls:
-        return 0.0
-    first = urlsplit(urls[0])
-    host, https = first.hostname or "127.0.0.1", first.scheme == "https"
-    port = first.port or (443 if https else 80)
-    context = (
-        ssl.create_default_context(cafile=str(ca_file) if ca_file else None) if https else None
-    )
-    targets = [f"{urlsplit(u).path}?{urlsplit(u).query}" for u in urls]
-    pending = iter(range(len(targets)))
-    lock = threading.Lock()
-
-    def worker() -> int:
-        conn: http.client.HTTPConnection = (
-            http.client.HTTPSConnection(host, port, timeout=60, context=context)
-            if https
-            else http.client.HTTPConnection(host, port, timeout=60)
-        )
-        buffer = memoryview(bytearray(_CHUNK))
-        done = 0
-        try:
-            while True:
-                with lock:
-                    index = next(pending, None)
-                if index is None:
-                    return done
-                done += _drain(conn, targets[index], buffer)
-        finally:
-            conn.close()
-
-    threads = max(1, min(workers, len(targets)))
     started = time.perf_counter()
-    if threads == 1:
-        received = worker()
-    else:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            received = sum(pool.map(lambda _: worker(), range(threads)))
+    received = get_all(urls, workers=workers, ca_file=ca_file, label="raw baseline")
     seconds = time.perf_counter() - started
     if received != total:
         msg = f"raw baseline read {received} bytes, the package has {total}"
         raise RuntimeError(msg)
     return seconds
-
-
-def _drain(conn: http.client.HTTPConnection, target: str, buffer: memoryview) -> int:
-    conn.request("GET", target)
-    response = conn.getresponse()
-    if response.status != 200:
-        body = response.read()[:200]
-        msg = f"raw baseline GET answered {response.status}: {body!r}"
-        raise RuntimeError(msg)
-    total = 0
-    while n := response.readinto(buffer):
-        total += n
-    return total
 
 
 # --- reporting -------------------------------------------------------------------------------

@@ -248,21 +248,8 @@ def run_scenario(scenario: Scenario, harness: Harness, workdir: Path) -> Scenari
         authority.clock = time.site_clock()
         timeline = Timeline(scenario.timeline, gateway, proxy, time)
         log = TimelineLog(workdir / "smsts.log", timeline.before_step)
-        cache = ClientCache(workdir / "ccmcache", size_mb=max(1, scenario.cache_size // 2**20))
-        # The engine's own core, plus trust in the storage CA when storage is HTTPS.
-        core = DownloadCore(
-            retry=time.policy(),
-            on_event=lambda line: log.info("DataTransferService", line),
-            ca_file=world.storage_ca_cert,
-        )
-        engine = TaskSequenceEngine(
-            CMGClient(world.connection(CLIENT_ID, scenario.auth), log, scenario.client),
-            cache,
-            log,
-            scenario.deployment,
-            core,
-            site_version=scenario.cmg.site_version,
-        )
+        engine = _engine(scenario, world, workdir, log, time)
+        cache = engine.cache
         try:
             timeline.start()
             result = engine.run(scenario.task_sequence, scenario.launch)
@@ -290,7 +277,7 @@ def run_scenario(scenario: Scenario, harness: Harness, workdir: Path) -> Scenari
         )
         if scenario.benchmark is not None:
             # After the run's evidence is taken: further rounds add requests and egress.
-            _benchmark(scenario, world, run, core.workers)
+            _benchmark(scenario, world, run, engine.core.workers)
         gateway.check()
         return run
     finally:
@@ -375,14 +362,25 @@ def _baseline_seconds(
 def _run_again(scenario: Scenario, world: World, folder: Path) -> TaskSequenceResult:
     """The task sequence once more on a fresh cache: a benchmark round after the first."""
     time = ScenarioTime(datetime.now(UTC), seed=scenario.seed)
-    log = SmstsLog(folder / "smsts.log")
+    engine = _engine(scenario, world, folder, SmstsLog(folder / "smsts.log"), time)
+    try:
+        return engine.run(scenario.task_sequence, scenario.launch)
+    finally:
+        engine.close()
+
+
+def _engine(
+    scenario: Scenario, world: World, folder: Path, log: SmstsLog, time: ScenarioTime
+) -> TaskSequenceEngine:
+    """The scenario's client: its cache under ``folder``, retries on ``time``'s virtual clock."""
     cache = ClientCache(folder / "ccmcache", size_mb=max(1, scenario.cache_size // 2**20))
+    # The engine's own core, plus trust in the storage CA when storage is HTTPS.
     core = DownloadCore(
         retry=time.policy(),
         on_event=lambda line: log.info("DataTransferService", line),
         ca_file=world.storage_ca_cert,
     )
-    engine = TaskSequenceEngine(
+    return TaskSequenceEngine(
         CMGClient(world.connection(CLIENT_ID, scenario.auth), log, scenario.client),
         cache,
         log,
@@ -390,10 +388,6 @@ def _run_again(scenario: Scenario, world: World, folder: Path) -> TaskSequenceRe
         core,
         site_version=scenario.cmg.site_version,
     )
-    try:
-        return engine.run(scenario.task_sequence, scenario.launch)
-    finally:
-        engine.close()
 
 
 def _no_storage_faults(scenario: Scenario, url: str) -> None:

@@ -91,11 +91,6 @@ def assert_cached(engine: TaskSequenceEngine, data: bytes) -> None:
     assert engine.cache.staging_leftovers() == []
 
 
-def range_start(entry: ProxiedRequest) -> int:
-    assert entry.range is not None
-    return int(entry.range.removeprefix("bytes=").split("-")[0])
-
-
 # --- T-INT -----------------------------------------------------------------------------------
 
 

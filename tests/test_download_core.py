@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
 import random
 import ssl
 import threading
@@ -578,3 +579,47 @@ def test_https_azurite_with_its_ca(https_azurite, tmp_path):
         assert stats.files == 2 and (tmp_path / "a" / "big.bin").read_bytes() == data
     finally:
         dp.delete()
+
+
+@pytest.mark.parametrize("fsync", [False, True], ids=["process-durable", "power-durable"])
+def test_fsync_decides_whether_checkpoints_and_the_rename_wait_for_the_disk(
+    blob_server, tmp_path, monkeypatch, fsync
+):
+    # The journal always records only written and hashed bytes; fsync=True also flushes them
+    # before each record, flushes the file before its rename and the folder after it.
+    _, url = blob_server(LARGE)
+    calls = []
+    real_fdatasync, real_fsync = download_module.os.fdatasync, download_module.os.fsync
+    records = []
+    real_write = download_module._journal.write
+
+    def fake_fdatasync(fd):
+        calls.append(("fdatasync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fdatasync(fd)
+
+    def fake_fsync(fd):
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def write(path, record, *, durable=True):
+        records.append((record.offset, durable))
+        real_write(path, record, durable=durable)
+
+    monkeypatch.setattr(download_module.os, "fdatasync", fake_fdatasync)
+    monkeypatch.setattr(download_module.os, "fsync", fake_fsync)
+    monkeypatch.setattr(download_module._journal, "write", write)
+    core = core_for(journal_bytes=4 * MiB, journal_seconds=0.0, fsync=fsync)
+    stats = core.download(one_file(url, LARGE), tmp_path)
+    core.close()
+    assert stats.bytes == len(LARGE)
+    assert (tmp_path / "blob.bin").read_bytes() == LARGE
+    assert records, "a 20 MiB file with 4 MiB checkpoints records its progress"
+    assert all(0 < offset <= len(LARGE) for offset, _ in records)
+    assert {durable for _, durable in records} == {fsync}
+    if not fsync:
+        assert calls == []
+        return
+    part = str(tmp_path / "blob.bin.part")
+    # One flush of the .part per record, one more before the rename, then the folder.
+    assert calls.count(("fdatasync", part)) == len(records) + 1
+    assert calls[-1] == ("fsync", str(tmp_path))

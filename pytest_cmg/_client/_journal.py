@@ -3,15 +3,17 @@
 One small JSON file sits next to each partial file in the staging folder
 (``<name>.part`` and ``<name>.part.journal``). It names the content (package ID, version, relative
 path), what the finished file must be (size, SHA-256), the ETag the bytes came from, and the last
-*durable* offset: the ``.part`` file is ``fdatasync``'d before an offset is recorded, so after a
-crash, or even a power cut, the first ``offset`` bytes on disk are the ones that were hashed.
+recorded offset: bytes written to the ``.part`` file and hashed before the record was made. The
+download core says how durable that is (its ``fsync`` option): against the process dying, or,
+with ``fdatasync`` before each record, against a power cut too.
 
 It never holds a URL, a SAS or a token (reliability.md B4, C6; azcopy strips the SAS from its
 plan files for the same reason): a restarted client asks the gateway for fresh URLs, and only the
 ETag, sent as ``If-Match``, ties the old bytes to the new request.
 
-Writes are atomic: a temporary file is written and fsync'd, renamed over the journal, and the
-folder is fsync'd, so a reader sees the old record or the new one, never a torn one.
+Writes are atomic: a temporary file is written and renamed over the journal, so a reader sees the
+old record or the new one, never a torn one; ``durable=True`` also ``fsync``'s the temporary
+file and then the folder, so the same holds after a power cut.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class JournalRecord:
     size: int
     sha256: str
     etag: str
-    #: Bytes at the start of the ``.part`` file that are on disk and were hashed.
+    #: Bytes at the start of the ``.part`` file that were written and hashed.
     offset: int
 
     def to_json(self) -> bytes:
@@ -79,8 +81,9 @@ def read(path: Path) -> JournalRecord | None:
     return None if len(data) > _MAX_BYTES else JournalRecord.from_json(data)
 
 
-def write(path: Path, record: JournalRecord) -> None:
-    """Replace the journal at ``path`` with ``record``, durably (temp, fsync, rename, fsync dir)."""
+def write(path: Path, record: JournalRecord, *, durable: bool = True) -> None:
+    """Replace the journal at ``path`` with ``record`` atomically (temp, rename); ``durable``
+    adds an ``fsync`` of the temporary file and of the folder, for power cuts."""
     temp = path.with_name(path.name + ".tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
@@ -88,11 +91,13 @@ def write(path: Path, record: JournalRecord) -> None:
         written = 0
         while written < len(data):
             written += os.write(fd, data[written:])
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     temp.replace(path)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def remove(path: Path) -> None:

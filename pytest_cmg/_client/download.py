@@ -37,25 +37,37 @@ Retries (reliability.md B2, B3): see :mod:`.retry`. A cut connection resumes at 
 stopped (``Range: bytes=N-``, the bytes already in the buffer are kept), with the hash continuing.
 
 Resume after the process dies (reliability.md B4): next to each ``.part`` file the core keeps a
-journal (:mod:`._journal`: content ID, version, path, size, SHA-256, ETag and the last durable
-offset; never a URL or SAS). A checkpoint ``fdatasync``'s the ``.part`` and then records the
-offset; checkpoints run on a background thread, at least ``journal_bytes`` apart and at most one
-per ``journal_seconds``; writes of a file that can reach a checkpoint are handed to the kernel's
-writeback at once (``POSIX_FADV_DONTNEED`` on the written range), so a checkpoint's
-``fdatasync`` finds little left to flush. Measured on the 256 MiB loopback blob, the journal
-costs ~5 % of throughput (disk writes the no-journal run defers past its end). ``download()`` called again on
-the same staging folder (a new process, a new core) skips files already at their final name
-(they were verified before the rename), and continues each ``.part`` whose journal matches the
-manifest from the journal's offset, with ``If-Match`` on the recorded ETag (412: start that file
-again). **hashlib cannot save a hash's state, so after a crash the core re-hashes the durable
-prefix once from disk**: this is the only time any byte is read back, and it only happens after a
-crash (or after a download given up on a transient error, whose partial file is kept for the
-next try). A file that never reached a checkpoint (smaller than ``journal_bytes`` or younger
-than ``journal_seconds``) starts over. Files that had a journal are ``fdatasync``'d before their
-rename and the folder after it; small files are not (one ``fsync`` per 16 KiB file would cost
-more than the download), so after a power cut, unlike a killed process, a small final-named file
-is only as durable as the file system makes a rename. A resumed file whose final hash does not
-match is fetched once more from zero (the bytes on disk may be what is wrong). A full disk
+journal (:mod:`._journal`: content ID, version, path, size, SHA-256, ETag and the last recorded
+offset; never a URL or SAS). Checkpoints run on a background thread, at least ``journal_bytes``
+apart and at most one per ``journal_seconds``, and only record bytes already written (handed to
+the kernel) and hashed. Two durability levels:
+
+* ``fsync=False`` (default): progress survives the *process* dying (SIGKILL, a crash, a
+  task-sequence host killed): the kernel keeps every written page, so the recorded prefix is on
+  the file whatever happens to the process. Nothing is ``fsync``'d, as aria2c, curl and the Azure
+  SDK's ``download_blob`` do not. After a power cut a ``.part`` shorter than its journal starts over,
+  and a resumed file whose final hash does not match is fetched once more from zero, so a lost
+  page costs a re-download, never a wrong file.
+* ``fsync=True``: also survives a power cut. A checkpoint ``fdatasync``'s the ``.part`` before
+  the offset is recorded (the journal itself is written temp, ``fsync``, rename, ``fsync`` of
+  the folder); writes of a file that can reach a checkpoint are handed to the kernel's writeback
+  at once (``POSIX_FADV_DONTNEED`` on the written range) so a checkpoint finds little left to
+  flush; and a journaled file is ``fdatasync``'d before its rename and the folder after it. The
+  cost is that every byte reaches the disk inside the download: measured on the 256 MiB loopback
+  blob it is about 10 % of throughput on this 2-core machine (docs/benchmarks.md).
+
+``download()`` called again on the same staging folder (a new process, a new core) skips files
+already at their final name (they were verified before the rename), and continues each
+``.part`` whose journal matches the manifest from the journal's offset, with ``If-Match`` on the
+recorded ETag (412: start that file again). **hashlib cannot save a hash's state, so after a
+crash the core re-hashes the recorded prefix once from disk**: this is the only time any byte is
+read back, and it only happens after a crash (or after a download given up on a transient
+error, whose partial file is kept for the next try). A file that never reached a checkpoint
+(smaller than ``journal_bytes`` or younger than ``journal_seconds``) starts over. Small files
+are never ``fsync``'d, even with ``fsync=True`` (one ``fsync`` per 16 KiB file would cost more
+than the download), so after a power cut a small final-named file is only as durable as the
+file system makes a rename. A resumed file whose final hash does not match is fetched once more
+from zero (the bytes on disk may be what is wrong). A full disk
 (ENOSPC) removes the partial file and its journal and lets the ``OSError`` through: the engine
 reports it as "cache full".
 """
@@ -216,7 +228,9 @@ class _Job:
         self.taken_over = False
         self._journal_ok = run.core.journal_bytes > 0
         #: Only a file that can reach a checkpoint will ever be synced.
-        self._writeback = self._journal_ok and item.size > run.core.journal_bytes
+        self._writeback = (
+            run.core.fsync and self._journal_ok and item.size > run.core.journal_bytes
+        )
         self._checkpointed = 0
         self._checkpoint_time = time.monotonic()
 
@@ -318,16 +332,20 @@ class _Job:
 
     def checkpoint(self, offset: int, etag: str) -> None:
         item, manifest = self.item, self.run.manifest
+        fsync = self.run.core.fsync
         try:
-            os.fdatasync(self.fd)
+            if fsync:
+                os.fdatasync(self.fd)
             record = _journal.JournalRecord(
                 manifest.package_id, manifest.version, item.relpath, item.size,
                 item.sha256.lower(), etag, offset,
             )  # fmt: skip
-            _journal.write(self.journal, record)
+            _journal.write(self.journal, record, durable=fsync)
             self.journaled = True
-        except OSError as exc:
-            # The journal only saves work after a crash; the download itself goes on.
+        except Exception as exc:
+            # The journal only saves work after a crash; the download itself goes on. Any
+            # failure, not only OSError: this runs on the checkpoint thread, and a thread that
+            # died would leave the job waiting in quiesce() for a checkpoint that never ends.
             self._journal_ok = False
             self.run.core.on_event(f"{item.relpath}: cannot write the resume journal ({exc})")
         finally:
@@ -370,14 +388,16 @@ class _Job:
         hook = self.run.core.before_commit
         if hook is not None:
             hook(item.relpath, Path(self.part))
-        if self.journaled:
+        durable = self.journaled and self.run.core.fsync
+        if durable:
             # A file that had a journal is worth making durable before its name says "done".
             os.fdatasync(self.fd)
         os.close(self.fd)
         self.fd = -1
         os.rename(self.part, self.target)  # noqa: PTH104 - str paths, see __init__
-        if self.journaled:
+        if durable:
             _journal.fsync_dir(Path(self.target).parent)
+        if self.journaled:
             _journal.remove(self.journal)
 
     def abandon(self, keep: bool) -> None:
@@ -569,6 +589,8 @@ class DownloadCore:
     :param range_size: bytes per ranged request.
     :param journal_bytes: bytes between two resume checkpoints (0: no journal).
     :param journal_seconds: minimum time between two checkpoints of a file.
+    :param fsync: make checkpoints and journaled files durable against a power cut, not only
+        against the process dying (see the module docstring for what it costs).
     """
 
     def __init__(
@@ -586,6 +608,7 @@ class DownloadCore:
         range_size: int = 8 << 20,
         journal_bytes: int = 8 << 20,
         journal_seconds: float = 1.0,
+        fsync: bool = False,
     ) -> None:
         if workers < 1 or range_parts < 1 or range_size < _CHUNK or journal_bytes < 0:
             msg = (
@@ -603,6 +626,7 @@ class DownloadCore:
         self.range_size = range_size
         self.journal_bytes = journal_bytes
         self.journal_seconds = journal_seconds
+        self.fsync = fsync
         #: Test hook: ``before_commit(relpath, part)`` runs after a file's hash matched and
         #: before its rename (reliability.md test 12 kills the process there).
         self.before_commit: Callable[[str, Path], None] | None = None

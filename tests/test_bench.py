@@ -195,7 +195,7 @@ def test_ratios_come_from_median_throughput_and_targets_say_met_or_not():
     assert "core/sdk            2.00  >= 1.8  met" in table
     assert "core/hashlib        0.33  >= 0.7  NOT MET" in table
     assert "core/aria2c            -  >= 1.1  not measured" in table
-    assert "aria2c   not available: disabled" in table
+    assert "aria2c     not available: disabled" in table
     assert "core peak memory 40.0 MiB" in table
 
 

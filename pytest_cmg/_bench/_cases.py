@@ -117,14 +117,14 @@ def _measured(meter: Meter) -> Sample:
 # --- the download core -----------------------------------------------------------------------
 
 
-def run_core(ctx: CaseContext) -> Sample:
+def run_core(ctx: CaseContext, *, fsync: bool = False) -> Sample:
     from .._client.download import DownloadCore
 
     meter = Meter(ctx.server_pid)
     core: DownloadCore | None = None
     try:
         with meter:
-            core = DownloadCore(workers=ctx.workers)
+            core = DownloadCore(workers=ctx.workers, fsync=fsync)
             core.download(ctx.dataset.manifest, ctx.dest)
     finally:
         if core is not None:
@@ -247,6 +247,13 @@ def run_hashlib(ctx: CaseContext) -> Sample:
 CASES: dict[str, Case] = {
     "core": Case(
         "core", "DownloadCore into a fresh folder: SHA-256 verified, files written", run_core
+    ),
+    # What power-cut durability costs, beside the default (which survives the process dying).
+    "core-fsync": Case(
+        "core-fsync",
+        "DownloadCore(fsync=True): the same, with checkpoints and the file fdatasync'd",
+        lambda ctx: run_core(ctx, fsync=True),
+        only_single=True,
     ),
     "sdk": Case(
         "sdk",

@@ -369,20 +369,20 @@ def render_table(report: dict[str, Any], workloads: list[str] | None = None) -> 
         size_text = f"{size // MIB} MiB" if size % MIB == 0 else f"{size // 1024} KiB"
         lines += ["", f"{name}: {files} x {size_text}"]
         lines.append(
-            f"  {'case':<9}{'MB/s':>9}{'min':>9}{'max':>9}{'files/s':>10}{'CPU%':>7}{'Azurite%':>10}"
+            f"  {'case':<11}{'MB/s':>9}{'min':>9}{'max':>9}{'files/s':>10}{'CPU%':>7}{'Azurite%':>10}"
         )
         for item in by_workload.get(name, []):
             info = item["extra_info"]
             rate, fps = info["mb_per_s"], info.get("files_per_s")
             server = info.get("server_cpu_percent")
             lines.append(
-                f"  {info['case']:<9}{_num(rate['median'], 9)}{_num(rate['min'], 9)}"
+                f"  {info['case']:<11}{_num(rate['median'], 9)}{_num(rate['min'], 9)}"
                 f"{_num(rate['max'], 9)}{_num(fps['median'] if fps else None, 10, 0)}"
                 f"{_num(info['cpu_percent']['median'], 7, 0)}"
                 f"{_num(server['median'] if server else None, 10, 0)}"
             )
         for case, reason in bench.get("unavailable", {}).get(name, {}).items():
-            lines.append(f"  {case:<9}{reason}")
+            lines.append(f"  {case:<11}{reason}")
         memory = bench.get("memory", {}).get(name)
         if memory:
             lines.append(

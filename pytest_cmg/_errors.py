@@ -89,10 +89,13 @@ class ContentError(PytestCmgError):
     """The client engine could not obtain verified content.
 
     ``hresult`` is the code the real client reports for the same failure (protocol.md section 5).
+    ``resumable`` says the bytes fetched so far were kept (a give-up on transient errors): a
+    later try on the same staging folder continues from them instead of starting over.
     """
 
-    def __init__(self, hresult: int, message: str) -> None:
+    def __init__(self, hresult: int, message: str, *, resumable: bool = False) -> None:
         self.hresult = hresult
+        self.resumable = resumable
         super().__init__(f"0x{hresult:08X}: {message}")
 
 

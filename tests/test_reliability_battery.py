@@ -594,3 +594,57 @@ def test_row17_retry_after_waits_count_against_the_no_progress_budget(
     assert clock.waits == [60.0, 60.0]
     assert len(storage_faults.log) == 3
     assert list(tmp_path.rglob("*.wim")) == []
+
+
+# --- beyond the rows: progress kept across the task sequence's own retries ---------------------
+
+
+def test_a_task_sequence_retry_continues_where_the_core_gave_up(
+    cmg: FakeCMG,
+    cmg_client: Callable[..., TaskSequenceEngine],
+    cmg_time: VirtualTime,
+    cloud_dp: CloudDP,
+    storage_faults: FaultProxy,
+) -> None:
+    # B1 at the task-sequence level: the first answer is reset after 3 MiB, and the next five
+    # resumes at once, so the core gives up (5 failed tries in a row without progress). Its
+    # verified prefix is kept in staging, and the task sequence's retry (15 s later) resumes
+    # from it, as a BITS job keeps its progress, instead of fetching those bytes again.
+    cloud_dp.distribute("PS100012", 1, {RELPATH: LARGE})
+    storage_faults.add(reset_after(3 * MiB), request=1, path="install.wim")
+    storage_faults.add(reset_after(0), request=2, times=5, path="install.wim")
+    engine = cmg_client()
+    result = engine.run(sequence())
+    assert result.succeeded, result.error
+    assert_cached(engine, LARGE)
+    requests = wim_requests(storage_faults)
+    assert len(requests) == 7
+    last = requests[-1]
+    assert last.range is not None and last.status == 206
+    resumed_at = int(last.range.removeprefix("bytes=").rstrip("-"))
+    assert 0 < resumed_at <= 3 * MiB
+    assert last.body_bytes == len(LARGE) - resumed_at
+    # Bytes served in all: the file once, plus what the five empty resets cost (nothing).
+    assert sum(r.body_bytes for r in requests) == len(LARGE) + 3 * MiB - resumed_at
+    assert cmg_time.waits.count(15.0) == 1
+    messages = engine.log.messages
+    assert any(f"resuming at byte {resumed_at}" in m for m in messages)
+    assert_no_secret(engine)
+
+
+def test_after_the_last_try_no_partial_is_left_in_staging(
+    cmg_client: Callable[..., TaskSequenceEngine],
+    cloud_dp: CloudDP,
+    storage_faults: FaultProxy,
+) -> None:
+    # The kept prefix only lives while a retry may use it: with no retry left the task sequence
+    # fails and staging is emptied (reliability.md A1: no partial outlives a terminal failure).
+    cloud_dp.distribute("PS100012", 1, {RELPATH: LARGE})
+    storage_faults.add(reset_after(3 * MiB), request=1, path="install.wim")
+    storage_faults.add(reset_after(0), request=2, times=5, path="install.wim")
+    engine = cmg_client()
+    result = engine.run(sequence(retries=0))
+    assert not result.succeeded
+    assert isinstance(result.error, ContentError) and result.error.resumable
+    assert len(wim_requests(storage_faults)) == 6
+    assert_nothing_cached(engine)

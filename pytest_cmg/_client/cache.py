@@ -582,9 +582,11 @@ class ClientCache:
 
         The name is stable, so a download interrupted by the death of its process is found (and
         resumed by the download core) by the next one. The folder is removed when the block
-        raises and when it ends without :meth:`commit`; a process being killed, or interrupted
-        (``KeyboardInterrupt``), leaves it. Holds :meth:`download_lock` for the block unless the
-        calling thread already does.
+        raises and when it ends without :meth:`commit`, except for a :class:`ContentError` that
+        is ``resumable`` (the core gave up on transient errors and kept its verified prefix: the
+        engine's next try continues from it, and :meth:`discard_staging` removes it if there is
+        no next try); a process being killed, or interrupted (``KeyboardInterrupt``), leaves it
+        too. Holds :meth:`download_lock` for the block unless the calling thread already does.
         """
         key = self.key(package_id, version)
         folder = self.root / _STAGING / key
@@ -597,11 +599,23 @@ class ClientCache:
             folder.mkdir(parents=True, exist_ok=True)
             try:
                 yield folder
-            except Exception:
-                shutil.rmtree(folder, ignore_errors=True)
+            except Exception as exc:
+                if not (isinstance(exc, ContentError) and exc.resumable):
+                    shutil.rmtree(folder, ignore_errors=True)
                 raise
             if folder.exists():
                 shutil.rmtree(folder, ignore_errors=True)
+
+    def discard_staging(self, package_id: str, version: int) -> None:
+        """Remove what a failed download left in staging (after its last try)."""
+        key = self.key(package_id, version)
+        guard: AbstractContextManager[None] = (
+            nullcontext()
+            if self._holds_download(key) is not None
+            else self.download_lock(package_id, version)
+        )
+        with guard:
+            shutil.rmtree(self.root / _STAGING / key, ignore_errors=True)
 
     def commit(self, staged: Path, package_id: str, version: int) -> CacheEntry:
         """Publish a verified staging folder as the cache entry (atomic rename)."""

@@ -768,7 +768,7 @@ class DownloadCore:
                     self._restarted(job, _Restart("mismatch after resuming from disk"))
         except _Fatal as fatal:
             job.abandon(keep=fatal.keep_partial)
-            raise ContentError(fatal.hresult, fatal.message) from None
+            raise ContentError(fatal.hresult, fatal.message, resumable=fatal.keep_partial) from None
         except OSError as exc:
             # reliability.md 39: a full disk leaves no partial file behind. The OSError goes on
             # up: the engine reports it as "cache full" with the product's lines.

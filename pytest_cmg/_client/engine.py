@@ -797,16 +797,22 @@ class TaskSequenceEngine:
         """``resolve`` repeated as ``SMSTSDownloadRetryCount`` and ``SMSTSDownloadRetryDelay`` say.
 
         Content that is wrong (hash mismatch) or cannot fit is not retried: another try would
-        fetch the same bytes into the same cache.
+        fetch the same bytes into the same cache. A try that gave up on transient errors leaves
+        its verified prefix in staging, so the next try continues from it (as a BITS job keeps
+        its progress); after the last try, staging is emptied (no partial outlives a terminal
+        failure, reliability.md A1).
         """
         count = _int_variable(self.variables, "SMSTSDownloadRetryCount", 2)
         delay = _int_variable(self.variables, "SMSTSDownloadRetryDelay", 15)
+        store = into if into is not None else self._default_store()
         attempt = 0
         while True:
             try:
-                return self._resolve_on_disk(package_id, version, into)
+                return self._resolve_on_disk(package_id, version, store)
             except ContentError as error:
                 if attempt >= count or error.hresult in _NOT_RETRIED:
+                    if error.resumable:
+                        store.discard_staging(package_id, version)
                     raise
                 attempt += 1
                 self.log.info(
@@ -872,7 +878,10 @@ class TaskSequenceEngine:
 
         The engine holds the entry (a cache lease: it cannot be evicted) until
         :meth:`release_content`; ``run`` releases what it resolved. A write that finds the disk
-        full raises ``OSError`` here; ``run`` reports it as 0x87D01201.
+        full raises ``OSError`` here; ``run`` reports it as 0x87D01201. A download given up on
+        transient errors raises a ``resumable`` :class:`ContentError` and keeps its verified
+        prefix in the store's staging: calling ``resolve`` again continues from it, and
+        ``ClientCache.discard_staging`` drops it.
         """
         store = into if into is not None else self._default_store()
         cm = "CacheManager"

@@ -2,7 +2,7 @@
 
 Bounded: 50 client engines (one thread each) locate and download one small package at the same
 moment. Everything must verify, the gateway must give back every thread and file descriptor it
-used, and its location latency (measured by the gateway itself, ``LoggedRequest.elapsed``) must
+used, closed engines must hold no connection to the gateway or to storage, and its location latency (measured by the gateway itself, ``LoggedRequest.elapsed``) must
 stay under a generous budget on a loaded 2-core machine.
 """
 
@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import time
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -65,6 +66,44 @@ def sockets_on(port: int) -> int:
     return count
 
 
+def urllib3_fds() -> set[int]:
+    """Descriptors held by urllib3 connections: the test's own azure-storage-blob client (the
+    cloud DP's) keeps a pool of them to Azurite; the engines never use urllib3 for storage."""
+    import urllib3.connection
+
+    fds = set()
+    for obj in gc.get_objects():
+        if isinstance(obj, urllib3.connection.HTTPConnection):
+            sock = getattr(obj, "sock", None)
+            if sock is not None and sock.fileno() >= 0:
+                fds.add(sock.fileno())
+    return fds
+
+
+def client_sockets_to(port: int) -> int:
+    """Open sockets of this process connected to ``port``, except urllib3's (see above)."""
+    count = 0
+    pooled = urllib3_fds()
+    for name in os.listdir("/proc/self/fd"):
+        if int(name) in pooled:
+            continue
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
+            probe = socket.socket(fileno=os.dup(int(name)))
+        except OSError:
+            continue
+        try:
+            peer = probe.getpeername()
+            if isinstance(peer, tuple) and peer[1] == port:
+                count += 1
+        except OSError:
+            pass  # not connected (a listener, or closed meanwhile)
+        finally:
+            probe.close()
+    return count
+
+
 def settled(port: int, before: tuple[int, int]) -> tuple[int, int]:
     """The gateway's thread and socket counts once connections wound down (bounded wait)."""
     deadline = time.monotonic() + SETTLE_SECONDS
@@ -98,6 +137,7 @@ def test_fifty_clients_locate_and_download_at_once(cmg, cloud_dp, tmp_path, cmg_
     # The listener, and any connection an earlier test left open (it may close meanwhile).
     before = threading.active_count(), sockets_on(cmg.port)
     assert before[1] >= 1
+    storage_port = urlsplit(cloud_dp.endpoint.url).port or 80
 
     engines = [
         make_engine(cmg, tmp_path / f"c{n}", f"GUID:load-{n:02d}", cmg_time) for n in range(CLIENTS)
@@ -137,6 +177,11 @@ def test_fifty_clients_locate_and_download_at_once(cmg, cloud_dp, tmp_path, cmg_
     for engine in engines:
         engine.close()
     engines.clear()
+    # Client side (reliability.md 42, "no fd leak"): closed engines hold no connection to the
+    # gateway or to storage; their download cores' kept-alive sockets were closed with them.
+    gc.collect()
+    left = {"gateway": client_sockets_to(cmg.port), "storage": client_sockets_to(storage_port)}
+    assert left == {"gateway": 0, "storage": 0}, "closed engines kept connections open"
 
     failed = {n: r for n, r in results.items() if not getattr(r, "succeeded", False)}
     assert len(results) == CLIENTS

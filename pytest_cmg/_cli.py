@@ -97,6 +97,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     client.add_argument("--log", type=Path, default=Path("smsts.log"), help="smsts.log path")
     client.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
+    client.add_argument(
+        "--fsync",
+        action="store_true",
+        help="make resume checkpoints and large finished files survive a power cut, not only "
+        "the process dying (fdatasync; slower)",
+    )
     from ._bench._main import add_bench_parser
 
     add_bench_parser(commands)
@@ -299,6 +305,7 @@ def _client(args: argparse.Namespace) -> int:
         on_event=lambda line: log.info("DataTransferService", line),
         on_progress=bar.advance,
         ca_file=storage_ca,
+        fsync=args.fsync,
     )
     engine = TaskSequenceEngine(
         CMGClient(connection, log, settings),

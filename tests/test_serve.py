@@ -338,7 +338,9 @@ def test_client_downloads_packages_and_summarises_in_json(served, tmp_path):
 
 def test_client_over_mutual_tls_and_a_scenario_task_sequence(served, tmp_path):
     _, contract = served
-    result = run_client(tmp_path, contract, "--task-sequence", str(SCENARIO), "--auth", "certificate")
+    result = run_client(
+        tmp_path, contract, "--task-sequence", str(SCENARIO), "--auth", "certificate", "--fsync"
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["steps_run"] == [

@@ -54,7 +54,7 @@ the kernel) and hashed. Two durability levels:
   at once (``POSIX_FADV_DONTNEED`` on the written range) so a checkpoint finds little left to
   flush; and a journaled file is ``fdatasync``'d before its rename and the folder after it. The
   cost is that every byte reaches the disk inside the download: measured on the 256 MiB loopback
-  blob it is about 10 % of throughput on this 2-core machine (docs/benchmarks.md).
+  blob it costs 12-16 % of throughput on this 2-core machine (docs/benchmarks.md).
 
 ``download()`` called again on the same staging folder (a new process, a new core) skips files
 already at their final name (they were verified before the rename), and continues each

@@ -574,6 +574,44 @@ def test_step_references_undeclared_package(tmp_path: Path) -> None:
     assert problem.hint == "declared packages: PS100012, PS100013"
 
 
+@pytest.mark.parametrize(
+    ("step", "bad_line", "rule"),
+    [
+        (
+            "      action: apply_driver_package\n      packages: [PS100013]",
+            "packages: [PS100013]",
+            "packages belongs to download_package_content steps",
+        ),
+        (
+            "      action: download_package_content\n      package: PS100013\n"
+            "      packages: [PS100012]",
+            "packages: [PS100012]",
+            "give package or packages, not both",
+        ),
+        (
+            "      action: download_package_content\n      packages: [PS100013, PS1000FF]",
+            "packages: [PS100013, PS1000FF]",
+            "step references package PS1000FF, which is not declared",
+        ),
+        (
+            "      action: download_package_content\n      packages: [PS100013, PS100013]",
+            "packages: [PS100013, PS100013]",
+            "package PS100013 is listed twice in the step",
+        ),
+    ],
+    ids=["not-a-content-step", "both-keys", "undeclared", "twice"],
+)
+def test_a_steps_package_list_is_checked(
+    tmp_path: Path, step: str, bad_line: str, rule: str
+) -> None:
+    text = mutate(
+        EXAMPLE_TEXT, ("      action: apply_driver_package\n      package: PS100013", step)
+    )
+    problem, _, _ = only_problem(tmp_path, text)
+    assert problem.line == line_of(text, bad_line)
+    assert rule in problem.rule
+
+
 def test_duplicate_package_ids(tmp_path: Path) -> None:
     text = mutate(
         EXAMPLE_TEXT,

@@ -179,11 +179,21 @@ def test_custom_paths_that_leave_the_drive_are_refused(path):
         ({"action": DPC, "destination": "custom"}, "needs a path"),
         ({"action": DPC, "destination": "ts_cache", "path": "D"}, "needs a path"),
         ({"action": DPC, "destination": "tape"}, "must be one of"),
+        ({"action": "upgrade_os", "extra_packages": ("PS100014",)}, "belong to"),
+        ({"action": DPC, "extra_packages": ("PS100013",)}, "listed twice"),
     ],
 )
 def test_step_options_are_checked(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Step("S", package="PS100013", **kwargs)
+
+
+def test_extra_packages_follow_a_first_one():
+    with pytest.raises(ValueError, match="after a first package"):
+        Step("S", DPC, extra_packages=("PS100014",))
+    step = Step("S", DPC, "PS100013", extra_packages=("PS100014", "PS100015"))
+    assert step.packages == ("PS100013", "PS100014", "PS100015")
+    assert Step("S", "run_command_line").packages == ()
 
 
 # --- engine: Windows PE and SMSTSPersistContent --------------------------------------------------

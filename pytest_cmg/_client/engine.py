@@ -411,7 +411,9 @@ class Condition:
 class Step:
     """One task sequence step; ``package`` is the ID of the content it needs, if any.
 
-    A step runs only when every one of its ``conditions`` holds.
+    A step runs only when every one of its ``conditions`` holds. A Download Package Content step
+    may take several packages (the product's step takes a list): ``package`` is the first and
+    ``extra_packages`` the rest, downloaded in that order; :attr:`packages` is all of them.
     """
 
     name: str
@@ -425,16 +427,33 @@ class Step:
     #: With ``destination`` ``custom``: the folder the package folder is put in.
     path: str | None = None
     #: Download Package Content only: "Save path as a variable": ``<variable>01`` gets the
-    #: package's location (the product numbers one variable per package of the step).
+    #: first package's location, ``<variable>02`` the second's... (the product numbers one
+    #: variable per package of the step).
     variable: str | None = None
+    #: Download Package Content only: the step's packages after ``package``, in order.
+    extra_packages: tuple[str, ...] = ()
+
+    @property
+    def packages(self) -> tuple[str, ...]:
+        """Every package the step needs, in the order it obtains them."""
+        return ((self.package,) if self.package else ()) + self.extra_packages
 
     def __post_init__(self) -> None:
         problems = []
         content_step = self.action == DOWNLOAD_PACKAGE_CONTENT
         if self.destination is not None and self.destination not in ContentDestination.ALL:
             problems.append(f"destination must be one of {', '.join(ContentDestination.ALL)}")
-        if (self.destination is not None or self.variable is not None) and not content_step:
-            problems.append(f"destination and variable belong to {DOWNLOAD_PACKAGE_CONTENT} steps")
+        if (
+            self.destination is not None or self.variable is not None or self.extra_packages
+        ) and not content_step:
+            problems.append(
+                f"destination, variable and extra_packages belong to {DOWNLOAD_PACKAGE_CONTENT} "
+                "steps"
+            )
+        if self.extra_packages and not self.package:
+            problems.append("extra_packages come after a first package")
+        if len(set(self.packages)) != len(self.packages):
+            problems.append("a package is listed twice")
         if (self.destination == ContentDestination.CUSTOM) != (self.path is not None):
             problems.append("a custom destination needs a path, and only it takes one")
         if problems:
@@ -650,8 +669,8 @@ class TaskSequenceEngine:
         if not on_demand:
             # "Download all content locally before starting": every referenced package, before
             # the first step, whatever the steps' conditions (protocol.md section 4).
-            first = {s.package: s for s in reversed(sequence.steps) if s.package}
-            for package_id in dict.fromkeys(s.package for s in sequence.steps if s.package):
+            first = {p: s for s in reversed(sequence.steps) for p in s.packages}
+            for package_id in dict.fromkeys(p for s in sequence.steps for p in s.packages):
                 try:
                     self._resolve_with_retries(
                         package_id,
@@ -675,8 +694,10 @@ class TaskSequenceEngine:
                 )
                 continue
             try:
-                if step.package:
-                    self._step_content(step, sequence.version_of(step.package), on_demand)
+                for number, package_id in enumerate(step.packages, start=1):
+                    self._step_content(
+                        step, package_id, sequence.version_of(package_id), on_demand, number
+                    )
             except ContentError as error:
                 return self._fail(step.name, error, steps_run)
             steps_run.append(step.name)
@@ -686,10 +707,11 @@ class TaskSequenceEngine:
         self.log.info(ts, "Task sequence completed 0x00000000")
         return TaskSequenceResult(0, steps_run, list(self.transfers))
 
-    def _step_content(self, step: Step, version: int, on_demand: bool) -> None:
-        """Obtain a step's package where the step wants it, run the step, then let it go."""
-        assert step.package is not None
-        package_id = step.package
+    def _step_content(
+        self, step: Step, package_id: str, version: int, on_demand: bool, number: int
+    ) -> None:
+        """Obtain one of a step's packages (the ``number``-th) where the step wants it, run the
+        step with it, then let it go."""
         key = f"{package_id}.{version}"
         store = self._store_for(step)
         # Checked before any byte is fetched: a path the step cannot use fails it at once.
@@ -706,7 +728,7 @@ class TaskSequenceEngine:
             self._kept.add(key)
         self._execute(step, used)
         if step.variable:
-            self._set(f"{step.variable}01", str(used.path))
+            self._set(f"{step.variable}{number:02d}", str(used.path))
         if on_demand or from_ts:
             self._unhold(self.ts_cache if from_ts else self.cache, key)
         if from_ts and (target is None or was_there):

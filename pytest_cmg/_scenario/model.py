@@ -196,6 +196,15 @@ STEP = Record(
         "name": Field(Str(), required=True, example="Upgrade the operating system"),
         "action": Field(Choice(choices=STEP_ACTIONS), required=True),
         "package": Field(PACKAGE_ID, default=None),
+        "packages": Field(
+            ListOf(item=PACKAGE_ID, min_items=1),
+            default=None,
+            doc=(
+                "download_package_content only, instead of `package`: several packages, "
+                "downloaded in this order (the product's step takes a list)."
+            ),
+            example="[PS100013, PS100014]",
+        ),
         "condition": Field(
             Record(
                 doc=(
@@ -236,7 +245,10 @@ STEP = Record(
         "variable": Field(
             Str(pattern=r"[A-Za-z_][A-Za-z0-9_]*", example="DRIVERS"),
             default=None,
-            doc="download_package_content only: `<variable>01` gets the package's location.",
+            doc=(
+                "download_package_content only: `<variable>01` gets the first package's "
+                "location, `<variable>02` the second's, and so on."
+            ),
         ),
     }
 )
@@ -1175,11 +1187,12 @@ def _build(path: Path, data: dict[str, Any], v: Validation, plan: CasePlan | Non
             Step(
                 s["name"],
                 s["action"],
-                s["package"],
+                s["package"] or (s["packages"] or [None])[0],
                 _conditions(s["condition"]),
                 destination=s["destination"],
                 path=s["path"],
                 variable=s["variable"],
+                extra_packages=tuple((s["packages"] or [])[1:]),
             )
             for s in ts["steps"]
         ),
@@ -1364,6 +1377,19 @@ def _cross_check(data: dict[str, Any], v: Validation) -> None:
                 f"step references package {step['package']}, which is not declared",
                 f"declared packages: {known}",
             )
+        listed = step.get("packages") or []
+        for slot, package_id in enumerate(listed):
+            if package_id is not None and package_id not in declared:
+                problem(
+                    f"task_sequence.steps[{index}].packages[{slot}]",
+                    f"step references package {package_id}, which is not declared",
+                    f"declared packages: {known}",
+                )
+            elif package_id in listed[:slot]:
+                problem(
+                    f"task_sequence.steps[{index}].packages[{slot}]",
+                    f"package {package_id} is listed twice in the step",
+                )
     for index, point in points:
         for slot, package_id in enumerate(point.get("packages") or []):
             if package_id is not None and package_id not in declared:
@@ -1486,9 +1512,11 @@ def _check_content_options(
     """A step's content location options: the rules of :class:`Step`, at their lines."""
     destination, path = step.get("destination"), step.get("path")
     content_step = step.get("action") == DOWNLOAD_PACKAGE_CONTENT
-    for key in ("destination", "variable"):
+    for key in ("destination", "variable", "packages"):
         if step.get(key) is not None and not content_step:
             problem(f"{where}.{key}", f"{key} belongs to {DOWNLOAD_PACKAGE_CONTENT} steps")
+    if step.get("package") is not None and step.get("packages") is not None:
+        problem(f"{where}.packages", "give package or packages, not both")
     if destination == ContentDestination.CUSTOM and path is None:
         problem(f"{where}.destination", "a custom destination needs a path")
     if path is not None and destination != ContentDestination.CUSTOM:

@@ -623,3 +623,48 @@ def test_fsync_decides_whether_checkpoints_and_the_rename_wait_for_the_disk(
     # One flush of the .part per record, one more before the rename, then the folder.
     assert calls.count(("fdatasync", part)) == len(records) + 1
     assert calls[-1] == ("fsync", str(tmp_path))
+
+
+def test_with_fsync_every_file_and_folder_is_flushed_before_the_download_returns(
+    blob_server, tmp_path, monkeypatch
+):
+    # Small files have no journal, but fsync=True still promises power-cut durability: each
+    # is flushed before its rename, and every folder of the download once at the end.
+    _, url = blob_server(b"0123456789" * 100)
+    data = b"0123456789" * 100
+    digest = hashlib.sha256(data).hexdigest()
+    manifest = ContentManifest(
+        "PS100032",
+        1,
+        (
+            ManifestFile("a/b/x.bin", len(data), digest, url),
+            ManifestFile("y.bin", len(data), digest, url),
+        ),
+    )
+    calls = []
+    real_fdatasync, real_fsync = download_module.os.fdatasync, download_module.os.fsync
+
+    def fake_fdatasync(fd):
+        calls.append(("fdatasync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fdatasync(fd)
+
+    def fake_fsync(fd):
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(download_module.os, "fdatasync", fake_fdatasync)
+    monkeypatch.setattr(download_module.os, "fsync", fake_fsync)
+    core = core_for(fsync=True, workers=1)
+    core.download(manifest, tmp_path)
+    core.close()
+    assert sorted(calls[:2]) == [
+        ("fdatasync", str(tmp_path / "a" / "b" / "x.bin.part")),
+        ("fdatasync", str(tmp_path / "y.bin.part")),
+    ]
+    # Deepest first, so each folder's new entries are durable before its parent's.
+    assert calls[2:] == [
+        ("fsync", str(tmp_path / "a" / "b")),
+        ("fsync", str(tmp_path / "a")),
+        ("fsync", str(tmp_path)),
+    ]
+    assert (tmp_path / "a" / "b" / "x.bin").read_bytes() == data

@@ -52,9 +52,11 @@ the kernel) and hashed. Two durability levels:
   the offset is recorded (the journal itself is written temp, ``fsync``, rename, ``fsync`` of
   the folder); writes of a file that can reach a checkpoint are handed to the kernel's writeback
   at once (``POSIX_FADV_DONTNEED`` on the written range) so a checkpoint finds little left to
-  flush; and a journaled file is ``fdatasync``'d before its rename and the folder after it. The
-  cost is that every byte reaches the disk inside the download: measured on the 256 MiB loopback
-  blob it costs 12-16 % of throughput on this 2-core machine (docs/benchmarks.md).
+  flush; every verified file is ``fdatasync``'d before its rename (a journaled file's folder
+  right after it, and every folder of the download once at the end, so the renames are durable
+  too). The cost is that every byte reaches the disk inside the download: measured on the
+  256 MiB loopback blob it costs 12-16 % of throughput on this 2-core machine
+  (docs/benchmarks.md), and each small file pays a disk flush.
 
 ``download()`` called again on the same staging folder (a new process, a new core) skips files
 already at their final name (they were verified before the rename), and continues each
@@ -63,11 +65,11 @@ recorded ETag (412: start that file again). **hashlib cannot save a hash's state
 crash the core re-hashes the recorded prefix once from disk**: this is the only time any byte is
 read back, and it only happens after a crash (or after a download given up on a transient
 error, whose partial file is kept for the next try). A file that never reached a checkpoint
-(smaller than ``journal_bytes`` or younger than ``journal_seconds``) starts over. Small files
-are never ``fsync``'d, even with ``fsync=True`` (one ``fsync`` per 16 KiB file would cost more
-than the download), so after a power cut a small final-named file is only as durable as the
-file system makes a rename. A resumed file whose final hash does not match is fetched once more
-from zero (the bytes on disk may be what is wrong). A full disk
+(smaller than ``journal_bytes`` or younger than ``journal_seconds``) starts over. With the
+default ``fsync=False`` a final-named file is, after a power cut, only as durable as the file
+system makes a rename (a finished file found with the wrong size is fetched again). A resumed
+file whose final hash does not match is fetched once more from zero (the bytes on disk may be
+what is wrong). A full disk
 (ENOSPC) removes the partial file and its journal and lets the ``OSError`` through: the engine
 reports it as "cache full".
 """
@@ -388,14 +390,15 @@ class _Job:
         hook = self.run.core.before_commit
         if hook is not None:
             hook(item.relpath, Path(self.part))
-        durable = self.journaled and self.run.core.fsync
-        if durable:
-            # A file that had a journal is worth making durable before its name says "done".
+        fsync = self.run.core.fsync
+        if fsync:
+            # Durable before its name says "done" (the folders follow: here for a journaled
+            # file, whose journal goes next; at the end of the download for the others).
             os.fdatasync(self.fd)
         os.close(self.fd)
         self.fd = -1
         os.rename(self.part, self.target)  # noqa: PTH104 - str paths, see __init__
-        if durable:
+        if fsync and self.journaled:
             _journal.fsync_dir(Path(self.target).parent)
         if self.journaled:
             _journal.remove(self.journal)
@@ -712,6 +715,8 @@ class DownloadCore:
             run.checkpoints.close()
         if errors:
             raise errors[0]
+        if self.fsync:
+            self._sync_folders(run)
         return DownloadStats(
             len(files),
             total,
@@ -721,6 +726,19 @@ class DownloadCore:
             run.resumed,
             skipped,
         )
+
+    @staticmethod
+    def _sync_folders(run: _Run) -> None:
+        """Make every rename and every new folder of the download durable (``fsync=True``)."""
+        folders = set()
+        for folder in run.dirs:
+            path = Path(folder)
+            while path != run.dest and run.dest in path.parents:
+                folders.add(path)
+                path = path.parent
+        folders.add(run.dest)
+        for path in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+            _journal.fsync_dir(path)
 
     def _complete(self, item: ManifestFile, run: _Run) -> bool:
         """A file at its final name from an earlier run (renamed only after verification)."""

@@ -100,8 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     client.add_argument(
         "--fsync",
         action="store_true",
-        help="make resume checkpoints and large finished files survive a power cut, not only "
-        "the process dying (fdatasync; slower)",
+        help="make resume checkpoints and finished files survive a power cut, not only the "
+        "process dying (fdatasync; slower)",
     )
     from ._bench._main import add_bench_parser
 

@@ -11,8 +11,10 @@ reading an inode-table block for each), against ~0.03 ms otherwise; deleting 2,0
 runs made every writing case pay that for the previous run's clean-up, which no download does
 (measured: core / raw GET loop on 2,000 x 16 KiB fell from 1.08 to 0.63). Single big files are
 deleted at once: one inode costs nothing, and keeping 256 MiB files would leave their dirty pages
-to be written back during later runs. The core's peak
-memory on the big blob is measured once more, untimed, in a child process (:mod:`._memprobe`).
+to be written back during later runs.
+
+The core's peak memory on the big blob is measured once more, untimed, in a child process
+(:mod:`._memprobe`).
 """
 
 from __future__ import annotations

@@ -44,10 +44,10 @@ the kernel) and hashed. Two durability levels:
 
 * ``fsync=False`` (default): progress survives the *process* dying (SIGKILL, a crash, a
   task-sequence host killed): the kernel keeps every written page, so the recorded prefix is on
-  the file whatever happens to the process. Nothing is ``fsync``'d, as aria2c, curl and the Azure
-  SDK's ``download_blob`` do not. After a power cut a ``.part`` shorter than its journal starts over,
-  and a resumed file whose final hash does not match is fetched once more from zero, so a lost
-  page costs a re-download, never a wrong file.
+  the file whatever happens to the process. Nothing is ``fsync``'d, as aria2c, curl and the
+  Azure SDK's ``download_blob`` do not. After a power cut a ``.part`` shorter than its journal
+  starts over, and a resumed file whose final hash does not match is fetched once more from
+  zero, so a lost page costs a re-download, never a wrong file.
 * ``fsync=True``: also survives a power cut. A checkpoint ``fdatasync``'s the ``.part`` before
   the offset is recorded (the journal itself is written temp, ``fsync``, rename, ``fsync`` of
   the folder); writes of a file that can reach a checkpoint are handed to the kernel's writeback
@@ -69,9 +69,8 @@ error, whose partial file is kept for the next try). A file that never reached a
 default ``fsync=False`` a final-named file is, after a power cut, only as durable as the file
 system makes a rename (a finished file found with the wrong size is fetched again). A resumed
 file whose final hash does not match is fetched once more from zero (the bytes on disk may be
-what is wrong). A full disk
-(ENOSPC) removes the partial file and its journal and lets the ``OSError`` through: the engine
-reports it as "cache full".
+what is wrong). A full disk (ENOSPC) removes the partial file and its journal and lets the
+``OSError`` through: the engine reports it as "cache full".
 """
 
 from __future__ import annotations
@@ -229,7 +228,7 @@ class _Job:
         #: Bytes came from an earlier run's ``.part`` (a mismatch may be the disk's fault).
         self.taken_over = False
         self._journal_ok = run.core.journal_bytes > 0
-        #: Only a file that can reach a checkpoint will ever be synced.
+        #: Early writeback pays off only for a file whose checkpoints will flush it.
         self._writeback = (
             run.core.fsync and self._journal_ok and item.size > run.core.journal_bytes
         )
@@ -592,8 +591,8 @@ class DownloadCore:
     :param range_size: bytes per ranged request.
     :param journal_bytes: bytes between two resume checkpoints (0: no journal).
     :param journal_seconds: minimum time between two checkpoints of a file.
-    :param fsync: make checkpoints and journaled files durable against a power cut, not only
-        against the process dying (see the module docstring for what it costs).
+    :param fsync: make checkpoints, verified files and their folders durable against a power
+        cut, not only against the process dying (see the module docstring for the cost).
     """
 
     def __init__(

@@ -401,6 +401,7 @@ class _Blob(BaseHTTPRequestHandler):
     def do_GET(self):
         server = self.server
         server.requests.append(dict(self.headers.items()))
+        server.paths.append(self.path)
         data, etag = server.data, '"0xE1"'
         if self.headers.get("If-Match", etag) != etag:
             self.send_response(412)
@@ -439,6 +440,7 @@ def blob_server():
         server = ThreadingHTTPServer(("127.0.0.1", 0), _Blob)
         server.daemon_threads = True
         server.data, server.chunked, server.requests = data, chunked, []
+        server.paths = []
         server.close_after_answer = False
         if tls is not None:
             server.socket = tls.wrap_socket(server.socket, server_side=True)
@@ -668,3 +670,53 @@ def test_with_fsync_every_file_and_folder_is_flushed_before_the_download_returns
         ("fsync", str(tmp_path)),
     ]
     assert (tmp_path / "a" / "b" / "x.bin").read_bytes() == data
+
+
+def _sas(url, seconds_left):
+    se = (datetime.now(UTC) + timedelta(seconds=seconds_left)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"{url}&se={se.replace(':', '%3A')}"
+
+
+@pytest.mark.parametrize(
+    ("seconds_left", "margin", "renewed"),
+    [(30, 60.0, True), (-60, 60.0, True), (3600, 60.0, False), (-60, 0.0, False)],
+    ids=["lapses-within-the-margin", "already-lapsed", "far-from-lapsing", "margin-off"],
+)
+def test_a_sas_close_to_its_expiry_is_renewed_before_it_is_used(
+    blob_server, tmp_path, seconds_left, margin, renewed
+):
+    # reliability.md C4: renew before se, rather than wait for storage's 403 mid-transfer. The
+    # renewal shares the once-per-file budget with renewals after a refusal.
+    server, url = blob_server(LARGE)
+    fresh = url.replace("sig=secret", "sig=fresh")
+    asked = []
+
+    def renew(item):
+        asked.append(item.relpath)
+        return _sas(fresh, 3600)
+
+    events = []
+    core = core_for(sas_margin=margin, on_event=events.append)
+    core.download(one_file(_sas(url, seconds_left), LARGE), tmp_path, renew=renew)
+    core.close()
+    assert (tmp_path / "blob.bin").read_bytes() == LARGE
+    assert asked == (["blob.bin"] if renewed else [])
+    assert all(("sig=fresh" in p) == renewed for p in server.paths)
+    assert any("renewing before the request" in e for e in events) == renewed
+    assert not any("sig=" in e for e in events)
+
+
+def test_a_renewal_before_use_spends_the_files_one_renewal(blob_server, tmp_path):
+    # The renewed URL lapses too: it is used as it is, and storage's verdict is final (here the
+    # test server accepts it, so the download completes with exactly one renewal).
+    _, url = blob_server(LARGE)
+    asked = []
+
+    def renew(item):
+        asked.append(item.relpath)
+        return _sas(url, 5)
+
+    core = core_for()
+    core.download(one_file(_sas(url, 5), LARGE), tmp_path, renew=renew)
+    core.close()
+    assert asked == ["blob.bin"]

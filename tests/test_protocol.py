@@ -1281,3 +1281,25 @@ def test_codes_match_the_product() -> None:
     exported = [getattr(codes, name) for name in codes.__all__ if name != "describe"]
     assert len(set(exported)) == len(exported)
     assert all(codes.describe(code) != "Unknown error" for code in exported)
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("sv=2021&se=2026-11-22T21%3A00%3A00Z&sig=x", "2026-11-22T21:00:00+00:00"),
+        ("se=2026-11-22T21:00Z", "2026-11-22T21:00:00+00:00"),
+        ("se=2026-11-23", "2026-11-23T00:00:00+00:00"),
+        ("sv=2021&sig=x", None),
+        ("se=tomorrow", None),
+    ],
+)
+def test_sas_expiry_reads_se_as_utc(query, expected):
+    from datetime import UTC, datetime
+
+    from pytest_cmg._protocol.manifest import sas_expiry
+
+    value = sas_expiry(f"https://account.blob.core.windows.net/c/b.bin?{query}")
+    if expected is None:
+        assert value is None
+    else:
+        assert datetime.fromtimestamp(value, UTC).isoformat() == expected

@@ -31,7 +31,9 @@ only after its size and SHA-256 match the manifest. The ETag of the first answer
 the file from zero instead of splicing two versions; a ``206`` whose ``Content-Range`` does not
 start where asked, and a ``200`` to a range request, are never appended; a size that differs from
 the manifest's is a hash failure at once. An expired SAS (403) is renewed through the gateway
-(``renew``), once per file.
+(``renew``), once per file; so is one whose ``se`` is less than ``sas_margin`` seconds away when
+a request is about to start (reliability.md C4: renew before it lapses, not after a 403), using
+the same once-per-file budget.
 
 Retries (reliability.md B2, B3): see :mod:`.retry`. A cut connection resumes at the byte where it
 stopped (``Range: bytes=N-``, the bytes already in the buffer are kept), with the hash continuing.
@@ -90,6 +92,7 @@ from typing import TYPE_CHECKING
 
 from .._errors import ContentError
 from .._protocol import codes
+from .._protocol.manifest import sas_expiry
 from . import _journal
 from ._http import Connection, ConnectionPool, Origin, Response, TransportError, split_url
 from .retry import RetryPolicy, is_transient_status, parse_retry_after
@@ -219,6 +222,8 @@ class _Job:
         self.digest = hashlib.sha256()
         self.hashed = 0
         self.renewed = False
+        #: The URL whose ``se`` was read, and that ``se`` (parsed once per URL).
+        self._expiry: tuple[str, float | None] = ("", None)
         self.fd = -1
         self.lock = threading.Lock()
         # Checkpoints: at most one in flight; the job waits for it before truncating or closing.
@@ -238,6 +243,14 @@ class _Job:
     @property
     def journal(self) -> Path:
         return Path(self.part + _journal.SUFFIX)
+
+    def sas_seconds_left(self) -> float | None:
+        """Seconds until the current URL's SAS lapses (negative: already), None if unknown."""
+        url = self.url
+        if self._expiry[0] != url:
+            self._expiry = (url, sas_expiry(url))
+        expiry = self._expiry[1]
+        return None if expiry is None else expiry - time.time()
 
     # -- opening, with resume from a journal --
 
@@ -591,6 +604,8 @@ class DownloadCore:
     :param range_size: bytes per ranged request.
     :param journal_bytes: bytes between two resume checkpoints (0: no journal).
     :param journal_seconds: minimum time between two checkpoints of a file.
+    :param sas_margin: renew a SAS whose ``se`` is closer than this many seconds before a
+        request uses it (0: only after storage refuses it).
     :param fsync: make checkpoints, verified files and their folders durable against a power
         cut, not only against the process dying (see the module docstring for the cost).
     """
@@ -611,6 +626,7 @@ class DownloadCore:
         journal_bytes: int = 8 << 20,
         journal_seconds: float = 1.0,
         fsync: bool = False,
+        sas_margin: float = 60.0,
     ) -> None:
         if workers < 1 or range_parts < 1 or range_size < _CHUNK or journal_bytes < 0:
             msg = (
@@ -629,6 +645,7 @@ class DownloadCore:
         self.journal_bytes = journal_bytes
         self.journal_seconds = journal_seconds
         self.fsync = fsync
+        self.sas_margin = sas_margin
         #: Test hook: ``before_commit(relpath, part)`` runs after a file's hash matched and
         #: before its rename (reliability.md test 12 kills the process there).
         self.before_commit: Callable[[str, Path], None] | None = None
@@ -874,6 +891,20 @@ class DownloadCore:
             self.on_event(f"{job.item.relpath}: SAS refused ({refused.code}), renewing")
             job.url, job.renewed = job.run.renew(job.item), True
 
+    def _renew_early(self, job: _Job) -> None:
+        """Renew a SAS that lapses within ``sas_margin`` before using it (once per file)."""
+        if job.renewed or job.run.renew is None or self.sas_margin <= 0:
+            return
+        left = job.sas_seconds_left()
+        if left is None or left >= self.sas_margin:
+            return
+        with job.lock:
+            if job.renewed:
+                return  # another range of this file renewed it meanwhile
+            when = f"expires in {left:.0f} s" if left > 0 else f"expired {-left:.0f} s ago"
+            self.on_event(f"{job.item.relpath}: SAS {when}, renewing before the request")
+            job.url, job.renewed = job.run.renew(job.item), True
+
     def _stream_parallel(self, job: _Job, parts: int) -> None:
         item = job.item
         if parts > 1:
@@ -957,6 +988,7 @@ class DownloadCore:
         written here and handed to the hashing thread; ``cursor[0]`` follows the position.
         """
         item = job.item
+        self._renew_early(job)
         url = job.url
         try:
             origin, target = split_url(url)

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from urllib.parse import parse_qsl, urlsplit
 from xml.etree import ElementTree as ET
 
 from .location import CALG_SHA_256
 from .xml import parse_untrusted
 
-__all__ = ["ContentManifest", "ManifestFile", "package_hash"]
+__all__ = ["ContentManifest", "ManifestFile", "package_hash", "sas_expiry"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,23 @@ class ManifestFile:
     size: int
     sha256: str
     url: str = ""
+
+
+def sas_expiry(url: str) -> float | None:
+    """When a file's SAS URL stops working: its ``se`` as a POSIX timestamp, None without one.
+
+    Azure renders ``se`` as UTC, ``YYYY-MM-DDThh:mm:ssZ`` (or to the day, ``YYYY-MM-DD``); the
+    client reads it to renew a SAS before it lapses (reliability.md C4).
+    """
+    value = dict(parse_qsl(urlsplit(url).query)).get("se")
+    if not value:
+        return None
+    for layout in ("%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%dT%H:%MZ", "%Y-%m-%d"):
+        try:
+            return datetime.strptime(value, layout).replace(tzinfo=UTC).timestamp()
+        except ValueError:
+            continue
+    return None
 
 
 def package_hash(files: tuple[ManifestFile, ...] | list[ManifestFile]) -> str:

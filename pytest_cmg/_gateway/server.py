@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -85,7 +85,7 @@ from .._protocol.tokens import (
 from .egress import EgressMeter
 from .faults import FaultPlan, GatewayFault
 from .requestlog import RequestLog
-from .tls import CertificateRefusal, GatewayTLS
+from .tls import SERVER_CERTIFICATES, CertificateRefusal, GatewayTLS
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -139,6 +139,9 @@ class FakeCMG:
     :param sas_lifetime: how long a minted SAS stays valid (capped by the access token's ``et``).
     :param classic_dp_hostname: the service FQDN of the classic cloud DP, when the settings say
         content comes from one (``CmgSettings.classic_cloud_dp``) rather than from the CMG.
+    :param server_certificate: ``"valid"``, or a certificate clients must refuse although the
+        CA they trust signed it: ``"wrong-host"`` (names another host, not the CMG nor
+        127.0.0.1) or ``"expired"`` (reliability.md test 31; ``tls.SERVER_CERTIFICATES``).
     """
 
     def __init__(
@@ -152,7 +155,16 @@ class FakeCMG:
         sas_lifetime: timedelta = timedelta(hours=1),
         workdir: Path | None = None,
         classic_dp_hostname: str = "clouddp.contoso.test",
+        server_certificate: str = "valid",
     ) -> None:
+        if server_certificate not in SERVER_CERTIFICATES:
+            # Refused here, not at start(), so a typo fails where the gateway is configured.
+            msg = (
+                f"no server certificate kind {server_certificate!r}; choose one of "
+                f"{', '.join(SERVER_CERTIFICATES)}"
+            )
+            raise ValueError(msg)
+        self.server_certificate = server_certificate
         self.cloud_dp = cloud_dp
         self.clock: Clock = clock or SystemClock()
         self.site_code = site_code
@@ -196,7 +208,9 @@ class FakeCMG:
         if self._workdir is None:
             self._tempdir = tempfile.TemporaryDirectory(prefix="pytest-cmg-gw-")
             self._workdir = Path(self._tempdir.name)
-        self._tls = GatewayTLS.create(self._workdir, self.hostname)
+        self._tls = GatewayTLS.create(
+            self._workdir, self.hostname, server_certificate=self.server_certificate
+        )
         self._server = _Server(("127.0.0.1", 0), _Handler, self, self._tls.server_context())
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="pytest-cmg-gateway", daemon=True
@@ -512,8 +526,10 @@ class FakeCMG:
         manifest = self.cloud_dp.manifest(package_id, versions[-1]) if versions else None
         if manifest is None:
             raise _Refusal(404, "Not Found", f"{package_id} is not on the cloud DP")
-        now = self.clock.now()
-        expiry = min(token_end.astimezone(now.tzinfo), now + self.sas_lifetime)
+        # In UTC whatever zone the clock reports in: the service log's "...Z" must be the
+        # instant the SAS carries, not the clock's wall-clock digits.
+        now = self.clock.now().astimezone(UTC)
+        expiry = min(token_end.astimezone(UTC), now + self.sas_lifetime)
         for fault in faults:
             if fault.sas_ttl is not None:
                 expiry = now + timedelta(seconds=fault.sas_ttl)

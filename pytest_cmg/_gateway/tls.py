@@ -36,7 +36,14 @@ from .pki import CertificateAuthority, Credentials
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-__all__ = ["CERT_REVOKED", "CERT_UNTRUSTED", "CertificateRefusal", "GatewayTLS"]
+__all__ = [
+    "CERT_REVOKED",
+    "CERT_UNTRUSTED",
+    "SERVER_CERTIFICATES",
+    "WRONG_SERVER_NAME",
+    "CertificateRefusal",
+    "GatewayTLS",
+]
 
 #: IIS 403.13 and 403.16 texts: what a refused client certificate is answered with.
 CERT_REVOKED = "Client certificate revoked"
@@ -44,6 +51,12 @@ CERT_UNTRUSTED = "Client certificate is untrusted or invalid"
 #: Names of the client CAs, for ``issuer=`` and for a CTL in settings.
 CLIENT_CA_NAME = "pytest-cmg client CA"
 PARTNER_CA_NAME = "pytest-cmg partner CA"
+#: The server certificates the CMG can present (``FakeCMG(server_certificate=...)``): a good
+#: one, or one a client must refuse although a trusted CA signed it (reliability.md test 31):
+#: ``"wrong-host"`` names only :data:`WRONG_SERVER_NAME`, ``"expired"`` ended a day ago.
+SERVER_CERTIFICATES = ("valid", "wrong-host", "expired")
+#: The only name in a ``"wrong-host"`` server certificate: not the CMG, not 127.0.0.1.
+WRONG_SERVER_NAME = "not-the-cmg.contoso.test"
 
 
 @dataclass(frozen=True)
@@ -79,19 +92,40 @@ class GatewayTLS:
     partner_ca_pem: Path | None = None
 
     @classmethod
-    def create(cls, folder: Path, hostname: str) -> GatewayTLS:
+    def create(cls, folder: Path, hostname: str, *, server_certificate: str = "valid") -> GatewayTLS:
+        """Fresh CAs and a server certificate of the kind ``server_certificate`` names.
+
+        Every kind is signed by the server CA clients trust, so a refusal can only come from
+        the defect the kind names (see :data:`SERVER_CERTIFICATES`).
+        """
+        if server_certificate not in SERVER_CERTIFICATES:
+            msg = (
+                f"no server certificate kind {server_certificate!r}; choose one of "
+                f"{', '.join(SERVER_CERTIFICATES)}"
+            )
+            raise ValueError(msg)
         folder.mkdir(parents=True, exist_ok=True)
         server_ca = CertificateAuthority("pytest-cmg server CA")
         client_ca = CertificateAuthority(CLIENT_CA_NAME)
         partner_ca = CertificateAuthority(PARTNER_CA_NAME)
         # Clients connect to 127.0.0.1; the CMG FQDN is in the certificate too, so a client that
         # checks the name against the CMG service name (as the real client does) also succeeds.
+        name = hostname
+        dns_names: tuple[str, ...] = (hostname, "localhost")
+        ip_addresses: tuple[ipaddress.IPv4Address, ...] = (ipaddress.IPv4Address("127.0.0.1"),)
+        not_after = None
+        if server_certificate == "wrong-host":
+            # No name a client could reach this CMG by, neither its FQDN nor the loopback.
+            name, dns_names, ip_addresses = WRONG_SERVER_NAME, (WRONG_SERVER_NAME,), ()
+        elif server_certificate == "expired":
+            not_after = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
         server = server_ca.issue(
             folder,
-            hostname,
+            name,
             usage="server",
-            dns_names=(hostname, "localhost"),
-            ip_addresses=(ipaddress.IPv4Address("127.0.0.1"),),
+            dns_names=dns_names,
+            ip_addresses=ip_addresses,
+            not_after=not_after,
             file_stem="cmg-server",
         )
         tls = cls(

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
@@ -28,7 +29,6 @@ from .._protocol.manifest import ContentManifest, ManifestFile
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
-    from datetime import datetime
     from pathlib import Path
 
     from azure.storage.blob import BlobServiceClient, ContainerClient
@@ -41,6 +41,18 @@ DEFAULT_CONTAINER = "cmg-rg"
 _READ_CHUNK = 1 << 20
 #: Files uploaded at once by `distribute` (Azurite serves about 150 small uploads/s with 8).
 _UPLOAD_WORKERS = 8
+
+
+def _utc(name: str, value: datetime) -> datetime:
+    """``value`` in UTC; a naive datetime is refused, naming the parameter and the fix."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        msg = (
+            f"signed_url: {name}={value.isoformat()} is a naive datetime, which could be UTC or "
+            f"local time; pass a timezone-aware one, e.g. datetime.now(UTC) or "
+            f"{name}.replace(tzinfo=UTC) if it was meant as UTC"
+        )
+        raise ValueError(msg)
+    return value.astimezone(UTC)
 
 
 @dataclass(frozen=True)
@@ -175,7 +187,18 @@ class CloudDP:
     def signed_url(
         self, package_id: str, version: int, relpath: str, *, start: datetime, expiry: datetime
     ) -> str:
-        """A read-only service SAS URL scoped to one blob (``sr=b``, ``sp=r``)."""
+        """A read-only service SAS URL scoped to one blob (``sr=b``, ``sp=r``).
+
+        ``start`` and ``expiry`` must be timezone-aware. Any offset is accepted and converted
+        to UTC, so ``st``/``se`` are always rendered ``YYYY-MM-DDTHH:MM:SSZ`` for the same
+        instant (sub-second digits are dropped: the SAS format has none). A naive datetime is
+        refused with :class:`ValueError` rather than guessed: the storage SDK would read it as
+        UTC while Python's ``astimezone`` reads it as local time, so ``datetime.now()`` on a
+        machine off UTC would silently shift the SAS window by the machine's offset (the bug
+        class of reliability.md C1). Pass ``datetime.now(UTC)``, or attach the zone the value
+        was meant in with ``.replace(tzinfo=...)``.
+        """
+        start, expiry = _utc("start", start), _utc("expiry", expiry)
         https_only = self.endpoint.url.startswith("https://")
         sas = generate_blob_sas(
             account_name=self.endpoint.account_name,

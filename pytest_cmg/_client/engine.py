@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import re
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -261,7 +262,7 @@ class CMGClient:
             )
         except requests.RequestException as exc:
             raise ContentError(
-                codes.NO_LOCATIONS, f"CCM token request failed: {exc.__class__.__name__}"
+                codes.NO_LOCATIONS, f"CCM token request failed: {_transport_reason(exc)}"
             ) from exc
         if response.status_code != 200 or not response.text.strip():
             self.log.error(
@@ -310,7 +311,8 @@ class CMGClient:
             )
         except requests.RequestException as exc:
             raise ContentError(
-                codes.NO_LOCATIONS, f"content location request failed: {exc.__class__.__name__}"
+                codes.NO_LOCATIONS,
+                f"content location request failed: {_transport_reason(exc)}",
             ) from exc
         if response.status_code != 200:
             self.log.error(
@@ -1210,3 +1212,25 @@ class _Renewer:
                     codes.BAD_HTTP_STATUS, f"renewed manifest no longer lists {item.relpath}"
                 )
             return self._urls[item.relpath]
+
+
+def _transport_reason(exc: BaseException) -> str:
+    """A failed request's class, plus OpenSSL's verdict on a refused server certificate.
+
+    requests buries ``SSLCertVerificationError`` several wrappers deep (in ``args`` and
+    ``reason``, not only ``__cause__``); its ``verify_message`` ("certificate has expired",
+    "IP address mismatch") is what tells a user why the gateway was refused, and holds no
+    secret.
+    """
+    seen: set[int] = set()
+    pending: list[object] = [exc]
+    while pending and len(seen) < 32:
+        current = pending.pop()
+        if id(current) in seen or not isinstance(current, BaseException):
+            continue
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError) and current.verify_message:
+            return f"{exc.__class__.__name__} ({current.verify_message})"
+        pending.extend(current.args)
+        pending.extend((getattr(current, "reason", None), current.__cause__, current.__context__))
+    return exc.__class__.__name__

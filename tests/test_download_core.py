@@ -583,32 +583,36 @@ def test_https_azurite_with_its_ca(https_azurite, tmp_path):
         dp.delete()
 
 
+@pytest.fixture
+def flushes(monkeypatch):
+    """Every fdatasync and fsync the core makes, as (call, path of the descriptor), in order."""
+    calls = []
+    for name in ("fdatasync", "fsync"):
+        real = getattr(download_module.os, name)
+
+        def spy(fd, name=name, real=real):
+            calls.append((name, os.readlink(f"/proc/self/fd/{fd}")))
+            real(fd)
+
+        monkeypatch.setattr(download_module.os, name, spy)
+    return calls
+
+
 @pytest.mark.parametrize("fsync", [False, True], ids=["process-durable", "power-durable"])
 def test_fsync_decides_whether_checkpoints_and_the_rename_wait_for_the_disk(
-    blob_server, tmp_path, monkeypatch, fsync
+    blob_server, tmp_path, monkeypatch, flushes, fsync
 ):
     # The journal always records only written and hashed bytes; fsync=True also flushes them
     # before each record, flushes the file before its rename and the folder after it.
     _, url = blob_server(LARGE)
-    calls = []
-    real_fdatasync, real_fsync = download_module.os.fdatasync, download_module.os.fsync
+    calls = flushes
     records = []
     real_write = download_module._journal.write
-
-    def fake_fdatasync(fd):
-        calls.append(("fdatasync", os.readlink(f"/proc/self/fd/{fd}")))
-        real_fdatasync(fd)
-
-    def fake_fsync(fd):
-        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
 
     def write(path, record, *, durable=True):
         records.append((record.offset, durable))
         real_write(path, record, durable=durable)
 
-    monkeypatch.setattr(download_module.os, "fdatasync", fake_fdatasync)
-    monkeypatch.setattr(download_module.os, "fsync", fake_fsync)
     monkeypatch.setattr(download_module._journal, "write", write)
     core = core_for(journal_bytes=4 * MiB, journal_seconds=0.0, fsync=fsync)
     stats = core.download(one_file(url, LARGE), tmp_path)
@@ -628,7 +632,7 @@ def test_fsync_decides_whether_checkpoints_and_the_rename_wait_for_the_disk(
 
 
 def test_with_fsync_every_file_and_folder_is_flushed_before_the_download_returns(
-    blob_server, tmp_path, monkeypatch
+    blob_server, tmp_path, flushes
 ):
     # Small files have no journal, but fsync=True still promises power-cut durability: each
     # is flushed before its rename, and every folder of the download once at the end.
@@ -643,19 +647,7 @@ def test_with_fsync_every_file_and_folder_is_flushed_before_the_download_returns
             ManifestFile("y.bin", len(data), digest, url),
         ),
     )
-    calls = []
-    real_fdatasync, real_fsync = download_module.os.fdatasync, download_module.os.fsync
-
-    def fake_fdatasync(fd):
-        calls.append(("fdatasync", os.readlink(f"/proc/self/fd/{fd}")))
-        real_fdatasync(fd)
-
-    def fake_fsync(fd):
-        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    monkeypatch.setattr(download_module.os, "fdatasync", fake_fdatasync)
-    monkeypatch.setattr(download_module.os, "fsync", fake_fsync)
+    calls = flushes
     core = core_for(fsync=True, workers=1)
     core.download(manifest, tmp_path)
     core.close()

@@ -45,10 +45,13 @@ def p99(samples: list[float]) -> float:
     return ordered[math.ceil(0.99 * len(ordered)) - 1]
 
 
-def sockets_on(port: int) -> int:
-    """Open sockets of this process whose local port is ``port`` (a server's, listener included)."""
+def _count_sockets(port: int, *, peer: bool, skip: set[int] | frozenset[int] = frozenset()) -> int:
+    """Open inet sockets of this process whose local (or, with ``peer``, remote) port is
+    ``port``; descriptors in ``skip`` are not counted."""
     count = 0
     for name in os.listdir("/proc/self/fd"):
+        if int(name) in skip:
+            continue
         try:
             if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
                 continue
@@ -56,14 +59,19 @@ def sockets_on(port: int) -> int:
         except OSError:
             continue  # closed meanwhile, or not an inet socket
         try:
-            address = probe.getsockname()
+            address = probe.getpeername() if peer else probe.getsockname()
             if isinstance(address, tuple) and address[1] == port:
                 count += 1
         except OSError:
-            pass
+            pass  # not connected (a listener), or closed meanwhile
         finally:
             probe.close()
     return count
+
+
+def sockets_on(port: int) -> int:
+    """Open sockets of this process whose local port is ``port`` (a server's, listener included)."""
+    return _count_sockets(port, peer=False)
 
 
 def urllib3_fds() -> set[int]:
@@ -82,26 +90,7 @@ def urllib3_fds() -> set[int]:
 
 def client_sockets_to(port: int) -> int:
     """Open sockets of this process connected to ``port``, except urllib3's (see above)."""
-    count = 0
-    pooled = urllib3_fds()
-    for name in os.listdir("/proc/self/fd"):
-        if int(name) in pooled:
-            continue
-        try:
-            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
-                continue
-            probe = socket.socket(fileno=os.dup(int(name)))
-        except OSError:
-            continue
-        try:
-            peer = probe.getpeername()
-            if isinstance(peer, tuple) and peer[1] == port:
-                count += 1
-        except OSError:
-            pass  # not connected (a listener, or closed meanwhile)
-        finally:
-            probe.close()
-    return count
+    return _count_sockets(port, peer=True, skip=urllib3_fds())
 
 
 def settled(port: int, before: tuple[int, int]) -> tuple[int, int]:

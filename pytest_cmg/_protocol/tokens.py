@@ -79,6 +79,40 @@ def _b64url_decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+class _NotJwt(Exception):
+    """A token that is not a compact JWS; ``cause`` is None when it lacks three segments."""
+
+    def __init__(self, cause: Exception | None) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+@dataclass(frozen=True)
+class _Jwt:
+    header: Any
+    claims: Any
+    signature: bytes
+    #: What the signature signs: the first two segments as sent.
+    signed: bytes
+
+
+def _split_jwt(token: str) -> _Jwt:
+    """The decoded segments of a compact JWS, or :class:`_NotJwt`. Shared by the site's and
+    Azure AD's verifiers, which word the same failures differently (ours, and IDX codes)."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise _NotJwt(None)
+    try:
+        return _Jwt(
+            json.loads(_b64url_decode(parts[0])),
+            json.loads(_b64url_decode(parts[1])),
+            _b64url_decode(parts[2]),
+            f"{parts[0]}.{parts[1]}".encode("ascii"),
+        )
+    except (ValueError, UnicodeError) as exc:
+        raise _NotJwt(exc) from exc
+
+
 @dataclass
 class SiteAuthority:
     """The site's signing identity: issues and verifies tokens against an injectable clock."""
@@ -178,21 +212,20 @@ class SiteAuthority:
         return claims
 
     def _verify_jwt(self, token: str) -> dict[str, Any]:
-        parts = token.split(".")
-        if len(parts) != 3:
-            reason = "token is not a three-part JWT"
-            raise TokenRejected(reason)
         try:
-            header = json.loads(_b64url_decode(parts[0]))
-            claims = json.loads(_b64url_decode(parts[1]))
-            signature = _b64url_decode(parts[2])
-        except (ValueError, UnicodeDecodeError) as exc:
-            reason = f"token is not decodable ({exc})"
-            raise TokenRejected(reason) from exc
+            jwt = _split_jwt(token)
+        except _NotJwt as bad:
+            reason = (
+                "token is not a three-part JWT"
+                if bad.cause is None
+                else f"token is not decodable ({bad.cause})"
+            )
+            raise TokenRejected(reason) from bad.cause
+        header, claims, signature = jwt.header, jwt.claims, jwt.signature
         if not isinstance(header, dict) or header.get("alg") != "RS256":
             reason = f"token alg {header.get('alg') if isinstance(header, dict) else None!r} is not RS256"
             raise TokenRejected(reason)
-        if not self._verify(signature, f"{parts[0]}.{parts[1]}".encode("ascii")):
+        if not self._verify(signature, jwt.signed):
             reason = "token signature does not verify against the site key"
             raise TokenRejected(reason)
         if not isinstance(claims, dict):
@@ -461,17 +494,16 @@ class AzureADDirectory:
 
     def verify(self, token: str) -> dict[str, Any]:
         """Return the claims of a valid device token, or raise :class:`TokenRejected`."""
-        parts = token.split(".")
-        if len(parts) != 3:
-            reason = "IDX12741: JWT must have three segments"
-            raise TokenRejected(reason)
         try:
-            header = json.loads(_b64url_decode(parts[0]))
-            claims = json.loads(_b64url_decode(parts[1]))
-            signature = _b64url_decode(parts[2])
-        except (ValueError, UnicodeDecodeError) as exc:
-            reason = f"IDX12729: Unable to decode the token ({exc.__class__.__name__})"
-            raise TokenRejected(reason) from exc
+            jwt = _split_jwt(token)
+        except _NotJwt as bad:
+            reason = (
+                "IDX12741: JWT must have three segments"
+                if bad.cause is None
+                else f"IDX12729: Unable to decode the token ({bad.cause.__class__.__name__})"
+            )
+            raise TokenRejected(reason) from bad.cause
+        header, claims, signature = jwt.header, jwt.claims, jwt.signature
         if not isinstance(header, dict) or not isinstance(claims, dict):
             reason = "IDX12729: Unable to decode the token (header or payload is not an object)"
             raise TokenRejected(reason)
@@ -497,7 +529,7 @@ class AzureADDirectory:
         try:
             key.public_key().verify(
                 signature,
-                f"{parts[0]}.{parts[1]}".encode("ascii"),
+                jwt.signed,
                 padding.PKCS1v15(),
                 hashes.SHA256(),
             )

@@ -253,17 +253,8 @@ LARGE = random.Random(12).randbytes(20 * MiB)
 
 def signed(cloud_dp, manifest):
     now = datetime.now(UTC)
-    return manifest.with_urls(
-        {
-            f.relpath: cloud_dp.signed_url(
-                manifest.package_id,
-                manifest.version,
-                f.relpath,
-                start=now - timedelta(minutes=15),
-                expiry=now + timedelta(hours=1),
-            )
-            for f in manifest.files
-        }
+    return cloud_dp.signed_manifest(
+        manifest, start=now - timedelta(minutes=15), expiry=now + timedelta(hours=1)
     )
 
 

@@ -366,14 +366,8 @@ READ_TIMEOUT = 0.8
 
 def signed(cloud_dp: CloudDP, manifest: ContentManifest) -> ContentManifest:
     now = datetime.now(UTC)
-    start, expiry = now - timedelta(minutes=15), now + timedelta(hours=1)
-    return manifest.with_urls(
-        {
-            f.relpath: cloud_dp.signed_url(
-                manifest.package_id, manifest.version, f.relpath, start=start, expiry=expiry
-            )
-            for f in manifest.files
-        }
+    return cloud_dp.signed_manifest(
+        manifest, start=now - timedelta(minutes=15), expiry=now + timedelta(hours=1)
     )
 
 

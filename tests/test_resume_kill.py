@@ -75,17 +75,9 @@ def package(cloud_dp):
 def signed(cloud_dp, manifest: ContentManifest) -> ContentManifest:
     """The manifest with fresh SAS URLs (through the fault proxy when it is routed)."""
     now = datetime.now(UTC)
-    urls = {
-        f.relpath: cloud_dp.signed_url(
-            manifest.package_id,
-            manifest.version,
-            f.relpath,
-            start=now - timedelta(minutes=15),
-            expiry=now + timedelta(hours=1),
-        )
-        for f in manifest.files
-    }
-    return manifest.with_urls(urls)
+    return cloud_dp.signed_manifest(
+        manifest, start=now - timedelta(minutes=15), expiry=now + timedelta(hours=1)
+    )
 
 
 def start_child(manifest: ContentManifest, dest, **extra) -> subprocess.Popen[str]:

@@ -534,12 +534,8 @@ class FakeCMG:
             if fault.sas_ttl is not None:
                 expiry = now + timedelta(seconds=fault.sas_ttl)
         start = now - SAS_CLOCK_SKEW
-        urls = {
-            f.relpath: self.cloud_dp.signed_url(
-                package_id, manifest.version, f.relpath, start=start, expiry=expiry
-            )
-            for f in manifest.files
-        }
+        signed = self.cloud_dp.signed_manifest(manifest, start=start, expiry=expiry)
+        urls = {f.relpath: f.url for f in signed.files}
         unmetered = 0
         if self.settings.measure_egress:
             sizes = {f.relpath: f.size for f in manifest.files}

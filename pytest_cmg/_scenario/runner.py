@@ -346,16 +346,10 @@ def _baseline_seconds(
         return hashlib_seconds(size)
     manifest = world.manifests[package_id]
     now = datetime.now(UTC)
-    urls = [
-        world.dp.signed_url(
-            package_id,
-            manifest.version,
-            item.relpath,
-            start=now - timedelta(minutes=5),
-            expiry=now + timedelta(hours=1),
-        )
-        for item in manifest.files
-    ]
+    signed = world.dp.signed_manifest(
+        manifest, start=now - timedelta(minutes=5), expiry=now + timedelta(hours=1)
+    )
+    urls = [item.url for item in signed.files]
     return raw_seconds(urls, size, workers=workers, ca_file=world.storage_ca_cert)
 
 

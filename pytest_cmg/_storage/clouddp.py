@@ -212,3 +212,16 @@ class CloudDP:
         )
         url = f"{self.blob_url(package_id, version, relpath)}?{sas}"
         return self._rewrite(url) if self._rewrite else url
+
+    def signed_manifest(
+        self, manifest: ContentManifest, *, start: datetime, expiry: datetime
+    ) -> ContentManifest:
+        """``manifest`` with a :meth:`signed_url` for each file, all for the same window."""
+        return manifest.with_urls(
+            {
+                f.relpath: self.signed_url(
+                    manifest.package_id, manifest.version, f.relpath, start=start, expiry=expiry
+                )
+                for f in manifest.files
+            }
+        )

@@ -588,14 +588,8 @@ class ClientCache:
         no next try); a process being killed, or interrupted (``KeyboardInterrupt``), leaves it
         too. Holds :meth:`download_lock` for the block unless the calling thread already does.
         """
-        key = self.key(package_id, version)
-        folder = self.root / _STAGING / key
-        guard: AbstractContextManager[None] = (
-            nullcontext()
-            if self._holds_download(key) is not None
-            else self.download_lock(package_id, version)
-        )
-        with guard:
+        folder = self.root / _STAGING / self.key(package_id, version)
+        with self._download_guard(package_id, version):
             folder.mkdir(parents=True, exist_ok=True)
             try:
                 yield folder
@@ -608,14 +602,14 @@ class ClientCache:
 
     def discard_staging(self, package_id: str, version: int) -> None:
         """Remove what a failed download left in staging (after its last try)."""
-        key = self.key(package_id, version)
-        guard: AbstractContextManager[None] = (
-            nullcontext()
-            if self._holds_download(key) is not None
-            else self.download_lock(package_id, version)
-        )
-        with guard:
-            shutil.rmtree(self.root / _STAGING / key, ignore_errors=True)
+        with self._download_guard(package_id, version):
+            shutil.rmtree(self.root / _STAGING / self.key(package_id, version), ignore_errors=True)
+
+    def _download_guard(self, package_id: str, version: int) -> AbstractContextManager[None]:
+        """:meth:`download_lock`, unless the calling thread already holds it (no deadlock)."""
+        if self._holds_download(self.key(package_id, version)) is not None:
+            return nullcontext()
+        return self.download_lock(package_id, version)
 
     def commit(self, staged: Path, package_id: str, version: int) -> CacheEntry:
         """Publish a verified staging folder as the cache entry (atomic rename)."""

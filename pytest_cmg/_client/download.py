@@ -222,8 +222,6 @@ class _Job:
         self.digest = hashlib.sha256()
         self.hashed = 0
         self.renewed = False
-        #: The URL whose ``se`` was read, and that ``se`` (parsed once per URL).
-        self._expiry: tuple[str, float | None] = ("", None)
         self.fd = -1
         self.lock = threading.Lock()
         # Checkpoints: at most one in flight; the job waits for it before truncating or closing.
@@ -246,10 +244,7 @@ class _Job:
 
     def sas_seconds_left(self) -> float | None:
         """Seconds until the current URL's SAS lapses (negative: already), None if unknown."""
-        url = self.url
-        if self._expiry[0] != url:
-            self._expiry = (url, sas_expiry(url))
-        expiry = self._expiry[1]
+        expiry = sas_expiry(self.url)
         return None if expiry is None else expiry - time.time()
 
     # -- opening, with resume from a journal --

@@ -13,9 +13,11 @@ check the whole package against the hash from the location reply, and each file 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from urllib.parse import parse_qsl, urlsplit
+from functools import lru_cache
+from urllib.parse import unquote
 from xml.etree import ElementTree as ET
 
 from .location import CALG_SHA_256
@@ -38,11 +40,19 @@ def sas_expiry(url: str) -> float | None:
     """When a file's SAS URL stops working: its ``se`` as a POSIX timestamp, None without one.
 
     Azure renders ``se`` as UTC, ``YYYY-MM-DDThh:mm:ssZ`` (or to the day, ``YYYY-MM-DD``); the
-    client reads it to renew a SAS before it lapses (reliability.md C4).
+    client reads it to renew a SAS before it lapses (reliability.md C4). It runs before every
+    storage request, so the value is found with one search and each distinct value parsed once
+    (a manifest's files share it).
     """
-    value = dict(parse_qsl(urlsplit(url).query)).get("se")
-    if not value:
-        return None
+    match = _SE.search(url)
+    return _parse_se(unquote(match.group(1))) if match else None
+
+
+_SE = re.compile(r"[?&]se=([^&#]+)")
+
+
+@lru_cache(maxsize=64)
+def _parse_se(value: str) -> float | None:
     for layout in ("%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%dT%H:%MZ", "%Y-%m-%d"):
         try:
             return datetime.strptime(value, layout).replace(tzinfo=UTC).timestamp()

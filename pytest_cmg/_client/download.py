@@ -242,6 +242,12 @@ class _Job:
     def journal(self) -> Path:
         return Path(self.part + _journal.SUFFIX)
 
+    def renew(self, why: str) -> None:
+        """Spend the file's one renewal (after a refusal or before a lapse); hold ``lock``."""
+        assert self.run.renew is not None and not self.renewed
+        self.run.core.on_event(f"{self.item.relpath}: {why}")
+        self.url, self.renewed = self.run.renew(self.item), True
+
     def sas_seconds_left(self) -> float | None:
         """Seconds until the current URL's SAS lapses (negative: already), None if unknown."""
         expiry = sas_expiry(self.url)
@@ -883,8 +889,7 @@ class DownloadCore:
                     f"GET {redact(refused.url)} answered 403 {refused.code}".rstrip(),
                 )
             # One renewal per file: a fresh URL that is refused too is final.
-            self.on_event(f"{job.item.relpath}: SAS refused ({refused.code}), renewing")
-            job.url, job.renewed = job.run.renew(job.item), True
+            job.renew(f"SAS refused ({refused.code}), renewing")
 
     def _renew_early(self, job: _Job) -> None:
         """Renew a SAS that lapses within ``sas_margin`` before using it (once per file)."""
@@ -897,8 +902,7 @@ class DownloadCore:
             if job.renewed:
                 return  # another range of this file renewed it meanwhile
             when = f"expires in {left:.0f} s" if left > 0 else f"expired {-left:.0f} s ago"
-            self.on_event(f"{job.item.relpath}: SAS {when}, renewing before the request")
-            job.url, job.renewed = job.run.renew(job.item), True
+            job.renew(f"SAS {when}, renewing before the request")
 
     def _stream_parallel(self, job: _Job, parts: int) -> None:
         item = job.item

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl, urlencode
 from xml.etree import ElementTree as ET
 
 from .xml import parse_untrusted
@@ -26,6 +27,7 @@ __all__ = [
     "ContentLocationReply",
     "ContentLocationRequest",
     "LocationRecord",
+    "ManifestQuery",
     "OnPremDP",
     "is_content_id",
 ]
@@ -133,6 +135,68 @@ class AccessToken:
     st: str
     et: str
     signature: str
+
+
+#: The manifest request's query parameters, in the order clients send them.
+MANIFEST_PARAMS = ("pid", "cid", "tid", "iss", "alg", "st", "et")
+#: No real parameter comes near this (a GUID, an OID, a timestamp); longer is refused unread.
+_MAX_PARAM = 256
+
+
+@dataclass(frozen=True)
+class ManifestQuery:
+    """The query of ``getcontentxmlsecure``: the package, its content and the access token's
+    fields (their signature travels in a header). Parsed here once for the gateway and the
+    property tests, so the client and the server agree on one reading of it."""
+
+    pid: str
+    cid: str
+    tid: str
+    iss: str
+    alg: str
+    st: str
+    et: str
+
+    @classmethod
+    def parse(cls, query: str) -> ManifestQuery:
+        """Read a raw query string; :class:`ValueError` names the first rule it breaks.
+
+        Every parameter must appear exactly once and be non-empty: a repeated one would let two
+        readers (a proxy, the service) see different values. Unknown parameters are ignored, as
+        the WCF service behind the real path ignores them.
+        """
+        try:
+            pairs = parse_qsl(
+                query, keep_blank_values=True, errors="strict", max_num_fields=64
+            )
+        except UnicodeDecodeError as exc:
+            msg = "query is not UTF-8 once percent-decoded"
+            raise ValueError(msg) from exc
+        # parse_qsl raises ValueError itself past max_num_fields: a query of thousands of
+        # parameters is refused before any of them is looked at.
+        values: dict[str, str] = {}
+        for name, value in pairs:
+            if name not in MANIFEST_PARAMS:
+                continue
+            if name in values:
+                msg = f"parameter {name!r} appears more than once"
+                raise ValueError(msg)
+            if len(value) > _MAX_PARAM:
+                msg = f"parameter {name!r} is longer than {_MAX_PARAM} characters"
+                raise ValueError(msg)
+            values[name] = value
+        missing = [name for name in MANIFEST_PARAMS if not values.get(name)]
+        if missing:
+            msg = f"missing parameter(s) {', '.join(missing)}"
+            raise ValueError(msg)
+        if not is_content_id(values["pid"]):
+            msg = "pid is not a valid package ID"
+            raise ValueError(msg)
+        return cls(**values)
+
+    def encode(self) -> str:
+        """The query string, parameters in :data:`MANIFEST_PARAMS` order."""
+        return urlencode({name: getattr(self, name) for name in MANIFEST_PARAMS})
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,29 @@
-"""What the gateway saw: every request, answered or refused, in arrival order."""
+"""What the gateway saw: every request, answered or refused, in arrival order.
+
+Bounded, because the log lives as long as the gateway (a session, or ``serve`` for hours) and a
+client controls what it sends: each entry keeps what assertions need (method, path, endpoint,
+status, identity) and an excerpt of the headers and the body; the log keeps the latest
+``max_entries`` and counts what it dropped, which assertions then mention.
+"""
 
 from __future__ import annotations
 
 import difflib
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["LoggedRequest", "RequestLog"]
+
+#: Entries kept by default: far more than any test or scenario makes, small enough that a
+#: flood of requests costs a few MiB at most (each entry is bounded below).
+DEFAULT_MAX_ENTRIES = 10_000
+#: Per entry: headers kept, characters per header value, body bytes, path and detail characters.
+_MAX_HEADERS = 32
+_MAX_VALUE = 256
+_MAX_BODY = 512
+_MAX_TEXT = 1024
 
 
 @dataclass(frozen=True)
@@ -27,7 +43,10 @@ class LoggedRequest:
     auth: str = ""
     #: Client identity: the token's UniqueId or the certificate's subject CN.
     client_id: str = ""
+    #: The first headers of the request, values cut short (credentials are never kept).
     headers: dict[str, str] = field(default_factory=dict)
+    #: The first bytes of the request body.
+    body: bytes = b""
     #: Seconds the gateway took from reading the request line to answering (its own latency).
     elapsed: float = 0.0
 
@@ -43,19 +62,46 @@ class LoggedRequest:
 class RequestLog:
     """Thread-safe log with pytest-httpserver-style assertions."""
 
-    def __init__(self) -> None:
-        self._entries: list[LoggedRequest] = []
+    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+        if max_entries < 1:
+            msg = f"RequestLog(max_entries={max_entries}): keep at least one entry"
+            raise ValueError(msg)
+        self.max_entries = max_entries
+        self._entries: deque[LoggedRequest] = deque(maxlen=max_entries)
+        self._count = 0
         self._lock = threading.Lock()
 
     def append(self, **fields: Any) -> LoggedRequest:  # noqa: ANN401 - forwarded to the dataclass
+        # Bounded here, where entries are made, so no caller can keep a client's bytes whole.
+        headers: dict[str, str] = fields.pop("headers", {}) or {}
+        fields["headers"] = {
+            _cut(name, 64): _cut(value, _MAX_VALUE)
+            for name, value in list(headers.items())[:_MAX_HEADERS]
+        }
+        fields["body"] = bytes(fields.get("body", b""))[:_MAX_BODY]
+        for key in ("path", "detail"):
+            if key in fields:
+                fields[key] = _cut(str(fields[key]), _MAX_TEXT)
+        query: dict[str, str] = fields.get("query") or {}
+        fields["query"] = {
+            _cut(k, 64): _cut(v, _MAX_VALUE) for k, v in list(query.items())[:_MAX_HEADERS]
+        }
         with self._lock:
-            entry = LoggedRequest(index=len(self._entries) + 1, **fields)
+            self._count += 1
+            entry = LoggedRequest(index=self._count, **fields)
             self._entries.append(entry)
             return entry
+
+    @property
+    def dropped(self) -> int:
+        """Entries forgotten because the log was full (the oldest go first)."""
+        with self._lock:
+            return self._count - len(self._entries)
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._count = 0
 
     @property
     def entries(self) -> list[LoggedRequest]:
@@ -129,8 +175,14 @@ class RequestLog:
 
     def closest(self, wanted: dict[str, Any], limit: int = 5) -> str:
         entries = self.entries
+        dropped = self.dropped
         if not entries:
             return "The gateway received no requests at all."
+        forgotten = (
+            f" ({dropped} older ones were dropped: the log keeps {self.max_entries})"
+            if dropped
+            else ""
+        )
         key = " ".join(f"{k}={v}" for k, v in sorted(wanted.items()))
 
         def similarity(entry: LoggedRequest) -> float:
@@ -139,4 +191,8 @@ class RequestLog:
 
         ranked = sorted(entries, key=similarity, reverse=True)[:limit]
         lines = "\n".join(f"  {e.summary()}" for e in ranked)
-        return f"Closest requests received ({len(entries)} in all):\n{lines}"
+        return f"Closest requests received ({len(entries)} in all{forgotten}):\n{lines}"
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"

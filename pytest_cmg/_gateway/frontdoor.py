@@ -402,7 +402,11 @@ class FrontDoor:
         parts: list[bytes] = []
         size = 0
         while True:
-            event = conn.next_event()
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:  # e.g. the client closed mid-body
+                msg = f"body broken after {size} bytes: {exc}"
+                raise _ClientFault(msg) from exc
             if isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > limit:

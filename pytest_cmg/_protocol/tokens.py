@@ -10,6 +10,12 @@ tenant that signs device tokens (RS256, ``kid`` in the header) for the resource
 ``https://ConfigMgrService``; :class:`AzureADDirectory` is what the site knows of Azure AD (the
 onboarded tenants, enabled or not, their signing keys, and which Azure AD device is which
 client) and validates those tokens the way Microsoft.IdentityModel does, with its ``IDX`` texts.
+
+Every token reaching a verifier is untrusted input: before a signature can be checked its JSON
+has to be read. That reading refuses, always as :class:`TokenRejected`, a token longer than
+:data:`MAX_TOKEN_LENGTH`, anything but exactly three segments of unpadded base64url, segments
+that are not UTF-8, and JSON nesting deeper than :data:`MAX_JSON_DEPTH` (checked before
+``json.loads``, whose recursion a 5,000-deep array overflows).
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
+import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -44,6 +52,8 @@ __all__ = [
     "CCM_TOKEN_LIFETIME",
     "CONTENT_TOKEN_LIFETIME",
     "INVALID_TOKEN",
+    "MAX_JSON_DEPTH",
+    "MAX_TOKEN_LENGTH",
     "AzureADDirectory",
     "AzureADTenant",
     "SiteAuthority",
@@ -61,6 +71,17 @@ CONTENT_TOKEN_LIFETIME = timedelta(hours=8)
 #: The status text the CMG answers a bad token with (S13).
 INVALID_TOKEN = "CMGService_Invalid_Token"
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
+#: The longest token (or access token signature) a verifier reads, in characters. A site CCM
+#: token is under 1 KiB and an Azure AD device token 1-3 KiB; the cap leaves room for large
+#: Azure AD claim sets and refuses anything bigger before one byte of it is decoded.
+MAX_TOKEN_LENGTH = 16 * 1024
+#: How deeply a JWT's header or claims may nest JSON objects and arrays. Both are flat objects
+#: (depth 1); Azure AD claims hold arrays of strings (``amr``, ``groups``: depth 2).
+MAX_JSON_DEPTH = 8
+#: Unpadded base64url (RFC 7515 section 2): what a JWT segment is made of, and nothing else.
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+#: The characters that matter to the depth of a JSON text: brackets, and what delimits strings.
+_JSON_STRUCTURE = re.compile(r'[\[\]{}"\\]')
 
 
 class TokenRejected(Exception):
@@ -76,15 +97,76 @@ def _b64url(data: bytes) -> str:
 
 
 def _b64url_decode(text: str) -> bytes:
+    """Strict unpadded base64url; ``ValueError`` otherwise.
+
+    The standard library's decoder silently skips characters outside the alphabet, so
+    ``"e30!!!"`` would read as ``{}``: two readers of one token could then disagree on it.
+    """
+    if _B64URL.fullmatch(text) is None or len(text) % 4 == 1:
+        msg = (
+            f"{len(text)} characters that are not unpadded base64url (RFC 7515 section 2: "
+            "only A-Z a-z 0-9 - _, no '=' padding, a length never 1 more than a multiple of 4)"
+        )
+        raise ValueError(msg)
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-class _NotJwt(Exception):
-    """A token that is not a compact JWS; ``cause`` is None when it lacks three segments."""
+def _json_too_deep(text: str, limit: int) -> bool:
+    """Whether ``text`` opens more than ``limit`` nested arrays or objects, found without
+    recursing: ``json.loads`` recurses once per level and a few thousand levels overflow the
+    interpreter's stack (RecursionError), so depth is bounded before it runs. Brackets inside
+    strings do not count; on invalid JSON the answer may over-count, never under-count."""
+    depth = 0
+    in_string = False
+    escaped = -1  # position of the character a backslash escapes
+    for match in _JSON_STRUCTURE.finditer(text):
+        char, position = match.group(), match.start()
+        if in_string:
+            if position == escaped:
+                continue
+            if char == "\\":
+                escaped = position + 1
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
 
-    def __init__(self, cause: Exception | None) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
+
+def _json_segment(data: bytes, part: str) -> Any:  # noqa: ANN401 - whatever JSON value it holds
+    """One decoded JWT segment read as JSON; ``ValueError`` names the segment and the rule."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        msg = f"JWT {part} is not UTF-8 JSON (RFC 7519 section 7.2): byte {exc.start}"
+        raise ValueError(msg) from exc
+    if _json_too_deep(text, MAX_JSON_DEPTH):
+        msg = (
+            f"JWT {part} nests JSON more than {MAX_JSON_DEPTH} levels deep; a JWT's "
+            "header and claims are flat objects"
+        )
+        raise ValueError(msg)
+    try:
+        return json.loads(text)
+    except ValueError as exc:  # JSONDecodeError, or an integer of over 4,300 digits
+        msg = f"JWT {part} is not JSON ({exc})"
+        raise ValueError(msg) from exc
+
+
+class _NotJwt(Exception):
+    """A token that is not a compact JWS of JSON segments; ``detail`` says which rule it
+    breaks, ``segments`` is True when it does not even have three segments."""
+
+    def __init__(self, detail: str, *, segments: bool = False) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.segments = segments
 
 
 @dataclass(frozen=True)
@@ -98,19 +180,63 @@ class _Jwt:
 
 def _split_jwt(token: str) -> _Jwt:
     """The decoded segments of a compact JWS, or :class:`_NotJwt`. Shared by the site's and
-    Azure AD's verifiers, which word the same failures differently (ours, and IDX codes)."""
+    Azure AD's verifiers, which word the same failures differently (ours, and IDX codes).
+
+    Bounded before anything is decoded: the length first (:data:`MAX_TOKEN_LENGTH`), then
+    strict base64url, UTF-8 and JSON depth per segment (:data:`MAX_JSON_DEPTH`). Header and
+    claims may still be any JSON value; each verifier refuses non-objects in its own words.
+    """
+    if len(token) > MAX_TOKEN_LENGTH:
+        detail = (
+            f"token of {len(token)} characters is longer than the {MAX_TOKEN_LENGTH} "
+            "a verifier reads"
+        )
+        raise _NotJwt(detail)
     parts = token.split(".")
     if len(parts) != 3:
-        raise _NotJwt(None)
+        detail = f"{len(parts)} segments, not 3"
+        raise _NotJwt(detail, segments=True)
+    decoded = []
+    for part, text in zip(("header", "claims", "signature"), parts, strict=True):
+        try:
+            decoded.append(_b64url_decode(text))
+        except ValueError as exc:
+            detail = f"JWT {part}: {exc}"
+            raise _NotJwt(detail) from exc
     try:
-        return _Jwt(
-            json.loads(_b64url_decode(parts[0])),
-            json.loads(_b64url_decode(parts[1])),
-            _b64url_decode(parts[2]),
-            f"{parts[0]}.{parts[1]}".encode("ascii"),
-        )
-    except (ValueError, UnicodeError) as exc:
-        raise _NotJwt(exc) from exc
+        header = _json_segment(decoded[0], "header")
+        claims = _json_segment(decoded[1], "claims")
+    except ValueError as exc:
+        raise _NotJwt(str(exc)) from exc
+    # ASCII once all three segments were found to be base64url.
+    return _Jwt(header, claims, decoded[2], f"{parts[0]}.{parts[1]}".encode("ascii"))
+
+
+def _numeric_date(claims: Mapping[str, Any], name: str, default: float | None) -> float:
+    """Claim ``name`` as a NumericDate (RFC 7519 section 2: a JSON number of seconds).
+
+    ``TokenRejected`` for a missing claim without a default, or for one that is not a finite
+    number: ``float()`` of a string, a list or a 400-digit integer would raise something else
+    (ValueError, TypeError, OverflowError) and the caller would answer 500.
+    """
+    value = claims.get(name, default)
+    if value is None:
+        reason = f"IDX10225: Lifetime validation failed. The token is missing the {name!r} claim"
+        raise TokenRejected(reason)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        reason = f"token claim {name!r} is not a NumericDate (a JSON number of seconds)"
+        raise TokenRejected(reason)
+    try:
+        seconds = float(value)
+    except OverflowError as exc:
+        reason = f"token claim {name!r} is out of range for a NumericDate"
+        raise TokenRejected(reason) from exc
+    if not math.isfinite(seconds):
+        # json.loads reads NaN and Infinity: every comparison with NaN is False, so a NaN
+        # "exp" would never expire a token; an infinite one says the same outright.
+        reason = f"token claim {name!r} is {seconds}, not a finite NumericDate"
+        raise TokenRejected(reason)
+    return seconds
 
 
 @dataclass
@@ -216,11 +342,11 @@ class SiteAuthority:
             jwt = _split_jwt(token)
         except _NotJwt as bad:
             reason = (
-                "token is not a three-part JWT"
-                if bad.cause is None
-                else f"token is not decodable ({bad.cause})"
+                f"token is not a three-part JWT ({bad.detail})"
+                if bad.segments
+                else f"token is not decodable ({bad.detail})"
             )
-            raise TokenRejected(reason) from bad.cause
+            raise TokenRejected(reason) from bad
         header, claims, signature = jwt.header, jwt.claims, jwt.signature
         if not isinstance(header, dict) or header.get("alg") != "RS256":
             reason = f"token alg {header.get('alg') if isinstance(header, dict) else None!r} is not RS256"
@@ -238,10 +364,10 @@ class SiteAuthority:
             reason = f"token issuer {claims.get('iss')!r} is not this site ({self.issuer})"
             raise TokenRejected(reason)
         now = self.clock.now().timestamp()
-        if now < float(claims.get("nbf", 0)):
+        if now < _numeric_date(claims, "nbf", 0):
             reason = "token is not yet valid (nbf in the future)"
             raise TokenRejected(reason)
-        if now >= float(claims.get("exp", 0)):
+        if now >= _numeric_date(claims, "exp", 0):
             reason = "IDX10223: Lifetime validation failed. The token is expired."
             raise TokenRejected(reason)
         return claims
@@ -278,7 +404,13 @@ class SiteAuthority:
         if any("\n" in item for item in fields):
             reason = "access token fields must not contain newlines"
             raise TokenRejected(reason)
-        return "\n".join(fields).encode("utf-8")
+        try:
+            return "\n".join(fields).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            # A lone surrogate, as a path decoded with surrogateescape can carry: no signed
+            # token ever holds one, and UnicodeEncodeError would otherwise escape as a 500.
+            reason = f"access token field holds a lone surrogate at character {exc.start}"
+            raise TokenRejected(reason) from exc
 
     def issue_access_token(
         self,
@@ -305,10 +437,16 @@ class SiteAuthority:
         self, pid: str, cid: str, tid: str, iss: str, st: str, et: str, signature: str
     ) -> datetime:
         """Check a manifest request's token; return its end time (``et``) for SAS capping."""
+        if len(signature) > MAX_TOKEN_LENGTH:
+            reason = (
+                f"access token signature of {len(signature)} characters is longer than the "
+                f"{MAX_TOKEN_LENGTH} a verifier reads"
+            )
+            raise TokenRejected(reason)
         try:
             raw = _b64url_decode(signature)
         except ValueError as exc:
-            reason = "access token signature is not base64url"
+            reason = f"access token signature is not base64url ({exc})"
             raise TokenRejected(reason) from exc
         if not self._verify(raw, self._access_string(pid, cid, tid, iss, st, et)):
             reason = "access token signature does not match the request parameters"
@@ -341,13 +479,14 @@ _AAD_ISSUERS = ("https://sts.windows.net/", "https://login.microsoftonline.com/"
 
 
 def _unverified_claims(token: str) -> dict[str, Any]:
-    """The claims of a JWT without any check; only ever used to choose how to validate it."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        return {}
+    """The claims of a JWT without any check; only ever used to choose how to validate it.
+
+    Read with the verifiers' own bounded decoder: whatever it cannot read gives ``{}`` here, so
+    the site's verifier is chosen and refuses the token as :class:`TokenRejected`.
+    """
     try:
-        claims = json.loads(_b64url_decode(parts[1]))
-    except (ValueError, UnicodeDecodeError):
+        claims = _split_jwt(token).claims
+    except _NotJwt:
         return {}
     return claims if isinstance(claims, dict) else {}
 
@@ -498,11 +637,11 @@ class AzureADDirectory:
             jwt = _split_jwt(token)
         except _NotJwt as bad:
             reason = (
-                "IDX12741: JWT must have three segments"
-                if bad.cause is None
-                else f"IDX12729: Unable to decode the token ({bad.cause.__class__.__name__})"
+                f"IDX12741: JWT must have three segments ({bad.detail})"
+                if bad.segments
+                else f"IDX12729: Unable to decode the token ({bad.detail})"
             )
-            raise TokenRejected(reason) from bad.cause
+            raise TokenRejected(reason) from bad
         header, claims, signature = jwt.header, jwt.claims, jwt.signature
         if not isinstance(header, dict) or not isinstance(claims, dict):
             reason = "IDX12729: Unable to decode the token (header or payload is not an object)"
@@ -550,11 +689,7 @@ class AzureADDirectory:
             raise TokenRejected(reason)
         now = self.clock.now().timestamp()
         skew = AAD_CLOCK_SKEW.total_seconds()
-        try:
-            nbf, exp = float(claims["nbf"]), float(claims["exp"])
-        except (KeyError, TypeError, ValueError) as exc:
-            reason = "IDX10225: Lifetime validation failed. The token is missing an Expiration Time"
-            raise TokenRejected(reason) from exc
+        nbf, exp = _numeric_date(claims, "nbf", None), _numeric_date(claims, "exp", None)
         if now + skew < nbf:
             reason = "IDX10222: Lifetime validation failed. The token is not yet valid."
             raise TokenRejected(reason)

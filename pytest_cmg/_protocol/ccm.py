@@ -5,6 +5,12 @@ product's fixed boundary: part 1 is a UTF-16 ``<Msg>`` header, part 2 the body a
 UTF-16LE XML with a trailing NUL (or plain UTF-16 when compression is off). Replies use the same
 envelope (protocol.md section 1.2). Both the gateway and the client engine build and parse messages
 here, so the two sides can never drift apart.
+
+:func:`decode_message` reads untrusted bytes and raises :class:`EnvelopeError` (a ``ValueError``)
+for anything malformed, and nothing else: a message over :data:`MAX_MESSAGE_BYTES`, a body that
+inflates past :data:`MAX_BODY_BYTES` (a zlib bomb stops there, unread), a header that is not a
+small ``<Msg>`` document. :func:`encode_message` refuses (``ValueError``) a message whose parts
+would contain the fixed boundary, which the product cannot change and the reader would cut at.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from .xml import parse_untrusted
 __all__ = [
     "BOUNDARY",
     "CCM_CONTENT_TYPE",
+    "MAX_BODY_BYTES",
+    "MAX_MESSAGE_BYTES",
     "USER_AGENT",
     "CcmMessage",
     "EnvelopeError",
@@ -31,6 +39,16 @@ BOUNDARY = "aAbBcCdDv1234567890VxXyYzZ"
 CCM_CONTENT_TYPE = f'multipart/mixed; boundary="{BOUNDARY}"'
 USER_AGENT = "ConfigMgr Messaging HTTP Sender"
 _UTF16_BOM = b"\xff\xfe"
+#: The most a body part may hold once inflated, in bytes of UTF-16 (512 Ki characters). A
+#: location request or reply is a few KiB; zlib inflates up to 1,032 times, so without this cap
+#: a 64 KiB request could become 64 MiB before anything looks at it.
+MAX_BODY_BYTES = 1024 * 1024
+#: The longest envelope read: an uncompressed body at its cap, with room for the header part.
+MAX_MESSAGE_BYTES = MAX_BODY_BYTES + 64 * 1024
+#: The ``<Msg>`` header has some 20 elements, 3 levels deep; past 8 levels or 128 elements it
+#: is refused while parsing.
+_HEADER_MAX_ELEMENTS = 128
+_HEADER_MAX_DEPTH = 8
 
 
 class EnvelopeError(ValueError):
@@ -82,21 +100,44 @@ def _encode_body(body: str, *, compressed: bool) -> bytes:
     return zlib.compress(raw) if compressed else _UTF16_BOM + raw
 
 
+def _inflate(data: bytes) -> bytes:
+    """``zlib.decompress`` that stops at :data:`MAX_BODY_BYTES`: one byte more is a refusal."""
+    inflater = zlib.decompressobj()
+    try:
+        raw = inflater.decompress(data, MAX_BODY_BYTES + 1)
+    except zlib.error as exc:
+        msg = f"body part is not valid zlib data ({exc})"
+        raise EnvelopeError(msg) from exc
+    if len(raw) > MAX_BODY_BYTES:
+        msg = (
+            f"body part inflates to more than {MAX_BODY_BYTES} bytes, the most a CCM body may "
+            f"hold ({len(data)} compressed bytes; a location request is a few KiB)"
+        )
+        raise EnvelopeError(msg)
+    if not inflater.eof:
+        # All input was consumed below the cap without reaching the end of the stream, as
+        # zlib.decompress reports "incomplete or truncated stream".
+        msg = "body part is a truncated zlib stream (no end-of-stream marker)"
+        raise EnvelopeError(msg)
+    return raw
+
+
 def _decode_body(data: bytes, *, compressed: bool) -> str:
     if compressed:
-        try:
-            raw = zlib.decompress(data)
-        except zlib.error as exc:
-            msg = f"body part is not valid zlib data ({exc})"
-            raise EnvelopeError(msg) from exc
+        raw = _inflate(data)
     else:
         raw = data.removeprefix(_UTF16_BOM)
+        if len(raw) > MAX_BODY_BYTES:
+            msg = f"body part of {len(raw)} bytes is longer than the {MAX_BODY_BYTES} a CCM body may hold"
+            raise EnvelopeError(msg)
     try:
         text = raw.decode("utf-16-le")
     except UnicodeDecodeError as exc:
-        msg = f"body part is not UTF-16LE text ({exc})"
+        msg = f"body part is not UTF-16LE text ({exc.reason} at byte {exc.start})"
         raise EnvelopeError(msg) from exc
-    return text.rstrip("\x00")
+    # Exactly one NUL is the product's terminator (see _encode_body): stripping only that one
+    # gives back any body as it was encoded.
+    return text.removesuffix("\x00")
 
 
 def encode_message(message: CcmMessage) -> bytes:
@@ -105,6 +146,15 @@ def encode_message(message: CcmMessage) -> bytes:
     header = _UTF16_BOM + message.header_xml(len(body)).encode("utf-16-le")
     crlf = b"\r\n"
     boundary = BOUNDARY.encode("ascii")
+    for name, part in (("header", header), ("body", body)):
+        if b"--" + boundary in part:
+            # The boundary is fixed by the product, so it cannot be changed to one the part
+            # lacks; sent anyway, the reader would cut the part there.
+            msg = (
+                f"CCM message {message.message_id}: the {name} part contains the multipart "
+                f"delimiter --{BOUNDARY}; change the text that encodes to it"
+            )
+            raise ValueError(msg)
     return b"".join(
         [
             b"--" + boundary + crlf,
@@ -141,6 +191,9 @@ def _split_parts(data: bytes) -> list[tuple[dict[str, str], bytes]]:
 
 def decode_message(data: bytes) -> CcmMessage:
     """Parse a multipart envelope; raises :class:`EnvelopeError` on any malformation."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        msg = f"message of {len(data)} bytes is longer than the {MAX_MESSAGE_BYTES} a CCM message may have"
+        raise EnvelopeError(msg)
     parts = _split_parts(data)
     if len(parts) != 2:
         msg = f"expected 2 parts (header, body), found {len(parts)}"
@@ -149,10 +202,12 @@ def decode_message(data: bytes) -> CcmMessage:
     try:
         header_text = header_bytes.removeprefix(_UTF16_BOM).decode("utf-16-le")
     except UnicodeDecodeError as exc:
-        msg = f"header part is not UTF-16 text ({exc})"
+        msg = f"header part is not UTF-16 text ({exc.reason} at byte {exc.start})"
         raise EnvelopeError(msg) from exc
     try:
-        header = parse_untrusted(header_text)
+        header = parse_untrusted(
+            header_text, max_elements=_HEADER_MAX_ELEMENTS, max_depth=_HEADER_MAX_DEPTH
+        )
     except ValueError as exc:
         msg = f"header is not a <Msg> document ({exc})"
         raise EnvelopeError(msg) from exc

@@ -37,6 +37,15 @@ __all__ = [
 _CONTENT_ID = re.compile(r"[A-Za-z0-9_.:{}-]{1,128}")
 
 
+#: ``<Package Version>``: a decimal integer as the product writes it. ``int()`` alone would
+#: also take " 7", "7_0" and non-ASCII digits, which no client sends.
+_VERSION = re.compile(r"-?[0-9]{1,10}")
+#: A ContentLocationRequest is five elements four levels deep (more with boundary groups);
+#: anything far past that is refused while parsing rather than built into a tree.
+_REQUEST_MAX_ELEMENTS = 1024
+_REQUEST_MAX_DEPTH = 8
+
+
 def is_content_id(value: str) -> bool:
     """Whether ``value`` could name a package or content (never trusted to reach storage)."""
     return _CONTENT_ID.fullmatch(value) is not None
@@ -97,8 +106,11 @@ class ContentLocationRequest:
 
     @classmethod
     def from_xml(cls, text: str) -> ContentLocationRequest:
-        """Parse a request; ``ValueError`` names the missing element or attribute."""
-        root = parse_untrusted(text)
+        """Parse a request; ``ValueError`` (and nothing else) names the missing element or
+        attribute, or the bound of :func:`~pytest_cmg._protocol.xml.parse_untrusted` broken."""
+        root = parse_untrusted(
+            text, max_elements=_REQUEST_MAX_ELEMENTS, max_depth=_REQUEST_MAX_DEPTH
+        )
         if root.tag != "ContentLocationRequest":
             msg = f"root element is <{root.tag}>, expected <ContentLocationRequest>"
             raise ValueError(msg)
@@ -106,11 +118,13 @@ class ContentLocationRequest:
         site = _require(root, "AssignedSite")
         info = _require(root, "ClientLocationInfo")
         raw_version = _attr(package, "Version")
-        try:
-            version = int(raw_version)
-        except ValueError as exc:
-            msg = f"<Package Version> is not an integer: {package.get('Version')!r}"
-            raise ValueError(msg) from exc
+        if _VERSION.fullmatch(raw_version) is None:
+            msg = (
+                f"<Package Version> is not an integer: {raw_version[:32]!r} (write at most 10 "
+                "ASCII digits, after an optional '-')"
+            )
+            raise ValueError(msg)
+        version = int(raw_version)
         return cls(
             package_id=_attr(package, "ID"),
             version=version,
@@ -141,6 +155,16 @@ class AccessToken:
 MANIFEST_PARAMS = ("pid", "cid", "tid", "iss", "alg", "st", "et")
 #: No real parameter comes near this (a GUID, an OID, a timestamp); longer is refused unread.
 _MAX_PARAM = 256
+#: The longest raw query read: the seven parameters at their longest, each character a 4-byte
+#: UTF-8 one written as four %XX escapes (7 x 256 x 12), with room for names and unknown ones.
+_MAX_QUERY = 32 * 1024
+#: C0 and C1 controls, DEL and lone surrogates: no real parameter holds one, and a newline or a
+#: NUL in a signed field is how one field's text could pass for another's.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+#: A "%" not followed by two hex digits (RFC 3986 section 2.1): parse_qsl keeps it as text,
+#: another reader might not, so the query is refused rather than read one way of two.
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_MAX_FIELDS = 64
 
 
 @dataclass(frozen=True)
@@ -163,17 +187,31 @@ class ManifestQuery:
 
         Every parameter must appear exactly once and be non-empty: a repeated one would let two
         readers (a proxy, the service) see different values. Unknown parameters are ignored, as
-        the WCF service behind the real path ignores them.
+        the WCF service behind the real path ignores them. Values hold no control characters
+        and the query is at most 32 KiB, 64 fields; nothing but ``ValueError`` is raised.
         """
+        if len(query) > _MAX_QUERY:
+            msg = f"query of {len(query)} characters is longer than the {_MAX_QUERY} read"
+            raise ValueError(msg)
+        escape = _BAD_ESCAPE.search(query)
+        if escape is not None:
+            msg = (
+                f"query has a '%' at character {escape.start()} not followed by two hex digits; "
+                "percent-encode a literal '%' as %25"
+            )
+            raise ValueError(msg)
         try:
             pairs = parse_qsl(
-                query, keep_blank_values=True, errors="strict", max_num_fields=64
+                query, keep_blank_values=True, errors="strict", max_num_fields=_MAX_FIELDS
             )
         except UnicodeDecodeError as exc:
-            msg = "query is not UTF-8 once percent-decoded"
+            msg = f"query is not UTF-8 once percent-decoded (byte {exc.start} of a value)"
             raise ValueError(msg) from exc
-        # parse_qsl raises ValueError itself past max_num_fields: a query of thousands of
-        # parameters is refused before any of them is looked at.
+        except ValueError as exc:
+            # Past max_num_fields: a query of thousands of parameters is refused before any of
+            # them is looked at.
+            msg = f"query has more than {_MAX_FIELDS} fields ({exc})"
+            raise ValueError(msg) from exc
         values: dict[str, str] = {}
         for name, value in pairs:
             if name not in MANIFEST_PARAMS:
@@ -183,6 +221,13 @@ class ManifestQuery:
                 raise ValueError(msg)
             if len(value) > _MAX_PARAM:
                 msg = f"parameter {name!r} is longer than {_MAX_PARAM} characters"
+                raise ValueError(msg)
+            bad = _UNPRINTABLE.search(value)
+            if bad is not None:
+                msg = (
+                    f"parameter {name!r} holds U+{ord(bad.group()):04X} (a control character or "
+                    f"lone surrogate) at character {bad.start()}; send only printable text"
+                )
                 raise ValueError(msg)
             values[name] = value
         missing = [name for name in MANIFEST_PARAMS if not values.get(name)]

@@ -25,15 +25,18 @@ whose CPU cost per range is 15-23 ms; the Azure SDK is client-CPU-bound):
   fixed 15-23 ms of CPU, and the hash is the limit anyway); it can pay off where a server or a
   network path caps the rate of each connection.
 
-Integrity (reliability.md A1-A5): bytes go to ``<name>.part``; the file reaches its final name
-only after its size and SHA-256 match the manifest. The ETag of the first answer is pinned with
+Integrity (reliability.md A1-A5): bytes go to ``<name>.part``; the file reaches its final name only
+after its size and SHA-256 match the manifest, and that SHA-256 is always one this process computed
+from the bytes (as they streamed in, or read back from disk for what an earlier run left): never a
+size, a name or a journal taken on trust. The digests are returned (:attr:`DownloadStats.digests`)
+so the engine checks the package hash from them too. The ETag of the first answer is pinned with
 ``If-Match`` on every later request (ranges and resumes), and a different ETag or a 412 restarts
 the file from zero instead of splicing two versions; a ``206`` whose ``Content-Range`` does not
 start where asked, and a ``200`` to a range request, are never appended; a size that differs from
 the manifest's is a hash failure at once. An expired SAS (403) is renewed through the gateway
-(``renew``), once per file; so is one whose ``se`` is less than ``sas_margin`` seconds away when
-a request is about to start (reliability.md C4: renew before it lapses, not after a 403), using
-the same once-per-file budget.
+(``renew``), once per file; so is one whose ``se`` is less than ``sas_margin`` seconds away when a
+request is about to start (reliability.md C4: renew before it lapses, not after a 403), using the
+same once-per-file budget.
 
 Retries (reliability.md B2, B3): see :mod:`.retry`. A cut connection resumes at the byte where it
 stopped (``Range: bytes=N-``, the bytes already in the buffer are kept), with the hash continuing.
@@ -60,19 +63,36 @@ the kernel) and hashed. Two durability levels:
   256 MiB loopback blob it costs 12-16 % of throughput on this 2-core machine
   (docs/benchmarks.md), and each small file pays a disk flush.
 
-``download()`` called again on the same staging folder (a new process, a new core) skips files
-already at their final name (they were verified before the rename), and continues each
-``.part`` whose journal matches the manifest from the journal's offset, with ``If-Match`` on the
-recorded ETag (412: start that file again). **hashlib cannot save a hash's state, so after a
-crash the core re-hashes the recorded prefix once from disk**: this is the only time any byte is
-read back, and it only happens after a crash (or after a download given up on a transient
-error, whose partial file is kept for the next try). A file that never reached a checkpoint
-(smaller than ``journal_bytes`` or younger than ``journal_seconds``) starts over. With the
-default ``fsync=False`` a final-named file is, after a power cut, only as durable as the file
-system makes a rename (a finished file found with the wrong size is fetched again). A resumed
-file whose final hash does not match is fetched once more from zero (the bytes on disk may be
-what is wrong). A full disk (ENOSPC) removes the partial file and its journal and lets the
-``OSError`` through: the engine reports it as "cache full".
+``download()`` called again on the same staging folder (a new process, a new core) re-hashes each
+file already at its final name from disk and skips it only if that SHA-256 matches the manifest
+(one with another size or other bytes is deleted, logged and fetched again: a killed run, a
+power cut without ``fsync`` or anything else may have left it), and continues each ``.part``
+whose journal matches the manifest from the journal's offset, with ``If-Match`` on the recorded
+ETag (412: start that file again). **hashlib cannot save a hash's state, so the core re-hashes
+the recorded prefix once from disk**. These are the only times any byte is read back, and only
+for what an earlier run left (a crash, or a download given up on a transient error, whose
+partial file is kept for the next try); a fresh download never reads a byte back. Files this
+core itself finished in a try that failed are not re-read on the next try into the same folder
+when their inode, size and times are unchanged: their digest was computed in this process. A
+file that never reached a checkpoint (smaller than ``journal_bytes`` or younger than
+``journal_seconds``) starts over. A resumed file whose final hash does not match is fetched
+once more from zero (the bytes on disk may be what is wrong). A full disk (ENOSPC) removes the
+partial file and its journal and lets the ``OSError`` through: the engine reports it as "cache
+full".
+
+Where the "hashed in this process" rule is enforced, path by path:
+
+* streamed bytes: hashed from the very buffer that was written (:meth:`_Job.hash`), so what is
+  on disk is what was hashed; :meth:`_Job.commit` is the only rename to a final name, and it
+  records the digest it compared;
+* a journaled prefix: re-read and re-hashed (:meth:`_Job._take_over`); the journal only says
+  where to resume, never what the bytes are;
+* a ``.part`` without a usable journal: truncated (:meth:`_Job.open`), never used;
+* a file at its final name from an earlier run: re-hashed (:meth:`DownloadCore._leftover`);
+* a file of size 0: fetched (its GET proves the blob exists) and its digest, that of no bytes,
+  compared like any other; found at its final name it is "re-hashed" for free;
+* ``fsync=True`` changes when bytes reach the disk, not what is trusted: a power cut that loses
+  a rename brings back the ``.part`` or the staging folder, which the rules above re-hash.
 """
 
 from __future__ import annotations
@@ -84,9 +104,10 @@ import os
 import queue
 import re
 import ssl
+import stat
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -98,7 +119,7 @@ from ._http import Connection, ConnectionPool, Origin, Response, TransportError,
 from .retry import RetryPolicy, is_transient_status, parse_retry_after
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
     from .._protocol.manifest import ContentManifest, ManifestFile
 
@@ -113,6 +134,8 @@ _AUTH_ERRORS = frozenset({"AuthenticationFailed", "AuthorizationFailure"})
 _PIPELINE_MIN = 8 << 20
 _PIPELINE_WINDOW = 3 * _CHUNK
 _MAX_RANGE_WINDOW = 32 << 20
+#: Failed downloads (folders) whose verified files a core remembers for the next try.
+_MAX_CARRIED = 16
 _PART = ".part"
 
 
@@ -131,8 +154,16 @@ class DownloadStats:
     refetched: int = 0
     #: Bytes of partial files taken over from an earlier run (re-hashed from disk, not fetched).
     resumed: int = 0
-    #: Files found complete (at their final name) from an earlier run, not fetched again.
+    #: Files found complete (at their final name) from an earlier run, not fetched again: each
+    #: one re-hashed from disk (or finished by this core in an earlier try) and matching.
     skipped: int = 0
+    #: relpath -> SHA-256 (lower-case hex) of every file of the manifest, as this process
+    #: computed it from the file's bytes: while they streamed, or read back from disk for an
+    #: earlier run's leftovers. Never copied from the manifest: the package hash is checked
+    #: from these (the engine), so a file missing here was not verified.
+    digests: Mapping[str, str] = field(default_factory=dict)
+    #: Bytes of files found complete from an earlier run that were read back and re-hashed.
+    rehashed: int = 0
 
 
 # --- failures -------------------------------------------------------------------------------
@@ -270,6 +301,7 @@ class _Job:
                 return self._take_over(record, buf)
             os.ftruncate(self.fd, 0)
         else:
+            # A .part without a journal that matches says nothing about its bytes: never used.
             self.fd = os.open(self.part, flags | os.O_TRUNC, 0o644)
         if run.leftovers:
             _journal.remove(self.journal)
@@ -289,6 +321,9 @@ class _Job:
 
     def _take_over(self, record: _journal.JournalRecord, buf: memoryview) -> int:
         # hashlib cannot persist its state: re-hash the durable prefix once (after a crash only).
+        # The journal says where to resume, never what the bytes are: the prefix's part of the
+        # digest is computed here from what the disk holds now (a power cut, or anything that
+        # wrote to the file, shows as a final mismatch, and the file is fetched again from 0).
         offset = record.offset
         position = 0
         while position < offset:
@@ -391,7 +426,14 @@ class _Job:
         return lost
 
     def commit(self) -> None:
-        """Verify and rename; raise _Fatal (and remove the partial file) on a mismatch."""
+        """Verify and rename; raise _Fatal (and remove the partial file) on a mismatch.
+
+        The only rename to a final name. ``digest`` holds exactly the ``hashed`` bytes at the
+        start of the ``.part`` file, each one hashed by this process: from the buffer it was
+        written from, or read back from disk (:meth:`_take_over`). So a file reaches its final
+        name only with a SHA-256 computed from its bytes here, and that digest is what the
+        download reports (:attr:`DownloadStats.digests`), not the manifest's value.
+        """
         item = self.item
         self.quiesce()
         actual = self.digest.hexdigest()
@@ -411,6 +453,7 @@ class _Job:
         os.close(self.fd)
         self.fd = -1
         os.rename(self.part, self.target)  # noqa: PTH104 - str paths, see __init__
+        self.run.verified(item.relpath, actual)
         if fsync and self.journaled:
             _journal.fsync_dir(Path(self.target).parent)
         if self.journaled:
@@ -463,6 +506,15 @@ class _Checkpoints:
             thread.join()
 
 
+#: What identifies one version of a file on disk: device, inode, size, mtime and ctime (ns).
+#: Any write, truncation, replacement or rename of it changes one of them.
+_Identity = tuple[int, int, int, int, int]
+
+
+def _identity(st: os.stat_result) -> _Identity:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 @dataclass
 class _Run:
     """State shared by the threads of one ``download()`` call."""
@@ -477,16 +529,31 @@ class _Run:
     checkpoints: _Checkpoints
     dirs: set[str]
     lock: threading.Lock
+    #: Files this core finished in an earlier try into ``dest`` that failed: relpath ->
+    #: (digest computed then, identity of the file right after), see ``_carried``.
+    carried: dict[str, tuple[str, _Identity]]
     retries: int = 0
     refetched: int = 0
     resumed: int = 0
+    skipped: int = 0
+    #: Of the skipped files, those this core verified in an earlier try (not read back).
+    reused: int = 0
+    rehashed: int = 0
+    rehash_seconds: float = 0.0
     stop: bool = False
+    #: relpath -> SHA-256 computed by this process from the file's bytes (DownloadStats.digests).
+    digests: dict[str, str] = field(default_factory=dict)
 
     def add(self, retries: int = 0, refetched: int = 0, resumed: int = 0) -> None:
         with self.lock:
             self.retries += retries
             self.refetched += refetched
             self.resumed += resumed
+
+    def verified(self, relpath: str, digest: str) -> None:
+        """Record the SHA-256 computed here from ``relpath``'s bytes, now at its final name."""
+        with self.lock:
+            self.digests[relpath] = digest
 
 
 # --- in-order hand-off from receiving threads to the hashing thread ---------------------------
@@ -655,6 +722,10 @@ class DownloadCore:
         self._pool = ConnectionPool(timeout=timeout, ssl_context=ssl_context)
         # One ranged file at a time keeps the memory of the reorder windows bounded.
         self._ranged = threading.Semaphore(1)
+        #: dest -> files of a failed download() that this core had verified and renamed, with
+        #: their identity then: the next try into the same dest need not read them back.
+        self._carried: dict[str, dict[str, tuple[str, _Identity]]] = {}
+        self._carried_lock = threading.Lock()
 
     @property
     def connections_opened(self) -> int:
@@ -686,15 +757,18 @@ class DownloadCore:
         with os.scandir(dest) as entries:
             leftovers = any(True for _ in entries)
         root = os.fspath(dest)
+        with self._carried_lock:
+            carried = self._carried.pop(root, {})
         run = _Run(
-            self, manifest, dest, root, renew, leftovers, _Checkpoints(), {root}, threading.Lock()
-        )
+            self, manifest, dest, root, renew, leftovers, _Checkpoints(), {root}, threading.Lock(),
+            carried,
+        )  # fmt: skip
+        # Largest first; a file an earlier run finished is re-hashed by the worker that takes
+        # it (_leftover), so those re-reads run in parallel like downloads.
         files = sorted(manifest.files, key=lambda f: f.size, reverse=True)
-        todo = [item for item in files if not (leftovers and self._complete(item, run))]
-        skipped = len(files) - len(todo)
         total = sum(f.size for f in files)
         errors: list[BaseException] = []
-        pending = iter(todo)
+        pending = iter(files)
 
         def worker() -> None:
             buf = memoryview(bytearray(_CHUNK))
@@ -714,7 +788,7 @@ class DownloadCore:
 
         threads = [
             threading.Thread(target=worker, name=f"download-{n}", daemon=True)
-            for n in range(min(self.workers, len(todo)))
+            for n in range(min(self.workers, len(files)))
         ]
         try:
             if len(threads) == 1:
@@ -727,10 +801,19 @@ class DownloadCore:
         except BaseException:
             with run.lock:
                 run.stop = True
+            self._carry(run)
             raise
         finally:
             run.checkpoints.close()
+        if run.skipped:
+            self.on_event(
+                f"{run.skipped} file(s) found complete from an earlier run, not fetched again: "
+                f"{run.skipped - run.reused} re-hashed from disk ({run.rehashed} bytes in "
+                f"{run.rehash_seconds:.2f} s), {run.reused} verified by this process in an "
+                "earlier try"
+            )
         if errors:
+            self._carry(run)
             raise errors[0]
         if self.fsync:
             self._sync_folders(run)
@@ -741,8 +824,35 @@ class DownloadCore:
             run.retries,
             run.refetched,
             run.resumed,
-            skipped,
+            run.skipped,
+            dict(run.digests),
+            run.rehashed,
         )
+
+    def _carry(self, run: _Run) -> None:
+        """Keep what this failed download verified, for the next try into the same folder.
+
+        The engine retries a download given up on transient errors into the same staging folder
+        (SMSTSDownloadRetryCount): the files finished in this try were hashed by this process,
+        so the next try trusts their digest as long as the file is, by inode, size and times,
+        the one this core renamed. Anything else (another process, a power cut) is re-hashed.
+        """
+        kept: dict[str, tuple[str, _Identity]] = {}
+        with run.lock:
+            digests = dict(run.digests)
+        for relpath, digest in digests.items():
+            try:
+                st = os.lstat(f"{run.dest_str}/{relpath}")
+            except OSError:
+                continue
+            kept[relpath] = (digest, _identity(st))
+        with self._carried_lock:
+            self._carried.pop(run.dest_str, None)
+            if kept:
+                self._carried[run.dest_str] = kept
+            # Bounded: only the latest few failed folders are worth remembering (the oldest go).
+            while len(self._carried) > _MAX_CARRIED:
+                del self._carried[next(iter(self._carried))]
 
     @staticmethod
     def _sync_folders(run: _Run) -> None:
@@ -757,29 +867,100 @@ class DownloadCore:
         for path in sorted(folders, key=lambda p: len(p.parts), reverse=True):
             _journal.fsync_dir(path)
 
-    def _complete(self, item: ManifestFile, run: _Run) -> bool:
-        """A file at its final name from an earlier run (renamed only after verification)."""
-        target = run.dest / item.relpath
+    def _leftover(self, run: _Run, item: ManifestFile, buf: memoryview) -> bool:
+        """Whether ``item`` is already at its final name, verified from its bytes here.
+
+        A final name left by an earlier run proves nothing by itself: that run may have been
+        killed, the power may have gone before the kernel wrote the pages (``fsync=False``), or
+        anything may have written there since. So the file is read back and re-hashed, and only
+        a SHA-256 that matches the manifest lets it stay; any other file there (wrong size,
+        other bytes, a link) is deleted and fetched again. The exception is a file this core
+        verified and renamed itself in a try that failed (``run.carried``), still the same file.
+        """
+        target = f"{run.dest_str}/{item.relpath}"
+        part = target + _PART
         try:
-            size = target.stat().st_size
-        except OSError:
+            # O_NOFOLLOW: a link at a final name is not a file this core wrote.
+            fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
             return False
-        if not target.is_file():
-            return False  # not ours: the rename will fail and say so
-        part = target.with_name(target.name + _PART)
-        if size != item.size:
-            target.unlink()
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                self._discard(item, target, "is a symbolic link")
+            return False  # a folder, say: not ours, and the rename will fail and say so
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return False  # not ours: the rename will fail and say so
+            if st.st_size != item.size:
+                os.close(fd)
+                fd = -1
+                self._discard(item, target, f"has {st.st_size} bytes, the manifest {item.size}")
+                return False
+            carried = run.carried.get(item.relpath)
+            reused = carried is not None and carried[1] == _identity(st)
+            actual: str | None
+            if carried is not None and reused:
+                actual = carried[0]  # computed by this process when it renamed this very file
+                how = "computed by this process in an earlier try"
+            else:
+                began = time.perf_counter()
+                actual = self._rehash(fd, item.size, buf)
+                how = "re-computed from disk"
+                with run.lock:
+                    run.rehashed += item.size
+                    run.rehash_seconds += time.perf_counter() - began
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        if actual is None:
+            self._discard(item, target, "changed size while it was re-hashed")
             return False
-        part.unlink(missing_ok=True)
-        _journal.remove(_journal.journal_path(part))
+        if actual != item.sha256.lower():
+            self._discard(item, target, f"has SHA-256 {actual} ({how}), the manifest {item.sha256}")
+            return False
+        # A journal left between an earlier run's rename and its deletion (and any .part beside
+        # a verified file) has nothing more to give.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(part)  # noqa: PTH108
+        _journal.remove(Path(part + _journal.SUFFIX))
+        run.verified(item.relpath, actual)
+        with run.lock:
+            run.skipped += 1
+            run.reused += reused
         if self.on_progress is not None:
             self.on_progress(item.size, 0)
             self.on_progress(0, 1)
         return True
 
+    @staticmethod
+    def _rehash(fd: int, size: int, buf: memoryview) -> str | None:
+        """SHA-256 of the ``size`` bytes of ``fd``; None if it holds fewer or more bytes."""
+        digest = hashlib.sha256()
+        position = 0
+        # Reads up to one byte past ``size``: enough to see a file longer than it should be.
+        while position <= size:
+            n = os.preadv(fd, [buf[: min(len(buf), size + 1 - position)]], position)
+            if n <= 0:
+                break
+            digest.update(buf[:n])
+            position += n
+        # The size was checked just before; a file that changed meanwhile cannot match.
+        return digest.hexdigest() if position == size else None
+
+    def _discard(self, item: ManifestFile, target: str, why: str) -> None:
+        self.on_event(
+            f"{item.relpath}: found at its final name from an earlier run but {why}: "
+            "deleted, fetching it again"
+        )
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(target)  # noqa: PTH108
+
     # -- one file --
 
     def _fetch(self, run: _Run, item: ManifestFile, buf: memoryview) -> None:
+        if run.leftovers and self._leftover(run, item, buf):
+            return
         job = _Job(run, item)
         try:
             resumed = job.open(buf)
@@ -791,6 +972,8 @@ class DownloadCore:
                 if item.size >= _PIPELINE_MIN:
                     self._fetch_streamed(job)
                 elif job.hashed < item.size or item.size == 0:
+                    # A file of size 0 is fetched too: its GET proves the blob exists, and its
+                    # digest (that of no bytes) is compared with the manifest's like any other.
                     self._fetch_inline(job, buf)
                 try:
                     job.commit()

@@ -17,11 +17,24 @@ complete, verified package version, so :meth:`ClientCache.entries` and :meth:`lo
 only such folders) return verified entries only. It is enforced here, in three places:
 
 * :meth:`ClientCache.commit` is the only way such a folder appears: one atomic ``rename`` of a
-  staging folder, called by the engine after every file and the package hash were verified;
+  staging folder, called by the engine after every file and the package hash were verified
+  from SHA-256 values computed from the bytes in that process (the download core re-hashes
+  whatever an earlier run left in staging; it never trusts a file for its name or size), and
+  after :meth:`ClientCache.prune_unverified` removed any file of the staging folder that is not
+  one of those verified files, so nothing unhashed rides into an entry;
 * :meth:`ClientCache.staging` removes the staging folder when the download fails (any exception)
   or ends without a commit; only the death of the process leaves it, for the next run to resume;
 * eviction first renames an entry into ``.trash/`` (atomic), then deletes it, so a half-deleted
   entry is never visible.
+
+Reusing an entry reads none of its bytes: it was hashed by the process that committed it, and
+re-hashing a package on every use would make every use pay a full read and hash of it (measured
+here: 45-60 ms per 64 MiB, about 1.1-1.5 GB/s, so a 5 GB package ~4 s per step). The limit that
+follows: with the download core's default ``fsync=False``, a power cut soon after a commit can
+leave an entry whose files the kernel had not written yet (empty, or zero-filled, depending on the
+file system), and a later lookup serves it. The core's ``fsync=True`` closes that: every file is
+flushed before its rename, so after a power cut the entry either holds the verified bytes or its
+rename was lost and the staging folder, found again, is re-hashed before it is committed.
 
 Space (reliability.md E1, protocol.md 3.3): :meth:`ClientCache.make_room` runs before any byte is
 transferred. Content larger than the whole cache fails at once (0x87D01202); content that fits
@@ -45,6 +58,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import posixpath
 import shutil
 import threading
 import time
@@ -57,7 +71,7 @@ from .._errors import ContentError
 from .._protocol import codes
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterator, Mapping
     from pathlib import Path
     from types import TracebackType
 
@@ -610,6 +624,44 @@ class ClientCache:
         if self._holds_download(self.key(package_id, version)) is not None:
             return nullcontext()
         return self.download_lock(package_id, version)
+
+    def prune_unverified(self, staged: Path, verified: Mapping[str, str]) -> list[str]:
+        """Delete every file in ``staged`` that is not one of ``verified``; return their paths.
+
+        ``verified`` maps the relative paths (``/``-separated, as in a manifest) of the files
+        whose SHA-256 the download computed from their bytes to that SHA-256. A staging folder
+        can hold more than the download wrote: files an earlier run left there for another file
+        list of the same content version, or links. Nothing of that was hashed, so none of it
+        may enter the cache entry (the module's invariant). A verified file that is no longer
+        there is a :class:`ContentError` (0x80091007): the entry would lack a file.
+        """
+        wanted = {posixpath.normpath(relpath) for relpath in verified}
+        removed: list[str] = []
+        found: set[str] = set()
+        # scandir's entries know their type without a stat per file (packages of many files).
+        folders = [(os.fspath(staged), "")]
+        while folders:
+            folder, prefix = folders.pop()
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    relpath = prefix + entry.name
+                    if entry.is_dir(follow_symlinks=False):
+                        folders.append((entry.path, relpath + "/"))
+                    elif relpath in wanted and entry.is_file(follow_symlinks=False):
+                        found.add(relpath)
+                    else:
+                        # A link (to a file or a folder) or a file the download did not verify.
+                        with suppress(FileNotFoundError):
+                            os.unlink(entry.path)  # noqa: PTH108
+                        removed.append(relpath)
+        missing = sorted(wanted - found)
+        if missing:
+            raise ContentError(
+                codes.HASH_MISMATCH,
+                f"{staged}: verified file(s) {', '.join(missing[:3])} no longer in the staging "
+                "folder at commit; the content must be downloaded again",
+            )
+        return sorted(removed)
 
     def commit(self, staged: Path, package_id: str, version: int) -> CacheEntry:
         """Publish a verified staging folder as the cache entry (atomic rename)."""

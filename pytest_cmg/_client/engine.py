@@ -31,7 +31,7 @@ import re
 import ssl
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, NoReturn
 from urllib.parse import urlencode
 
@@ -69,7 +69,7 @@ from .download import DownloadCore, redact
 from .tscache import WORKING_DIRECTORY, TaskSequenceCache, place
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
     from pathlib import Path
 
     from .cache import ClientCache, Lease, SpaceReport
@@ -1067,8 +1067,9 @@ class TaskSequenceEngine:
                     )
                 raise
             # The trust anchor is the hash from the location reply (signed policy in the product),
-            # not the manifest's own Hash attribute.
-            computed = package_hash(manifest.files)
+            # not the manifest's own Hash attribute; and it is checked against the SHA-256 values
+            # the core computed from the bytes, never the manifest's claims about them.
+            computed = self._computed_package_hash(package_id, version, manifest, stats.digests)
             self.log.info("CAS", f"Using hash from LS Content Information: {reply.package_hash}")
             self.log.info("CAS", f"Computed hash: {computed}")
             if computed != reply.package_hash.upper():
@@ -1079,6 +1080,14 @@ class TaskSequenceEngine:
                 raise ContentError(
                     codes.HASH_MISMATCH,
                     f"{package_id}.{version}: package hash {computed} != {reply.package_hash}",
+                )
+            # Only the files the core verified go into the entry: anything else in staging (left
+            # by an earlier run of another file list, a link) was never hashed by this process.
+            for stray in store.prune_unverified(staged, stats.digests):
+                self.log.info(
+                    "CAS",
+                    f"Deleted {stray} from the download of {package_id}.{version}: not a file "
+                    "of the content",
                 )
             self.log.info(
                 "CAS", "Success hash verification with hash algorithm = 32780, preference : 4"
@@ -1121,6 +1130,34 @@ class TaskSequenceEngine:
             )
         )
         return entry
+
+    def _computed_package_hash(
+        self,
+        package_id: str,
+        version: int,
+        manifest: ContentManifest,
+        digests: Mapping[str, str],
+    ) -> str:
+        """The package hash over the SHA-256 values computed from the downloaded bytes.
+
+        ``digests`` comes from the download core, which records a file's digest only after
+        hashing its bytes in this process. A file of the manifest without one was not verified,
+        and that fails the package (0x80091007), whatever the manifest says about it.
+        """
+        missing = sorted(f.relpath for f in manifest.files if f.relpath not in digests)
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            self.log.error(
+                "CAS", f"Hash does not match expected for content {package_id}.{version}"
+            )
+            self.log.error("TSManager", "Hash could not be matched for the downloaded content")
+            raise ContentError(
+                codes.HASH_MISMATCH,
+                f"{package_id}.{version}: no SHA-256 computed from the bytes of {shown}; the "
+                "package hash is checked only from digests the download core computed (it must "
+                "return one for every file in DownloadStats.digests)",
+            )
+        return package_hash([replace(f, sha256=digests[f.relpath]) for f in manifest.files])
 
     def _no_room(self, package_id: str, version: int, error: CacheSpaceError) -> None:
         report, cm = error.report, "CacheManager"

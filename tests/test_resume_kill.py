@@ -234,8 +234,9 @@ def test_a_kill_between_verification_and_rename_never_leaves_an_unverified_final
 
 
 def test_a_file_already_complete_is_not_fetched_again(cloud_dp, storage_faults, tmp_path):
-    # The final name is the proof of verification: a restarted download skips such files and
-    # removes a journal left between the rename and its deletion.
+    # A restarted download (a new core: nothing carried over) re-hashes each file at its final
+    # name from disk, skips those that match without fetching them, and removes a journal left
+    # between the rename and its deletion. The final name alone proves nothing (test_integrity).
     files = {f"f{i}.bin": random.Random(i).randbytes(100_000) for i in range(3)}
     manifest = signed(cloud_dp, cloud_dp.distribute("PS1000K2", 1, files))
     dest = tmp_path / "staging"
@@ -246,9 +247,12 @@ def test_a_file_already_complete_is_not_fetched_again(cloud_dp, storage_faults, 
     (dest / "f2.bin").unlink()
     storage_faults.clear()
 
+    core.close()
+    core = DownloadCore(retry=VirtualTime().policy())
     stats = core.download(manifest, dest)
     core.close()
-    assert stats.skipped == 2
+    assert stats.skipped == 2 and stats.rehashed == 2 * 100_000
+    assert stats.digests == {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
     storage_faults.wait_idle(10)
     assert [e.path.rsplit("/", 1)[1] for e in storage_faults.log] == ["f2.bin"]
     assert files_in(dest) == sorted(files)

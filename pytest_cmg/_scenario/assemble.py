@@ -26,10 +26,19 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import yaml
 
+from .limits import (
+    MAX_NESTING,
+    MAX_SCENARIO_FILE_BYTES,
+    MAX_VALUES,
+    clip,
+    human_size,
+    nearest,
+    shown,
+)
 from .spec import ListOf, MapOf, Record, Validation, is_null
 
 if TYPE_CHECKING:
@@ -44,6 +53,7 @@ __all__ = [
     "find_fixtures",
     "merge_nodes",
     "plan_cases",
+    "read_text",
 ]
 
 _MAP = "tag:yaml.org,2002:map"
@@ -72,19 +82,158 @@ def find_fixtures(scenario: Path) -> Path | None:
     return None
 
 
+class _Mark(Protocol):
+    """What is read of a YAML mark (PyYAML's pure and libyaml marks are different classes)."""
+
+    line: int
+
+
+class _TooMuch(Exception):
+    """A document broke one of the size limits while it was composed."""
+
+    def __init__(self, mark: _Mark | None, rule: str, hint: str) -> None:
+        super().__init__(rule)
+        self.line = mark.line + 1 if mark is not None else 1
+        self.rule, self.hint = rule, hint
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """A SafeLoader that stops at ``budget`` values or :data:`MAX_NESTING` levels.
+
+    An alias counts as many values as the node it names (its expanded size), so a few lines of
+    anchors cannot make the validation walk millions of values (the "billion laughs").
+    """
+
+    def __init__(self, text: str, budget: int) -> None:
+        super().__init__(text)
+        self.budget = budget
+        self.values = 0
+        self._depth = 0
+        #: Expanded size of each anchored node, by id, for the aliases that name it.
+        self._sizes: dict[int, int] = {}
+
+    def _charge(self, count: int, mark: _Mark | None) -> None:
+        self.values += count
+        if self.values > self.budget:
+            raise _TooMuch(
+                mark,
+                f"the scenario holds more than {MAX_VALUES:,} YAML values here (with the files it "
+                "includes, aliases counted at each use)",
+                "a scenario needs a few hundred: describe content by size, never list it",
+            )
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        event: yaml.Event = self.peek_event()  # type: ignore[no-untyped-call]
+        if isinstance(event, yaml.AliasEvent):
+            named = self.anchors.get(event.anchor) if event.anchor is not None else None
+            if named is not None:
+                self._charge(self._sizes.get(id(named), 1), event.start_mark)
+            return super().compose_node(parent, index)
+        self._depth += 1
+        try:
+            if self._depth > MAX_NESTING:
+                raise _TooMuch(
+                    event.start_mark,
+                    f"lists and mappings nest deeper than {MAX_NESTING} levels",
+                    "a scenario needs about 6",
+                )
+            before = self.values
+            self._charge(1, event.start_mark)
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if node is not None and getattr(event, "anchor", None) is not None:
+            self._sizes[id(node)] = self.values - before
+        return node
+
+
+def read_text(path: Path, v: Validation) -> str | None:
+    """The text of a scenario file, or None when it breaks the input rules (reported to ``v``).
+
+    The size is judged from the file system before anything is read (and the read is bounded
+    too, for files that grow or report no size), so a huge file costs neither time nor memory.
+    A byte that is not UTF-8 is reported at its line and column. OSError is the caller's.
+    """
+    limit = MAX_SCENARIO_FILE_BYTES
+    size = path.stat().st_size
+    data = b""
+    if size <= limit:
+        with path.open("rb") as handle:
+            data = handle.read(limit + 1)
+    if size > limit or len(data) > limit:
+        v.problems.append(
+            v.make(
+                path,
+                1,
+                f"the file is {human_size(max(size, len(data)))} ({max(size, len(data)):,} "
+                f"bytes); a scenario file may have at most {human_size(limit)}",
+                "a scenario describes content by its size, packages[].size, and never holds "
+                "it: is this the right file?",
+            )
+        )
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        start = data.rfind(b"\n", 0, exc.start) + 1
+        # Everything before the first bad byte decodes, so the column counts characters.
+        column = len(data[start : exc.start].decode("utf-8")) + 1
+        v.problems.append(
+            v.make(
+                path,
+                line,
+                f"byte 0x{data[exc.start]:02x} at column {column} is not UTF-8 ({exc.reason}): "
+                "scenario files are UTF-8",
+                "save the file as UTF-8, e.g. with iconv -f latin1 -t utf-8; its strings and "
+                "comments may then hold any character",
+            )
+        )
+        return None
+
+
 def compose_file(path: Path, v: Validation, *, empty_is_problem: bool = True) -> yaml.Node | None:
-    """Compose one YAML document whose marks carry ``path``; problems go to ``v``."""
-    text = path.read_text(encoding="utf-8")
-    loader = yaml.SafeLoader(text)
+    """Compose one YAML document whose marks carry ``path``; problems go to ``v``.
+
+    The file's size, encoding, values and nesting are checked against the input limits
+    (:mod:`.limits`); ``v.composed`` counts the values of every file composed for one scenario,
+    so includes share one budget. OSError (a missing or unreadable file) is the caller's.
+    """
+    text = read_text(path, v)
+    if text is None:
+        return None
+    try:
+        loader = _BoundedLoader(text, MAX_VALUES - v.composed)
+    except yaml.reader.ReaderError as exc:
+        # Raised for the whole text at once: a control character (NUL, ESC...) anywhere.
+        position = exc.position
+        line = text.count("\n", 0, position) + 1
+        column = position - (text.rfind("\n", 0, position) + 1) + 1
+        character = exc.character if isinstance(exc.character, str) else chr(exc.character)
+        v.problems.append(
+            v.make(
+                path,
+                line,
+                f"character U+{ord(character):04X} at column {column} is not allowed in YAML "
+                "(control characters other than tab and line breaks)",
+                "remove it, or write it as an escape in a double-quoted string, e.g. \"\\x1b\"",
+            )
+        )
+        return None
     # Marks copy the reader's name when they are made, so every node of this file knows it.
     loader.name = str(path)
     try:
         node = loader.get_single_node()
+    except _TooMuch as exc:
+        v.problems.append(v.make(path, exc.line, exc.rule, exc.hint))
+        return None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        v.problems.append(v.make(path, mark.line + 1 if mark else 1, f"not valid YAML: {exc.problem}"))
+        problem = clip(str(exc.problem or exc.context or "cannot be parsed"))
+        v.problems.append(v.make(path, mark.line + 1 if mark else 1, f"not valid YAML: {problem}"))
         return None
     finally:
+        v.composed += loader.values
         loader.dispose()
     if node is None and empty_is_problem:
         v.problems.append(v.make(path, 1, "the file is empty"))
@@ -215,7 +364,7 @@ class Assembler:
             if root is None:
                 self.v.problem(
                     entry,
-                    f"{kind} {text!r} is looked up in the fixtures folder, and none was found "
+                    f"{kind} {shown(text)} is looked up in the fixtures folder, and none was found "
                     f"above {show(self.v.path)}",
                     "start the path with ./ or ../ for a file next to this one, or set "
                     "--cmg-fixtures (ini cmg_fixtures)",
@@ -232,7 +381,7 @@ class Assembler:
                 near = f"did you mean {close[0]!r}? " if close else ""
             self.v.problem(
                 entry,
-                f"{kind} {text!r}: no such file {show(target)}",
+                f"{kind} {shown(text)}: no such file {show(target)}",
                 f"{near}./ and ../ paths are relative to the naming file, others to the fixtures "
                 f"folder; this one was looked up in {where}",
             )
@@ -243,8 +392,8 @@ class Assembler:
         self._origin(target, entry, verb)
         try:
             node = compose_file(target, self.v)
-        except (OSError, UnicodeDecodeError) as exc:
-            self.v.problem(entry, f"cannot read {show(target)}: {exc}")
+        except OSError as exc:
+            self.v.problem(entry, f"cannot read {show(target)}: {exc.strerror or exc}")
             return None
         if node is None:
             return None
@@ -370,12 +519,13 @@ def resolve_path(
             if isinstance(spec, Record):
                 if name not in spec.fields or (not walked and name in _FIXED):
                     allowed = [f for f in spec.fields if walked or f not in _FIXED]
-                    near = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
-                    hint = f"did you mean {near[0]!r}? " if near else ""
+                    near = nearest(name, allowed)
+                    hint = f"did you mean {near!r}? " if near else ""
                     rule = (
-                        f"{what} {text!r}: {name!r} cannot be set per case"
+                        f"{what} {shown(text)}: {name!r} cannot be set per case"
                         if name in _FIXED and not walked
-                        else f"{what} {text!r}: unknown key {name!r} in {walked or 'the document'}"
+                        else f"{what} {shown(text)}: unknown key {shown(name)} in "
+                        f"{walked or 'the document'}"
                     )
                     v.problem(key, rule, f"{hint}allowed keys: {', '.join(allowed)}")
                     return None
@@ -383,13 +533,13 @@ def resolve_path(
             elif isinstance(spec, MapOf):
                 spec = spec.value
             else:
-                v.problem(key, f"{what} {text!r}: {walked} is not a mapping")
+                v.problem(key, f"{what} {shown(text)}: {walked} is not a mapping")
                 return None
             segments.append(("key", name))
             walked = f"{walked}.{name}" if walked else name
         else:
             if not isinstance(spec, ListOf):
-                v.problem(key, f"{what} {text!r}: {walked or 'the document'} is not a list")
+                v.problem(key, f"{what} {shown(text)}: {walked or 'the document'} is not a list")
                 return None
             segments.append(("index" if bracket.isdigit() else "id", bracket))
             spec = spec.item
@@ -411,19 +561,22 @@ def _set(
         if node is None or is_null(node):
             node = yaml.MappingNode(_MAP, [], value.start_mark, value.end_mark)
         if not isinstance(node, yaml.MappingNode):
-            v.problem(setting.key, f"cannot set {setting.path!r}: {token!r} is under a non-mapping")
+            v.problem(
+                setting.key,
+                f"cannot set {shown(setting.path)}: {shown(token)} is under a non-mapping",
+            )
             return None
         child = _set(get(node, token), rest, value, setting, v)
         return None if child is None else _with(node, token, child)
     if not isinstance(node, yaml.SequenceNode):
-        v.problem(setting.key, f"cannot set {setting.path!r}: there is no list at [{token}]")
+        v.problem(setting.key, f"cannot set {shown(setting.path)}: there is no list at [{token}]")
         return None
     items = list(node.value)
     if kind == "index":
         index = int(token)
         if index >= len(items):
             v.problem(
-                setting.key, f"cannot set {setting.path!r}: the list has {len(items)} item(s)"
+                setting.key, f"cannot set {shown(setting.path)}: the list has {len(items)} item(s)"
             )
             return None
     else:
@@ -431,7 +584,7 @@ def _set(
         if token not in ids:
             known = ", ".join(i for i in ids if i) or "none"
             v.problem(
-                setting.key, f"cannot set {setting.path!r}: no item with id {token}", f"ids: {known}"
+                setting.key, f"cannot set {shown(setting.path)}: no item with id {token}", f"ids: {known}"
             )
             return None
         index = ids.index(token)
@@ -468,7 +621,7 @@ def plan_cases(tree: yaml.Node, spec: Record, v: Validation, *, max_cases: int) 
                 continue
             case_id = str(id_node.value)
             if case_id in seen:
-                v.problem(id_node, f"case id {case_id!r} is given twice")
+                v.problem(id_node, f"case id {shown(case_id)} is given twice")
                 continue
             seen.add(case_id)
             settings = []
@@ -511,5 +664,5 @@ def plan_cases(tree: yaml.Node, spec: Record, v: Validation, *, max_cases: int) 
     for duplicate in sorted({i for i in ids if ids.count(i) > 1}):
         anchor = matrix if matrix is not None else cases
         assert anchor is not None
-        v.problem(anchor, f"two items would have the same ID {duplicate!r}", "make the values differ")
+        v.problem(anchor, f"two items would have the same ID {shown(duplicate)}", "make the values differ")
     return plans

@@ -12,7 +12,6 @@ items in the same order.
 
 from __future__ import annotations
 
-import difflib
 import os
 import shutil
 import tempfile
@@ -24,6 +23,7 @@ import pytest
 
 from .._errors import ExpectationFailed, ScenarioError, ScenarioProblem
 from .benchmark import report_lines, throughput_properties
+from .limits import nearest, shown
 from .model import Scenario, load_scenarios
 from .runner import check_expectations, run_scenario
 
@@ -73,13 +73,13 @@ class ScenarioFile(pytest.File):
             for marker in scenario.markers:
                 if marker.name not in known:
                     path, line = scenario.location(marker.where)
-                    near = difflib.get_close_matches(marker.name, known, n=1)
+                    near = nearest(marker.name, known)
                     problems.append(
                         ScenarioProblem(
                             path,
                             line,
-                            f"marker {marker.name!r} is not registered",
-                            (f"did you mean {near[0]!r}? " if near else "")
+                            f"marker {shown(marker.name)} is not registered",
+                            (f"did you mean {near!r}? " if near else "")
                             + "register it in the markers ini option; known: "
                             + ", ".join(known),
                         )

@@ -9,7 +9,6 @@ line.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +34,19 @@ from .._protocol.settings import (
     LaunchContext,
 )
 from .assemble import Assembler, CasePlan, compose_file, find_fixtures, plan_cases
+from .limits import (
+    MAX_CASE_VALUES,
+    MAX_FILE_BYTES,
+    MAX_PACKAGE_BYTES,
+    MAX_PACKAGE_FILES,
+    MAX_SCENARIO_BYTES,
+    OS_UPGRADE_MAIN_SHARE,
+    clip,
+    human_size,
+    largest_file,
+    nearest,
+    shown,
+)
 from .spec import (
     Anything,
     Bool,
@@ -138,8 +150,23 @@ PACKAGE = Record(
             default=True,
             doc="Whether this version is distributed to the content-enabled CMG.",
         ),
-        "files": Field(Int(minimum=1), default=1, doc="Number of generated files.", example="12"),
-        "size": Field(Size(), required=True, doc="Total generated size, e.g. 8MiB."),
+        "files": Field(
+            Int(minimum=1),
+            default=1,
+            doc=f"Number of generated files, at most {MAX_PACKAGE_FILES:,}.",
+            example="12",
+        ),
+        "size": Field(
+            Size(
+                maximum=MAX_PACKAGE_BYTES,
+                limit=(
+                    "Azurite keeps uploaded content in memory: split the content into several "
+                    "packages, or test the protocol with a smaller size"
+                ),
+            ),
+            required=True,
+            doc="Total generated size, e.g. 8MiB.",
+        ),
         "locale": Field(
             Choice(choices=LOCALES),
             default="en_US",
@@ -1107,7 +1134,7 @@ def load_scenario(path: Path, *, fixtures: Path | None = None) -> Scenario:
                 ScenarioProblem(
                     path,
                     scenarios[0].line(where),
-                    f"this file is parametrised into {len(scenarios)} cases ({ids})",
+                    clip(f"this file is parametrised into {len(scenarios)} cases ({ids})"),
                     "load it with load_scenarios, or run one case by its item ID",
                 )
             ]
@@ -1142,6 +1169,21 @@ def load_scenarios(path: Path, *, fixtures: Path | None = None) -> list[Scenario
         p for p in v.problems[assembled:] if p.path == path or (p.path, p.line) not in seen
     ]
     plans = plan_cases(merged, SCENARIO, v, max_cases=MAX_CASES)
+    if len(plans) * v.composed > MAX_CASE_VALUES:
+        # Each item is validated and built from the whole tree: bound the product, not only
+        # each factor, or 256 cases of a 10,000-value file would take minutes to collect.
+        file, line = v.location("matrix" if "matrix" in v.lines else "cases")
+        v.problems.append(
+            v.make(
+                file,
+                line,
+                f"this file makes {len(plans)} items of {v.composed:,} YAML values each; all "
+                f"items together may hold at most {MAX_CASE_VALUES:,}",
+                "each item is validated on its own: give fewer cases, or move the long lists "
+                "out of the parametrised file",
+            )
+        )
+        raise ScenarioError(_sorted(v.problems, path))
     if not plans:
         if v.problems:
             raise ScenarioError(_sorted(v.problems, path))
@@ -1161,7 +1203,7 @@ def load_scenarios(path: Path, *, fixtures: Path | None = None) -> list[Scenario
         if not cv.problems and isinstance(case_data, dict):
             built.append(_build(path, case_data, cv, plan))
     for (file, line, rule, hint), ids in extra.items():
-        which = f"in case{'s' if len(ids) > 1 else ''} {', '.join(ids)}"
+        which = clip(f"in case{'s' if len(ids) > 1 else ''} {', '.join(ids)}")
         v.problems.append(ScenarioProblem(file, line, rule, f"{hint}; {which}" if hint else which))
     if v.problems:
         raise ScenarioError(_sorted(v.problems, path))
@@ -1351,12 +1393,31 @@ def _cross_check(data: dict[str, Any], v: Validation) -> None:
         else:
             declared[package_id] = package.get("version")
         files, size = package.get("files"), package.get("size")
-        if files is not None and size is not None and files > size:
+        if files is not None and files > MAX_PACKAGE_FILES:
+            # Here, not in the spec, so the value's description stays "an integer >= 1".
+            problem(
+                f"packages[{index}].files",
+                f"package {package_id}: {shown(files)} files, more than the "
+                f"{MAX_PACKAGE_FILES:,} a package may have",
+                "each file is one upload and one download: a few hundred make the point",
+            )
+        elif files is not None and size is not None and files > size:
             problem(
                 f"packages[{index}].files",
                 f"{files} files cannot share {size} bytes",
                 "give each file at least one byte",
             )
+        elif files is not None and size is not None:
+            _check_largest_file(package, f"packages[{index}]", problem)
+    sizes = [p["size"] for _, p in packages if isinstance(p.get("size"), int)]
+    if sum(sizes) > MAX_SCENARIO_BYTES:
+        problem(
+            "packages",
+            f"the packages total {human_size(sum(sizes))}, more than the "
+            f"{human_size(MAX_SCENARIO_BYTES)} a scenario may generate",
+            "Azurite keeps every uploaded package in memory and the client cache as much on "
+            "disk: split the scenario, or make the packages smaller",
+        )
     if not complete:
         return
     known = ", ".join(declared) or "none"
@@ -1432,6 +1493,32 @@ def _cross_check(data: dict[str, Any], v: Validation) -> None:
                 )
     if expect.get("outcome") == "success" and expect.get("exit_code") not in (None, "0x00000000"):
         problem("expect.exit_code", "a successful outcome has exit code 0x00000000")
+
+
+def _check_largest_file(package: dict[str, Any], where: str, problem: Callable[..., None]) -> None:
+    """A package's largest generated file against :data:`~.limits.MAX_FILE_BYTES`."""
+    files, size = package["files"], package["size"]
+    main = OS_UPGRADE_MAIN_SHARE if package.get("type") == "os_upgrade" else None
+    largest = largest_file(size, files, main)
+    if largest <= MAX_FILE_BYTES:
+        return
+    if main is not None and files > 1:
+        what = f"its install.wim takes {OS_UPGRADE_MAIN_SHARE:.0%} of it"
+        fix = (
+            f"an os_upgrade package may be at most "
+            f"{human_size(int(MAX_FILE_BYTES / OS_UPGRADE_MAIN_SHARE))}"
+        )
+    else:
+        what = f"{files} file(s) share it evenly"
+        need = -(-size // MAX_FILE_BYTES)
+        fix = f"give it at least {need} files, or a smaller size"
+    problem(
+        f"{where}.size",
+        f"package {package.get('id') or where}: its largest file would be "
+        f"{human_size(largest)} ({what}), more than the {human_size(MAX_FILE_BYTES)} a "
+        "generated file may have",
+        fix,
+    )
 
 
 def _check_settings(data: dict[str, Any], problem: Callable[..., None]) -> None:
@@ -1536,11 +1623,11 @@ def _check_fault(
 ) -> None:
     step = event.get("before_step")
     if step is not None and step not in steps:
-        near = difflib.get_close_matches(step, steps, n=1)
+        near = nearest(step, steps)
         problem(
             f"{where}.before_step",
-            f"before_step names no step: {step!r}",
-            f"did you mean {near[0]!r}?" if near else f"steps: {', '.join(steps)}",
+            f"before_step names no step: {shown(step)}",
+            f"did you mean {near!r}?" if near else f"steps: {', '.join(steps)}",
         )
     if step is not None and event.get("at") is not None:
         problem(f"{where}.at", "a timeline event fires before_step or at a time, not both")

@@ -7,6 +7,8 @@ example: the field's own, or one made from its spec (a test checks each one vali
 
 from __future__ import annotations
 
+from . import limits
+from .limits import human_size
 from .model import SCENARIO
 from .spec import Choice, Field, ListOf, Record, Spec
 
@@ -34,6 +36,8 @@ _RULES = """
 
 **Values.** Sizes are bytes or `64MiB`, `512KiB`, `1.5GiB`, `10MB`; durations are seconds or
 `90s`, `5m`, `1h30m`, `250ms`. `key:` left empty means "not given" where the key has no default.
+
+@LIMITS@
 
 **Log expectations** (`log`, `gateway_log`, `absent_log`, `absent_gateway_log`) are Python regular
 expressions searched in each line (`re.search`); smsts.log lines read `component: message`.
@@ -88,6 +92,37 @@ figures appear under "pytest-cmg scenario throughput" in the terminal summary an
 """
 
 
+_LIMITS = """**Limits.** Each is a collection error at its file and line, never a traceback. A scenario,
+world or catalog file is UTF-8 (a byte that is not is reported at its line and column) and at
+most {file_limit}, judged from its size before it is read; with everything it includes it holds
+at most {values:,} YAML values (an alias counts what it names, at each use), nested at most
+{nesting} deep. A package has at most {files:,} files and {package}; no generated file may exceed
+{file} (an `os_upgrade` package's install.wim takes 90 % of it, so such a package is at most
+{os_upgrade}); a scenario's packages total at most {scenario}: Azurite keeps uploaded content in
+memory, and the client cache keeps it again on disk. Other sizes are at most 2^53 bytes,
+durations at most {days:.0f}d. A value quoted in a message is cut to {shown} characters. A
+package over {in_memory} is generated into a temporary folder, removed once it is uploaded; the
+bytes are the same wherever they are generated.
+"""
+
+
+def _limits() -> str:
+    """The limits paragraph of the rules, from the limits themselves (:mod:`.limits`)."""
+    return _LIMITS.format(
+        file_limit=human_size(limits.MAX_SCENARIO_FILE_BYTES),
+        values=limits.MAX_VALUES,
+        nesting=limits.MAX_NESTING,
+        files=limits.MAX_PACKAGE_FILES,
+        package=human_size(limits.MAX_PACKAGE_BYTES),
+        file=human_size(limits.MAX_FILE_BYTES),
+        os_upgrade=human_size(int(limits.MAX_FILE_BYTES / limits.OS_UPGRADE_MAIN_SHARE)),
+        scenario=human_size(limits.MAX_SCENARIO_BYTES),
+        days=limits.MAX_DURATION_SECONDS / 86400,
+        shown=limits.SHOWN_CHARS,
+        in_memory=human_size(limits.IN_MEMORY_PACKAGE_BYTES),
+    ).rstrip("\n")
+
+
 def _default(item: Field) -> str:
     if item.required:
         return ""
@@ -140,7 +175,7 @@ def _row(key: str, item: Field) -> str:
 
 def render_reference() -> str:
     rows = [_row(key, item) for key, item in reference_rows(SCENARIO)]
-    return _INTRO + "\n".join(rows) + "\n" + _RULES
+    return _INTRO + "\n".join(rows) + "\n" + _RULES.replace("@LIMITS@", _limits())
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ reference, so the rules live in exactly one place.
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from .._errors import ScenarioProblem
+from .limits import MAX_DURATION_SECONDS, MAX_SIZE, clip, human_size, nearest, shown
 
 __all__ = [
     "Anything",
@@ -85,6 +86,9 @@ class Validation:
     files: dict[str, Path] = field(default_factory=dict)
     #: For each included file, the text telling where it was included from.
     included_from: dict[Path, str] = field(default_factory=dict)
+    #: YAML values composed so far for this scenario, its includes and refs included
+    #: (:data:`~.limits.MAX_VALUES` is their budget).
+    composed: int = 0
 
     def file_of(self, node: yaml.Node) -> Path:
         name = node.start_mark.name
@@ -95,10 +99,12 @@ class Validation:
         self.problems.append(self.make(path, _line(node), rule, hint))
 
     def make(self, path: Path, line: int, rule: str, hint: str = "") -> ScenarioProblem:
+        # Rules quote paths and keys from the file; clipped here, none of them is echoed whole.
+        hint = clip(hint)
         origin = self.included_from.get(path)
         if origin:
-            hint = f"{hint}; {origin}" if hint else origin
-        return ScenarioProblem(path, line, rule, hint)
+            hint = f"{hint}; {clip(origin)}" if hint else clip(origin)
+        return ScenarioProblem(path, line, clip(rule), hint)
 
     def remember(self, where: str, node: yaml.Node) -> None:
         self.lines[where] = _line(node)
@@ -141,6 +147,25 @@ def is_null(node: yaml.Node) -> bool:
 
 def _scalar(node: yaml.Node) -> Any:  # noqa: ANN401 - YAML scalars are of any type
     return yaml.SafeLoader("").construct_object(node, deep=True)
+
+
+#: What PyYAML's constructors raise on a value they cannot make (a bad tag, 2001-02-30, an
+#: integer of more than 4300 digits, a number too large for a float).
+_CONSTRUCTION_ERRORS = (yaml.YAMLError, ValueError, TypeError, OverflowError)
+
+
+def _reason(exc: BaseException) -> str:
+    lines = str(exc).splitlines()
+    return clip(lines[0] if lines else type(exc).__name__, 120)
+
+
+def _finite(value: float) -> float | None:
+    """``value`` as a finite float, or None (inf, nan, or an integer beyond a float's range)."""
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _where(where: str) -> str:
@@ -187,11 +212,13 @@ class Spec:
             return None
         try:
             return _scalar(node)
-        except (yaml.YAMLError, ValueError) as exc:
-            # Explicit tags (!!int abc, !custom) and impossible dates fail in the constructor.
-            reason = str(exc).splitlines()[0]
+        except _CONSTRUCTION_ERRORS as exc:
+            # Explicit tags (!!int abc, !custom), impossible dates and integers of more than
+            # 4300 digits fail in the constructor.
             v.problem(
-                node, f"{_where(where)} {node.value!r} is not valid YAML for its tag: {reason}"
+                node,
+                f"{_where(where)} {shown(node.value)} is not valid YAML for its tag: "
+                f"{_reason(exc)}",
             )
             return None
 
@@ -213,7 +240,7 @@ class Str(Spec):
         value = node.value if isinstance(node, yaml.ScalarNode) else str(value)
         if self.pattern and not re.fullmatch(self.pattern, value):
             hint = f"e.g. {self.example}" if self.example else ""
-            v.problem(node, f"{where} {value!r} must match {self.pattern}", hint)
+            v.problem(node, f"{where} {shown(value)} must match {self.pattern}", hint)
             return None
         return value
 
@@ -243,7 +270,7 @@ class Regex(Str):
         except re.error as exc:
             v.problem(
                 node,
-                f"{where} {value!r} is not a valid regular expression: {exc}",
+                f"{where} {shown(value)} is not a valid regular expression: {exc}",
                 "escape . ( ) [ ] with a backslash to match them literally",
             )
             return None
@@ -278,16 +305,16 @@ class Int(Spec):
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, int):
-            v.problem(node, f"{where} must be {self.describe()}, got {value!r}")
+            v.problem(node, f"{where} must be {self.describe()}, got {shown(value)}")
             return None
         if (self.minimum is not None and value < self.minimum) or (
             self.maximum is not None and value > self.maximum
         ):
-            v.problem(node, f"{where} must be {self.describe()}, got {value}")
+            v.problem(node, f"{where} must be {self.describe()}, got {shown(value)}")
             return None
         if self.choices and value not in self.choices:
             near = min(self.choices, key=lambda c: abs(c - value))
-            v.problem(node, f"{where} {value} is not {self.describe()}", f"nearest: {near}")
+            v.problem(node, f"{where} {shown(value)} is not {self.describe()}", f"nearest: {near}")
             return None
         return value
 
@@ -319,7 +346,7 @@ class Bool(Spec):
         if value is None:
             return None
         if not isinstance(value, bool):
-            v.problem(node, f"{where} must be {self.describe()}, got {value!r}")
+            v.problem(node, f"{where} must be {self.describe()}, got {shown(value)}")
             return None
         return value
 
@@ -343,9 +370,9 @@ class Choice(Spec):
         if value is None:
             return None
         if str(value) not in self.choices:
-            near = difflib.get_close_matches(str(value), self.choices, n=1)
-            hint = f"did you mean {near[0]!r}?" if near else ""
-            v.problem(node, f"{where} {value!r} is not {self.describe()}", hint)
+            near = nearest(str(value), self.choices)
+            hint = f"did you mean {near!r}?" if near else ""
+            v.problem(node, f"{where} {shown(value)} is not {self.describe()}", hint)
             return None
         return str(value)
 
@@ -370,10 +397,13 @@ class Number(Spec):
         value = self._scalar_of(node, where, v)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < self.minimum:
-            v.problem(node, f"{where} must be {self.describe()}, got {value!r}")
+        number = None
+        if not isinstance(value, bool) and isinstance(value, int | float):
+            number = _finite(value)
+        if number is None or number < self.minimum:
+            v.problem(node, f"{where} must be {self.describe()}, got {shown(value)}")
             return None
-        return float(value)
+        return number
 
     def schema(self) -> dict[str, Any]:
         return {"type": "number", "minimum": self.minimum}
@@ -384,32 +414,55 @@ class Number(Spec):
 
 @dataclass
 class Size(Spec):
-    """A byte count: an integer, or a string like ``64MiB``, ``512KiB``, ``1.5GiB``."""
+    """A byte count: an integer, or a string like ``64MiB``, ``512KiB``, ``1.5GiB``.
+
+    :param maximum: the largest size accepted (by default :data:`~.limits.MAX_SIZE`, exact as a
+        float, so no later arithmetic overflows).
+    :param limit: why, for the problem's hint when a size is above ``maximum``.
+    """
 
     doc: str = ""
+    maximum: int = MAX_SIZE
+    limit: str = ""
 
     def describe(self) -> str:
-        return "a size such as 64MiB, 512KiB or a number of bytes"
+        text = "a size such as 64MiB, 512KiB or a number of bytes"
+        return text if self.maximum == MAX_SIZE else f"{text}, at most {human_size(self.maximum)}"
 
     def _check(self, node: yaml.Node, where: str, v: Validation) -> Any:  # noqa: ANN401
         value = self._scalar_of(node, where, v)
         if value is None:
             return None
+        count: int | None
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
-        match = _SIZE.match(str(value))
-        if isinstance(value, bool) or not match:
-            v.problem(node, f"{where} {value!r} is not {self.describe()}")
+            count = value
+        else:
+            match = None if isinstance(value, bool) else _SIZE.match(str(value))
+            if not match:
+                v.problem(
+                    node,
+                    f"{where} {shown(value)} is not {self.describe()}",
+                    "units: B, KiB, MiB, GiB (1024) or KB, MB, GB (1000)",
+                )
+                return None
+            # As before (a float), but a number of 400 digits is infinite, not an OverflowError.
+            number = _finite(float(match[1]) * _UNITS[match[2]])
+            count = None if number is None else int(number)
+        if count is None or count > self.maximum:
+            size = f" is {human_size(count)}," if count is not None else " is"
+            v.problem(
+                node,
+                f"{where} {shown(value)}{size} more than the {human_size(self.maximum)} allowed",
+                self.limit,
+            )
             return None
-        return int(float(match[1]) * _UNITS[match[2]])
+        return count
 
     def schema(self) -> dict[str, Any]:
-        return {
-            "oneOf": [
-                {"type": "integer", "minimum": 0},
-                {"type": "string", "pattern": _SIZE_SCHEMA},
-            ]
-        }
+        integer: dict[str, Any] = {"type": "integer", "minimum": 0}
+        if self.maximum != MAX_SIZE:
+            integer["maximum"] = self.maximum
+        return {"oneOf": [integer, {"type": "string", "pattern": _SIZE_SCHEMA}]}
 
     def sample(self) -> str:
         return "64MiB"
@@ -439,14 +492,22 @@ class Duration(Spec):
         if isinstance(value, bool):
             seconds = None
         elif isinstance(value, int | float):
-            seconds = float(value)
+            seconds = float("inf") if _finite(value) is None else float(value)
         else:
             seconds = parse_duration(str(value))
-        if seconds is None or (seconds < 0 and not self.negative):
-            v.problem(node, f"{where} {value!r} is not {self.describe()}")
+        if seconds is None or (seconds < 0 and not self.negative) or math.isnan(seconds):
+            v.problem(node, f"{where} {shown(value)} is not {self.describe()}")
             return None
         if self.maximum is not None and seconds > self.maximum:
-            v.problem(node, f"{where} {value!r} is longer than {self.maximum:g}s")
+            v.problem(node, f"{where} {shown(value)} is longer than {self.maximum:g}s")
+            return None
+        if abs(seconds) > MAX_DURATION_SECONDS:
+            # Virtual time becomes dates (token lifetimes, SAS expiry): keep them in range.
+            v.problem(
+                node,
+                f"{where} {shown(value)} is longer than {MAX_DURATION_SECONDS / 86400:.0f}d "
+                "(100 years), the longest duration a scenario may give",
+            )
             return None
         return seconds
 
@@ -524,11 +585,11 @@ class Count(Spec):
                 return None
             return Bounds(low, high)
         if not self.exact:
-            shown = node.value if isinstance(node, yaml.ScalarNode) else "a list"
+            given = shown(node.value) if isinstance(node, yaml.ScalarNode) else "a list"
             v.problem(
                 node,
-                f"{where} must be {self.describe()}, not {shown}",
-                f"a measured figure is never exact: write {{{self.low}: {shown}}}"
+                f"{where} must be {self.describe()}, not {given}",
+                f"a measured figure is never exact: write {{{self.low}: {given}}}"
                 if isinstance(node, yaml.ScalarNode)
                 else "",
             )
@@ -565,8 +626,8 @@ class Anything(Spec):
             return self._scalar_of(node, where, v)
         try:
             return yaml.SafeLoader("").construct_document(node)
-        except (yaml.YAMLError, ValueError) as exc:
-            v.problem(node, f"{where} is not valid YAML: {str(exc).splitlines()[0]}")
+        except _CONSTRUCTION_ERRORS as exc:
+            v.problem(node, f"{where} is not valid YAML: {_reason(exc)}")
             return None
 
     def schema(self) -> dict[str, Any]:
@@ -748,6 +809,17 @@ def _absent(item: Field) -> Any:  # noqa: ANN401 - any field's value
     return item.default
 
 
+def _key_text(node: yaml.Node) -> str:
+    """A mapping key as the language reads it; ``?`` for a list or mapping used as a key."""
+    if not isinstance(node, yaml.ScalarNode):
+        return "?"
+    try:
+        return str(_scalar(node))
+    except _CONSTRUCTION_ERRORS:
+        # ``!!int abc: 1`` or ``2001-02-30: 1``: not a key of the language, reported as unknown.
+        return str(node.value)
+
+
 def _json_default(value: Any) -> bool:  # noqa: ANN401
     return value is not None and not isinstance(value, dict) and value != ""
 
@@ -797,17 +869,17 @@ class Record(Spec):
         out: dict[str, Any] = {}
         seen: set[str] = set()
         for key_node, value_node in node.value:
-            key = str(_scalar(key_node)) if isinstance(key_node, yaml.ScalarNode) else "?"
+            key = _key_text(key_node)
             if key in seen:
                 v.problem(key_node, f"{prefix}{key} is given twice")
                 continue
             seen.add(key)
             if key not in self.fields:
-                near = difflib.get_close_matches(key, list(self.fields), n=1, cutoff=0.6)
-                hint = f"did you mean {near[0]!r}? " if near else ""
+                near = nearest(key, self.fields)
+                hint = f"did you mean {near!r}? " if near else ""
                 v.problem(
                     key_node,
-                    f"unknown key {key!r} in {_where(where)}",
+                    f"unknown key {shown(key)} in {_where(where)}",
                     f"{hint}allowed keys: {', '.join(self.fields)}",
                 )
                 continue

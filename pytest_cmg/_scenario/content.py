@@ -3,21 +3,34 @@
 Names come from faker in the package's locale (so ``ja_JP`` and ``it_IT`` names travel through
 blob names, SAS URLs and manifests); bytes come from faker's seeded random generator. The same
 scenario seed always yields the same files, on every xdist worker.
+
+Bytes are drawn at most :data:`~.limits.RANDOM_PIECE_BYTES` at a time (``randbytes`` cannot make
+256 MiB or more at once), which draws exactly the bytes one call would: content does not depend
+on the piece size. A package larger than :data:`~.limits.IN_MEMORY_PACKAGE_BYTES` is written to
+files on disk (:class:`PackageSource` with a path, streamed by the upload) instead of memory;
+:func:`generated_package` makes the temporary folder and removes it when its block ends.
 """
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 import zlib
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from faker import Faker
 
 from .._storage.clouddp import PackageSource
+from .limits import IN_MEMORY_PACKAGE_BYTES, OS_UPGRADE_MAIN_SHARE, RANDOM_PIECE_BYTES, split_sizes
 
 if TYPE_CHECKING:
+    import random
+    from collections.abc import Iterator
+
     from .model import PackageSpec
 
-__all__ = ["generate_package"]
+__all__ = ["generate_package", "generated_package"]
 
 # The first entry of each layout is the package's main file and takes most of the bytes, as an
 # install.wim does in an OS upgrade package.
@@ -48,8 +61,32 @@ def _accented_word(fake: Faker) -> str | None:
     return str(fake.random_element(words)) if words else None
 
 
-def generate_package(spec: PackageSpec, seed: int) -> list[PackageSource]:
-    """The files of one package version: ``spec.files`` files totalling ``spec.size`` bytes."""
+def generate_package(
+    spec: PackageSpec,
+    seed: int,
+    *,
+    folder: Path | None = None,
+    piece: int = RANDOM_PIECE_BYTES,
+    in_memory: int = IN_MEMORY_PACKAGE_BYTES,
+) -> list[PackageSource]:
+    """The files of one package version: ``spec.files`` files totalling ``spec.size`` bytes.
+
+    A package of at most ``in_memory`` bytes is returned in memory; a larger one is written into
+    ``folder`` (which the caller removes; :func:`generated_package` does both), one file and
+    ``piece`` bytes at a time. Where the bytes go and ``piece`` (a multiple of 4) never change
+    them.
+    """
+    if piece <= 0 or piece % 4:
+        msg = f"generate_package: piece={piece} must be a positive multiple of 4 bytes"
+        raise ValueError(msg)
+    spill = spec.size > in_memory
+    if spill and folder is None:
+        msg = (
+            f"generate_package: package {spec.id}.{spec.version} has {spec.size} bytes, more than "
+            f"the {in_memory} generated in memory; pass folder= (a folder you remove), or use "
+            "generated_package(), which makes a temporary one and removes it"
+        )
+        raise ValueError(msg)
     fake = Faker(spec.locale)
     # Seed per package so adding a package to a scenario does not change the others' content.
     fake.seed_instance(seed ^ zlib.crc32(f"{spec.id}.{spec.version}".encode()))
@@ -72,20 +109,61 @@ def generate_package(spec: PackageSpec, seed: int) -> list[PackageSource]:
             name = f"{stem}-{len(names)}{dot}{ext}" if dot else f"{name}-{len(names)}"
         taken.add(name)
         names.append(name)
-    sizes = _split(spec.size, spec.files, main_share=0.9 if spec.type == "os_upgrade" else None)
-    return [
-        PackageSource(relpath=name, data=fake.random.randbytes(size))
-        for name, size in zip(names, sizes, strict=True)
-    ]
+    share = OS_UPGRADE_MAIN_SHARE if spec.type == "os_upgrade" else None
+    sizes = split_sizes(spec.size, spec.files, main_share=share)
+    rng = fake.random
+    if folder is None or not spill:
+        return [
+            PackageSource(relpath=name, data=_random_bytes(rng, size, piece))
+            for name, size in zip(names, sizes, strict=True)
+        ]
+    sources = []
+    for index, (name, size) in enumerate(zip(names, sizes, strict=True)):
+        # Numbered, not named after relpath: names may be nested or not ASCII; the blob name
+        # is the relpath either way.
+        target = folder / f"{spec.id}.{spec.version}-{index:05d}.bin"
+        with target.open("wb") as handle:
+            for chunk in _random_pieces(rng, size, piece):
+                handle.write(chunk)
+        sources.append(PackageSource(relpath=name, data=target))
+    return sources
 
 
-def _split(total: int, count: int, main_share: float | None) -> list[int]:
-    if count == 1:
-        return [total]
-    if main_share is not None:
-        # Leave every other file at least one byte.
-        main = min(max(1, int(total * main_share)), total - (count - 1))
-        rest = _split(total - main, count - 1, None)
-        return [main, *rest]
-    base, extra = divmod(total, count)
-    return [base + (1 if i < extra else 0) for i in range(count)]
+@contextlib.contextmanager
+def generated_package(
+    spec: PackageSpec,
+    seed: int,
+    *,
+    piece: int = RANDOM_PIECE_BYTES,
+    in_memory: int = IN_MEMORY_PACKAGE_BYTES,
+) -> Iterator[list[PackageSource]]:
+    """:func:`generate_package`, a large package in a temporary folder removed when the block ends.
+
+    The folder (``pytest-cmg-content-*`` in the system's temporary folder) lives only as long as
+    the block, on error too: upload the files, or hash them, inside it.
+    """
+    if spec.size <= in_memory:
+        yield generate_package(spec, seed, piece=piece, in_memory=in_memory)
+        return
+    with tempfile.TemporaryDirectory(prefix=f"pytest-cmg-content-{spec.id}.{spec.version}-") as name:
+        yield generate_package(spec, seed, folder=Path(name), piece=piece, in_memory=in_memory)
+
+
+def _random_pieces(rng: random.Random, size: int, piece: int) -> Iterator[bytes]:
+    """``size`` random bytes, ``piece`` at a time: the bytes one ``randbytes(size)`` would give.
+
+    ``randbytes(n)`` is ``getrandbits(8 n)`` in little-endian order, 32 bits a draw, so pieces
+    of a multiple of 4 bytes continue the same stream, and leave the generator where one call
+    would.
+    """
+    left = size
+    while left > 0:
+        count = min(piece, left)
+        yield rng.randbytes(count)
+        left -= count
+
+
+def _random_bytes(rng: random.Random, size: int, piece: int) -> bytes:
+    if size <= piece:
+        return rng.randbytes(size)  # one call, as content has always been drawn
+    return b"".join(_random_pieces(rng, size, piece))

@@ -28,7 +28,7 @@ from .._errors import ExpectationFailed
 from .._protocol.manifest import ContentManifest, ManifestFile
 from .._protocol.paths import Endpoint
 from .benchmark import BenchmarkRound, Throughput, collect_rounds, hashlib_seconds, raw_seconds
-from .content import generate_package
+from .content import generated_package
 from .timeline import ScenarioTime, Timeline, TimelineLog
 
 if TYPE_CHECKING:
@@ -187,12 +187,14 @@ def build_world(scenario: Scenario, harness: Harness) -> World:
         for package in scenario.packages:
             if not package.on_cloud_dp and package.id not in on_prem:
                 continue
-            files = generate_package(package, scenario.seed)
-            if package.on_cloud_dp:
-                manifests[package.id] = dp.distribute(package.id, package.version, files)
-                held[package.id] = manifests[package.id]
-            else:
-                held[package.id] = _local_manifest(package.id, package.version, files)
+            # A large package is generated into a temporary folder, removed once it is
+            # uploaded (Azurite then holds the bytes) or hashed.
+            with generated_package(package, scenario.seed) as files:
+                if package.on_cloud_dp:
+                    manifests[package.id] = dp.distribute(package.id, package.version, files)
+                    held[package.id] = manifests[package.id]
+                else:
+                    held[package.id] = _local_manifest(package.id, package.version, files)
     except BaseException:
         dp.delete()
         raise
@@ -219,9 +221,14 @@ def _local_manifest(package_id: str, version: int, files: list[PackageSource]) -
     """The manifest of generated content that is not uploaded (it is on an on-prem DP only)."""
     items = []
     for source in files:
-        assert isinstance(source.data, bytes)  # generated content is in memory
-        digest = hashlib.sha256(source.data).hexdigest()
-        items.append(ManifestFile(source.relpath, len(source.data), digest))
+        if isinstance(source.data, bytes):
+            digest, size = hashlib.sha256(source.data).hexdigest(), len(source.data)
+        else:
+            # A large package is generated on disk: hash it as the upload reads it, in pieces.
+            with source.data.open("rb") as handle:
+                digest = hashlib.file_digest(handle, "sha256").hexdigest()
+            size = source.data.stat().st_size
+        items.append(ManifestFile(source.relpath, size, digest))
     return ContentManifest(package_id=package_id, version=version, files=tuple(items))
 
 

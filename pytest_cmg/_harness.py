@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import weakref
 from typing import TYPE_CHECKING
 
 from ._storage.azurite import make_backend
@@ -48,6 +49,10 @@ class Harness:
         # across sessions reusing one: the pid tells workers apart, the counter tests.
         self._names = itertools.count(1)
         self._prefix = f"cmg-{os.getpid()}"
+        # Shared by every cloud DP made here; set by cancel(), never waited on (see there).
+        self._cancel = threading.Event()
+        # Weak: a session makes one DP per test, and a DP nobody holds has nothing to close.
+        self._dps: weakref.WeakSet[CloudDP] = weakref.WeakSet()
 
     @property
     def started(self) -> bool:
@@ -79,15 +84,36 @@ class Harness:
         """A cloud DP in a fresh private container of the session's blob service."""
         from ._storage.clouddp import CloudDP
 
-        dp = CloudDP(self.endpoint, f"{self._prefix}-{next(self._names)}")
+        dp = CloudDP(self.endpoint, f"{self._prefix}-{next(self._names)}", cancel=self._cancel)
+        self._dps.add(dp)
         dp.create()
         return dp
 
+    def cancel(self) -> None:
+        """Make distributions under way end soon: no further file is uploaded, and
+        ``CloudDP.distribute`` raises ``CancelledError`` (the serve command's SIGTERM/SIGINT).
+
+        Safe from a signal handler: ``Event.set`` takes the event's own lock, which nothing else
+        ever holds (the DPs only call ``is_set``, which takes none), so it cannot deadlock on
+        the interrupted main thread. Not undone: the harness is being stopped.
+        """
+        self._cancel.set()
+
     def stop(self) -> None:
+        """Stop the gateway and the blob backend; safe after an interrupted start.
+
+        The backend is stopped even when ``endpoint`` never returned: a start interrupted by
+        serve's SIGTERM has already spawned Azurite, and every backend's ``stop`` does nothing
+        when there is nothing to stop.
+        """
         with self._lock:
-            if self._gateway is not None:
-                self._gateway.stop()
-                self._gateway = None
-            if self._endpoint is not None:
+            gateway, self._gateway = self._gateway, None
+            self._endpoint = None
+            try:
+                if gateway is not None:
+                    gateway.stop()
+                # Azurite waits for open keep-alive connections before it exits: close ours.
+                for dp in list(self._dps):
+                    dp.close()
+            finally:
                 self._backend.stop()
-                self._endpoint = None

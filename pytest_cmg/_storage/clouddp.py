@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import threading
+from collections import deque
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -30,6 +32,7 @@ from .._protocol.manifest import ContentManifest, ManifestFile
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
     from pathlib import Path
+    from typing import BinaryIO
 
     from azure.storage.blob import BlobServiceClient, ContainerClient
 
@@ -41,6 +44,15 @@ DEFAULT_CONTAINER = "cmg-rg"
 _READ_CHUNK = 1 << 20
 #: Files uploaded at once by `distribute` (Azurite serves about 150 small uploads/s with 8).
 _UPLOAD_WORKERS = 8
+#: Uploads queued per worker: enough that a worker never idles waiting for the next file, few
+#: enough that a package of 100,000 files is never queued whole (memory, and a cancellation
+#: then has nothing to drain).
+_QUEUED_PER_WORKER = 16
+#: How long a cancelled `distribute` waits for the uploads already in flight. Each is at most one
+#: request (or, for a file over the SDK's 64 MiB single-put size, the blocks already being
+#: sent: the next block is not read once cancelled), so this is rarely reached; an upload still
+#: running after it is left to end on its own.
+_CANCEL_GRACE_SECONDS = 2.0
 
 
 def _utc(name: str, value: datetime) -> datetime:
@@ -55,6 +67,35 @@ def _utc(name: str, value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
+class _CancellableReader(io.RawIOBase):
+    """A seekable byte stream for ``upload_blob`` whose ``read`` first calls ``check``.
+
+    ``check`` raises to stop an upload between reads. Only what the SDK's block-blob upload
+    uses (read, seek, tell, seekable) goes to ``raw``; closing it is left to its owner.
+    """
+
+    def __init__(self, raw: BinaryIO, check: Callable[[], None]) -> None:
+        super().__init__()
+        self._raw = raw
+        self._check = check
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        self._check()
+        return self._raw.read(-1 if size is None else size)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def seekable(self) -> bool:
+        return True
+
+
 @dataclass(frozen=True)
 class PackageSource:
     """One file to distribute: bytes in memory or a path on disk (streamed, never read whole)."""
@@ -66,9 +107,18 @@ class PackageSource:
 class CloudDP:
     """Distributes packages into one private container of a blob endpoint and signs URLs to them."""
 
-    def __init__(self, endpoint: BlobEndpoint, container: str = DEFAULT_CONTAINER) -> None:
+    def __init__(
+        self,
+        endpoint: BlobEndpoint,
+        container: str = DEFAULT_CONTAINER,
+        *,
+        cancel: threading.Event | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.container = container
+        #: Once set, `distribute` uploads no further file and raises CancelledError (the owner,
+        #: e.g. ``Harness.cancel`` on serve's SIGTERM, is stopping); only ever read here.
+        self.cancel = cancel if cancel is not None else threading.Event()
         self._service: BlobServiceClient = endpoint.service_client()
         self._catalog: dict[tuple[str, int], ContentManifest] = {}
         self._lock = threading.Lock()
@@ -97,6 +147,15 @@ class CloudDP:
         with self._lock:
             self._catalog.clear()
 
+    def close(self) -> None:
+        """Close the connections to storage kept alive for reuse.
+
+        Azurite, asked to stop, waits for its open keep-alive connections to close (up to its
+        stop grace of 5 s): closing ours first lets it exit at once. The DP stays usable; a
+        later call opens new connections.
+        """
+        self._service.close()
+
     @staticmethod
     def blob_name(package_id: str, version: int, relpath: str) -> str:
         return f"{package_id}.{version}/{relpath}"
@@ -108,23 +167,34 @@ class CloudDP:
     def distribute(
         self, package_id: str, version: int, files: Iterable[PackageSource] | Mapping[str, bytes]
     ) -> ContentManifest:
-        """Upload every file of a package version and its manifest; return the manifest."""
+        """Upload every file of a package version and its manifest; return the manifest.
+
+        If :attr:`cancel` is set meanwhile, no further file is started, the files under way are
+        waited for (at most ``_CANCEL_GRACE_SECONDS``), no manifest is published (clients never
+        see a partial package) and :class:`concurrent.futures.CancelledError` is raised. When
+        the calling thread is interrupted instead (KeyboardInterrupt, serve's stop), or an
+        upload fails, the queue is dropped the same way and that exception goes on.
+        """
         sources = (
             [PackageSource(k, v) for k, v in files.items()] if isinstance(files, Mapping) else files
         )
         sources = list(sources)
 
         def upload(source: PackageSource) -> ManifestFile:
-            sha, size = self._upload(self.blob_name(package_id, version, source.relpath), source)
+            # Checked before each file, in the worker: a cancellation stops the queue between
+            # uploads even while the caller's thread is blocked waiting for a result.
+            self._check_cancel(package_id, version)
+            name = self.blob_name(package_id, version, source.relpath)
+            sha, size = self._upload(name, source)
             return ManifestFile(relpath=source.relpath, size=size, sha256=sha)
 
         # A driver package of thousands of small files costs one round trip each: upload them
         # side by side (Azurite answers them in parallel), keeping the manifest in source order.
         if len(sources) > 1:
-            with ThreadPoolExecutor(max_workers=min(_UPLOAD_WORKERS, len(sources))) as pool:
-                entries = list(pool.map(upload, sources))
+            entries = self._upload_side_by_side(upload, sources)
         else:
             entries = [upload(source) for source in sources]
+        self._check_cancel(package_id, version)
         manifest = ContentManifest(package_id=package_id, version=version, files=tuple(entries))
         self._container.upload_blob(
             self.manifest_blob_name(package_id, version),
@@ -135,18 +205,81 @@ class CloudDP:
             self._catalog[(package_id, version)] = manifest
         return manifest
 
+    def _check_cancel(self, package_id: str, version: int) -> None:
+        if self.cancel.is_set():
+            msg = (
+                f"distribution of {package_id}.{version} into container {self.container!r} was "
+                "cancelled (CloudDP.cancel is set: its owner is stopping); no manifest was "
+                "published, so clients cannot see the partial package: distribute it again on a "
+                "DP whose cancel event is clear"
+            )
+            raise CancelledError(msg)
+
+    @staticmethod
+    def _upload_side_by_side(
+        upload: Callable[[PackageSource], ManifestFile], sources: list[PackageSource]
+    ) -> list[ManifestFile]:
+        """``upload`` of every source on a few threads; the results in source order."""
+        workers = min(_UPLOAD_WORKERS, len(sources))
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clouddp-upload")
+        entries: list[ManifestFile] = []
+        queued: deque[Future[ManifestFile]] = deque()
+        try:
+            for source in sources:
+                if len(queued) >= workers * _QUEUED_PER_WORKER:
+                    entries.append(queued.popleft().result())
+                queued.append(pool.submit(upload, source))
+            while queued:
+                entries.append(queued.popleft().result())
+        except BaseException:
+            # A failed upload, a cancellation, or the caller's thread interrupted (serve's
+            # SIGTERM arrives here as an exception): drop what is queued instead of draining it,
+            # as ``with ThreadPoolExecutor`` would, and give the uploads in flight a short grace
+            # so that none is cut off by the storage being stopped right after.
+            running = [future for future in queued if not future.cancel()]
+            pool.shutdown(wait=False, cancel_futures=True)
+            # Only those: wait() would count a cancelled future as pending until a worker
+            # notices it, which never happens once the pool is shut down.
+            wait(running, timeout=_CANCEL_GRACE_SECONDS)
+            raise
+        pool.shutdown(wait=False)
+        return entries
+
     def _upload(self, name: str, source: PackageSource) -> tuple[str, int]:
         digest = hashlib.sha256()
         if isinstance(source.data, bytes):
             digest.update(source.data)
-            self._container.upload_blob(name, source.data, overwrite=True, max_concurrency=4)
-            return digest.hexdigest(), len(source.data)
+            size = len(source.data)
+            self._upload_stream(name, io.BytesIO(source.data), size)
+            return digest.hexdigest(), size
         with source.data.open("rb") as handle:
             for chunk in iter(lambda: handle.read(_READ_CHUNK), b""):
+                self._check_cancel_reading(name)
                 digest.update(chunk)
+            size = handle.tell()
             handle.seek(0)
-            self._container.upload_blob(name, handle, overwrite=True, max_concurrency=4)
-        return digest.hexdigest(), source.data.stat().st_size
+            self._upload_stream(name, handle, size)
+        return digest.hexdigest(), size
+
+    def _upload_stream(self, name: str, stream: BinaryIO, size: int) -> None:
+        # Through a reader that checks `cancel`: a file over the SDK's single-put size goes up
+        # as blocks read one by one, so a cancelled multi-GiB upload stops at the next block
+        # instead of sending the rest to a storage about to be stopped.
+        self._container.upload_blob(
+            name,
+            _CancellableReader(stream, lambda: self._check_cancel_reading(name)),
+            length=size,
+            overwrite=True,
+            max_concurrency=4,
+        )
+
+    def _check_cancel_reading(self, name: str) -> None:
+        if self.cancel.is_set():
+            msg = (
+                f"upload of blob {name!r} into container {self.container!r} was cancelled "
+                "(CloudDP.cancel is set: its owner is stopping)"
+            )
+            raise CancelledError(msg)
 
     def versions(self, package_id: str) -> list[int]:
         """Content versions of ``package_id`` present on this DP, lowest first."""

@@ -15,11 +15,15 @@ fresh in-memory Azurite (``pytest_cmg._bench``; docs/benchmarks.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
+import os
 import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,8 +31,15 @@ from ._errors import PytestCmgError, ScenarioError
 from ._storage.azurite import BACKENDS
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Iterator, Sequence
     from types import FrameType
+
+    from ._client.cache import ClientCache
+    from ._client.engine import TaskSequenceResult
+    from ._client.log import SmstsLog
+    from ._harness import Harness
+    from ._scenario.model import Scenario
+    from ._scenario.runner import World
 
 __all__ = ["main"]
 
@@ -122,78 +133,125 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2  # argparse rejects unknown commands before this
 
 
+class _Stop(BaseException):
+    """Raised in the main thread by serve's SIGINT/SIGTERM handler to leave start-up or serving.
+
+    Control flow that never leaves ``_serve`` (so it is not one of _errors.py's user-facing
+    errors). A BaseException, as KeyboardInterrupt is, so that no ``except Exception`` on the
+    way (the storage SDK's, the scenario runner's) takes it for a failure and carries on.
+    """
+
+
+class _StopSignal:
+    """serve's SIGINT/SIGTERM handler.
+
+    The first signal cancels distribution (:attr:`cancel`: the upload threads stop between files)
+    and, while the main thread is inside :meth:`interruptible`, raises :class:`_Stop` there:
+    Azurite's start, content generation and a wait on an upload are all left at once, which
+    setting a flag could not do (the old handler did only that, and serve went on distributing
+    100,000 files for 90 s). Elsewhere (printing the JSON line, tearing down) it is only
+    recorded. Later signals are ignored: teardown is under way and takes under 5 s, and cutting
+    it short would leave Azurite to the kernel's parent-death signal.
+
+    The handler touches no lock but the cancel event's, which nothing ever waits on (see
+    ``Harness.cancel``): a handler that set an event the main thread waits on could deadlock
+    when the signal lands while that thread holds the event's lock.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        #: Called on the first signal, once there is something to cancel (``Harness.cancel``).
+        self.cancel: Callable[[], None] | None = None
+        self._armed = False
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None:
+            return
+        self.signum = signum
+        if self.cancel is not None:
+            self.cancel()
+        if self._armed:
+            raise _Stop
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else "no signal"
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """A block a signal leaves at once (by :class:`_Stop`); one already received raises."""
+        if self.signum is not None:
+            raise _Stop
+        self._armed = True
+        try:
+            yield
+        finally:
+            self._armed = False
+
+
 def _serve(args: argparse.Namespace) -> int:
+    """Exit codes: 0 stopped by SIGINT/SIGTERM after the JSON line was printed (the server ran
+    as asked); 128 + the signal's number (130 SIGINT, 143 SIGTERM) stopped before it, during
+    start-up or distribution (no server ever ran: a supervisor waiting for the line learns why
+    none came, and shells read it as "ended by that signal"); 1 start-up failed, or the gateway
+    met an error while serving; 2 bad usage or an unusable scenario file.
+    """
+    stopper = _StopSignal()
+    # First of all, so that a signal at any moment of start-up tears down what was started.
+    previous = {sig: signal.signal(sig, stopper) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _serve_until_stopped(args, stopper)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve_until_stopped(args: argparse.Namespace, stopper: _StopSignal) -> int:
     from ._harness import Harness
-    from ._scenario.model import load_scenario
     from ._scenario.runner import CLIENT_ID, build_world
 
-    try:
-        scenario = load_scenario(args.scenario)
-    except ScenarioError as error:
-        print(error, file=sys.stderr)
-        return 2
-    except OSError as error:
-        print(f"cannot read scenario {args.scenario}: {error}", file=sys.stderr)
-        return 2
     if args.azurite == "external" and not args.connection_string:
         print("--azurite=external needs --connection-string", file=sys.stderr)
         return 2
     if args.storage_https and args.azurite != "process":
         print("--storage-https needs --azurite=process", file=sys.stderr)
         return 2
-
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    # Installed before anything starts, so a signal during start-up still tears down cleanly.
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
     harness = Harness(
         args.azurite, connection_string=args.connection_string, storage_https=args.storage_https
     )
+    stopper.cancel = harness.cancel
+    world: World | None = None
+    served = False
     try:
-        world = build_world(scenario, harness)
-        client_id = args.client_id or CLIENT_ID
-        token_connection = world.connection(client_id, "token")
-        cert_connection = world.connection(client_id, "certificate")
-        aad_connection = world.connection(client_id, "azure_ad")
-        gateway = world.gateway
-        line: dict[str, Any] = {
-            "contract": CONTRACT_VERSION,
-            "scenario": scenario.name,
-            "cmg_url": gateway.url,
-            "cmg_hostname": gateway.hostname,
-            "ca_cert": str(gateway.ca_pem),
-            "site_code": gateway.site_code,
-            "mp_role_id": gateway.role_id,
-            "client_id": client_id,
-            "token": token_connection.token,
-            "client_cert": str(cert_connection.client_cert),
-            "client_key": str(cert_connection.client_key),
-            "aad_token": aad_connection.aad_token,
-            "tenant_id": gateway.tenant.tenant_id,
-            "blob_endpoint": world.dp.endpoint.url,
-            "container": world.dp.container,
-            "azurite_pid": harness.backend_pid,
-            "packages": [
-                {
-                    "id": package.id,
-                    "version": package.version,
-                    "hash": world.manifests[package.id].hash,
-                    "files": len(world.manifests[package.id].files),
-                    "size": world.manifests[package.id].total_size,
-                }
-                for package in scenario.packages
-                if package.id in world.manifests
-            ],
-        }
-        if world.storage_ca_cert is not None:
-            line["storage_ca_cert"] = str(world.storage_ca_cert)
-        print(json.dumps(line), flush=True)
-        stop.wait()
-        gateway.check()
+        try:
+            with stopper.interruptible():
+                scenario = _read_scenario(args.scenario, "serve")
+                if scenario is None:
+                    return 2
+                world = build_world(scenario, harness)
+                line = _contract_line(scenario, world, harness, args.client_id or CLIENT_ID)
+            # Not interruptible: a client must never read half a line. A signal meanwhile is
+            # recorded, and the next block raises at once.
+            print(json.dumps(line), flush=True)
+            served = True
+            with stopper.interruptible():
+                while True:
+                    time.sleep(3600)
+        except _Stop:
+            pass
+        if not served:
+            code = 128 + (stopper.signum or 0)
+            print(
+                f"pytest-cmg serve: stopped by {stopper.name} during start-up, before the JSON "
+                f"line: nothing was served, and what had started (Azurite, the gateway) is stopped "
+                f"(exit {code})",
+                file=sys.stderr,
+            )
+            if world is not None:
+                world.dp.delete()
+            return code
+        assert world is not None
+        world.gateway.check()
         world.dp.delete()
     except PytestCmgError as error:
         print(f"pytest-cmg serve: {error}", file=sys.stderr)
@@ -201,6 +259,114 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         harness.stop()
     return 0
+
+
+def _contract_line(
+    scenario: Scenario, world: World, harness: Harness, client_id: str
+) -> dict[str, Any]:
+    """serve's JSON line (README, "Standalone server"; CONTRACT_VERSION)."""
+    token_connection = world.connection(client_id, "token")
+    cert_connection = world.connection(client_id, "certificate")
+    aad_connection = world.connection(client_id, "azure_ad")
+    gateway = world.gateway
+    line: dict[str, Any] = {
+        "contract": CONTRACT_VERSION,
+        "scenario": scenario.name,
+        "cmg_url": gateway.url,
+        "cmg_hostname": gateway.hostname,
+        "ca_cert": str(gateway.ca_pem),
+        "site_code": gateway.site_code,
+        "mp_role_id": gateway.role_id,
+        "client_id": client_id,
+        "token": token_connection.token,
+        "client_cert": str(cert_connection.client_cert),
+        "client_key": str(cert_connection.client_key),
+        "aad_token": aad_connection.aad_token,
+        "tenant_id": gateway.tenant.tenant_id,
+        "blob_endpoint": world.dp.endpoint.url,
+        "container": world.dp.container,
+        "azurite_pid": harness.backend_pid,
+        "packages": [
+            {
+                "id": package.id,
+                "version": package.version,
+                "hash": world.manifests[package.id].hash,
+                "files": len(world.manifests[package.id].files),
+                "size": world.manifests[package.id].total_size,
+            }
+            for package in scenario.packages
+            if package.id in world.manifests
+        ],
+    }
+    if world.storage_ca_cert is not None:
+        line["storage_ca_cert"] = str(world.storage_ca_cert)
+    return line
+
+
+#: Longest message shown for an unexpected error while loading a scenario (one line; the
+#: exception's text could quote a whole file).
+_MAX_MESSAGE = 300
+
+
+def _read_scenario(path: Path, command: str) -> Scenario | None:
+    """``load_scenario``, or None after telling on stderr why the user's file cannot be used.
+
+    The CLI's safety net: the loader reports every broken rule as a ScenarioError (printed as
+    is: its problems, one a line), but whatever else escapes it while reading the user's file
+    (undecodable bytes, an unreadable path, a YAML error, a structure too deep or too big) is
+    also the file's fault, not a crash: one line naming the file and the rule, never a
+    traceback. Both are exit 2 (bad usage) for the caller.
+    """
+    from ._scenario.model import load_scenario
+
+    try:
+        return load_scenario(path)
+    except ScenarioError as error:
+        print(error, file=sys.stderr)
+    except Exception as error:
+        # Any exception: see the docstring (the user's file, not a crash).
+        print(f"pytest-cmg {command}: {_unreadable_scenario(path, error)}", file=sys.stderr)
+    return None
+
+
+def _unreadable_scenario(path: Path, error: Exception) -> str:
+    """One line: which file, which rule it breaks, and the fix."""
+    import yaml
+
+    where = f"scenario {path}"
+    if isinstance(error, UnicodeDecodeError):
+        byte = error.object[error.start : error.start + 1].hex()
+        return (
+            f"{where} (or a file it includes) is not UTF-8 text: byte 0x{byte} at offset "
+            f"{error.start} cannot be decoded; scenario files must be UTF-8: save it as UTF-8"
+        )
+    if isinstance(error, OSError):
+        named = f" ({error.filename})" if error.filename and str(error.filename) != str(path) else ""
+        fixes = {
+            errno.ENOENT: "check the path",
+            errno.EISDIR: "name a *.cmg.yaml file, not a folder",
+            errno.EACCES: "make it readable by this user",
+        }
+        fix = fixes.get(error.errno or 0, "name a readable scenario file")
+        return f"cannot read {where}{named}: {error.strerror or error}; {fix}"
+    if isinstance(error, yaml.YAMLError):
+        mark = getattr(error, "problem_mark", None)
+        at = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        return f"{where}{at} is not valid YAML ({_one_line(str(problem))}); fix the YAML syntax"
+    if isinstance(error, RecursionError):
+        return f"{where} nests too deeply to be read; a scenario needs only a few levels: flatten it"
+    if isinstance(error, MemoryError):
+        return f"{where} is too large to be read into memory; scenario files are small: split it"
+    return _one_line(
+        f"{where} could not be loaded ({type(error).__name__}: {error}); the loader should "
+        "have named the broken rule: please report this with the file"
+    )
+
+
+def _one_line(text: str) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= _MAX_MESSAGE else flat[: _MAX_MESSAGE - 3] + "..."
 
 
 class _ProgressBar:
@@ -250,7 +416,6 @@ class _ProgressBar:
 
 
 def _client(args: argparse.Namespace) -> int:
-    from ._client.cache import ClientCache
     from ._client.download import DownloadCore
     from ._client.engine import CMGClient, CMGConnection, Step, TaskSequence, TaskSequenceEngine
     from ._client.log import SmstsLog
@@ -277,12 +442,8 @@ def _client(args: argparse.Namespace) -> int:
 
     launch, deployment, site_version, settings = "software_center", DeploymentSettings(), None, None
     if args.task_sequence is not None:
-        from ._scenario.model import load_scenario
-
-        try:
-            scenario = load_scenario(args.task_sequence)
-        except (ScenarioError, OSError) as error:
-            print(error, file=sys.stderr)
+        scenario = _read_scenario(args.task_sequence, "client")
+        if scenario is None:
             return 2
         sequence = scenario.task_sequence
         launch, deployment = scenario.launch, scenario.deployment
@@ -299,6 +460,15 @@ def _client(args: argparse.Namespace) -> int:
             steps.append(Step(f"Download {package_id}", "download_package_content", package_id))
         sequence = TaskSequence("CLIENT01", "Download package content", tuple(steps), versions)
 
+    # The client's own paths, before anything is fetched: a path that cannot be what its option
+    # asks for (a file given as --cache, a folder that cannot be made, no right to write) is
+    # bad usage, told in the summary like any other end of a run.
+    cache = _log_path_problem(args.log) or _open_cache(args.cache)
+    if isinstance(cache, _LocalProblem):
+        print(f"pytest-cmg client: {cache.message}", file=sys.stderr)
+        _print_summary(_summary(args, "error", cache.hresult, cache.message))
+        return 2 if cache.usage else 1
+
     bar = _ProgressBar(enabled=sys.stderr.isatty() and not args.no_progress)
     log = SmstsLog(args.log)
     core = DownloadCore(
@@ -309,7 +479,7 @@ def _client(args: argparse.Namespace) -> int:
     )
     engine = TaskSequenceEngine(
         CMGClient(connection, log, settings),
-        ClientCache(args.cache),
+        cache,
         log,
         deployment,
         core,
@@ -317,16 +487,149 @@ def _client(args: argparse.Namespace) -> int:
     )
     engine.on_job = bar.job
     try:
-        result = engine.run(sequence, launch)
-    finally:
-        engine.close()
-        bar.close()
-    summary = {
-        "outcome": "success" if result.succeeded else "failure",
-        "exit_code": f"0x{result.exit_code:08X}",
-        "error": str(result.error) if result.error else None,
-        "failed_step": result.failed_step,
-        "steps_run": result.steps_run,
+        try:
+            result = engine.run(sequence, launch)
+        finally:
+            engine.close()
+            bar.close()
+    except OSError as error:
+        # Past the engine, which reports a full disk under a download as the product does
+        # (0x87D01201): the cache's own files (locks, index, staging), or an I/O error.
+        filename = os.fsdecode(error.filename) if error.filename is not None else None
+        if filename is None or _under(Path(filename), args.cache):
+            problem = _LocalProblem.of(error, "--cache", args.cache, "the client cache")
+        else:
+            problem = _LocalProblem.of(error, "", Path(filename), "a file of the client")
+        print(f"pytest-cmg client: {problem.message}", file=sys.stderr)
+        _print_summary(_summary(args, "error", problem.hresult, problem.message, log=log))
+        return 1
+    if log.write_error is not None:
+        print(f"pytest-cmg client: warning: {_log_lost(args.log, log)}", file=sys.stderr)
+    outcome = "success" if result.succeeded else "failure"
+    error_text = str(result.error) if result.error else None
+    if not _print_summary(_summary(args, outcome, result.exit_code, error_text, result, log)):
+        return 1
+    return 0 if result.succeeded else 1
+
+
+#: HRESULT_FROM_WIN32 of the Windows error a client meets where Linux gives each errno: what
+#: the product would report for the same trouble with its cache or log.
+_HRESULTS = {
+    errno.ENOSPC: 0x80070070,  # ERROR_DISK_FULL
+    errno.EDQUOT: 0x80070070,
+    errno.ENOENT: 0x80070003,  # ERROR_PATH_NOT_FOUND
+    errno.ENOTDIR: 0x80070003,
+    errno.EEXIST: 0x80070003,  # a file where a folder is needed: what is under it is not found
+    errno.EACCES: 0x80070005,  # ERROR_ACCESS_DENIED
+    errno.EPERM: 0x80070005,
+    errno.EISDIR: 0x80070005,  # Windows denies opening a folder as a file
+    errno.EROFS: 0x80070013,  # ERROR_WRITE_PROTECT
+    errno.EIO: 0x8007045D,  # ERROR_IO_DEVICE
+    errno.ENAMETOOLONG: 0x800700CE,  # ERROR_FILENAME_EXCED_RANGE
+}
+#: E_FAIL, for an errno with no closer Windows error.
+_E_FAIL = 0x80004005
+#: Errors that say the path given is wrong for its use (bad usage, exit 2); the others (a full
+#: disk, an I/O error) are the machine's trouble, and fail the run (exit 1).
+_PATH_ERRNOS = frozenset(
+    {errno.ENOENT, errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.EACCES, errno.EPERM,
+     errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP}
+)
+_FIXES = {
+    errno.ENOSPC: "free space on that disk or choose a folder on another one",
+    errno.EDQUOT: "free space within this user's quota or choose a folder on another disk",
+    errno.ENOENT: "create the folder or choose an existing one",
+    errno.ENOTDIR: "a file stands where a folder is needed: choose another path or move the file",
+    errno.EEXIST: "a file stands where a folder is needed: choose another path or move the file",
+    errno.EISDIR: "it is a folder: name a file",
+    errno.EACCES: "choose a folder this user may write to, or change its permissions",
+    errno.EPERM: "choose a folder this user may write to, or change its permissions",
+    errno.EROFS: "the file system is read-only: choose a folder on a writable one",
+    errno.EIO: "the device reported an I/O error: check the disk, or choose a folder on another",
+    errno.ENAMETOOLONG: "choose a shorter path",
+}
+
+
+@dataclass(frozen=True)
+class _LocalProblem:
+    """A path of the client's own that cannot be used: the HRESULT and a message naming the
+    path, the rule and the fix; ``usage`` says the path given is wrong (exit 2)."""
+
+    hresult: int
+    message: str
+    usage: bool
+
+    @classmethod
+    def of(cls, error: OSError, option: str, path: Path, what: str) -> _LocalProblem:
+        """From ``error`` met at ``path`` (given as ``option``, if an option gave it)."""
+        number = error.errno or 0
+        hresult = _HRESULTS.get(number, _E_FAIL)
+        name = errno.errorcode.get(number, "no errno")
+        head = f"{what} ({option} {path})" if option else f"{what} ({path})"
+        filename = os.fsdecode(error.filename) if error.filename is not None else None
+        at = f" {filename}:" if filename is not None and filename != str(path) else ""
+        fix = _FIXES.get(number, "choose another path")
+        message = f"{head}:{at} {error.strerror or error} ({name}, 0x{hresult:08X}); {fix}"
+        return cls(hresult, _one_line(message), number in _PATH_ERRNOS)
+
+
+def _open_cache(root: Path) -> ClientCache | _LocalProblem:
+    """The client cache at ``root`` (made if missing), or why it cannot be there."""
+    from ._client.cache import ClientCache
+
+    try:
+        if root.exists() and not root.is_dir():
+            raise FileExistsError(errno.EEXIST, "it is a file, not a folder", str(root))
+        return ClientCache(root)
+    except OSError as error:
+        return _LocalProblem.of(error, "--cache", root, "the client cache")
+
+
+def _log_path_problem(path: Path) -> _LocalProblem | None:
+    """Whether smsts.log can be opened at ``path``: a wrong path is bad usage; a disk that is
+    full or failing is not, the run then goes on without the log (SmstsLog)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8"):
+            pass
+    except OSError as error:
+        problem = _LocalProblem.of(error, "--log", path, "smsts.log")
+        return problem if problem.usage else None
+    return None
+
+
+def _log_lost(path: Path, log: SmstsLog) -> str:
+    error = log.write_error
+    assert error is not None
+    problem = _LocalProblem.of(error, "--log", path, "smsts.log")
+    return (
+        f"{problem.message}; {log.lines_lost} log line(s) were lost: the run went on without "
+        "the log, as the product's smsts.log writer does"
+    )
+
+
+def _under(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+def _summary(
+    args: argparse.Namespace,
+    outcome: str,
+    exit_code: int,
+    error: str | None,
+    result: TaskSequenceResult | None = None,
+    log: SmstsLog | None = None,
+) -> dict[str, Any]:
+    """The client's JSON summary. ``outcome`` is "success", "failure" (the task sequence failed,
+    as the product's would) or "error" (the client could not use its cache or log paths).
+    ``log_error`` is null, or says the log could not be written and the run went on without it.
+    """
+    return {
+        "outcome": outcome,
+        "exit_code": f"0x{exit_code:08X}",
+        "error": error,
+        "failed_step": result.failed_step if result else None,
+        "steps_run": result.steps_run if result else [],
         "packages": [
             {
                 "id": t.package_id,
@@ -336,10 +639,19 @@ def _client(args: argparse.Namespace) -> int:
                 "seconds": round(t.seconds, 3),
                 "from_cache": t.from_cache,
             }
-            for t in result.transfers
+            for t in (result.transfers if result else [])
         ],
         "cache": str(args.cache.resolve()),
         "log": str(args.log.resolve()),
+        "log_error": _log_lost(args.log, log) if log and log.write_error else None,
     }
-    print(json.dumps(summary), flush=True)
-    return 0 if result.succeeded else 1
+
+
+def _print_summary(summary: dict[str, Any]) -> bool:
+    """Print the summary on stdout; False (told on stderr) when stdout cannot take it."""
+    try:
+        print(json.dumps(summary), flush=True)
+    except OSError as error:
+        print(f"pytest-cmg client: cannot write the JSON summary to stdout: {error}", file=sys.stderr)
+        return False
+    return True

@@ -474,6 +474,7 @@ def _site_verdict(token: str, *, for_registration: bool = False) -> dict[str, ob
     assert NOW < exp
     nbf = claims.get("nbf", 0)
     assert isinstance(nbf, int | float) and not isinstance(nbf, bool) and nbf <= NOW
+    assert isinstance(claims["UniqueId"], str)
     return claims
 
 
@@ -506,23 +507,25 @@ def test_site_token_mutated(token: str) -> None:
     nbf=st.one_of(st.none(), JSON_SCALAR, st.just(NOW - 60)),
     exp=st.one_of(st.none(), JSON_SCALAR, st.just(NOW + 3600)),
     token_type=st.sampled_from(["ClientToken", "BulkRegistration", None]),
+    unique_id=st.one_of(st.just(CLIENT_ID), JSON_VALUE),
     extra=st.dictionaries(st.text(max_size=8), JSON_VALUE, max_size=3),
 )
-@example(nbf=None, exp="tomorrow", token_type=None, extra={})
-@example(nbf=None, exp=10**400, token_type=None, extra={})
-@example(nbf=None, exp=float("nan"), token_type=None, extra={})
-@example(nbf=[1], exp=NOW + 3600, token_type=None, extra={})
+@example(nbf=None, exp="tomorrow", token_type=None, unique_id=CLIENT_ID, extra={})
+@example(nbf=None, exp=10**400, token_type=None, unique_id=CLIENT_ID, extra={})
+@example(nbf=None, exp=float("nan"), token_type=None, unique_id=CLIENT_ID, extra={})
+@example(nbf=[1], exp=NOW + 3600, token_type=None, unique_id=CLIENT_ID, extra={})
+@example(nbf=None, exp=NOW + 3600, token_type="BulkRegistration", unique_id=["x"], extra={})
 def test_site_token_signed_by_the_site_with_any_claims(
-    nbf: object, exp: object, token_type: str | None, extra: dict[str, object]
+    nbf: object,
+    exp: object,
+    token_type: str | None,
+    unique_id: object,
+    extra: dict[str, object],
 ) -> None:
-    """Past the signature, claim values are still data to check, not to trust to float()."""
-    claims: dict[str, object] = {
-        **extra,
-        "aud": AUDIENCE,
-        "iss": AUTHORITY.issuer,
-        "UniqueId": CLIENT_ID,
-    }
-    for name, value in (("nbf", nbf), ("exp", exp), ("Type", token_type)):
+    """Past the signature, claim values are still data to check, not to trust to float() or
+    to a set lookup (a list UniqueId on a bulk token was a TypeError)."""
+    claims: dict[str, object] = {**extra, "aud": AUDIENCE, "iss": AUTHORITY.issuer}
+    for name, value in (("nbf", nbf), ("exp", exp), ("Type", token_type), ("UniqueId", unique_id)):
         if value is not None:
             claims[name] = value
     token = _sign_jwt(SITE_KEY, {"alg": "RS256"}, claims)

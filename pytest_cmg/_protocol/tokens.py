@@ -328,12 +328,18 @@ class SiteAuthority:
         CCM_STS) and never once blocked; client tokens are good everywhere.
         """
         claims = self._verify_jwt(token)
+        unique_id = claims.get("UniqueId")
+        if not isinstance(unique_id, str):
+            # Callers read it as the client's ID, and a list would not even be hashable for
+            # the blocked-token check (TypeError, answered 500).
+            reason = f"token claim 'UniqueId' is {type(unique_id).__name__}, not a string"
+            raise TokenRejected(reason)
         if claims.get("Type") == BULK_REGISTRATION:
             if not for_registration:
                 reason = "a bulk registration token can only be used to register (CCM_STS)"
                 raise TokenRejected(reason)
-            if claims.get("UniqueId") in self.blocked:
-                reason = f"bulk registration token {claims.get('UniqueId')} is blocked"
+            if unique_id in self.blocked:
+                reason = f"bulk registration token {unique_id} is blocked"
                 raise TokenRejected(reason)
         return claims
 

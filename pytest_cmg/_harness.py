@@ -112,7 +112,7 @@ class Harness:
             try:
                 if gateway is not None:
                     gateway.stop()
-                # Azurite waits for open keep-alive connections before it exits: close ours.
+                # Azurite may wait for open keep-alive connections before it exits: not ours.
                 for dp in list(self._dps):
                     dp.close()
             finally:

@@ -150,9 +150,10 @@ class CloudDP:
     def close(self) -> None:
         """Close the connections to storage kept alive for reuse.
 
-        Azurite, asked to stop, waits for its open keep-alive connections to close (up to its
-        stop grace of 5 s): closing ours first lets it exit at once. The DP stays usable; a
-        later call opens new connections.
+        Azurite, asked to stop, may wait for open keep-alive connections to close
+        (``AzuriteProcess.stop`` gives it 5 s for that before killing it): closing ours first
+        takes the harness's own connections out of that wait. The DP stays usable; a later call
+        opens new connections.
         """
         self._service.close()
 

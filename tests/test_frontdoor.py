@@ -283,3 +283,18 @@ def test_expect_100_continue_gets_its_interim_answer():
         tls.sendall(body)
         final = read_all(tls)
         assert final.startswith(b"HTTP/1.1 200 ") or b"HTTP/1.1 200 " in interim + final
+
+
+@pytest.mark.parametrize("framing", [b"zz\r\nabc\r\n0\r\n\r\n", b"-1\r\n", b"3\r\nabcXX0\r\n\r\n"])
+def test_broken_chunk_framing_gets_httpapi_400(framing):
+    # Only a client that closes mid-body goes unanswered; broken framing is HTTP.sys's 400.
+    with FakeCMG() as cmg, tls_connect(cmg) as tls:
+        path = cmg.location_url.removeprefix(cmg.url)
+        tls.sendall(
+            f"CCM_POST {path} HTTP/1.1\r\nHost: cmg\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+            + framing
+        )
+        received = read_all(tls)
+        assert received.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+        assert b"Server: Microsoft-HTTPAPI/2.0" in received
+        cmg.check()

@@ -290,6 +290,7 @@ class FrontDoor:
                 event = self._next_request(tls, conn)
             except h11.RemoteProtocolError as exc:
                 self._refuse(tls, conn, _classify_h11(exc), b"", b"")
+                self._linger_close(tls)
                 return
             if event is None:
                 return
@@ -367,7 +368,11 @@ class FrontDoor:
             return False
         limit = self.site.body_limit(method, target)
         declared = _declared_length(headers)
-        body, complete, length = self._read_body(tls, conn, limit, declared)
+        try:
+            body, complete, length = self._read_body(tls, conn, limit, declared)
+        except _Malformed as malformed:
+            self._refuse(tls, conn, malformed, request.method, raw_target)
+            return False
         response = self.site.handle(
             SiteRequest(
                 method=method,
@@ -404,9 +409,12 @@ class FrontDoor:
         while True:
             try:
                 event = conn.next_event()
-            except h11.RemoteProtocolError as exc:  # e.g. the client closed mid-body
-                msg = f"body broken after {size} bytes: {exc}"
-                raise _ClientFault(msg) from exc
+            except h11.RemoteProtocolError as exc:
+                if conn.trailing_data[1]:  # the client closed mid-body: no one to answer
+                    msg = f"closed the connection after {size} body bytes"
+                    raise _ClientFault(msg) from exc
+                # Broken chunk framing ("zz", "-1", a bad chunk end): HTTP.sys answers 400.
+                raise _Malformed(400, "Bad Request", f"body framing: {exc}") from exc
             if isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > limit:
@@ -508,7 +516,6 @@ class FrontDoor:
         ).encode("ascii")
         with contextlib.suppress(OSError):
             tls.sendall(head + page)
-        self._linger_close(tls)
 
     def _linger_close(self, tls: ssl.SSLSocket) -> None:
         """Half-close, then read what the client still sends for a moment before closing.

@@ -24,6 +24,7 @@ __all__ = [
     "ClientSettings",
     "CloudDP",
     "CmgSettings",
+    "CmgSite",
     "ContentDestination",
     "ContentError",
     "ContentManifest",
@@ -48,6 +49,8 @@ __all__ = [
     "ScenarioError",
     "ScenarioProblem",
     "ServiceStartError",
+    "SiteRequest",
+    "SiteResponse",
     "SmstsLog",
     "Step",
     "SystemClock",
@@ -70,6 +73,7 @@ _HOMES = {
     "ClientSettings": "._protocol.settings",
     "CloudDP": "._storage.clouddp",
     "CmgSettings": "._protocol.settings",
+    "CmgSite": "._gateway.site",
     "ContentDestination": "._client.engine",
     "ContentError": "._errors",
     "ContentManifest": "._protocol.manifest",
@@ -94,6 +98,8 @@ _HOMES = {
     "ScenarioError": "._errors",
     "ScenarioProblem": "._errors",
     "ServiceStartError": "._errors",
+    "SiteRequest": "._gateway.site",
+    "SiteResponse": "._gateway.site",
     "SmstsLog": "._client.log",
     "Step": "._client.engine",
     "SystemClock": "._protocol.clock",
@@ -132,6 +138,7 @@ if TYPE_CHECKING:
     )
     from ._gateway.requestlog import LoggedRequest, RequestLog
     from ._gateway.server import FakeCMG
+    from ._gateway.site import CmgSite, SiteRequest, SiteResponse
     from ._harness import Harness
     from ._protocol.clock import FakeClock, SystemClock
     from ._protocol.manifest import ContentManifest, ManifestFile

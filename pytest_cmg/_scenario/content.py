@@ -67,15 +67,17 @@ def generate_package(
     *,
     folder: Path | None = None,
     piece: int = RANDOM_PIECE_BYTES,
-    in_memory: int = IN_MEMORY_PACKAGE_BYTES,
+    in_memory: int | None = None,
 ) -> list[PackageSource]:
     """The files of one package version: ``spec.files`` files totalling ``spec.size`` bytes.
 
-    A package of at most ``in_memory`` bytes is returned in memory; a larger one is written into
-    ``folder`` (which the caller removes; :func:`generated_package` does both), one file and
-    ``piece`` bytes at a time. Where the bytes go and ``piece`` (a multiple of 4) never change
-    them.
+    A package of at most ``in_memory`` bytes (default :data:`IN_MEMORY_PACKAGE_BYTES`) is
+    returned in memory; a larger one is written into ``folder`` (which the caller removes;
+    :func:`generated_package` does both), one file and ``piece`` bytes at a time. Where the
+    bytes go and ``piece`` (a multiple of 4) never change them.
     """
+    if in_memory is None:
+        in_memory = IN_MEMORY_PACKAGE_BYTES
     if piece <= 0 or piece % 4:
         msg = f"generate_package: piece={piece} must be a positive multiple of 4 bytes"
         raise ValueError(msg)
@@ -135,13 +137,16 @@ def generated_package(
     seed: int,
     *,
     piece: int = RANDOM_PIECE_BYTES,
-    in_memory: int = IN_MEMORY_PACKAGE_BYTES,
+    in_memory: int | None = None,
 ) -> Iterator[list[PackageSource]]:
     """:func:`generate_package`, a large package in a temporary folder removed when the block ends.
 
     The folder (``pytest-cmg-content-*`` in the system's temporary folder) lives only as long as
     the block, on error too: upload the files, or hash them, inside it.
     """
+    # Read at each call (not bound as a default), so a test can move the threshold.
+    if in_memory is None:
+        in_memory = IN_MEMORY_PACKAGE_BYTES
     if spec.size <= in_memory:
         yield generate_package(spec, seed, piece=piece, in_memory=in_memory)
         return

@@ -278,3 +278,13 @@ def test_parametrised_and_class_references_resolve(tmp_path: Path) -> None:
     assert resolve("tests/test_x.py::test_f", tmp_path) == (None, True)
     assert resolve("tests/test_x.py::test_m", tmp_path)[0] is not None
     assert resolve("test_x.py::test_p", tmp_path)[0] is not None
+
+
+def test_every_test_named_for_issue_10_exists() -> None:
+    # The issue-10 table names tests by path; a rename must not leave the map pointing nowhere.
+    text = DOC.read_text(encoding="utf-8")
+    section = text.split("## Broken and hostile clients", 1)[1].split("\n## ", 1)[0]
+    refs = [ref for ref in _REF.findall(section) if ref.startswith("tests/") and "::" in ref]
+    assert len(refs) >= 15
+    problems = [f"{ref}: {problem}" for ref in refs if (problem := resolve(ref, ROOT)[0])]
+    assert problems == []

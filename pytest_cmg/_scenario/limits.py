@@ -109,7 +109,9 @@ SHOWN_CHARS = 80
 #: A problem's rule, and its hint, are cut at this many characters.
 MESSAGE_CHARS = 400
 
-_LONG_RUN = re.compile(r"\S{%d,}" % (SHOWN_CHARS + 1))  # noqa: UP031 - a regex's braces
+#: A run of non-blank characters longer than this is cut in a message (file paths fit).
+RUN_CHARS = 240
+_LONG_RUN = re.compile(r"\S{%d,}" % (RUN_CHARS + 1))  # noqa: UP031 - a regex's braces
 
 
 def shown(value: object, limit: int = SHOWN_CHARS) -> str:
@@ -128,9 +130,11 @@ def shown(value: object, limit: int = SHOWN_CHARS) -> str:
 
 
 def clip(text: str, limit: int = MESSAGE_CHARS) -> str:
-    """``text`` with every run of more than ``SHOWN_CHARS`` non-blank characters cut, then cut to
-    ``limit``: the last guard that no message echoes a long path, key or value whole."""
-    text = _LONG_RUN.sub(lambda m: m[0][: SHOWN_CHARS - 3] + "...", text)
+    """``text`` with every run of more than ``RUN_CHARS`` non-blank characters cut, then cut to
+    ``limit``: the last guard that no message echoes a long key or value whole. Values are
+    already cut to ``SHOWN_CHARS`` by :func:`shown`; the longer run limit here lets the paths
+    of a reader's own files (which locate the problem) through whole."""
+    text = _LONG_RUN.sub(lambda m: m[0][: RUN_CHARS - 3] + "...", text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from .._errors import ScenarioProblem
-from .limits import MAX_DURATION_SECONDS, MAX_SIZE, clip, human_size, nearest, shown
+from .limits import MAX_DURATION_SECONDS, MAX_SIZE, SHOWN_CHARS, clip, human_size, nearest, shown
 
 __all__ = [
     "Anything",
@@ -103,7 +103,9 @@ class Validation:
         hint = clip(hint)
         origin = self.included_from.get(path)
         if origin:
-            hint = f"{hint}; {clip(origin)}" if hint else clip(origin)
+            # Not clipped as a whole: it is the chain of files and lines that locates the
+            # problem (each path is the reader's own, and includes nest at most a few deep).
+            hint = f"{hint}; {origin}" if hint else origin
         return ScenarioProblem(path, line, clip(rule), hint)
 
     def remember(self, where: str, node: yaml.Node) -> None:
@@ -585,7 +587,10 @@ class Count(Spec):
                 return None
             return Bounds(low, high)
         if not self.exact:
-            given = shown(node.value) if isinstance(node, yaml.ScalarNode) else "a list"
+            # The scalar as written (a number here, unquoted), cut short like any echoed value.
+            given = (
+                clip(str(node.value), SHOWN_CHARS) if isinstance(node, yaml.ScalarNode) else "a list"
+            )
             v.problem(
                 node,
                 f"{where} must be {self.describe()}, not {given}",

@@ -494,19 +494,33 @@ def test_external_storage_names_the_missing_key(connection_string, missing):
 # --------------------------------------------------------------------------------------------
 
 
-def test_container_backend_reports_missing_docker():
-    reason = _docker_answers()
-    if reason is None:
-        pytest.skip("a Docker engine answers here, so the missing-engine error cannot be shown")
-
+def test_container_backend_reports_missing_docker(monkeypatch):
+    # A Docker host that cannot answer, whatever this machine has: the packages are installed
+    # (the test extra pulls pytest-cmg[container]), so this is the "no engine" path for real.
+    pytest.importorskip("testcontainers")
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/pytest-cmg-docker.sock")
     started = time.monotonic()
     with pytest.raises(ProvisioningError) as info:
         AzuriteContainer().start()
 
     text = str(info.value)
     assert "no Docker engine answers" in text
+    assert "not installed" not in text
     assert "--cmg-azurite=process" in text
     assert time.monotonic() - started < 15
+
+
+@pytest.mark.parametrize("missing", ["testcontainers.core.docker_client", "docker.errors"])
+def test_container_backend_without_its_packages_says_what_to_install(monkeypatch, missing):
+    # None in sys.modules makes the import fail as if the package were absent.
+    monkeypatch.setitem(sys.modules, missing, None)
+    with pytest.raises(ProvisioningError) as info:
+        AzuriteContainer().start()
+
+    text = str(info.value)
+    assert "not installed" in text
+    assert 'pip install "pytest-cmg[container]"' in text
+    assert "no Docker engine answers" not in text
 
 
 def test_container_backend_starts():

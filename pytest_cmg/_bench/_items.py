@@ -80,7 +80,7 @@ def settings_from(config: pytest.Config) -> BenchSettings:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            msg = '--cmg-bench-chart needs matplotlib: pip install "pytest-cmg[test]"'
+            msg = '--cmg-bench-chart needs matplotlib: pip install "pytest-cmg[bench]"'
             raise pytest.UsageError(msg) from None
     return BenchSettings(
         workloads=workloads,

@@ -175,7 +175,7 @@ def run_bench(args: argparse.Namespace) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             print(
-                'bench: --chart needs matplotlib: pip install "pytest-cmg[test]"', file=sys.stderr
+                'bench: --chart needs matplotlib: pip install "pytest-cmg[bench]"', file=sys.stderr
             )
             return EXIT_USAGE
 

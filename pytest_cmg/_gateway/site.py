@@ -100,6 +100,8 @@ from .tls import SERVER_CERTIFICATES, CertificateRefusal, GatewayTLS
 if TYPE_CHECKING:
     from pathlib import Path
 
+    import responses
+
     from .._protocol.manifest import ContentManifest
     from .._storage.clouddp import CloudDP
     from .pki import Credentials
@@ -685,6 +687,15 @@ class CmgSite:
         raise _Refusal(404, "Not Found", "unknown .sms_aut query")
 
 
+    def mount(
+        self, mock: responses.RequestsMock, *, peer_certificate: bytes | None = None
+    ) -> None:
+        """Serve this site to ``requests`` in this process through ``responses``: no socket,
+        no TLS (``inprocess.py`` says what differs from the wire)."""
+        from .inprocess import mount
+
+        mount(self, mock, peer_certificate=peer_certificate)
+
     # --- one request -------------------------------------------------------------------------
 
     def body_limit(self, method: str, target: str) -> int:
@@ -826,7 +837,7 @@ class CmgSite:
             token_type = "Device" if "_aad" in entry else ""
             token = self.issue_for(registered, token_type=token_type)
             return token.encode("ascii"), "application/jwt"
-        return self._location(request.body, client_id, entry)
+        return self._location(request.body, client_id, entry, faults)
 
     def _certificate_refusal(self, request: SiteRequest) -> CertificateRefusal | None:
         """The CTL and revocation checks, for a connection that presented a certificate."""
@@ -933,7 +944,13 @@ class CmgSite:
         entry.update(auth=Auth.TOKEN, client_id=client_id)
         return client_id
 
-    def _location(self, body: bytes, client_id: str, entry: dict[str, Any]) -> tuple[bytes, str]:
+    def _location(
+        self,
+        body: bytes,
+        client_id: str,
+        entry: dict[str, Any],
+        faults: list[GatewayFault] | None = None,
+    ) -> tuple[bytes, str]:
         try:
             message = decode_message(body)
         except EnvelopeError as exc:
@@ -948,6 +965,13 @@ class CmgSite:
             raise _Refusal(400, "Bad Request", f"ContentLocationRequest: {exc}") from exc
         entry["package_id"] = request.package_id
         reply = self.locate(request, client_id)
+        if any(f.package_hash == "wrong" for f in faults or ()) and reply.package_hash:
+            # Only the reply's hash changes: the manifest (files and their hashes) stays true to
+            # the bytes, so the one thing wrong is the trust anchor the client must check.
+            true_hash = reply.package_hash
+            wrong = ("0" if true_hash[0] != "0" else "1") + true_hash[1:]
+            reply = replace(reply, package_hash=wrong)
+            entry["detail"] = f"scripted package hash {wrong} (the content's is {true_hash})"
         answer = CcmMessage(
             body=reply.to_xml(),
             target_endpoint="LS_ReplyLocations",

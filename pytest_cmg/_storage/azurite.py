@@ -704,8 +704,16 @@ def _describe(exc: BaseException) -> str:
 def _no_docker(detail: str) -> ProvisioningError:
     return ProvisioningError(
         f"the container backend cannot run Azurite because no Docker engine answers: {detail}. "
-        "Use --cmg-azurite=process (the default), which needs only Node, or "
-        "--cmg-azurite=external with a connection string."
+        "Start a Docker engine (or point DOCKER_HOST at one), or use --cmg-azurite=process "
+        "(the default), which needs only Node, or --cmg-azurite=external with a connection string."
+    )
+
+
+def _not_installed(detail: str) -> ProvisioningError:
+    return ProvisioningError(
+        f"the container backend needs testcontainers and the Docker SDK, which are not "
+        f"installed ({detail}): install them with `pip install \"pytest-cmg[container]\"`, or use "
+        "--cmg-azurite=process (the default), which needs only Node."
     )
 
 
@@ -724,23 +732,23 @@ class AzuriteContainer:
         self._endpoint: BlobEndpoint | None = None
 
     def _check_docker(self) -> None:
+        """Two different problems, two messages: the packages are missing (a pip install fixes
+        it) or no engine answers (starting Docker, or another backend, fixes it)."""
         try:
+            import docker.errors
             from testcontainers.core.docker_client import DockerClient
         except ImportError as exc:
-            msg = (
-                f"testcontainers is not installed ({exc}); "
-                'install it with `pip install "pytest-cmg[container]"`'
-            )
-            raise _no_docker(msg) from exc
+            raise _not_installed(_describe(exc)) from exc
         try:
             # Goes through testcontainers so DOCKER_HOST and ~/.testcontainers.properties are
             # honoured; a short timeout because a missing engine should fail fast.
             client = DockerClient(timeout=_DOCKER_PING_TIMEOUT)
-        except Exception as exc:
+        except (docker.errors.DockerException, OSError, ValueError) as exc:
+            # ValueError: a DOCKER_HOST the SDK cannot parse.
             raise _no_docker(_describe(exc)) from exc
         try:
             client.client.ping()
-        except Exception as exc:
+        except (docker.errors.DockerException, OSError) as exc:
             raise _no_docker(_describe(exc)) from exc
         finally:
             with contextlib.suppress(Exception):

@@ -9,7 +9,12 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, fields
 
-__all__ = ["FaultPlan", "GatewayFault"]
+from .._protocol.paths import Endpoint
+
+__all__ = ["PACKAGE_HASH_FAULTS", "FaultPlan", "GatewayFault"]
+
+#: What ``GatewayFault.package_hash`` may ask for: ``wrong`` (another hash than the content's).
+PACKAGE_HASH_FAULTS = ("wrong",)
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,10 @@ class GatewayFault:
     :param truncate: send only this many body bytes of the normal answer, then close.
     :param wrong_hash: manifest only: corrupt the first file's SHA-256.
     :param sas_ttl: manifest only: SAS URLs that expire this many seconds after issue.
+    :param package_hash: location only: ``"wrong"`` makes the reply carry a package hash that is
+        not the content's (its first hex digit changed). The manifest stays consistent with
+        itself, so only a client that trusts the location reply's hash, as the product does,
+        notices (0x80091007).
     """
 
     endpoint: str | None = None
@@ -40,6 +49,7 @@ class GatewayFault:
     truncate: int | None = None
     wrong_hash: bool = False
     sas_ttl: float | None = None
+    package_hash: str | None = None
 
     def describe(self) -> str:
         """The fault's non-default settings, e.g. ``fault(endpoint='location', drop=True)``."""
@@ -72,6 +82,15 @@ class FaultPlan:
         if fault.times < 1:
             msg = f"{fault.describe()}: times must be at least 1"
             raise ValueError(msg)
+        if fault.package_hash is not None and fault.package_hash not in PACKAGE_HASH_FAULTS:
+            msg = (
+                f"{fault.describe()}: package_hash must be one of "
+                f"{', '.join(PACKAGE_HASH_FAULTS)}, not {fault.package_hash!r}"
+            )
+            raise ValueError(msg)
+        if fault.package_hash is not None and fault.endpoint != Endpoint.LOCATION:
+            msg = f"{fault.describe()}: package_hash needs endpoint='location' (the reply carries it)"
+            raise ValueError(msg)
         with self._lock:
             self._armed.append(_Armed(fault, fault.times))
 
@@ -97,6 +116,15 @@ class FaultPlan:
                 armed.remaining -= 1
                 firing.append(fault)
             return number, firing
+
+    def fired(self, fault: GatewayFault) -> int:
+        """How many requests ``fault`` (the object :meth:`add` was given) has fired on.
+
+        By identity, not equality: two equal faults armed by two timeline entries are told
+        apart, so each entry can be told whether it ever fired.
+        """
+        with self._lock:
+            return sum(a.fault.times - a.remaining for a in self._armed if a.fault is fault)
 
     @property
     def pending(self) -> list[GatewayFault]:

@@ -644,7 +644,10 @@ def test_cache_names_wrong_version(tmp_path: Path) -> None:
     )
     problem, _, _ = only_problem(tmp_path, text)
     assert problem.line == line_of(text, "- PS100013.2")
-    assert problem.rule == "cache entry PS100013.2 is not the declared version 1"
+    assert problem.rule == (
+        "cache entry PS100013.2 is not the declared version 1, nor an entry of client.cache"
+    )
+    assert problem.hint == "expect PS100013.1, or seed PS100013.2 with client.cache"
 
 
 def test_downloaded_names_undeclared_package(tmp_path: Path) -> None:

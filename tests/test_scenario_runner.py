@@ -122,7 +122,8 @@ def test_the_timeline_fires_each_event_at_its_moment() -> None:
     assert gateway.calls == [
         ("fail", "manifest", {"request": 1, "times": 1, "status": 503, "retry_after": "5", "delay": 0.0, "drop": False})
     ]
-    assert proxy.added == [("delay(2)", 2, 3), ("reset_after(1000)", 2, 3)]
+    # Each proxy fault names the entry that scripted it: how an entry that never fired is found.
+    assert proxy.added == [("delay(2)@faults[1]", 2, 3), ("reset_after(1000)@faults[1]", 2, 3)]
     assert proxy.paths == ["install.wim", "install.wim"]  # both target the file the entry names
     timeline.before_step(0)
     assert len(gateway.calls) == 1

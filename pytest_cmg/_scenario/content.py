@@ -14,6 +14,7 @@ files on disk (:class:`PackageSource` with a path, streamed by the upload) inste
 from __future__ import annotations
 
 import contextlib
+import functools
 import tempfile
 import zlib
 from pathlib import Path
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
     from .model import PackageSpec
 
-__all__ = ["generate_package", "generated_package"]
+__all__ = ["generate_package", "generated_package", "package_file_names"]
 
 # The first entry of each layout is the package's main file and takes most of the bytes, as an
 # install.wim does in an OS upgrade package.
@@ -61,6 +62,56 @@ def _accented_word(fake: Faker) -> str | None:
     return str(fake.random_element(words)) if words else None
 
 
+def package_file_names(spec: PackageSpec, seed: int) -> list[str]:
+    """The relative paths of the files :func:`generate_package` makes, without their bytes.
+
+    Names are drawn before any byte, from the same seeded generator, so they are known at
+    collection for the price of the names alone (a storage fault's ``file`` is checked against
+    them). They depend on the package's ID, version, type, file count and locale, never its size.
+    """
+    return list(_cached_names(spec.id, spec.version, spec.type, spec.files, spec.locale, seed))
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_names(
+    package_id: str, version: int, kind: str, files: int, locale: str, seed: int
+) -> tuple[str, ...]:
+    # Cached: every case of a parametrised file checks its storage faults against the names.
+    return tuple(_named(package_id, version, kind, files, locale, seed)[1])
+
+
+def _named(
+    package_id: str, version: int, kind: str, files: int, locale: str, seed: int
+) -> tuple[Faker, list[str]]:
+    """The seeded generator of one package version, and its file names drawn from it.
+
+    The generator is returned where the names left it: the bytes are drawn from it next.
+    """
+    fake = Faker(locale)
+    # Seed per package so adding a package to a scenario does not change the others' content.
+    fake.seed_instance(seed ^ zlib.crc32(f"{package_id}.{version}".encode()))
+    layout = _LAYOUTS[kind]
+    names: list[str] = []
+    taken: set[str] = set()
+    # The first generated word of a non-English package is one that is not ASCII, so every
+    # it_IT and ja_JP package has such a name to carry through blob names, SAS URLs and
+    # manifests.
+    accented = _accented_word(fake) if locale != "en_US" else None
+    while len(names) < files:
+        pattern = layout[len(names)] if len(names) < len(layout) else layout[-1]
+        name = _name(fake, pattern, accented if "{word}" in pattern else None)
+        if "{word}" in pattern:
+            accented = None
+        # Word lists are finite (ja_JP has ~200 words): number a repeated name instead of
+        # drawing again, which could never end for large file counts.
+        if name in taken:
+            stem, dot, ext = name.rpartition(".")
+            name = f"{stem}-{len(names)}{dot}{ext}" if dot else f"{name}-{len(names)}"
+        taken.add(name)
+        names.append(name)
+    return fake, names
+
+
 def generate_package(
     spec: PackageSpec,
     seed: int,
@@ -89,28 +140,7 @@ def generate_package(
             "generated_package(), which makes a temporary one and removes it"
         )
         raise ValueError(msg)
-    fake = Faker(spec.locale)
-    # Seed per package so adding a package to a scenario does not change the others' content.
-    fake.seed_instance(seed ^ zlib.crc32(f"{spec.id}.{spec.version}".encode()))
-    layout = _LAYOUTS[spec.type]
-    names: list[str] = []
-    taken: set[str] = set()
-    # The first generated word of a non-English package is one that is not ASCII, so every
-    # it_IT and ja_JP package has such a name to carry through blob names, SAS URLs and
-    # manifests.
-    accented = _accented_word(fake) if spec.locale != "en_US" else None
-    while len(names) < spec.files:
-        pattern = layout[len(names)] if len(names) < len(layout) else layout[-1]
-        name = _name(fake, pattern, accented if "{word}" in pattern else None)
-        if "{word}" in pattern:
-            accented = None
-        # Word lists are finite (ja_JP has ~200 words): number a repeated name instead of
-        # drawing again, which could never end for large file counts.
-        if name in taken:
-            stem, dot, ext = name.rpartition(".")
-            name = f"{stem}-{len(names)}{dot}{ext}" if dot else f"{name}-{len(names)}"
-        taken.add(name)
-        names.append(name)
+    fake, names = _named(spec.id, spec.version, spec.type, spec.files, spec.locale, seed)
     share = OS_UPGRADE_MAIN_SHARE if spec.type == "os_upgrade" else None
     sizes = split_sizes(spec.size, spec.files, main_share=share)
     rng = fake.random

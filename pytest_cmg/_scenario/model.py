@@ -9,6 +9,7 @@ line.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ from .._client.engine import (
     custom_path_parts,
 )
 from .._errors import ScenarioError, ScenarioProblem
+from .._gateway.faults import PACKAGE_HASH_FAULTS
 from .._protocol.paths import Endpoint
 from .._protocol.settings import (
     NO_NEW_CLASSIC_CLOUD_DP_SINCE,
@@ -34,6 +36,7 @@ from .._protocol.settings import (
     LaunchContext,
 )
 from .assemble import Assembler, CasePlan, compose_file, find_fixtures, plan_cases
+from .content import package_file_names
 from .limits import (
     MAX_CASE_VALUES,
     MAX_FILE_BYTES,
@@ -41,6 +44,7 @@ from .limits import (
     MAX_PACKAGE_FILES,
     MAX_SCENARIO_BYTES,
     OS_UPGRADE_MAIN_SHARE,
+    SHOWN_CHARS,
     clip,
     human_size,
     largest_file,
@@ -278,6 +282,19 @@ STEP = Record(
             ),
         ),
     }
+)
+
+CACHE_SEED = Record(
+    doc="One client cache entry made before the run.",
+    fields={
+        "package": Field(PACKAGE_ID, required=True, doc="A declared package."),
+        "version": Field(
+            Int(minimum=1),
+            required=True,
+            doc="The content version of the entry (the declared one: a cache hit).",
+            example="2",
+        ),
+    },
 )
 
 MARKER = Marker(
@@ -519,6 +536,17 @@ GATEWAY_FAULT = Record(
             doc="Manifest only: SAS URLs expire this long after issue (negative: already expired).",
             example="-60s",
         ),
+        "package_hash": Field(
+            Choice(choices=PACKAGE_HASH_FAULTS),
+            default=None,
+            doc=(
+                "Location only: `wrong` makes the location reply carry a package hash that is "
+                "not the content's, while the manifest stays consistent with itself (every file "
+                "hash matches its bytes, and its own Hash attribute is the content's). A client "
+                "must check the hash from the location reply: 0x80091007."
+            ),
+            example="wrong",
+        ),
     },
 )
 
@@ -623,6 +651,16 @@ FAULT = Record(
             default=None,
             doc="Fire when virtual time reaches this (it moves on waits, stalls, jumps).",
             example="30s",
+        ),
+        "optional": Field(
+            Bool(),
+            default=False,
+            doc=(
+                "The run may end without this entry happening. Without it, an entry that never "
+                "happened fails the scenario at its line: a `before_step` or `at` entry never "
+                "armed, a gateway fault that hit no request, a storage fault that hit no "
+                "request or never reached the body offset it acts at."
+            ),
         ),
     },
 )
@@ -800,6 +838,21 @@ SCENARIO = Record(
                         Size(),
                         default=DEFAULT_CACHE_MB * 1024 * 1024,
                         doc="Client cache size (default 5120MiB).",
+                    ),
+                    "cache": Field(
+                        ListOf(item=CACHE_SEED),
+                        default=None,
+                        doc=(
+                            "Entries in the client cache before the run: each a real, verified "
+                            "cache entry of a declared package at `version`, with that "
+                            "version's content (generated from the seed like the package: same "
+                            "type, files, size and locale; another version has other names "
+                            "and bytes), committed through the client cache. Another version "
+                            "than the declared one must not be reused: the run fetches the "
+                            "declared one. The entries stay unless evicted, so list them in "
+                            "`expect.cache`."
+                        ),
+                        example="[{package: PS100012, version: 2}]",
                     ),
                     "certificate": Field(
                         Choice(choices=CERTIFICATES),
@@ -1047,6 +1100,8 @@ class TimelineEvent:
     params: dict[str, Any]
     before_step: int | None = None
     at: float | None = None
+    #: ``optional: true``: the run may end without it happening.
+    optional: bool = False
 
     def describe(self) -> str:
         if self.kind in ("gateway", "storage"):
@@ -1104,6 +1159,9 @@ class Scenario:
     tenant: str = "enabled"
     #: Set when the scenario is a benchmark (``benchmark``): storage is reached directly.
     benchmark: BenchmarkSpec | None = None
+    #: Client cache entries made before the run (``client.cache``): each a declared package
+    #: at another (or the same) content version.
+    cache_seed: tuple[PackageSpec, ...] = ()
 
     @property
     def item_name(self) -> str:
@@ -1271,6 +1329,7 @@ def _build(path: Path, data: dict[str, Any], v: Validation, plan: CasePlan | Non
             ),
             before_step=steps.get(f["before_step"]) if f["before_step"] is not None else None,
             at=f["at"],
+            optional=bool(f["optional"]),
         )
         for i, f in enumerate(data["faults"] or [])
     )
@@ -1327,6 +1386,12 @@ def _build(path: Path, data: dict[str, Any], v: Validation, plan: CasePlan | Non
             BenchmarkSpec(baseline=benchmark["baseline"], rounds=benchmark["rounds"])
             if benchmark is not None
             else None
+        ),
+        cache_seed=tuple(
+            dataclasses.replace(
+                next(p for p in packages if p.id == seeded["package"]), version=seeded["version"]
+            )
+            for seeded in data["client"]["cache"] or []
         ),
     )
 
@@ -1420,6 +1485,7 @@ def _cross_check(data: dict[str, Any], v: Validation) -> None:
         )
     if not complete:
         return
+    _check_fault_files(data, [p for _, p in packages], problem)
     known = ", ".join(declared) or "none"
     for index, step in steps:
         condition = step.get("condition")
@@ -1460,6 +1526,7 @@ def _cross_check(data: dict[str, Any], v: Validation) -> None:
                     "which is not declared",
                     f"declared packages: {known}",
                 )
+    seeded = _check_cache_seed(data, packages, declared, problem)
     expect: dict[str, Any] = data.get("expect") or {}
     for index, key in enumerate(expect.get("cache") or []):
         if key is None:
@@ -1471,10 +1538,16 @@ def _cross_check(data: dict[str, Any], v: Validation) -> None:
                 f"cache entry {key} names an undeclared package",
                 f"declared packages: {known}",
             )
-        elif declared[package_id] is not None and declared[package_id] != int(version):
+        elif (
+            declared[package_id] is not None
+            and declared[package_id] != int(version)
+            and key not in seeded
+        ):
             problem(
                 f"expect.cache[{index}]",
-                f"cache entry {key} is not the declared version {declared[package_id]}",
+                f"cache entry {key} is not the declared version {declared[package_id]}, nor "
+                "an entry of client.cache",
+                f"expect {package_id}.{declared[package_id]}, or seed {key} with client.cache",
             )
     for index, package_id in enumerate(expect.get("downloaded") or []):
         if package_id is not None and package_id not in declared:
@@ -1493,6 +1566,117 @@ def _cross_check(data: dict[str, Any], v: Validation) -> None:
                 )
     if expect.get("outcome") == "success" and expect.get("exit_code") not in (None, "0x00000000"):
         problem("expect.exit_code", "a successful outcome has exit code 0x00000000")
+
+
+def _check_cache_seed(
+    data: dict[str, Any],
+    packages: list[tuple[int, dict[str, Any]]],
+    declared: dict[str, int | None],
+    problem: Callable[..., None],
+) -> set[str]:
+    """``client.cache``: declared packages, each entry once, all of them within the cache.
+
+    Returns the keys (``PS100012.2``) of the entries the run starts with.
+    """
+    keys: set[str] = set()
+    sizes = {p.get("id"): p.get("size") for _, p in packages}
+    total = 0
+    client = data.get("client") or {}
+    for index, seeded in enumerate(client.get("cache") or []):
+        if not isinstance(seeded, dict) or seeded.get("package") is None:
+            continue
+        package_id, version = seeded["package"], seeded.get("version")
+        where = f"client.cache[{index}]"
+        if package_id not in declared:
+            problem(
+                f"{where}.package",
+                f"client.cache entry names undeclared package {package_id}",
+                f"declared packages: {', '.join(declared) or 'none'}; an entry's content is "
+                "generated like its package's",
+            )
+            continue
+        if version is None:
+            continue
+        key = f"{package_id}.{version}"
+        if key in keys:
+            problem(f"{where}.version", f"client.cache lists {key} twice", "list each entry once")
+            continue
+        keys.add(key)
+        size = sizes.get(package_id)
+        total += size if isinstance(size, int) else 0
+    capacity = client.get("cache_size")
+    if isinstance(capacity, int) and total > capacity:
+        problem(
+            "client.cache",
+            f"the client.cache entries hold {human_size(total)}, more than the "
+            f"{human_size(capacity)} client.cache_size",
+            "give a larger cache_size, or fewer entries",
+        )
+    return keys
+
+
+def _check_fault_files(
+    data: dict[str, Any], packages: list[dict[str, Any]], problem: Callable[..., None]
+) -> None:
+    """Each storage fault's ``file`` against the blob names of the packages on the cloud DP.
+
+    A ``file`` that names no blob makes a fault that can never fire; found here, before any
+    content is generated, from the file names alone (:func:`~.content.package_file_names`).
+    """
+    faults = [
+        (index, event["storage"]["file"])
+        for index, event in enumerate(data.get("faults") or [])
+        if isinstance(event, dict)
+        and isinstance(event.get("storage"), dict)
+        and event["storage"].get("file") is not None
+    ]
+    seed = data.get("seed")
+    if not faults or seed is None:
+        return
+    blobs: list[str] = []
+    for package in packages:
+        if not package.get("on_cloud_dp", True):
+            continue
+        keys = ("id", "version", "type", "files", "locale")
+        if any(package.get(k) is None for k in keys) or package["files"] > MAX_PACKAGE_FILES:
+            return  # already reported; the names cannot be known
+        spec = PackageSpec(
+            id=package["id"],
+            version=package["version"],
+            name="",
+            type=package["type"],
+            on_cloud_dp=True,
+            files=package["files"],
+            size=0,
+            locale=package["locale"],
+        )
+        prefix = f"{spec.id}.{spec.version}/"
+        blobs += [prefix + name for name in package_file_names(spec, seed)]
+    for index, file in faults:
+        if any(file in blob for blob in blobs):
+            continue
+        # Suggested as written most often: a base name, a path in the package, a blob name,
+        # or a whole package (``PS100012.3/``).
+        names = sorted(
+            {
+                *blobs,
+                *(blob.rsplit("/", 1)[-1] for blob in blobs),
+                *(blob.split("/", 1)[1] for blob in blobs),
+                *(blob.split("/", 1)[0] + "/" for blob in blobs),
+            }
+        )
+        near = (
+            difflib.get_close_matches(file, names, n=3, cutoff=0.0)
+            if len(file) <= SHOWN_CHARS
+            else []
+        )
+        hint = f"nearest: {', '.join(repr(n) for n in near)}; " if near else ""
+        problem(
+            f"faults[{index}].storage.file",
+            f"storage fault file {shown(file)} names no blob of the packages on the cloud DP "
+            f"({len(blobs)} file(s)): it must be part of a blob name <PackageID>.<version>/<path>",
+            f"{hint}file names come from the seed, the package's type, file count and locale",
+        )
 
 
 def _check_largest_file(package: dict[str, Any], where: str, problem: Callable[..., None]) -> None:
@@ -1634,16 +1818,20 @@ def _check_fault(
     gateway = event.get("gateway")
     effects: tuple[str, ...]
     if isinstance(gateway, dict):
-        effects = ("status", "delay", "drop", "truncate", "wrong_hash", "sas_ttl")
+        effects = ("status", "delay", "drop", "truncate", "wrong_hash", "sas_ttl", "package_hash")
         if not any(gateway.get(k) not in (None, False) for k in effects):
             problem(
                 f"{where}.gateway",
                 "this gateway fault does nothing",
                 f"give one of {', '.join(effects)}",
             )
-        for key in ("wrong_hash", "sas_ttl"):
-            if gateway.get(key) not in (None, False) and gateway.get("endpoint") != "manifest":
-                problem(f"{where}.gateway.{key}", f"{key} needs endpoint: manifest")
+        for key, endpoint in (
+            ("wrong_hash", Endpoint.MANIFEST),
+            ("sas_ttl", Endpoint.MANIFEST),
+            ("package_hash", Endpoint.LOCATION),
+        ):
+            if gateway.get(key) not in (None, False) and gateway.get("endpoint") != endpoint:
+                problem(f"{where}.gateway.{key}", f"{key} needs endpoint: {endpoint}")
         if gateway.get("retry_after") is not None and gateway.get("status") is None:
             problem(f"{where}.gateway.retry_after", "retry_after goes with a status")
     storage = event.get("storage")

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from .._harness import Harness
     from .._storage.clouddp import CloudDP, PackageSource
     from .._storage.faultproxy import ProxiedRequest
-    from .model import Scenario
+    from .model import PackageSpec, Scenario
     from .spec import Bounds
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "build_world",
     "check_expectations",
     "run_scenario",
+    "seed_cache",
     "storage_bytes_by_package",
 ]
 
@@ -78,6 +79,10 @@ class ScenarioRun:
     waits: list[float] = field(default_factory=list)
     #: The timeline as it happened: one line per fired (or never fired) event.
     timeline: list[str] = field(default_factory=list)
+    #: ``(where, why)`` for each ``faults`` entry that never happened or never fired.
+    unfired: list[tuple[str, str]] = field(default_factory=list)
+    #: The manifests of the entries the client cache was seeded with (``client.cache``), by key.
+    seeded: dict[str, ContentManifest] = field(default_factory=dict)
     #: Outbound bytes as the CMG counted them (``FakeCMG.egress_bytes``) at the end of the run.
     egress_bytes: int = 0
     #: A benchmark scenario's figures, by package ID (empty for other scenarios).
@@ -217,6 +222,41 @@ def build_world(scenario: Scenario, harness: Harness) -> World:
     return World(dp, gateway, manifests, scenario.certificate, scenario.tenant)
 
 
+def seed_cache(
+    cache: ClientCache, entries: tuple[PackageSpec, ...], seed: int
+) -> dict[str, ContentManifest]:
+    """Make each of ``entries`` a verified entry of ``cache``, through its public API.
+
+    As a download would: the content (generated from ``seed``, like the package's) is written
+    into the entry's staging folder, hashed from the bytes written, pruned to those files and
+    committed. Returns each entry's manifest, by key, for the run's checks of the cache.
+    """
+    made: dict[str, ContentManifest] = {}
+    for spec in entries:
+        with generated_package(spec, seed) as files, cache.staging(spec.id, spec.version) as staged:
+            digests: dict[str, str] = {}
+            items = []
+            for source in files:
+                target = staged.joinpath(*source.relpath.split("/"))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if isinstance(source.data, bytes):
+                    target.write_bytes(source.data)
+                else:
+                    shutil.copyfile(source.data, target)
+                # Hashed from what is on disk, as the download core verifies what it wrote.
+                with target.open("rb") as handle:
+                    digests[source.relpath] = hashlib.file_digest(handle, "sha256").hexdigest()
+                items.append(
+                    ManifestFile(source.relpath, target.stat().st_size, digests[source.relpath])
+                )
+            cache.prune_unverified(staged, digests)
+            entry = cache.commit(staged, spec.id, spec.version)
+        made[entry.key] = ContentManifest(
+            package_id=spec.id, version=spec.version, files=tuple(items)
+        )
+    return made
+
+
 def _local_manifest(package_id: str, version: int, files: list[PackageSource]) -> ContentManifest:
     """The manifest of generated content that is not uploaded (it is on an on-prem DP only)."""
     items = []
@@ -258,6 +298,7 @@ def run_scenario(scenario: Scenario, harness: Harness, workdir: Path) -> Scenari
         engine = _engine(scenario, world, workdir, log, time)
         cache = engine.cache
         try:
+            seeded = seed_cache(cache, scenario.cache_seed, scenario.seed)
             timeline.start()
             result = engine.run(scenario.task_sequence, scenario.launch)
         finally:
@@ -280,7 +321,16 @@ def run_scenario(scenario: Scenario, harness: Harness, workdir: Path) -> Scenari
             elapsed=time.clock(),
             waits=list(time.waits),
             timeline=timeline.report(),
+            unfired=[
+                (event.where, why)
+                for event, why in timeline.missed(
+                    gateway.log.entries,
+                    proxy.log if proxy is not None else None,
+                    tuple(step.name for step in scenario.task_sequence.steps),
+                )
+            ],
             egress_bytes=gateway.egress_bytes,
+            seeded=seeded,
         )
         if scenario.benchmark is not None:
             # After the run's evidence is taken: further rounds add requests and egress.
@@ -424,6 +474,9 @@ def _verified_entries(run: ScenarioRun) -> tuple[list[str], list[str]]:
     for entry in run.cache.entries():
         keys.append(entry.key)
         manifest = run.manifests.get(entry.package_id)
+        if manifest is None or manifest.version != entry.version:
+            # An entry the run started with (client.cache) is checked against its own content.
+            manifest = run.seeded.get(entry.key)
         if manifest is None or manifest.version != entry.version:
             bad.append(f"{entry.key}: no distributed manifest matches this entry")
             continue
@@ -627,6 +680,7 @@ def check_expectations(scenario: Scenario, run: ScenarioRun) -> list[Expectation
                 )
 
     _check_storage(expect, run, fail)
+    _check_faults_fired(scenario, run, fail, timeline)
 
     if expect["egress_bytes"] is not None and not expect["egress_bytes"].holds(run.egress_bytes):
         egress_lines = [line for line in run.gateway_log if "gress" in line]
@@ -684,6 +738,39 @@ def _check_storage(expect: dict[str, Any], run: ScenarioRun, fail: Any) -> None:
             f"{_bounds(wanted_requests)} storage request(s)",
             str(len(storage)),
             _excerpt("  storage requests", _storage_lines(storage)),
+        )
+
+
+def _check_faults_fired(
+    scenario: Scenario,
+    run: ScenarioRun,
+    fail: Any,  # noqa: ANN401
+    timeline: str,
+) -> None:
+    """A scripted entry that never happened fails the scenario at its line.
+
+    A fault that never fires tests nothing, and the scenario still passes on the happy path it
+    meant to disturb: the suite would prove less than it says (``responses``'
+    ``assert_all_requests_are_fired``). ``optional: true`` opts an entry out.
+    """
+    events = {event.where: event for event in scenario.timeline}
+    storage = run.storage or []
+    for where, why in run.unfired:
+        event = events.get(where)
+        if event is None or event.optional:
+            continue
+        context = [timeline]
+        if event.kind == "storage" and storage:
+            context.append(_excerpt("  storage requests", _storage_lines(storage)))
+        elif event.kind == "gateway":
+            context.append(_excerpt("  gateway requests", [r.summary() for r in run.requests]))
+        fault = event.kind in ("gateway", "storage")
+        fail(
+            where,
+            f"this {event.kind} {'fault fires' if fault else 'entry happens'} in the run: "
+            f"{event.describe()} (or optional: true on the entry, if the run may end without it)",
+            f"never {'fired' if fault else 'happened'}: {why}",
+            *context,
         )
 
 

@@ -19,22 +19,37 @@ from __future__ import annotations
 import random
 import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 from .._client.log import INFO, SmstsLog
 from .._client.retry import RetryPolicy
+from .._storage.faultproxy import Fault
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
+    from .._gateway.faults import GatewayFault
+    from .._gateway.requestlog import LoggedRequest
     from .._gateway.server import FakeCMG
-    from .._storage.faultproxy import Fault, FaultProxy
+    from .._storage.faultproxy import FaultProxy, ProxiedRequest
     from .model import TimelineEvent
 
-__all__ = ["ScenarioTime", "SiteClock", "Timeline", "TimelineLog", "storage_faults"]
+__all__ = [
+    "ScenarioTime",
+    "SiteClock",
+    "Timeline",
+    "TimelineFault",
+    "TimelineLog",
+    "storage_faults",
+]
+
+#: Faults that act at a body offset: they can hit a request and still do nothing, when its
+#: body ends before the offset (a reset after 30 MiB of a 20 MiB file).
+_AT_OFFSET = ("reset_after", "close_after", "stall_after", "flip_byte")
 
 _STEP_START = re.compile(r"^Start executing an instruction\. .*Instruction pointer: (\d+)$")
 
@@ -158,6 +173,27 @@ def storage_faults(params: dict[str, Any]) -> list[Fault]:
     return faults
 
 
+@dataclass(frozen=True)
+class TimelineFault(Fault):
+    """A fault proxy fault that names the ``faults`` entry that scripted it.
+
+    The name is what the proxy records for each request it hits (``ProxiedRequest.faults``),
+    so ``reset_after(307200)@faults[2]`` tells, from the proxy's log alone, which entry hit
+    which request, even when two entries script the same fault; that is how an entry that
+    never fired is found.
+    """
+
+    where: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{super().name}@{self.where}"
+
+    @classmethod
+    def of(cls, fault: Fault, where: str) -> TimelineFault:
+        return cls(**{f.name: getattr(fault, f.name) for f in fields(fault)}, where=where)
+
+
 @dataclass
 class Timeline:
     """Fires a scenario's ``faults`` entries on the gateway, the fault proxy and the clock."""
@@ -168,6 +204,8 @@ class Timeline:
     time: ScenarioTime
     #: ``(virtual seconds, event)`` for every event that fired, in order.
     fired: list[tuple[float, TimelineEvent]] = field(default_factory=list)
+    #: The gateway fault each fired ``gateway`` entry armed, by the entry's ``where``.
+    armed: dict[str, GatewayFault] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> None:
@@ -194,14 +232,16 @@ class Timeline:
         if event.kind == "gateway":
             fault = {k: v for k, v in params.items() if k != "endpoint" and v is not None}
             fault.setdefault("delay", 0.0)
-            self.gateway.fail(params.get("endpoint"), **fault)
+            armed = self.gateway.fail(params.get("endpoint"), **fault)
+            with self._lock:
+                self.armed[event.where] = armed
         elif event.kind == "storage":
             if self.proxy is None:
                 msg = f"{event.where}: storage faults need plain-http storage behind the fault proxy"
                 raise RuntimeError(msg)
             for scripted in storage_faults(params):
                 self.proxy.add(
-                    scripted,
+                    TimelineFault.of(scripted, event.where),
                     request=params.get("request"),
                     times=params.get("times", 1),
                     path=params.get("file"),
@@ -217,6 +257,57 @@ class Timeline:
     def unfired(self) -> list[TimelineEvent]:
         return [e for e in self.events if not self.has_fired(e)]
 
+    def missed(
+        self,
+        requests: list[LoggedRequest],
+        storage: list[ProxiedRequest] | None,
+        steps: tuple[str, ...] = (),
+    ) -> list[tuple[TimelineEvent, str]]:
+        """Every event that never happened, or whose fault never fired, and why.
+
+        A ``before_step`` or ``at`` event that was never armed never happened, whatever its
+        kind. An armed gateway fault never fired when it hit no request (its endpoint was not
+        asked again, or not that often); an armed storage fault when no storage request carries
+        its name, or when every request it hit ended before the body offset it acts at.
+        ``requests`` is the gateway's request log, ``storage`` the fault proxy's, ``steps`` the
+        task sequence's step names (for the reason).
+        """
+        out: list[tuple[TimelineEvent, str]] = []
+        for event in self.events:
+            if not self.has_fired(event):
+                out.append((event, self._never_armed(event, steps)))
+            elif event.kind == "gateway":
+                why = self._gateway_miss(event, requests)
+                if why:
+                    out.append((event, why))
+            elif event.kind == "storage" and storage is not None:
+                why = _storage_miss(event, storage)
+                if why:
+                    out.append((event, why))
+        return out
+
+    def _never_armed(self, event: TimelineEvent, steps: tuple[str, ...]) -> str:
+        if event.before_step is not None:
+            index = event.before_step
+            name = steps[index] if index < len(steps) else f"#{index}"
+            return f"step {name!r} never started, so the entry was never armed"
+        return (
+            f"virtual time reached only {self.time.clock():g}s, not {event.at:g}s, so the entry "
+            "was never armed"
+        )
+
+    def _gateway_miss(self, event: TimelineEvent, requests: list[LoggedRequest]) -> str:
+        armed = self.armed.get(event.where)
+        faults = getattr(self.gateway, "faults", None)
+        if armed is None or faults is None or faults.fired(armed):
+            return ""
+        endpoint = event.params.get("endpoint")
+        asked = [r for r in requests if endpoint is None or r.endpoint == endpoint]
+        what = f"{endpoint} request(s)" if endpoint else "request(s)"
+        number = event.params.get("request")
+        wanted = f"{endpoint or 'any'} request #{number}" if number else f"the next {what}"
+        return f"it waited for {wanted}, and the gateway logged {len(asked)} {what} in the run"
+
     def report(self) -> list[str]:
         """One line per event: when it fired, or that it never did."""
         with self._lock:
@@ -224,3 +315,38 @@ class Timeline:
         lines = [f"{when:8.1f}s  {e.where}: {e.describe()}" for when, e in fired]
         lines += [f"   never  {e.where}: {e.describe()}" for e in self.unfired()]
         return lines
+
+
+def _storage_miss(event: TimelineEvent, storage: list[ProxiedRequest]) -> str:
+    """Why an armed storage entry never fired or never acted; empty when it did."""
+    tag = f"@{event.where}"
+    hit = [r for r in storage if any(name.endswith(tag) for name in r.faults)]
+    params = event.params
+    if not hit:
+        file = params.get("file")
+        number = params.get("request")
+        asked = [r for r in storage if file is None or file in unquote(r.path)]
+        which = f"storage request #{number}" if number else "the next storage request"
+        blobs = f" for a blob whose name contains {file!r}" if file else ""
+        return (
+            f"no storage request matched it: it waited for {which}{blobs}, and the run made "
+            f"{len(asked)} such request(s)"
+            + (f" ({len(storage)} storage request(s) in all)" if file else "")
+        )
+    for fault in storage_faults(params):
+        if fault.kind not in _AT_OFFSET:
+            continue
+        # A cut or a stall acts when the body reaches its offset; a flipped byte must be sent.
+        reached = [
+            r
+            for r in hit
+            if f"{fault.name}{tag}" in r.faults
+            and (r.body_bytes > fault.offset if fault.kind == "flip_byte" else r.body_bytes >= fault.offset)
+        ]
+        if not reached:
+            bodies = ", ".join(f"#{r.number}: {r.body_bytes} body bytes" for r in hit[:5])
+            return (
+                f"{fault.name} hit {len(hit)} request(s) but never acted: none reached body "
+                f"byte {fault.offset} ({bodies}); give a smaller offset, or name a larger file"
+            )
+    return ""

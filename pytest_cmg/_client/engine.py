@@ -20,6 +20,13 @@ step that used it unless ``SMSTSPersistContent`` is true, and the whole cache wh
 ends; client cache entries the sequence downloaded are released then (eligible for deletion)
 unless ``SMSTSPreserveContent`` is true, which pins what the sequence uses.
 
+With an alternate content provider (the task sequence variable ``SMSTSDownloadProgram``, or a
+Python ``provider``), located content is handed to it first (``acp.py``): it writes into a hidden
+folder of the store's staging area, and what it delivered with exit 0 is hashed from disk and its
+package hash checked against the location reply before one rename commits it where the built-in
+download would have put it. ``SMSTSDownloadAbortCode`` fails the download; any other failure falls
+back to the built-in download.
+
 Log lines reuse the product's wording (protocol.md sections 1.7, 3.2, 3.3, 5) so scenarios can
 match them the way administrators search smsts.log.
 """
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import errno
 import re
+import shutil
 import ssl
 import threading
 import time
@@ -64,7 +72,22 @@ from .._protocol.settings import (
     LaunchContext,
     launch_refusal,
 )
-from .cache import CacheEntry, CacheSpaceError
+from .acp import (
+    ABORT_CODE,
+    ALLOW_TOKEN_AUTH,
+    DEFAULT_TIMEOUT,
+    DOWNLOAD_PROGRAM,
+    E_ABORT,
+    TOKEN_AUTH_FOR_ACP_SINCE,
+    FolderContent,
+    ProgramProvider,
+    ProviderLocation,
+    ProviderRequest,
+    ProviderToken,
+    parse_abort_code,
+    read_folder,
+)
+from .cache import _STAGING, CacheEntry, CacheSpaceError
 from .download import DownloadCore, redact
 from .tscache import WORKING_DIRECTORY, TaskSequenceCache, place
 
@@ -72,6 +95,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
     from pathlib import Path
 
+    from .acp import ContentProvider
     from .cache import ClientCache, Lease, SpaceReport
     from .log import SmstsLog
     from .retry import RetryPolicy
@@ -98,10 +122,11 @@ _E_FAIL = 0x80004005
 _NO_CACHE_MANAGER = 0x80040154
 #: Variables the product defines with defaults (task-sequence-variables.md).
 _DEFAULT_VARIABLES = {"SMSTSDownloadRetryCount": "2", "SMSTSDownloadRetryDelay": "15"}
-#: Not retried by the task sequence: wrong or oversized content would come back the same, and a
-#: failed content location fails the step at once in the public smsts.log samples (S24).
+#: Not retried by the task sequence: wrong or oversized content would come back the same, a
+#: failed content location fails the step at once in the public smsts.log samples (S24), and an
+#: alternate content provider's abort code means "no other download method" (E_ABORT).
 _NOT_RETRIED = frozenset(
-    {codes.HASH_MISMATCH, codes.CACHE_TOO_SMALL, codes.CACHE_FULL, codes.NO_LOCATIONS}
+    {codes.HASH_MISMATCH, codes.CACHE_TOO_SMALL, codes.CACHE_FULL, codes.NO_LOCATIONS, E_ABORT}
 )
 #: Writes that fail because the disk (or the user's quota) is full: "cache full" (0x87D01201).
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -238,6 +263,13 @@ class CMGClient:
     def close(self) -> None:
         self._session.close()
 
+    def bearer_token(self) -> str | None:
+        """The CCM token this client sends (``Authorization: Bearer``), if it uses one.
+
+        For an alternate content provider offered the CMG; never logged.
+        """
+        return self._bearer()
+
     def _bearer(self) -> str | None:
         """The CCM token to append to requests: the given one, or one got for the AAD token."""
         conn = self.connection
@@ -336,8 +368,12 @@ class CMGClient:
         except (EnvelopeError, ValueError) as exc:
             raise ContentError(codes.NO_LOCATIONS, f"unusable location reply: {exc}") from exc
 
-    def manifest(self, record: LocationRecord) -> ContentManifest:
-        """GET the content manifest a cloud location record leads to."""
+    @staticmethod
+    def manifest_url(record: LocationRecord) -> str:
+        """The manifest URL of a cloud record: its URL with the access token's fields.
+
+        The token's signature is not in it: it travels in a header (``TOKEN_SIGNATURE_HEADER``).
+        """
         token = record.access_token
         if token is None:
             raise ContentError(codes.BAD_HTTP_STATUS, "cloud location record has no access token")
@@ -348,7 +384,13 @@ class CMGClient:
             "st": token.st,
             "et": token.et,
         }
-        url = f"{record.url}&{urlencode(params)}"
+        return f"{record.url}&{urlencode(params)}"
+
+    def manifest(self, record: LocationRecord) -> ContentManifest:
+        """GET the content manifest a cloud location record leads to."""
+        url = self.manifest_url(record)
+        token = record.access_token
+        assert token is not None  # manifest_url refused a record without one
         self.log.info("DataTransferService", f"GetDirectoryList_HTTP('{url}')")
         try:
             response = self._session.get(
@@ -495,6 +537,9 @@ class PackageTransfer:
     bytes: int
     seconds: float
     from_cache: bool
+    #: The content provider that delivered it (``SMSTSDownloadProgram``'s program, or a Python
+    #: provider's class name); ``None`` for the built-in download and the cache.
+    provider: str | None = None
 
 
 @dataclass
@@ -531,10 +576,19 @@ class TaskSequenceEngine:
         site_version: int = CURRENT_SITE_VERSION,
         ts_cache: TaskSequenceCache | None = None,
         system_drive: Path | None = None,
+        provider: ContentProvider | None = None,
+        download_program_timeout: float = DEFAULT_TIMEOUT,
+        storage_ca_file: Path | None = None,
     ) -> None:
         """``ts_cache`` is the task sequence cache (default: ``_SMSTaskSequence`` beside the
         client cache, made on first use); ``system_drive`` is the folder custom download paths
         are below (default: the folder holding the client cache, as C: holds the product's).
+
+        ``provider`` is a Python content provider (``acp.ContentProvider``) each package is
+        handed to before the built-in download, as to the program of ``SMSTSDownloadProgram``;
+        when a task sequence sets that variable, its program is used instead.
+        ``download_program_timeout`` is the seconds that program may run before its process
+        group is killed; ``storage_ca_file`` the private CA of HTTPS storage, named to providers.
         """
         self.client = client
         #: The site's version, as the client knows it from policy; it gates launch contexts.
@@ -558,6 +612,9 @@ class TaskSequenceEngine:
         self._downloaded: set[str] = set()
         self._pinned: set[str] = set()
         self._kept: set[str] = set()
+        self.provider = provider
+        self.download_program_timeout = download_program_timeout
+        self.storage_ca_file = storage_ca_file
         #: ``on_job(package_id, version, files, total_bytes)``: a package download begins
         #: (with the core's ``on_progress``, enough to draw a progress bar).
         self.on_job: Callable[[str, int, int, int], None] | None = None
@@ -1010,10 +1067,272 @@ class TaskSequenceEngine:
                     f"Skipping distribution point '{record.server_remote_name}': the client is "
                     "on the internet and cannot reach an intranet distribution point",
                 )
+        chosen = self._content_provider()
+        if chosen is not None:
+            provided = self._provide(*chosen, package_id, version, reply, store)
+            if provided is not None:
+                return provided
         if usable is None:
             self.log.info("TSManager", "No static content server.")
             self._no_location(package_id, version, None)
         return self._download(package_id, version, reply, usable, store)
+
+    # --- the alternate content provider (acp.py) ----------------------------------------------
+
+    def _content_provider(self) -> tuple[ContentProvider, str] | None:
+        """The provider to hand content to, and its name for the log, if any.
+
+        ``SMSTSDownloadProgram`` (what the task sequence says) wins over the engine's Python
+        ``provider``. A program string that cannot be split is logged and the built-in download
+        used, as for a program that cannot run.
+        """
+        program = self.variables.get(DOWNLOAD_PROGRAM, "").strip()
+        if not program:
+            if self.provider is None:
+                return None
+            return self.provider, type(self.provider).__qualname__
+        try:
+            runner = ProgramProvider(
+                program,
+                timeout=self.download_program_timeout,
+                on_event=lambda line: self.log.info("TSManager", line),
+            )
+        except ValueError as error:
+            self.log.error("TSManager", f"{error}: using the built-in download")
+            return None
+        return runner, program
+
+    def _abort_code(self) -> int | None:
+        value = self.variables.get(ABORT_CODE, "").strip()
+        if not value:
+            return None
+        try:
+            return parse_abort_code(value)
+        except ValueError as error:
+            self.log.error("TSManager", f"{error}; no exit code aborts the download")
+            return None
+
+    def _offered(self, reply: ContentLocationReply) -> tuple[ProviderLocation, ...]:
+        """The location records offered to a provider, in reply order.
+
+        A token-authentication source (the CMG: a record with an access token) is offered only
+        when ``SMSTSAllowTokenAuthURLForACP`` is true and the site is 2203 or later; it then
+        carries what is needed to fetch its manifest (the token's fields and signature, the
+        gateway's CA, the client's CCM token).
+        """
+        if not _true(self.variables, ALLOW_TOKEN_AUTH):
+            withheld = f"{ALLOW_TOKEN_AUTH} is not true"
+        elif self.site_version < TOKEN_AUTH_FOR_ACP_SINCE:
+            withheld = (
+                f"{ALLOW_TOKEN_AUTH} applies from site version {TOKEN_AUTH_FOR_ACP_SINCE}; this "
+                f"site is {self.site_version}"
+            )
+        else:
+            withheld = ""
+        offered: list[ProviderLocation] = []
+        for record in reply.records:
+            token = record.access_token
+            auth: ProviderToken | None = None
+            if token is not None:
+                if withheld:
+                    self.log.info(
+                        "TSManager",
+                        "Not offering the token-authentication source "
+                        f"'{record.server_remote_name}' to the alternate content provider: "
+                        f"{withheld}",
+                    )
+                    continue
+                auth = ProviderToken(
+                    tid=token.tid,
+                    iss=token.iss,
+                    alg=token.alg,
+                    st=token.st,
+                    et=token.et,
+                    signature=token.signature,
+                    signature_header=TOKEN_SIGNATURE_HEADER,
+                    manifest_url=self.client.manifest_url(record),
+                    ca_file=self.client.connection.ca_cert,
+                    client_token=self.client.bearer_token(),
+                )
+            offered.append(
+                ProviderLocation(
+                    url=record.url,
+                    dp_type=record.dp_type,
+                    locality=record.locality,
+                    server=record.server_remote_name,
+                    version=record.version,
+                    token=auth,
+                )
+            )
+        return tuple(offered)
+
+    def _provide(
+        self,
+        provider: ContentProvider,
+        name: str,
+        package_id: str,
+        version: int,
+        reply: ContentLocationReply,
+        store: ClientCache,
+    ) -> CacheEntry | None:
+        """Hand the content to ``provider``; the verified, committed entry, or ``None`` to fall
+        back to the built-in download.
+
+        The provider writes into a folder of its own in the store's staging area (hidden, so
+        no eviction takes it meanwhile); after it returns 0 the folder is hashed from disk and
+        its package hash checked against the location reply before it is committed, by one
+        rename, where the built-in download would have put the content. The folder is removed
+        on every other path, so nothing unverified reaches a cache or outlives the call.
+        """
+        key = f"{package_id}.{version}"
+        ts = "TSManager"
+        folder = store.root / _STAGING / f".acp-{key}"
+        started = time.perf_counter()
+        try:
+            # A folder left by a process killed during an earlier provider run is not trusted.
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            request = ProviderRequest(
+                package_id=package_id,
+                version=version,
+                package_hash=reply.package_hash.upper(),
+                destination=folder,
+                locations=self._offered(reply),
+                site_code=self.client.connection.site_code,
+                client_id=self.client.connection.client_id,
+                site_version=self.site_version,
+                abort_code=self._abort_code(),
+                storage_ca_file=self.storage_ca_file,
+            )
+            self.log.info(
+                ts,
+                f"Downloading content {key} with the alternate content provider {name} "
+                f"({len(request.locations)} location(s) offered) into {folder}",
+            )
+            try:
+                code = provider.fetch(request)
+            except Exception as error:  # any failure of a provider is a fallback, as a non-zero exit
+                self.log.error(
+                    ts,
+                    f"The alternate content provider failed for content {key} "
+                    f"({type(error).__name__}: {error}); falling back to the built-in download",
+                )
+                return None
+            if not isinstance(code, int):
+                self.log.error(
+                    ts,
+                    f"The alternate content provider returned {code!r} for content {key}, not "
+                    "an exit code; falling back to the built-in download",
+                )
+                return None
+            if request.abort_code is not None and code == request.abort_code:
+                self.log.error(
+                    ts,
+                    f"The alternate content provider exited with {code}, the abort code "
+                    f"({ABORT_CODE}): the download of {key} failed and no other download "
+                    "method is tried",
+                )
+                self._download_failed(package_id, version, E_ABORT)
+                raise ContentError(
+                    E_ABORT,
+                    f"{key}: the alternate content provider {name} exited with {code}, which "
+                    f"{ABORT_CODE} makes an abort; no other download method is tried",
+                )
+            if code != 0:
+                self.log.error(
+                    ts,
+                    f"The alternate content provider exited with {code} for content {key}; "
+                    "falling back to the built-in download",
+                )
+                return None
+            self.log.info(
+                ts, f"The alternate content provider exited with 0: verifying content {key}"
+            )
+            content = read_folder(folder)
+            self._verify_provided(name, package_id, version, folder, content, reply)
+            total = content.size
+            try:
+                room = store.make_room(package_id, version, total)
+            except CacheSpaceError as error:
+                self._no_room(package_id, version, error)
+                raise
+            self._log_evictions(room)
+            lease = store.hold(package_id, version)
+            try:
+                entry = store.commit(folder, package_id, version)
+            except BaseException:
+                lease.release()
+                raise
+            self._keep(lease)
+            # A prefix an earlier try of the built-in download kept for resuming is not needed.
+            store.discard_staging(package_id, version)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        self._committed(entry, store, total)
+        self.transfers.append(
+            PackageTransfer(
+                package_id,
+                version,
+                len(content.files),
+                total,
+                time.perf_counter() - started,
+                from_cache=False,
+                provider=name,
+            )
+        )
+        return entry
+
+    def _verify_provided(
+        self,
+        name: str,
+        package_id: str,
+        version: int,
+        folder: Path,
+        content: FolderContent,
+        reply: ContentLocationReply,
+    ) -> None:
+        """The package hash of what a provider wrote, from the bytes on disk, against the reply.
+
+        The package hash covers every file's relative path, size and SHA-256, so a wrong byte,
+        a wrong size, a missing or an extra file each change it; links and special files are
+        never content. Failures are the built-in download's: 0x80091007 with its log lines.
+        """
+        key = f"{package_id}.{version}"
+        expected = reply.package_hash.upper()
+        computed = package_hash(
+            [ManifestFile(rel, size, sha) for rel, (size, sha) in content.files.items()]
+        )
+        self.log.info("CAS", f"Using hash from LS Content Information: {reply.package_hash}")
+        self.log.info("CAS", f"Computed hash: {computed}")
+        if computed == expected and not content.refused:
+            self.log.info(
+                "CAS", "Success hash verification with hash algorithm = 32780, preference : 4"
+            )
+            self.log.info(
+                "CAS",
+                f"Hash verification succeeded for content {key} downloaded under context System",
+            )
+            return
+        self.log.error("CAS", f"Hash does not match expected for content {key}")
+        self.log.error("TSManager", "Hash could not be matched for the downloaded content")
+        listed = sorted(content.files.items(), key=lambda item: item[0].encode("utf-8"))
+        shown = ", ".join(f"{rel} ({size} bytes)" for rel, (size, _) in listed[:5])
+        if len(listed) > 5:
+            shown += f" and {len(listed) - 5} more"
+        refused = (
+            f"; not files (links, special files or names that are not UTF-8): "
+            f"{', '.join(content.refused[:5])}"
+            if content.refused
+            else ""
+        )
+        raise ContentError(
+            codes.HASH_MISMATCH,
+            f"{key}: the alternate content provider {name} exited with 0, but the "
+            f"{len(listed)} file(s) in {folder} ({shown or 'none'}) give package hash "
+            f"{computed}, not the location reply's {expected}{refused}: a file is wrong, "
+            "missing or extra. A provider must write exactly the package's files, byte for "
+            "byte, and nothing else, into the destination folder",
+        )
 
     def _no_location(
         self, package_id: str, version: int, cause: ContentError | None
@@ -1105,20 +1424,7 @@ class TaskSequenceEngine:
                 lease.release()
                 raise
             self._keep(lease)
-        if store is self.cache:
-            self.log.info(
-                "CacheManager",
-                f"ADD new cache entry for id:{package_id} Version : {version} "
-                f"Size : {total // 1024}K RefCount:1 Location : {entry.path}",
-            )
-            self._downloaded.add(entry.key)
-            self._preserve(entry)
-        else:
-            self.log.info(
-                "TSManager",
-                f"Saved content {entry.key} in the task sequence working directory: "
-                f"{entry.path} (Size : {total // 1024}K)",
-            )
+        self._committed(entry, store, total)
         self.transfers.append(
             PackageTransfer(
                 package_id,
@@ -1130,6 +1436,23 @@ class TaskSequenceEngine:
             )
         )
         return entry
+
+    def _committed(self, entry: CacheEntry, store: ClientCache, total: int) -> None:
+        """Log (and track) content just committed to ``store``."""
+        if store is self.cache:
+            self.log.info(
+                "CacheManager",
+                f"ADD new cache entry for id:{entry.package_id} Version : {entry.version} "
+                f"Size : {total // 1024}K RefCount:1 Location : {entry.path}",
+            )
+            self._downloaded.add(entry.key)
+            self._preserve(entry)
+        else:
+            self.log.info(
+                "TSManager",
+                f"Saved content {entry.key} in the task sequence working directory: "
+                f"{entry.path} (Size : {total // 1024}K)",
+            )
 
     def _computed_package_hash(
         self,

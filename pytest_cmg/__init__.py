@@ -28,6 +28,7 @@ __all__ = [
     "ContentDestination",
     "ContentError",
     "ContentManifest",
+    "ContentProvider",
     "DeploymentSettings",
     "DownloadCore",
     "DownloadMode",
@@ -42,6 +43,10 @@ __all__ = [
     "ManifestFile",
     "PackageSource",
     "PackageTransfer",
+    "ProgramProvider",
+    "ProviderLocation",
+    "ProviderRequest",
+    "ProviderToken",
     "ProvisioningError",
     "PytestCmgError",
     "RequestLog",
@@ -77,6 +82,7 @@ _HOMES = {
     "ContentDestination": "._client.engine",
     "ContentError": "._errors",
     "ContentManifest": "._protocol.manifest",
+    "ContentProvider": "._client.acp",
     "DeploymentSettings": "._protocol.settings",
     "DownloadCore": "._client.download",
     "DownloadMode": "._protocol.settings",
@@ -91,6 +97,10 @@ _HOMES = {
     "ManifestFile": "._protocol.manifest",
     "PackageSource": "._storage.clouddp",
     "PackageTransfer": "._client.engine",
+    "ProgramProvider": "._client.acp",
+    "ProviderLocation": "._client.acp",
+    "ProviderRequest": "._client.acp",
+    "ProviderToken": "._client.acp",
     "ProvisioningError": "._errors",
     "PytestCmgError": "._errors",
     "RequestLog": "._gateway.requestlog",
@@ -112,6 +122,13 @@ _HOMES = {
 }
 
 if TYPE_CHECKING:
+    from ._client.acp import (
+        ContentProvider,
+        ProgramProvider,
+        ProviderLocation,
+        ProviderRequest,
+        ProviderToken,
+    )
     from ._client.cache import CacheEntry, ClientCache
     from ._client.download import DownloadCore, DownloadStats
     from ._client.engine import (

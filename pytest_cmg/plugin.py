@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from _pytest.terminal import TerminalReporter
 
+    from ._client.acp import ContentProvider
     from ._client.engine import TaskSequenceEngine
     from ._client.retry import VirtualTime
     from ._gateway.server import FakeCMG
@@ -317,11 +318,13 @@ def cmg_client(
     """A factory of client engines connected to ``cmg`` with a cache under ``tmp_path``.
 
     ``cmg_client(settings=ClientSettings(...), deployment=DeploymentSettings(...),
-    cache_mb=5120, name="client", auth="token" | "certificate" | "azure_ad")`` returns a ready
-    :class:`TaskSequenceEngine`; ``auth="certificate"`` uses mutual TLS with a client
-    certificate from the gateway's client CA, ``auth="azure_ad"`` an Azure AD device token of
-    ``cmg.tenant`` that the engine exchanges at CCM_STS for a CCM token. With HTTPS storage
-    the engines trust its CA.
+    cache_mb=5120, name="client", auth="token" | "certificate" | "azure_ad", provider=None)``
+    returns a ready :class:`TaskSequenceEngine`; ``auth="certificate"`` uses mutual TLS with a
+    client certificate from the gateway's client CA, ``auth="azure_ad"`` an Azure AD device token
+    of ``cmg.tenant`` that the engine exchanges at CCM_STS for a CCM token. ``provider`` is a
+    :class:`ContentProvider` each package is handed to before the built-in download (as an
+    alternate content provider). With HTTPS storage the engines trust its CA, and name it to
+    providers.
     """
     from ._client.cache import ClientCache
     from ._client.download import DownloadCore
@@ -337,6 +340,7 @@ def cmg_client(
         cache_mb: int = 5120,
         name: str = "client",
         auth: str = "token",
+        provider: ContentProvider | None = None,
     ) -> TaskSequenceEngine:
         if auth not in ("token", "certificate", "azure_ad"):
             msg = f"cmg_client(auth={auth!r}): choose 'token', 'certificate' or 'azure_ad'"
@@ -357,10 +361,11 @@ def cmg_client(
             aad_token=cmg.issue_aad_token(client_id) if auth == "azure_ad" else None,
         )
         endpoint = cmg.cloud_dp.endpoint if cmg.cloud_dp is not None else None
+        storage_ca = endpoint.ca_cert if endpoint and endpoint.url.startswith("https:") else None
         core = DownloadCore(
             retry=cmg_time.policy(),
             on_event=lambda line: log.info("DataTransferService", line),
-            ca_file=endpoint.ca_cert if endpoint and endpoint.url.startswith("https:") else None,
+            ca_file=storage_ca,
         )
         engine = TaskSequenceEngine(
             CMGClient(connection, log, settings),
@@ -369,6 +374,8 @@ def cmg_client(
             deployment,
             core,
             site_version=cmg.settings.site_version,
+            provider=provider,
+            storage_ca_file=storage_ca,
         )
         engines.append(engine)
         return engine

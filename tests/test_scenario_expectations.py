@@ -329,6 +329,9 @@ def test_faults_that_never_fired_fail_at_their_lines_with_the_reason(
         "manifest request(s) in the run" in detail["faults[2]"]
     )
     assert "  expected: this gateway fault fires in the run: gateway endpoint=manifest" in detail["faults[2]"]
+    # The timeline tells armed from fired.
+    assert "faults[2]: gateway endpoint=manifest, request=3, status=503, times=1  (armed, never fired)" in detail["faults[2]"]
+    assert "faults[4]: storage file=sources/install.wim, request=1, flip_byte=7, times=1\n" in detail["faults[2]"]
     assert (
         "  actual:   never happened: virtual time reached only 15s, not 7200s, so the entry was "
         "never armed" in detail["faults[3]"]

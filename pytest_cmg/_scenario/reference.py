@@ -77,6 +77,23 @@ stalls, throttling and delays, and `clock` jumps; `clock` moves the site's clock
 lifetimes) but not storage's, so SAS expiry is scripted with `gateway.sas_ttl`. Gateway `delay`
 is real time (at most 10 s).
 
+**Every entry must happen.** An entry that never happened fails the scenario at its own line,
+as a failed expectation (`expectation faults[2] failed`), with the reason: a `before_step` or
+`at` entry that was never armed (its step never started, virtual time never reached it); a
+gateway fault that hit no request (its endpoint was not asked again, or not that often); a
+storage fault that hit no request, or whose `reset_after`, `close_after`, `stall_after` or
+`flip_byte` offset no body it hit ever reached. A fault that does nothing proves nothing, and
+the scenario would pass on the happy path it meant to disturb. `optional: true` on the entry
+allows the run to end without it. A storage fault's `file` is checked at collection: it must be
+part of a blob name, `<PackageID>.<version>/<path>`, of a package on the cloud DP (file names
+are generated from the seed, the package's type, file count and locale); the nearest names are
+suggested.
+
+**Client cache.** `client.cache` entries are made before the run with the client cache's own
+staging, hashing and commit, so they are verified entries like downloaded ones: their content is
+generated as the package's at that version. They stay unless evicted, and `expect.cache` lists
+them like any entry.
+
 **Markers.** `slow` and `benchmark` are registered by the plugin; other names must be registered
 in the `markers` ini option (`skip`, `skipif`, `xfail` are pytest's own).
 

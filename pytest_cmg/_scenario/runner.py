@@ -307,6 +307,11 @@ def run_scenario(scenario: Scenario, harness: Harness, workdir: Path) -> Scenari
             proxy.wait_idle()
         # Measured egress is counted as the meter forwards bytes: wait for its last ones.
         gateway.wait_egress_idle()
+        missed = timeline.missed(
+            gateway.log.entries,
+            proxy.log if proxy is not None else None,
+            tuple(step.name for step in scenario.task_sequence.steps),
+        )
         run = ScenarioRun(
             result=result,
             smsts=log.messages,
@@ -320,15 +325,8 @@ def run_scenario(scenario: Scenario, harness: Harness, workdir: Path) -> Scenari
             storage=proxy.log if proxy is not None else None,
             elapsed=time.clock(),
             waits=list(time.waits),
-            timeline=timeline.report(),
-            unfired=[
-                (event.where, why)
-                for event, why in timeline.missed(
-                    gateway.log.entries,
-                    proxy.log if proxy is not None else None,
-                    tuple(step.name for step in scenario.task_sequence.steps),
-                )
-            ],
+            timeline=timeline.report(missed),
+            unfired=[(event.where, why) for event, why in missed],
             egress_bytes=gateway.egress_bytes,
             seeded=seeded,
         )

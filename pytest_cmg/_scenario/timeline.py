@@ -308,11 +308,19 @@ class Timeline:
         wanted = f"{endpoint or 'any'} request #{number}" if number else f"the next {what}"
         return f"it waited for {wanted}, and the gateway logged {len(asked)} {what} in the run"
 
-    def report(self) -> list[str]:
-        """One line per event: when it fired, or that it never did."""
+    def report(self, missed: list[tuple[TimelineEvent, str]] | None = None) -> list[str]:
+        """One line per event: when it fired (was armed, for a fault), or that it never did.
+
+        ``missed`` (from :meth:`missed`) marks the faults that were armed but never fired.
+        """
         with self._lock:
             fired = list(self.fired)
-        lines = [f"{when:8.1f}s  {e.where}: {e.describe()}" for when, e in fired]
+        silent = {id(event) for event, _ in missed or ()}
+        lines = [
+            f"{when:8.1f}s  {e.where}: {e.describe()}"
+            + ("  (armed, never fired)" if id(e) in silent else "")
+            for when, e in fired
+        ]
         lines += [f"   never  {e.where}: {e.describe()}" for e in self.unfired()]
         return lines
 

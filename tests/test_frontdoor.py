@@ -298,3 +298,15 @@ def test_broken_chunk_framing_gets_httpapi_400(framing):
         assert received.startswith(b"HTTP/1.1 400 Bad Request\r\n")
         assert b"Server: Microsoft-HTTPAPI/2.0" in received
         cmg.check()
+
+
+def test_a_head_request_is_answered_and_the_connection_kept():
+    with FakeCMG() as cmg, tls_connect(cmg) as tls:
+        tls.sendall(b"HEAD /CCM_Proxy_ServerAuth/ServiceMetadata HTTP/1.1\r\nHost: cmg\r\n\r\n")
+        first = tls.recv(65536)
+        assert first.startswith(b"HTTP/1.1 404 ")  # HEAD is not a published method
+        assert first.endswith(b"\r\n\r\n")  # no body follows
+        tls.sendall(
+            b"GET /CCM_Proxy_ServerAuth/ServiceMetadata HTTP/1.1\r\nHost: cmg\r\nConnection: close\r\n\r\n"
+        )
+        assert read_all(tls).startswith(b"HTTP/1.1 200 ")

@@ -477,10 +477,11 @@ class FrontDoor:
                     reason=response.reason.encode("latin-1", "replace"),
                 )
             )
-            if request.method != b"HEAD":
-                out = (out or b"") + (conn.send(h11.Data(data=payload)) or b"")
-                if response.truncate is None:
-                    out += conn.send(h11.EndOfMessage()) or b""
+            out = out or b""
+            if request.method != b"HEAD":  # h11 frames a HEAD answer's (absent) body itself
+                out += conn.send(h11.Data(data=payload)) or b""
+            if response.truncate is None:
+                out += conn.send(h11.EndOfMessage()) or b""
             tls.sendall(out or b"")
         except OSError as exc:
             self._client_fault(peer, f"went away before the answer was written ({exc})")

@@ -27,10 +27,15 @@ if TYPE_CHECKING:
     from ._client.retry import VirtualTime
     from ._gateway.server import FakeCMG
     from ._protocol.settings import ClientSettings, DeploymentSettings
+
+    # Named in a string (the stash key below): imported at run time only when it is on.
+    from ._scenario.conformance import Conformance  # noqa: F401
     from ._storage.clouddp import CloudDP
     from ._storage.faultproxy import FaultProxy
 
 _HARNESS = pytest.StashKey[Harness]()
+_DOWNLOAD_PROGRAM = pytest.StashKey[str | None]()
+_CONFORMANCE = pytest.StashKey["Conformance"]()
 CONNECTION_STRING_ENV = "PYTEST_CMG_CONNECTION_STRING"
 
 
@@ -99,7 +104,34 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         type="bool",
         default=False,
     )
+    _add_conformance_options(group, parser)
     _add_bench_options(group, parser)
+
+
+def _add_conformance_options(group: pytest.OptionGroup, parser: pytest.Parser) -> None:
+    # Conformance mode (issue 11): the scenario suite judges another downloader.
+    group.addoption(
+        "--cmg-download-program",
+        dest="cmg_download_program",
+        default=None,
+        metavar="CMD",
+        help="run every scenario with SMSTSDownloadProgram=CMD (an alternate content provider, "
+        "offered the CMG: site >= 2203, SMSTSAllowTokenAuthURLForACP=true); scenarios whose "
+        "'requires' rules it out are skipped as not applicable (or ini cmg_download_program)",
+    )
+    group.addoption(
+        "--cmg-conformance-report",
+        dest="cmg_conformance_report",
+        default=None,
+        metavar="PATH",
+        help="write a JSON record per scenario item (passed, failed with the expectation, or "
+        "not applicable with the reason) and show the counts in the summary",
+    )
+    parser.addini(
+        "cmg_download_program",
+        "alternate content provider command line every scenario runs with",
+        default="",
+    )
 
 
 def _add_bench_options(group: pytest.OptionGroup, parser: pytest.Parser) -> None:
@@ -134,11 +166,17 @@ def _add_bench_options(group: pytest.OptionGroup, parser: pytest.Parser) -> None
         help="small workloads and 1 round",
     )
     group.addoption(
-        "--cmg-bench-json", dest="cmg_bench_json", default=None, metavar="PATH",
+        "--cmg-bench-json",
+        dest="cmg_bench_json",
+        default=None,
+        metavar="PATH",
         help="write the benchmark JSON (pytest-benchmark layout)",
     )
     group.addoption(
-        "--cmg-bench-chart", dest="cmg_bench_chart", default=None, metavar="PATH",
+        "--cmg-bench-chart",
+        dest="cmg_bench_chart",
+        default=None,
+        metavar="PATH",
         help="write a PNG chart of the benchmark (needs matplotlib)",
     )
     group.addoption(
@@ -209,6 +247,7 @@ def pytest_configure(config: pytest.Config) -> None:
         startup_timeout=timeout,
         storage_https=storage_https,
     )
+    _configure_conformance(config)
     # Scenario files put these on their items (``markers: [slow]``); registered here so that
     # --strict-markers accepts them in any project.
     config.addinivalue_line("markers", "slow: long-running scenario or test")
@@ -217,6 +256,35 @@ def pytest_configure(config: pytest.Config) -> None:
         from ._bench._items import configure_bench
 
         configure_bench(config)
+
+
+def _configure_conformance(config: pytest.Config) -> None:
+    given = config.getoption("cmg_download_program")
+    program = str(given) if given is not None else str(config.getini("cmg_download_program"))
+    report = config.getoption("cmg_conformance_report")
+    config.stash[_DOWNLOAD_PROGRAM] = None
+    if given is None and not program.strip() and report is None:
+        return  # the built-in client, and no report: nothing to set up
+    from ._scenario.conformance import Conformance, check_download_program, check_report_path
+
+    here = config.invocation_params.dir
+    # An ini value that is empty means "not set"; an empty command-line value is a mistake.
+    checked = check_download_program(program, here) if given is not None or program else None
+    config.stash[_DOWNLOAD_PROGRAM] = checked
+    conformance = Conformance(
+        checked, check_report_path(str(report), here) if report is not None else None
+    )
+    config.stash[_CONFORMANCE] = conformance
+    # A plugin of its own: its pytest_runtest_logreport sees every report, on the xdist
+    # controller too (workers' reports are replayed there).
+    config.pluginmanager.register(conformance, "cmg-conformance")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    conformance = session.config.stash.get(_CONFORMANCE, None)
+    # Only the controller writes: under xdist a worker sees its own items' reports only.
+    if conformance is not None and not hasattr(session.config, "workerinput"):
+        conformance.write()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -239,7 +307,11 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
             else (config.rootpath / ini if ini else None)
         )
         return ScenarioFile.from_parent(
-            parent, path=file_path, harness=lambda: config.stash[_HARNESS], fixtures=fixtures
+            parent,
+            path=file_path,
+            harness=lambda: config.stash[_HARNESS],
+            fixtures=fixtures,
+            download_program=config.stash.get(_DOWNLOAD_PROGRAM, None),
         )
     return None
 
@@ -249,6 +321,9 @@ def pytest_terminal_summary(terminalreporter: TerminalReporter) -> None:
     from ._scenario.benchmark import terminal_summary
 
     terminal_summary(terminalreporter)
+    conformance = terminalreporter.config.stash.get(_CONFORMANCE, None)
+    if conformance is not None:
+        conformance.terminal_summary(terminalreporter)
 
 
 # --- fixtures ------------------------------------------------------------------------------

@@ -1030,6 +1030,8 @@ def test_scenario_spec_describes_its_keys() -> None:
         "faults",
         "benchmark",
         "markers",
+        "requires",
+        "builtin_expect",
         "matrix",
         "cases",
         "include",

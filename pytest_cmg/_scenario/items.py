@@ -25,7 +25,7 @@ from .._errors import ExpectationFailed, ScenarioError, ScenarioProblem
 from .benchmark import report_lines, throughput_properties
 from .limits import nearest, shown
 from .model import Scenario, load_scenarios
-from .runner import check_expectations, run_scenario
+from .runner import check_expectations, not_applicable, not_judged, run_scenario
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -34,14 +34,28 @@ if TYPE_CHECKING:
 
     from .._harness import Harness
 
-__all__ = ["BUILTIN_MARKERS", "ScenarioFailed", "ScenarioFile", "ScenarioItem"]
+__all__ = [
+    "BUILTIN_MARKERS",
+    "CONFORMANCE_FAILED",
+    "CONFORMANCE_ITEM",
+    "ScenarioFailed",
+    "ScenarioFile",
+    "ScenarioItem",
+]
 
 #: Markers pytest knows without registration that make sense on a scenario item.
 BUILTIN_MARKERS = ("skip", "skipif", "xfail", "filterwarnings")
+#: ``user_properties`` names the conformance report reads from the reports (so also under
+#: xdist, where only reports reach the controller): every scenario item carries the first,
+#: ``{"file", "line", "not_applicable"}``; a failed one also the second, its failed expectations.
+CONFORMANCE_ITEM = "cmg_conformance"
+CONFORMANCE_FAILED = "cmg_conformance_failed"
 
 
 def registered_markers(config: pytest.Config) -> list[str]:
-    names = [str(line).split(":", 1)[0].split("(", 1)[0].strip() for line in config.getini("markers")]
+    names = [
+        str(line).split(":", 1)[0].split("(", 1)[0].strip() for line in config.getini("markers")
+    ]
     return sorted({*BUILTIN_MARKERS, *(n for n in names if n)})
 
 
@@ -59,11 +73,15 @@ class ScenarioFile(pytest.File):
         *,
         harness: Callable[[], Harness],
         fixtures: Path | None = None,
+        download_program: str | None = None,
         **kwargs: Any,  # noqa: ANN401
     ) -> None:
         super().__init__(**kwargs)
         self.harness = harness
         self.fixtures = fixtures
+        #: ``--cmg-download-program``: every item runs with it as the task sequence's alternate
+        #: content provider, and an item whose scenario ``requires`` something else is skipped.
+        self.download_program = download_program
 
     def collect(self) -> Iterator[ScenarioItem]:
         scenarios = load_scenarios(self.path, fixtures=self.fixtures)
@@ -90,6 +108,33 @@ class ScenarioFile(pytest.File):
             item = ScenarioItem.from_parent(self, name=scenario.item_name, scenario=scenario)
             for marker in scenario.markers:
                 item.add_marker(getattr(pytest.mark, marker.name)(*marker.args, **marker.kwargs))
+            reason = not_applicable(scenario) if self.download_program is not None else None
+            path, line = scenario.location("requires" if reason else scenario.item_where)
+            item.user_properties.append(
+                (
+                    CONFORMANCE_ITEM,
+                    {
+                        "scenario": scenario.item_name,
+                        "file": _shown(path, self.config.rootpath),
+                        "line": line,
+                        "not_applicable": reason,
+                        "not_judged": (
+                            [f"expect.{key}" for key in scenario.builtin_expect]
+                            if self.download_program is not None and reason is None
+                            else []
+                        ),
+                    },
+                )
+            )
+            if reason is not None:
+                # Decided from the file before anything runs, as the issue asks: a skip, with
+                # the declaration's line and reason, never a failure caught after the fact.
+                item.add_marker(
+                    pytest.mark.skip(
+                        reason=f"not applicable to --cmg-download-program "
+                        f"({path.name}:{line}): {reason}"
+                    )
+                )
             yield item
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException]) -> str | TerminalRepr:  # type: ignore[override]
@@ -120,7 +165,9 @@ class ScenarioItem(pytest.Item):
         workdir = Path(tempfile.mkdtemp(prefix="pytest-cmg-"))
         keep = True
         try:
-            run = run_scenario(self.scenario, harness, workdir)
+            run = run_scenario(
+                self.scenario, harness, workdir, download_program=self.parent.download_program
+            )
             section = (
                 f"Azurite blob service: {run.blob_endpoint} (backend {harness.backend_name}, "
                 f"pid {harness.backend_pid})\nFake CMG: {run.cmg_url}\nWork folder: {workdir}\n"
@@ -136,7 +183,16 @@ class ScenarioItem(pytest.Item):
                 self.user_properties.extend(throughput_properties(figures, floors))
                 self.add_report_section("call", "cmg throughput", report_lines(figures, floors))
             failures = check_expectations(self.scenario, run)
+            if self.parent.download_program is not None:
+                # What the file says judges the built-in core only; the rest must still hold.
+                failures, _ = not_judged(self.scenario, failures)
             if failures:
+                self.user_properties.append(
+                    (
+                        CONFORMANCE_FAILED,
+                        [_failure_record(f, self.config.rootpath) for f in failures],
+                    )
+                )
                 raise ScenarioFailed(failures, workdir, self.scenario)
             keep = False
         finally:
@@ -152,6 +208,22 @@ class ScenarioItem(pytest.Item):
         # 0-based line: pytest adds 1 when it prints the location.
         _, line = self.scenario.location(self.scenario.item_where)
         return self.path, line - 1, f"scenario: {self.name}"
+
+
+def _shown(path: Path, root: Path) -> str:
+    """``path`` relative to the rootdir when it is below it: reports compare across machines."""
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+
+
+def _failure_record(failure: ExpectationFailed, root: Path) -> dict[str, Any]:
+    """A failed expectation as the conformance report gives it (JSON-ready)."""
+    return {
+        "key": failure.expectation,
+        "file": _shown(failure.path, root),
+        "line": failure.line,
+        "expected": getattr(failure, "expected", None),
+        "actual": getattr(failure, "actual", None),
+    }
 
 
 class ScenarioFailed(Exception):

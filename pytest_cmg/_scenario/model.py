@@ -75,7 +75,9 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 __all__ = [
+    "APPLICABILITY",
     "BASELINES",
+    "BUILTIN_EXPECT",
     "CATALOG_PACKAGE",
     "FRAGMENT",
     "SCENARIO",
@@ -98,6 +100,43 @@ PACKAGE_ID = Str(
 PACKAGE_TYPES = ("package", "os_upgrade", "driver", "application")
 LOCALES = ("en_US", "it_IT", "ja_JP")
 OUTCOMES = ("success", "failure")
+#: What a scenario may need of the client beyond its world (``requires``), and why a run with
+#: another downloader (``--cmg-download-program``) does not apply to it: the conformance mode
+#: reads this, never a failure, to call an item not applicable.
+APPLICABILITY = {
+    "builtin_download": (
+        "asserts what the built-in download core does on its own (its log lines, retries and "
+        "their waits, resumed byte counts, storage request or byte counts, virtual time, "
+        "throughput), which a conforming alternate content provider may legitimately do "
+        "differently"
+    ),
+    "site_gates": (
+        "tests the site-version gates at a site before 2203, and an alternate content provider "
+        "is offered the CMG only from site 2203 (SMSTSAllowTokenAuthURLForACP)"
+    ),
+    "acp_variables": (
+        "sets the alternate content provider's own task sequence variables "
+        "(SMSTSDownloadProgram, SMSTSDownloadAbortCode, SMSTSAllowTokenAuthURLForACP), which "
+        "--cmg-download-program would replace"
+    ),
+}
+#: ``expect`` keys a scenario may name in ``builtin_expect``: what they count or match is how the
+#: built-in core went about the download (its log lines, tries, waits, requests, bytes), which a
+#: conforming alternate content provider may do differently while delivering the same content.
+#: Never ``outcome``, ``exit_code``, ``cache``, ``ts_cache``, ``absent_log`` or
+#: ``absent_gateway_log``: what the task sequence ends with, and that no secret is logged, hold
+#: whoever downloads.
+BUILTIN_EXPECT = (
+    "log",
+    "gateway_log",
+    "requests",
+    "storage_requests",
+    "storage_bytes",
+    "retries",
+    "elapsed",
+    "egress_bytes",
+    "downloaded",
+)
 AUTH_METHODS = ("token", "certificate", "azure_ad")
 #: The client certificate a ``client.auth: certificate`` client presents (``client.certificate``).
 CERTIFICATES = (
@@ -524,9 +563,7 @@ GATEWAY_FAULT = Record(
             doc="Wait before answering (real time, in the gateway's thread; at most 10 s).",
         ),
         "drop": Field(Bool(), default=False, doc="Close the connection without an answer."),
-        "truncate": Field(
-            Size(), default=None, doc="Send only this many body bytes, then close."
-        ),
+        "truncate": Field(Size(), default=None, doc="Send only this many body bytes, then close."),
         "wrong_hash": Field(
             Bool(), default=False, doc="Manifest only: corrupt the first file's SHA-256."
         ),
@@ -991,6 +1028,30 @@ SCENARIO = Record(
             BENCHMARK, default=None, fill=False, example="{baseline: hashlib, rounds: 3}"
         ),
         "markers": Field(MARKERS, default=None, example="[slow, {xfail: {reason: known gap}}]"),
+        "requires": Field(
+            ListOf(item=Choice(choices=tuple(APPLICABILITY))),
+            default=None,
+            doc=(
+                "What the scenario needs of the client beyond its world; with "
+                "`--cmg-download-program` (conformance mode) a scenario that requires any of "
+                "these is not applicable, with the term's reason. "
+                + "; ".join(f"`{name}`: {why}" for name, why in APPLICABILITY.items())
+                + "."
+            ),
+            example="[builtin_download]",
+        ),
+        "builtin_expect": Field(
+            ListOf(item=Choice(choices=BUILTIN_EXPECT)),
+            default=None,
+            doc=(
+                "`expect` keys that judge how the built-in download core went about the "
+                "download (its log lines, tries, waits, requests, bytes); with "
+                "`--cmg-download-program` they are not judged, and the report lists them, while "
+                "every other expectation still must hold. For a scenario whose whole story is "
+                "the core's, use `requires: [builtin_download]` instead."
+            ),
+            example="[retries, elapsed, log]",
+        ),
         "matrix": Field(
             MapOf(key=SET_PATH, value=ListOf(item=Anything(scalar=True), min_items=1)),
             default=None,
@@ -1041,7 +1102,17 @@ def _partial_packages(record: Record) -> Record:
 #: What a shared world (an included file) may hold: a scenario's keys, none required, and
 #: packages that may only change some keys of an included world's.
 FRAGMENT = _partial_packages(
-    SCENARIO.relaxed(drop=("scenario", "description", "matrix", "cases", "markers"))
+    SCENARIO.relaxed(
+        drop=(
+            "scenario",
+            "description",
+            "matrix",
+            "cases",
+            "markers",
+            "requires",
+            "builtin_expect",
+        )
+    )
 )
 #: A scenario with an ``include`` as a schema sees it: it may take every key but its name from
 #: the worlds it includes (collection checks the assembled file against ``SCENARIO``).
@@ -1162,6 +1233,10 @@ class Scenario:
     #: Client cache entries made before the run (``client.cache``): each a declared package
     #: at another (or the same) content version.
     cache_seed: tuple[PackageSpec, ...] = ()
+    #: What it needs of the client (``requires``: keys of :data:`APPLICABILITY`), in file order.
+    requires: tuple[str, ...] = ()
+    #: ``expect`` keys not judged with another downloader (``builtin_expect``), in file order.
+    builtin_expect: tuple[str, ...] = ()
 
     @property
     def item_name(self) -> str:
@@ -1307,9 +1382,7 @@ def _build(path: Path, data: dict[str, Any], v: Validation, plan: CasePlan | Non
     ]
     if plan is not None:
         markers += [
-            MarkerUse(m[0], m[1], m[2], where)
-            for where, m in plan.markers(data)
-            if m is not None
+            MarkerUse(m[0], m[1], m[2], where) for where, m in plan.markers(data) if m is not None
         ]
     benchmark = data["benchmark"]
     if benchmark is not None and not any(m.name == "benchmark" for m in markers):
@@ -1393,6 +1466,10 @@ def _build(path: Path, data: dict[str, Any], v: Validation, plan: CasePlan | Non
             )
             for seeded in data["client"]["cache"] or []
         ),
+        requires=tuple(dict.fromkeys(r for r in data["requires"] or [] if r is not None)),
+        builtin_expect=tuple(
+            dict.fromkeys(k for k in data["builtin_expect"] or [] if k is not None)
+        ),
     )
 
 
@@ -1439,8 +1516,7 @@ def _cross_check(data: dict[str, Any], v: Validation) -> None:
             problem(
                 f"distribution_points[{index}].fqdn",
                 f"distribution point {fqdn} is listed twice",
-                f"first at distribution_points[{fqdns[fqdn.lower()]}]; give it every package "
-                "once",
+                f"first at distribution_points[{fqdns[fqdn.lower()]}]; give it every package once",
             )
         else:
             fqdns[fqdn.lower()] = index
@@ -1726,7 +1802,10 @@ def _check_settings(data: dict[str, Any], problem: Callable[..., None]) -> None:
     auth = client.get("auth")
     if auth is None:
         return
-    for key, default, needs in (("certificate", "valid", "certificate"), ("tenant", "enabled", "azure_ad")):
+    for key, default, needs in (
+        ("certificate", "valid", "certificate"),
+        ("tenant", "enabled", "azure_ad"),
+    ):
         value = client.get(key)
         if value not in (None, default) and auth != needs:
             problem(
@@ -1777,9 +1856,7 @@ def _check_benchmark(data: dict[str, Any], problem: Callable[..., None]) -> None
         )
 
 
-def _check_content_options(
-    step: dict[str, Any], where: str, problem: Callable[..., None]
-) -> None:
+def _check_content_options(step: dict[str, Any], where: str, problem: Callable[..., None]) -> None:
     """A step's content location options: the rules of :class:`Step`, at their lines."""
     destination, path = step.get("destination"), step.get("path")
     content_step = step.get("action") == DOWNLOAD_PACKAGE_CONTENT
@@ -1859,4 +1936,3 @@ def _check_fault(
         for key in ("retry_after", "error_code"):
             if storage.get(key) is not None and storage.get("respond") is None:
                 problem(f"{where}.storage.{key}", f"{key} goes with respond")
-

@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
+from .._client.acp import ALLOW_TOKEN_AUTH, DOWNLOAD_PROGRAM, TOKEN_AUTH_FOR_ACP_SINCE
 from .._client.cache import ClientCache
 from .._client.download import DownloadCore
 from .._client.engine import CMGClient, CMGConnection, TaskSequenceEngine, TaskSequenceResult
@@ -45,18 +46,36 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CLIENT_ID",
+    "ExpectationNotMet",
     "ScenarioRun",
     "World",
     "build_world",
     "check_expectations",
+    "not_applicable",
+    "not_judged",
     "run_scenario",
     "seed_cache",
     "storage_bytes_by_package",
+    "with_download_program",
 ]
 
 #: The SMSID of the client a scenario runs (stable, so logs compare across runs).
 CLIENT_ID = "GUID:5C1E7A2B-0D1A-4E0F-9C3B-6A8D2E4F1B07"
 _RETRY_LINE = re.compile(r"retry \d+")
+
+
+class ExpectationNotMet(ExpectationFailed):
+    """A failed expectation that also keeps what was expected and what happened, apart.
+
+    The conformance report (``--cmg-conformance-report``) gives them as fields of its own.
+    """
+
+    def __init__(
+        self, path: Path, line: int, expectation: str, detail: str, expected: str, actual: str
+    ) -> None:
+        super().__init__(path, line, expectation, detail)
+        self.expected = expected
+        self.actual = actual
 
 
 @dataclass
@@ -272,10 +291,74 @@ def _local_manifest(package_id: str, version: int, files: list[PackageSource]) -
     return ContentManifest(package_id=package_id, version=version, files=tuple(items))
 
 
-def run_scenario(scenario: Scenario, harness: Harness, workdir: Path) -> ScenarioRun:
-    """Build the scenario's world and run its task sequence on a client engine."""
+def not_applicable(scenario: Scenario) -> str | None:
+    """Why another downloader's run (``--cmg-download-program``) does not apply, or None.
+
+    Read from the file's ``requires`` alone: an item is never called not applicable because it
+    failed.
+    """
+    from .model import APPLICABILITY
+
+    if not scenario.requires:
+        return None
+    return "; ".join(f"requires {name}: {APPLICABILITY[name]}" for name in scenario.requires)
+
+
+def not_judged(
+    scenario: Scenario, failures: list[ExpectationFailed]
+) -> tuple[list[ExpectationFailed], list[ExpectationFailed]]:
+    """``failures`` split into those that count with another downloader, and those of the
+    ``expect`` keys the file names in ``builtin_expect`` (``expect.retries``,
+    ``expect.log[0]``, ``expect.storage_bytes.PS100012``...), which do not.
+    """
+
+    def exempt(key: str) -> bool:
+        return any(
+            key == f"expect.{name}" or key.startswith((f"expect.{name}.", f"expect.{name}["))
+            for name in scenario.builtin_expect
+        )
+
+    return (
+        [f for f in failures if not exempt(f.expectation)],
+        [f for f in failures if exempt(f.expectation)],
+    )
+
+
+def with_download_program(scenario: Scenario, program: str) -> Scenario:
+    """``scenario`` as it runs with ``program`` as its alternate content provider.
+
+    The task sequence sets ``SMSTSDownloadProgram`` to ``program`` and
+    ``SMSTSAllowTokenAuthURLForACP`` to true, and the site is raised to at least 2203, so that
+    the program is offered the CMG: without both, an ACP is never handed a source it can
+    download from, and every package would fall back to the built-in download. Only the
+    ACP's gate changes with the raise: every other site-version gate is at or before 2107, the
+    default (a scenario that tests one declares ``requires: [site_gates]``).
+    """
+    variables = {
+        **scenario.task_sequence.variables,
+        DOWNLOAD_PROGRAM: program,
+        ALLOW_TOKEN_AUTH: "true",
+    }
+    cmg = replace(
+        scenario.cmg, site_version=max(scenario.cmg.site_version, TOKEN_AUTH_FOR_ACP_SINCE)
+    )
+    return replace(
+        scenario, cmg=cmg, task_sequence=replace(scenario.task_sequence, variables=variables)
+    )
+
+
+def run_scenario(
+    scenario: Scenario, harness: Harness, workdir: Path, *, download_program: str | None = None
+) -> ScenarioRun:
+    """Build the scenario's world and run its task sequence on a client engine.
+
+    With ``download_program``, the task sequence hands each package to that program as its
+    alternate content provider (:func:`with_download_program`).
+    """
     from .._storage.faultproxy import FaultProxy
 
+    if download_program is not None:
+        scenario = with_download_program(scenario, download_program)
     world = build_world(scenario, harness)
     gateway = world.gateway
     time = ScenarioTime(datetime.now(UTC), seed=scenario.seed)
@@ -436,6 +519,8 @@ def _engine(
         scenario.deployment,
         core,
         site_version=scenario.cmg.site_version,
+        # Named to an alternate content provider, which must trust HTTPS storage as the core does.
+        storage_ca_file=world.storage_ca_cert,
     )
 
 
@@ -570,7 +655,7 @@ def check_expectations(scenario: Scenario, run: ScenarioRun) -> list[Expectation
         detail += f"  expected: {expected}\n  actual:   {actual}"
         if context:
             detail += "\n" + "\n".join(c for c in context if c)
-        failures.append(ExpectationFailed(path, line, where, detail))
+        failures.append(ExpectationNotMet(path, line, where, detail, expected, actual))
 
     smsts = _excerpt("  smsts.log", run.smsts)
     requests = _excerpt("  gateway requests", [r.summary() for r in run.requests])
@@ -727,7 +812,9 @@ def _check_storage(expect: dict[str, Any], run: ScenarioRun, fail: Any) -> None:
                 f"expect.storage_bytes.{package_id}",
                 f"{_bounds(wanted, _size)} served for {package_id}",
                 _size(got),
-                _excerpt(f"  storage requests for {package_id}", _storage_lines(storage, package_id)),
+                _excerpt(
+                    f"  storage requests for {package_id}", _storage_lines(storage, package_id)
+                ),
             )
     wanted_requests = expect["storage_requests"]
     if wanted_requests is not None and not wanted_requests.holds(len(storage)):
@@ -785,7 +872,11 @@ def _check_throughput(scenario: Scenario, run: ScenarioRun, fail: Any) -> None: 
         )
     transfers = [
         f"{t.package_id}.{t.version}: "
-        + ("from the cache" if t.from_cache else f"{t.bytes} bytes from storage in {t.seconds:.3f}s")
+        + (
+            "from the cache"
+            if t.from_cache
+            else f"{t.bytes} bytes from storage in {t.seconds:.3f}s"
+        )
         for t in run.result.transfers
     ]
     for package_id, wanted in (scenario.expect.get("throughput") or {}).items():

@@ -452,3 +452,25 @@ def test_builtin_expect_refuses_the_keys_every_downloader_must_meet(
             "*too-lenient.cmg.yaml:3: builtin_expect[[]1[]] 'absent_log' is not one of log,*",
         ]
     )
+
+
+def test_a_scenario_setting_acp_variables_must_declare_it(pytester: pytest.Pytester) -> None:
+    path = write(pytester, "own-acp")
+    text = path.read_text().replace(
+        "  name: Windows 11 in-place upgrade\n",
+        "  name: Windows 11 in-place upgrade\n  variables: {SMSTSDownloadProgram: /opt/acp}\n",
+    )
+    path.write_text(text)
+    result = pytester.runpytest("--collect-only", "-q")
+    result.stdout.fnmatch_lines(
+        [
+            "*own-acp.cmg.yaml:15: task_sequence.variables.SMSTSDownloadProgram is an alternate "
+            "content provider variable, which --cmg-download-program replaces (declare it with "
+            "requires: [[]acp_variables[]]; the scenario is then not applicable to another "
+            "downloader)",
+        ]
+    )
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    path.write_text("requires: [acp_variables]\n" + text)
+    declared = pytester.runpytest("--collect-only", "-q")
+    assert declared.ret == pytest.ExitCode.OK

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from .._client.acp import ABORT_CODE, ALLOW_TOKEN_AUTH, DOWNLOAD_PROGRAM
 from .._errors import ExpectationFailed, ScenarioError, ScenarioProblem
 from .benchmark import report_lines, throughput_properties
 from .limits import nearest, shown
@@ -102,6 +103,7 @@ class ScenarioFile(pytest.File):
                             + ", ".join(known),
                         )
                     )
+            problems += _undeclared_acp_variables(scenario)
         if problems:
             raise ScenarioError(sorted(set(problems), key=lambda p: (str(p.path), p.line)))
         for scenario in scenarios:
@@ -208,6 +210,31 @@ class ScenarioItem(pytest.Item):
         # 0-based line: pytest adds 1 when it prints the location.
         _, line = self.scenario.location(self.scenario.item_where)
         return self.path, line - 1, f"scenario: {self.name}"
+
+
+def _undeclared_acp_variables(scenario: Scenario) -> list[ScenarioProblem]:
+    """A scenario that sets the ACP's own variables must say so (``requires: [acp_variables]``).
+
+    ``--cmg-download-program`` replaces them, so such a scenario is not applicable to another
+    downloader; the file has to declare it, since conformance mode never guesses from content.
+    """
+    if "acp_variables" in scenario.requires:
+        return []
+    problems = []
+    for name in (DOWNLOAD_PROGRAM, ABORT_CODE, ALLOW_TOKEN_AUTH):
+        if name in scenario.task_sequence.variables:
+            path, line = scenario.location(f"task_sequence.variables.{name}")
+            problems.append(
+                ScenarioProblem(
+                    path,
+                    line,
+                    f"task_sequence.variables.{name} is an alternate content provider variable, "
+                    "which --cmg-download-program replaces",
+                    "declare it with requires: [acp_variables]; the scenario is then not "
+                    "applicable to another downloader",
+                )
+            )
+    return problems
 
 
 def _shown(path: Path, root: Path) -> str:

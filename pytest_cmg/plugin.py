@@ -268,8 +268,11 @@ def _configure_conformance(config: pytest.Config) -> None:
     from ._scenario.conformance import Conformance, check_download_program, check_report_path
 
     here = config.invocation_params.dir
-    # An ini value that is empty means "not set"; an empty command-line value is a mistake.
-    checked = check_download_program(program, here) if given is not None or program else None
+    # An ini value that is empty means "not set"; an empty command-line value is a mistake. As
+    # for --cmg-fixtures, a command-line path is relative to where pytest runs, an ini one to
+    # the rootdir.
+    base = here if given is not None else config.rootpath
+    checked = check_download_program(program, base) if given is not None or program else None
     config.stash[_DOWNLOAD_PROGRAM] = checked
     conformance = Conformance(
         checked, check_report_path(str(report), here) if report is not None else None

@@ -197,13 +197,15 @@ def test_without_the_option_no_program_runs_and_requires_changes_nothing(
     assert "pytest-cmg conformance" not in result.stdout.str()
 
 
-def test_an_ini_program_is_used_and_a_relative_path_is_resolved_where_pytest_runs(
-    pytester: pytest.Pytester, tmp_path: Path
+def test_an_ini_program_is_used_and_a_relative_path_is_resolved_against_the_rootdir(
+    pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     write(pytester, "upgrade-on-demand")
     record = tmp_path / "argv.txt"
     executable(pytester.path / "acp.sh", RECORDING_ACP.format(record=record))
     pytester.makeini("[pytest]\ncmg_download_program = ./acp.sh\n")
+    # Started from the scenarios folder: the ini's ./acp.sh is still the rootdir's.
+    monkeypatch.chdir(pytester.path / "scenarios")
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
     assert len(record.read_text().splitlines()) == 2

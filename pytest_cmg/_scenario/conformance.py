@@ -43,8 +43,9 @@ STATUSES = ("passed", "failed", "not_applicable", "skipped")
 def check_download_program(program: str, here: Path) -> str:
     """``program`` as the engine will run it, or :class:`pytest.UsageError` saying why not.
 
-    A relative path (``./acp.sh``) is made absolute against ``here`` (where pytest was started),
-    since the engine starts the program from whatever folder the run (or an xdist worker) is in.
+    A relative path (``./acp.sh``) is made absolute against ``here`` (where pytest was started,
+    or the rootdir for the ini value), since the engine starts the program from whatever folder
+    the run (or an xdist worker) is in.
     """
     from .._client.acp import ProgramProvider
 

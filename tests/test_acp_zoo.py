@@ -141,6 +141,7 @@ class World:
     """
 
     def __init__(self, cmg, cloud_dp, cmg_client, folder: Path, programs: dict[str, Path]):
+        #: member -> the ACP file (or, as a tuple, the file and the arguments that come first).
         self.cmg = cmg
         self.cloud_dp = cloud_dp
         self.cmg_client = cmg_client
@@ -192,7 +193,14 @@ class World:
             self.proxy.add(fault, **where)
         record = self.folder / f"{label}-{member}.jsonl"
         record.unlink(missing_ok=True)
-        argv = [sys.executable, str(OBSERVE), str(record), str(self.programs[member]), *ACP_OPTIONS]
+        acp = self.programs[member]
+        argv = [
+            sys.executable,
+            str(OBSERVE),
+            str(record),
+            *map(str, acp if isinstance(acp, tuple) else (acp,)),
+        ]
+        argv += ACP_OPTIONS
         if cache is not None:
             argv += ["--cache", str(cache)]
         program = shlex.join(argv)
@@ -649,9 +657,11 @@ def test_the_reference_acp_imports_only_the_standard_library():
     assert imported - set(sys.stdlib_module_names) == set()
 
 
-def test_a_zoo_member_runs_from_the_command_line():
+def test_a_zoo_member_runs_as_an_acp_from_the_command_line(world):
+    # What a conformance run would give --cmg-download-program: python tests/acp_zoo/zoo.py <member>
+    zoo = ROOT / "tests" / "acp_zoo" / "zoo.py"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "acp_zoo" / "zoo.py"), "no-hash-check", "--help"],
+        [sys.executable, str(zoo), "no-hash-check", "--help"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -659,6 +669,10 @@ def test_a_zoo_member_runs_from_the_command_line():
     )
     assert done.returncode == 0, done.stderr
     assert "--retries" in done.stdout
+    world.programs = {**world.programs, "zoo-cli": (zoo, "no-hash-check")}
+    assert plain(world, "zoo-cli") == []
+    problems = flipped_byte(world, "zoo-cli")
+    assert problems and "0x80091007" in problems[0]
 
 
 @pytest.mark.parametrize("auth", ["token", "certificate", "azure_ad"])

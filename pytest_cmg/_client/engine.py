@@ -1251,12 +1251,7 @@ class TaskSequenceEngine:
             content = read_folder(folder)
             self._verify_provided(name, package_id, version, folder, content, reply)
             total = content.size
-            try:
-                room = store.make_room(package_id, version, total)
-            except CacheSpaceError as error:
-                self._no_room(package_id, version, error)
-                raise
-            self._log_evictions(room)
+            self._make_room(store, package_id, version, total)
             lease = store.hold(package_id, version)
             try:
                 entry = store.commit(folder, package_id, version)
@@ -1362,12 +1357,7 @@ class TaskSequenceEngine:
             )
         total = manifest.total_size
         # Before any byte is fetched (reliability.md E1): fail at once, or evict to make room.
-        try:
-            room = store.make_room(package_id, version, total)
-        except CacheSpaceError as error:
-            self._no_room(package_id, version, error)
-            raise
-        self._log_evictions(room)
+        self._make_room(store, package_id, version, total)
         started = time.perf_counter()
         with store.staging(package_id, version) as staged:
             self.log.info(
@@ -1481,6 +1471,16 @@ class TaskSequenceEngine:
                 "return one for every file in DownloadStats.digests)",
             )
         return package_hash([replace(f, sha256=digests[f.relpath]) for f in manifest.files])
+
+    def _make_room(self, store: ClientCache, package_id: str, version: int, total: int) -> None:
+        """Room for ``total`` bytes in ``store``, evicting what may go (logged), or the
+        product's "cache full" lines and a :class:`CacheSpaceError`."""
+        try:
+            room = store.make_room(package_id, version, total)
+        except CacheSpaceError as error:
+            self._no_room(package_id, version, error)
+            raise
+        self._log_evictions(room)
 
     def _no_room(self, package_id: str, version: int, error: CacheSpaceError) -> None:
         report, cm = error.report, "CacheManager"

@@ -1252,13 +1252,7 @@ class TaskSequenceEngine:
             self._verify_provided(name, package_id, version, folder, content, reply)
             total = content.size
             self._make_room(store, package_id, version, total)
-            lease = store.hold(package_id, version)
-            try:
-                entry = store.commit(folder, package_id, version)
-            except BaseException:
-                lease.release()
-                raise
-            self._keep(lease)
+            entry = self._publish(store, folder, package_id, version)
             # A prefix an earlier try of the built-in download kept for resuming is not needed.
             store.discard_staging(package_id, version)
         finally:
@@ -1297,19 +1291,9 @@ class TaskSequenceEngine:
         computed = package_hash(
             [ManifestFile(rel, size, sha) for rel, (size, sha) in content.files.items()]
         )
-        self.log.info("CAS", f"Using hash from LS Content Information: {reply.package_hash}")
-        self.log.info("CAS", f"Computed hash: {computed}")
-        if computed == expected and not content.refused:
-            self.log.info(
-                "CAS", "Success hash verification with hash algorithm = 32780, preference : 4"
-            )
-            self.log.info(
-                "CAS",
-                f"Hash verification succeeded for content {key} downloaded under context System",
-            )
+        if self._hashes_match(reply, computed) and not content.refused:
+            self._hash_verified(key)
             return
-        self.log.error("CAS", f"Hash does not match expected for content {key}")
-        self.log.error("TSManager", "Hash could not be matched for the downloaded content")
         listed = sorted(content.files.items(), key=lambda item: item[0].encode("utf-8"))
         shown = ", ".join(f"{rel} ({size} bytes)" for rel, (size, _) in listed[:5])
         if len(listed) > 5:
@@ -1320,8 +1304,9 @@ class TaskSequenceEngine:
             if content.refused
             else ""
         )
-        raise ContentError(
-            codes.HASH_MISMATCH,
+        raise self._hash_mismatch(
+            package_id,
+            version,
             f"{key}: the alternate content provider {name} exited with 0, but the "
             f"{len(listed)} file(s) in {folder} ({shown or 'none'}) give package hash "
             f"{computed}, not the location reply's {expected}{refused}: a file is wrong, "
@@ -1379,17 +1364,9 @@ class TaskSequenceEngine:
             # not the manifest's own Hash attribute; and it is checked against the SHA-256 values
             # the core computed from the bytes, never the manifest's claims about them.
             computed = self._computed_package_hash(package_id, version, manifest, stats.digests)
-            self.log.info("CAS", f"Using hash from LS Content Information: {reply.package_hash}")
-            self.log.info("CAS", f"Computed hash: {computed}")
-            if computed != reply.package_hash.upper():
-                self.log.error(
-                    "CAS", f"Hash does not match expected for content {package_id}.{version}"
-                )
-                self.log.error("TSManager", "Hash could not be matched for the downloaded content")
-                raise ContentError(
-                    codes.HASH_MISMATCH,
-                    f"{package_id}.{version}: package hash {computed} != {reply.package_hash}",
-                )
+            if not self._hashes_match(reply, computed):
+                detail = f"{package_id}.{version}: package hash {computed} != {reply.package_hash}"
+                raise self._hash_mismatch(package_id, version, detail)
             # Only the files the core verified go into the entry: anything else in staging (left
             # by an earlier run of another file list, a link) was never hashed by this process.
             for stray in store.prune_unverified(staged, stats.digests):
@@ -1398,22 +1375,8 @@ class TaskSequenceEngine:
                     f"Deleted {stray} from the download of {package_id}.{version}: not a file "
                     "of the content",
                 )
-            self.log.info(
-                "CAS", "Success hash verification with hash algorithm = 32780, preference : 4"
-            )
-            self.log.info(
-                "CAS",
-                f"Hash verification succeeded for content {package_id}.{version} "
-                "downloaded under context System",
-            )
-            # Held before it is published, so no eviction can take it before its step runs.
-            lease = store.hold(package_id, version)
-            try:
-                entry = store.commit(staged, package_id, version)
-            except BaseException:
-                lease.release()
-                raise
-            self._keep(lease)
+            self._hash_verified(f"{package_id}.{version}")
+            entry = self._publish(store, staged, package_id, version)
         self._committed(entry, store, total)
         self.transfers.append(
             PackageTransfer(
@@ -1460,17 +1423,43 @@ class TaskSequenceEngine:
         missing = sorted(f.relpath for f in manifest.files if f.relpath not in digests)
         if missing:
             shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-            self.log.error(
-                "CAS", f"Hash does not match expected for content {package_id}.{version}"
-            )
-            self.log.error("TSManager", "Hash could not be matched for the downloaded content")
-            raise ContentError(
-                codes.HASH_MISMATCH,
+            detail = (
                 f"{package_id}.{version}: no SHA-256 computed from the bytes of {shown}; the "
                 "package hash is checked only from digests the download core computed (it must "
-                "return one for every file in DownloadStats.digests)",
+                "return one for every file in DownloadStats.digests)"
             )
+            raise self._hash_mismatch(package_id, version, detail)
         return package_hash([replace(f, sha256=digests[f.relpath]) for f in manifest.files])
+
+    def _hashes_match(self, reply: ContentLocationReply, computed: str) -> bool:
+        """CAS.log's two lines of the package hash check, and whether the hashes agree."""
+        self.log.info("CAS", f"Using hash from LS Content Information: {reply.package_hash}")
+        self.log.info("CAS", f"Computed hash: {computed}")
+        return computed == reply.package_hash.upper()
+
+    def _hash_verified(self, key: str) -> None:
+        self.log.info("CAS", "Success hash verification with hash algorithm = 32780, preference : 4")
+        self.log.info(
+            "CAS", f"Hash verification succeeded for content {key} downloaded under context System"
+        )
+
+    def _hash_mismatch(self, package_id: str, version: int, detail: str) -> ContentError:
+        """The product's two log lines of a failed hash check, and the error to raise."""
+        self.log.error("CAS", f"Hash does not match expected for content {package_id}.{version}")
+        self.log.error("TSManager", "Hash could not be matched for the downloaded content")
+        return ContentError(codes.HASH_MISMATCH, detail)
+
+    def _publish(self, store: ClientCache, folder: Path, package_id: str, version: int) -> CacheEntry:
+        """Commit verified content as a cache entry, held before it is published so no
+        eviction can take it before its step runs."""
+        lease = store.hold(package_id, version)
+        try:
+            entry = store.commit(folder, package_id, version)
+        except BaseException:
+            lease.release()
+            raise
+        self._keep(lease)
+        return entry
 
     def _make_room(self, store: ClientCache, package_id: str, version: int, total: int) -> None:
         """Room for ``total`` bytes in ``store``, evicting what may go (logged), or the

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["LoggedRequest", "RequestLog"]
+__all__ = ["LoggedRequest", "RequestLog", "excerpt"]
 
 #: Entries kept by default: far more than any test or scenario makes, small enough that a
 #: flood of requests costs a few MiB at most (each entry is bounded below).
@@ -75,16 +75,16 @@ class RequestLog:
         # Bounded here, where entries are made, so no caller can keep a client's bytes whole.
         headers: dict[str, str] = fields.pop("headers", {}) or {}
         fields["headers"] = {
-            _cut(name, 64): _cut(value, _MAX_VALUE)
+            excerpt(name, 64): excerpt(value, _MAX_VALUE)
             for name, value in list(headers.items())[:_MAX_HEADERS]
         }
         fields["body"] = bytes(fields.get("body", b""))[:_MAX_BODY]
         for key in ("path", "detail"):
             if key in fields:
-                fields[key] = _cut(str(fields[key]), _MAX_TEXT)
+                fields[key] = excerpt(str(fields[key]), _MAX_TEXT)
         query: dict[str, str] = fields.get("query") or {}
         fields["query"] = {
-            _cut(k, 64): _cut(v, _MAX_VALUE) for k, v in list(query.items())[:_MAX_HEADERS]
+            excerpt(k, 64): excerpt(v, _MAX_VALUE) for k, v in list(query.items())[:_MAX_HEADERS]
         }
         with self._lock:
             self._count += 1
@@ -194,5 +194,6 @@ class RequestLog:
         return f"Closest requests received ({len(entries)} in all{forgotten}):\n{lines}"
 
 
-def _cut(text: str, limit: int) -> str:
+def excerpt(text: str, limit: int = 120) -> str:
+    """``text`` cut short for a log: what a client sent is never kept whole."""
     return text if len(text) <= limit else text[: limit - 1] + "…"

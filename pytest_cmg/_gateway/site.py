@@ -94,7 +94,7 @@ from .._protocol.tokens import (
 )
 from .egress import EgressMeter
 from .faults import FaultPlan, GatewayFault
-from .requestlog import RequestLog
+from .requestlog import RequestLog, excerpt
 from .tls import SERVER_CERTIFICATES, CertificateRefusal, GatewayTLS
 
 if TYPE_CHECKING:
@@ -742,7 +742,7 @@ class CmgSite:
             )
         except _Refusal as refusal:
             self.service_log(
-                f"Refused {request.method} {_excerpt(request.path)}: {refusal.status} "
+                f"Refused {request.method} {excerpt(request.path)}: {refusal.status} "
                 f"{refusal.reason} ({refusal.detail})"
             )
             entry["detail"] = refusal.detail
@@ -751,7 +751,7 @@ class CmgSite:
             )
         except Exception as exc:  # a bug in the fake must surface in the test, not only as a 500
             self.record_error(exc)
-            entry["detail"] = _excerpt(repr(exc))
+            entry["detail"] = excerpt(repr(exc))
             return self._answer(request, started, entry, 500, "Internal Server Error")
 
     def refuse_malformed(
@@ -761,13 +761,13 @@ class CmgSite:
         400s: a broken request line, header or body framing). ``method`` and ``target`` may be
         anything a client sent, so they are logged cut short and never echoed back."""
         entry: dict[str, Any] = {
-            "path": _excerpt(target.partition("?")[0]),
+            "path": excerpt(target.partition("?")[0]),
             "query": {},
             "endpoint": None,
             "package_id": "",
             "detail": detail,
         }
-        request = SiteRequest(method=_excerpt(method, 32), target="")
+        request = SiteRequest(method=excerpt(method, 32), target="")
         self.service_log(f"Refused a malformed request: {status} {reason} ({detail})")
         return self._answer(request, time.perf_counter(), entry, status, reason, close=True)
 
@@ -1031,11 +1031,6 @@ def _query_fields(query: str) -> dict[str, str]:
     for name, value in pairs:
         fields.setdefault(name, value)
     return fields
-
-
-def _excerpt(text: str, limit: int = 120) -> str:
-    """``text`` cut short for a log line: what a client sent is never logged whole."""
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def common_name(der: bytes) -> str:

@@ -80,3 +80,22 @@ def test_an_unused_mount_fails_like_any_unfired_responses_registration():
     site = CmgSite()
     with pytest.raises(AssertionError, match="Not all requests have been executed"), responses.RequestsMock() as mock:
         site.mount(mock)
+
+
+def test_a_certificate_given_to_mount_authenticates_the_mutual_path():
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from pytest_cmg import FakeCMG
+
+    with FakeCMG() as cmg:  # started only for its TLS material; requests stay in process
+        credentials = cmg.issue_client_certificate(CLIENT)
+        der = x509.load_pem_x509_certificate(credentials.cert.read_bytes()).public_bytes(Encoding.DER)
+        body = encode_message(
+            CcmMessage(body=ContentLocationRequest("PS100001", 1, cmg.site_code).to_xml())
+        )
+        with responses.RequestsMock() as mock:
+            cmg.mount(mock, peer_certificate=der)
+            answer = requests.request("CCM_POST", cmg.mutual_location_url, data=body, timeout=5)
+    assert answer.status_code == 200
+    assert (cmg.log.entries[-1].auth, cmg.log.entries[-1].client_id) == ("certificate", CLIENT)

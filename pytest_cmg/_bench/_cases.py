@@ -199,7 +199,11 @@ def run_aria2(ctx: CaseContext) -> Sample:
     meter = Meter(ctx.server_pid)
     with meter:
         proc = subprocess.Popen(
-            argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
         # wait4 reaps this very child and gives its own rusage (RUSAGE_CHILDREN would add
         # every other child this process ever waited for, Azurite's npm included).
@@ -262,7 +266,9 @@ CASES: dict[str, Case] = {
         run_sdk,
     ),
     "aria2c": Case(
-        "aria2c", "aria2c -x8 -s8 -k1M to a file, no checksum, wall clock", run_aria2,
+        "aria2c",
+        "aria2c -x8 -s8 -k1M to a file, no checksum, wall clock",
+        run_aria2,
         only_single=True,
     ),
     "raw": Case(
@@ -273,7 +279,9 @@ CASES: dict[str, Case] = {
         writes=False,
     ),
     "hashlib": Case(
-        "hashlib", "hashlib.sha256 over the same bytes from memory, 1 MiB updates, one core",
-        run_hashlib, writes=False,
+        "hashlib",
+        "hashlib.sha256 over the same bytes from memory, 1 MiB updates, one core",
+        run_hashlib,
+        writes=False,
     ),
 }

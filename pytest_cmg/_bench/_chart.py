@@ -27,7 +27,9 @@ def write_chart(report: dict[str, Any], path: Path) -> None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as exc:
-        msg = f'the chart needs matplotlib ({exc}); install it with `pip install "pytest-cmg[bench]"`'
+        msg = (
+            f'the chart needs matplotlib ({exc}); install it with `pip install "pytest-cmg[bench]"`'
+        )
         raise RuntimeError(msg) from exc
 
     groups: dict[str, list[dict[str, Any]]] = {}

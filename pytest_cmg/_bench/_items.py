@@ -68,7 +68,9 @@ def settings_from(config: pytest.Config) -> BenchSettings:
         rounds_text = config.getoption("cmg_bench_rounds")
         if rounds_text is None:
             ini = str(config.getini("cmg_bench_rounds")).strip()
-            rounds_text = ini or ("1" if config.getoption("cmg_bench_quick") else str(DEFAULT_ROUNDS))
+            rounds_text = ini or (
+                "1" if config.getoption("cmg_bench_quick") else str(DEFAULT_ROUNDS)
+            )
         rounds = check_rounds(str(rounds_text))
         margin = check_margin(_value(config, "cmg_bench_margin"))
     except ValueError as exc:
@@ -182,7 +184,9 @@ class BenchPlugin:
         result = bench.run_workload(name)
         if self.settings.compare:
             comparison = compare(
-                bench.report([result]), self.baseline, self.settings.margin,
+                bench.report([result]),
+                self.baseline,
+                self.settings.margin,
                 against=self.settings.compare,
             )
             breaches = comparison.for_workload(name)

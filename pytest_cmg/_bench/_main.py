@@ -106,8 +106,12 @@ def add_bench_parser(
         action="store_true",
         help="small workloads (32 MiB, 16 x 1 MiB, 200 x 16 KiB) and 1 round: seconds, not minutes",
     )
-    bench.add_argument("--json", type=Path, metavar="PATH", help="write the pytest-benchmark-style JSON")
-    bench.add_argument("--chart", type=Path, metavar="PATH", help="write a PNG chart (needs matplotlib)")
+    bench.add_argument(
+        "--json", type=Path, metavar="PATH", help="write the pytest-benchmark-style JSON"
+    )
+    bench.add_argument(
+        "--chart", type=Path, metavar="PATH", help="write a PNG chart (needs matplotlib)"
+    )
     bench.add_argument(
         "--compare",
         metavar="BASELINE.json|targets",
@@ -137,7 +141,9 @@ def add_bench_parser(
         action="store_true",
         help="skip the core's peak-memory measurement on the big blob",
     )
-    bench.add_argument("--workdir", type=Path, help="where outputs are written (default: a temp folder)")
+    bench.add_argument(
+        "--workdir", type=Path, help="where outputs are written (default: a temp folder)"
+    )
     bench.add_argument(
         "--load",
         type=Path,

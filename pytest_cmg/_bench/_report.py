@@ -226,7 +226,9 @@ def _benchmark(result: CaseResult, workload: Workload) -> dict[str, Any]:
     }
     servers = [s.server_cpu_seconds for s in samples]
     extra["server_cpu_percent"] = (
-        _spread([100 * c / s.seconds for c, s in zip(servers, samples, strict=True) if c is not None])
+        _spread(
+            [100 * c / s.seconds for c, s in zip(servers, samples, strict=True) if c is not None]
+        )
         if all(c is not None for c in servers)
         else None
     )
@@ -350,7 +352,9 @@ def render_table(report: dict[str, Any], workloads: list[str] | None = None) -> 
         "(100 = one core); ratios from medians of this run",
     ]
     if bench.get("elapsed_s") is not None:
-        lines.append(f"whole run (Azurite start, uploads, rounds, checks): {bench['elapsed_s']:.0f} s")
+        lines.append(
+            f"whole run (Azurite start, uploads, rounds, checks): {bench['elapsed_s']:.0f} s"
+        )
     load = bench.get("loadavg")
     if load:
         lines.append(
@@ -390,18 +394,24 @@ def render_table(report: dict[str, Any], workloads: list[str] | None = None) -> 
                 f"({memory['baseline_mib']:.1f} MiB before the download; {memory['method']})"
             )
         ratios = report.get("ratios", {}).get(name, {})
-        shown = dict.fromkeys(list(ratios) + [t["metric"] for t in targets if t["workload"] == name])
+        shown = dict.fromkeys(
+            list(ratios) + [t["metric"] for t in targets if t["workload"] == name]
+        )
         if shown:
             lines.append(f"  {'ratio':<16}{'value':>8}  target")
         for metric in shown:
-            target = next((t for t in targets if t["workload"] == name and t["metric"] == metric), None)
+            target = next(
+                (t for t in targets if t["workload"] == name and t["metric"] == metric), None
+            )
             value = ratios.get(metric)
             if metric == PEAK_METRIC and memory:
                 value = memory["peak_mib"]
             verdict = ""
             if target is not None:
-                state = "not measured" if target["met"] is None else (
-                    "met" if target["met"] else "NOT MET"
+                state = (
+                    "not measured"
+                    if target["met"] is None
+                    else ("met" if target["met"] else "NOT MET")
                 )
                 verdict = f"{target['op']} {target['target']:g}  {state}"
             digits = 1 if metric == PEAK_METRIC else 2

@@ -261,7 +261,11 @@ class Bench:
     def _memory_probe(self, dataset: Dataset) -> MemoryProbe | None:
         assert self._workdir is not None
         dest = _fresh(self._workdir / "out" / "memprobe")
-        job = {"manifest": dataset.manifest.to_xml(), "dest": str(dest), "workers": self.config.workers}
+        job = {
+            "manifest": dataset.manifest.to_xml(),
+            "dest": str(dest),
+            "workers": self.config.workers,
+        }
         try:
             proc = subprocess.run(
                 [sys.executable, "-m", "pytest_cmg._bench._memprobe"],

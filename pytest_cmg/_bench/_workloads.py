@@ -2,6 +2,10 @@
 
 Sizes follow performance.md: one 256 MiB blob (uploaded in 8 MiB blocks), 200 x 1 MiB and
 2000 x 16 KiB. ``--quick`` shrinks each to seconds so the machinery can be tested in CI.
+
+Each workload's container is laid out as a cloud DP's (``<PackageID>.1/<relpath>`` and the
+URL-less manifest blob, ``clouddp.py``), so the fake CMG of ``--download-program`` serves it as
+is: the program reads the very blobs the other cases read, uploaded once.
 """
 
 from __future__ import annotations
@@ -19,7 +23,17 @@ from .._protocol.manifest import ContentManifest, ManifestFile
 if TYPE_CHECKING:
     from .._storage.azurite import BlobEndpoint
 
-__all__ = ["FULL", "QUICK", "Dataset", "Workload", "delete", "parse_workloads", "upload"]
+__all__ = [
+    "FULL",
+    "QUICK",
+    "VERSION",
+    "Dataset",
+    "Workload",
+    "delete",
+    "package_id",
+    "parse_workloads",
+    "upload",
+]
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -92,11 +106,20 @@ class Dataset:
         return [f.url for f in self.manifest.files]
 
 
-def _blob_names(workload: Workload) -> list[str]:
+#: The content version every workload's package is uploaded as.
+VERSION = 1
+
+
+def package_id(workload: Workload) -> str:
+    """The workload's package ID (``BENCH-BIG``): what a gateway and a download program see."""
+    return f"BENCH-{workload.name.upper()}"
+
+
+def _relpaths(workload: Workload) -> list[str]:
     if not workload.many:
-        return [f"{workload.name}/blob{workload.file_size // MIB}"]
+        return [f"blob{workload.file_size // MIB}"]
     width = len(str(workload.files - 1))
-    return [f"{workload.name}/f{i:0{width}d}" for i in range(workload.files)]
+    return [f"f{i:0{width}d}" for i in range(workload.files)]
 
 
 def upload(endpoint: BlobEndpoint, workload: Workload, container: str, seed: int = 0) -> Dataset:
@@ -104,6 +127,9 @@ def upload(endpoint: BlobEndpoint, workload: Workload, container: str, seed: int
     from azure.core.pipeline.transport import RequestsTransport
     from azure.storage.blob import BlobSasPermissions, BlobServiceClient, generate_blob_sas
 
+    from .._storage.clouddp import CloudDP
+
+    package = package_id(workload)
     rng = random.Random(f"{workload.name}-{seed}")
     # randbytes(n) needs 8n bits in a C int: 256 MiB at once overflows it.
     pieces = (rng.randbytes(min(MIB, workload.total - o)) for o in range(0, workload.total, MIB))
@@ -115,8 +141,18 @@ def upload(endpoint: BlobEndpoint, workload: Workload, container: str, seed: int
         # The machine's proxy and CA variables have no business on a loopback benchmark.
         transport=RequestsTransport(use_env_settings=False),
     )
-    names = _blob_names(workload)
+    relpaths = _relpaths(workload)
+    names = [CloudDP.blob_name(package, VERSION, relpath) for relpath in relpaths]
     view = memoryview(data)
+    files = [
+        ManifestFile(
+            relpath,
+            workload.file_size,
+            hashlib.sha256(view[i * workload.file_size : (i + 1) * workload.file_size]).hexdigest(),
+        )
+        for i, relpath in enumerate(relpaths)
+    ]
+    unsigned = ContentManifest(package, VERSION, tuple(files))
     try:
         client = service.get_container_client(container)
         client.create_container()  # private: no public_access
@@ -127,13 +163,18 @@ def upload(endpoint: BlobEndpoint, workload: Workload, container: str, seed: int
 
         with ThreadPoolExecutor(max_workers=min(_UPLOAD_THREADS, len(names))) as pool:
             list(pool.map(put, range(len(names))))
+        # Last, as CloudDP.distribute does: a gateway finds the package only once it is whole.
+        client.upload_blob(
+            CloudDP.manifest_blob_name(package, VERSION),
+            unsigned.to_xml().encode("utf-8"),
+            overwrite=True,
+        )
     finally:
         service.close()
 
     now = datetime.now(UTC)
-    files = []
-    for index, name in enumerate(names):
-        piece = view[index * workload.file_size : (index + 1) * workload.file_size]
+    urls = {}
+    for relpath, name in zip(relpaths, names, strict=True):
         sas = generate_blob_sas(
             account_name=endpoint.account_name,
             container_name=container,
@@ -143,13 +184,8 @@ def upload(endpoint: BlobEndpoint, workload: Workload, container: str, seed: int
             start=now - _SAS_SKEW,
             expiry=now + _SAS_LIFETIME,
         )
-        url = f"{endpoint.url}/{container}/{quote(name, safe='/')}?{sas}"
-        relpath = name.split("/", 1)[1]
-        files.append(
-            ManifestFile(relpath, workload.file_size, hashlib.sha256(piece).hexdigest(), url)
-        )
-    manifest = ContentManifest(f"BENCH-{workload.name.upper()}", 1, tuple(files))
-    return Dataset(workload, container, data, manifest)
+        urls[relpath] = f"{endpoint.url}/{container}/{quote(name, safe='/')}?{sas}"
+    return Dataset(workload, container, data, unsigned.with_urls(urls))
 
 
 def delete(endpoint: BlobEndpoint, container: str) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import stat
+import sys
 import textwrap
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -24,7 +26,6 @@ from pytest_cmg._storage.azurite import CACHE_ENV, cache_dir
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
-    from pathlib import Path
 
 SCENARIO = """\
 scenario: {name}
@@ -56,12 +57,12 @@ expect:
 """
 
 #: Records its arguments and whether the CMG (a token-authentication location) was offered in
-#: the INI, then exits 1: the task sequence falls back to its built-in download.
+#: the INI, then downloads (DOWNLOADING_ACP): in conformance mode the program must deliver.
 RECORDING_ACP = """\
 #!/bin/sh
 offered=$(grep -c '^TokenAuth = true' "$1")
 echo "$1 $2 $3 token_auth_locations=$offered" >> "{record}"
-exit 1
+exec "{python}" "{downloader}" "{record}.delivered" "$@"
 """
 
 #: Downloads for real, stdlib only, from the INI contract (README): the CMG location's manifest
@@ -122,9 +123,15 @@ def executable(path: Path, text: str) -> Path:
     return path
 
 
+def recording_script(record: Path, downloader_folder: Path) -> str:
+    downloader = downloader_folder / "download.py"
+    downloader.write_text(DOWNLOADING_ACP, encoding="utf-8")
+    return RECORDING_ACP.format(record=record, python=sys.executable, downloader=downloader)
+
+
 def recording_acp(tmp_path: Path) -> tuple[Path, Path]:
     record = tmp_path / "argv.txt"
-    return executable(tmp_path / "acp.sh", RECORDING_ACP.format(record=record)), record
+    return executable(tmp_path / "acp.sh", recording_script(record, tmp_path)), record
 
 
 # --- the scenario as it runs with a program ----------------------------------------------------
@@ -174,7 +181,6 @@ def test_the_program_is_run_for_every_package_and_offered_the_cmg(
     write(pytester, "upgrade-on-demand")
     acp, record = recording_acp(tmp_path)
     result = pytester.runpytest("-p", "no:cacheprovider", f"--cmg-download-program={acp}")
-    # Exit 1 falls back to the built-in download: the scenario still passes.
     result.assert_outcomes(passed=1)
     lines = record.read_text().splitlines()
     assert [line.split()[1] for line in lines] == ["PS100012", "PS100013"]
@@ -202,7 +208,7 @@ def test_an_ini_program_is_used_and_a_relative_path_is_resolved_against_the_root
 ) -> None:
     write(pytester, "upgrade-on-demand")
     record = tmp_path / "argv.txt"
-    executable(pytester.path / "acp.sh", RECORDING_ACP.format(record=record))
+    executable(pytester.path / "acp.sh", recording_script(record, tmp_path))
     pytester.makeini("[pytest]\ncmg_download_program = ./acp.sh\n")
     # Started from the scenarios folder: the ini's ./acp.sh is still the rootdir's.
     monkeypatch.chdir(pytester.path / "scenarios")
@@ -476,3 +482,102 @@ def test_a_scenario_setting_acp_variables_must_declare_it(pytester: pytest.Pytes
     path.write_text("requires: [acp_variables]\n" + text)
     declared = pytester.runpytest("--collect-only", "-q")
     assert declared.ret == pytest.ExitCode.OK
+
+
+# --- the rules every program is held to, whatever the file says (runner._check_program) -------
+
+
+def program_run(
+    pytester: pytest.Pytester, tmp_path: Path, script: str
+) -> tuple[pytest.RunResult, dict[str, Any]]:
+    """The upgrade scenario (which the built-in client passes) run with the shell ``script``."""
+    write(pytester, "upgrade-on-demand")
+    acp = executable(tmp_path / "acp.sh", "#!/bin/sh\n" + script)
+    result = pytester.runpytest(
+        "-p", "no:cacheprovider", f"--cmg-download-program={acp}", "--cmg-conformance-report=r.json"
+    )
+    return result, report(pytester.path / "r.json")
+
+
+def failed_keys(document: dict[str, Any]) -> list[str]:
+    (item,) = document["items"]
+    return [failure["key"] for failure in item.get("failures", [])]
+
+
+def test_a_program_the_fallback_rescues_fails_the_item(
+    pytester: pytest.Pytester, tmp_path: Path
+) -> None:
+    # Exit 1 falls back to the built-in download, which passes the scenario on its own: the
+    # program failed where a downloader can succeed.
+    result, document = program_run(pytester, tmp_path, "exit 1\n")
+    result.assert_outcomes(failed=1)
+    assert failed_keys(document) == ["download program: delivers"] * 2
+    result.stdout.fnmatch_lines(
+        ["*the program exited with 1, and the built-in download it fell back to delivered PS100012.1"]
+    )
+
+
+def test_a_program_that_fails_and_leaves_a_file_fails_the_item(
+    pytester: pytest.Pytester, tmp_path: Path
+) -> None:
+    result, document = program_run(
+        pytester, tmp_path, 'mkdir -p "$3/sources" && echo torn > "$3/sources/install.wim"\nexit 1\n'
+    )
+    result.assert_outcomes(failed=1)
+    assert "download program: leaves nothing" in failed_keys(document)
+    result.stdout.fnmatch_lines(["*it exited with 1 and left 1 file(s): sources/install.wim*"])
+
+
+def test_a_program_exiting_0_with_content_that_does_not_verify_fails_the_item(
+    pytester: pytest.Pytester, tmp_path: Path
+) -> None:
+    result, document = program_run(pytester, tmp_path, 'echo junk > "$3/junk.bin"\nexit 0\n')
+    result.assert_outcomes(failed=1)
+    keys = failed_keys(document)
+    assert "download program: exit 0 means done" in keys
+    assert "expect.outcome" in keys  # the engine refused it: 0x80091007
+
+
+def test_the_programs_output_is_in_smsts_log_and_a_secret_in_it_fails_the_item(
+    pytester: pytest.Pytester, tmp_path: Path
+) -> None:
+    downloader = tmp_path / "download.py"
+    downloader.write_text(DOWNLOADING_ACP, encoding="utf-8")
+    script = (
+        'echo "starting $2"\n'
+        'grep "^Signature = " "$1" >&2\n'
+        f'exec "{sys.executable}" "{downloader}" "{tmp_path / "delivered"}" "$@"\n'
+    )
+    result, document = program_run(pytester, tmp_path, script)
+    result.assert_outcomes(failed=1)
+    assert failed_keys(document) == ["no secret in smsts.log"]
+    # The lines are shown with the secret cut out, under the component of the program's output.
+    result.stdout.fnmatch_lines(["*DownloadProgram: Signature = <secret>*"])
+    workdir = next(
+        line.split("Work folder: ", 1)[1].strip()
+        for line in result.stdout.lines
+        if "Work folder: " in line
+    )
+    log = (Path(workdir) / "smsts.log").read_text(encoding="utf-8")
+    assert 'component="DownloadProgram"' in log and "starting PS100012" in log
+
+
+def test_a_retry_sooner_than_retry_after_is_reported_only_inside_the_programs_run() -> None:
+    from pytest_cmg._scenario.runner import _early_retries
+    from pytest_cmg.faults import ProxiedRequest
+
+    def asked(number: int, at: float, status: int, wait: str | None = None) -> ProxiedRequest:
+        return ProxiedRequest(
+            number, 1, "GET", "/c/PS1.1/a.bin", None, (), True, status, 0, "complete", at, wait
+        )
+
+    early = [asked(1, 10.0, 429, "5"), asked(2, 11.0, 200)]
+    assert _early_retries(early, 0.0, 100.0) == [
+        "/c/PS1.1/a.bin: answered 429 with Retry-After: 5, asked again 1.00s later"
+    ]
+    # Waited in full (or within the slack), or asked again after the program had ended.
+    assert _early_retries([asked(1, 10.0, 429, "5"), asked(2, 14.6, 200)], 0.0, 100.0) == []
+    assert _early_retries(early, 0.0, 10.5) == []
+    # An HTTP-date Retry-After is not judged: when it was sent is not known in the same clock.
+    dated = [asked(1, 10.0, 503, "Fri, 04 Dec 2026 00:00:00 GMT"), asked(2, 10.1, 200)]
+    assert _early_retries(dated, 0.0, 100.0) == []

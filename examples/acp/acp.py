@@ -182,9 +182,14 @@ def fetch_manifest(cmg: configparser.SectionProxy, options: argparse.Namespace) 
             if answer.status != 200:
                 raise Failure(1, f"{what}: HTTP {answer.status} {answer.reason}")
             try:
-                return answer.read(MAX_MANIFEST + 1)
+                body = answer.read(MAX_MANIFEST + 1)
             except (OSError, http.client.HTTPException) as error:
                 raise Retry(what, type(error).__name__) from None
+            # read(n) returns a body the server cut short without complaint: count it.
+            length = answer.getheader("Content-Length", "")
+            if length.isdigit() and len(body) < int(length) <= MAX_MANIFEST:
+                raise Retry(what, f"{len(body)} of {length} bytes")
+            return body
 
     body = with_retries(what, attempt, options)
     if len(body) > MAX_MANIFEST or b"<!DOCTYPE" in body:

@@ -30,11 +30,12 @@ import signal
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import IO, TYPE_CHECKING, Protocol, runtime_checkable
 
 from .._protocol.location import CALG_SHA_256
 
@@ -48,6 +49,8 @@ __all__ = [
     "DOWNLOAD_PROGRAM",
     "E_ABORT",
     "INI_NAME",
+    "OUTPUT_MAX_LINE",
+    "OUTPUT_MAX_LINES",
     "TOKEN_AUTH_FOR_ACP_SINCE",
     "ContentProvider",
     "FolderContent",
@@ -77,6 +80,11 @@ INI_NAME = "SMSTSDownload.INI"
 E_ABORT = 0x80004004
 #: The longest wait between two checks of a running program (seconds).
 _POLL_MAX = 0.05
+#: A program's output passed on to the log: lines, and characters per line (emulation bounds).
+OUTPUT_MAX_LINES = 10_000
+OUTPUT_MAX_LINE = 4096
+#: How long the output's reader may still run after the program's group was killed (seconds).
+_OUTPUT_DRAIN = 5.0
 
 
 @dataclass(frozen=True)
@@ -268,15 +276,18 @@ class ProgramProvider:
 
     ``program`` is split like a POSIX shell would (``shlex``), so ``python3 /path/acp.py`` and
     quoted paths work. The program runs in a new session (its own process group), with the
-    engine's environment and working directory, stdin from ``/dev/null`` and its stdout and
-    stderr on the engine's stderr (file descriptor 2: never the engine's stdout, which may carry
-    a JSON summary). When it exits, whatever it left running in its process group is killed (no
-    straggler may write into the folder after the engine verified it); after ``timeout``
-    seconds the whole group is killed and :class:`ProviderTimeout` raised.
+    engine's environment and working directory, stdin from ``/dev/null``. When it exits,
+    whatever it left running in its process group is killed (no straggler may write into the
+    folder after the engine verified it); after ``timeout`` seconds the whole group is killed
+    and :class:`ProviderTimeout` raised.
 
     ``on_event`` receives the log lines (the command line, the exit code, the timeout); never
-    the INI's content. ``temp_dir`` is where the private folder of the INI is made (the
-    system's temporary folder by default).
+    the INI's content. ``on_output`` receives the program's stdout and stderr, merged, one line
+    at a time (at most :data:`OUTPUT_MAX_LINES` lines of :data:`OUTPUT_MAX_LINE` characters,
+    then one line saying what was cut: a program that floods its output must not fill the
+    engine's log); without it, the output goes to the engine's stderr (file descriptor 2,
+    never the engine's stdout, which may carry a JSON summary). ``temp_dir`` is where the
+    private folder of the INI is made (the system's temporary folder by default).
     """
 
     def __init__(
@@ -286,6 +297,7 @@ class ProgramProvider:
         timeout: float = DEFAULT_TIMEOUT,
         temp_dir: Path | None = None,
         on_event: Callable[[str], None] | None = None,
+        on_output: Callable[[str], None] | None = None,
     ) -> None:
         try:
             argv = shlex.split(program)
@@ -306,6 +318,7 @@ class ProgramProvider:
         self.timeout = timeout
         self.temp_dir = temp_dir
         self.on_event = on_event or (lambda line: None)
+        self.on_output = on_output
 
     def __repr__(self) -> str:
         return f"ProgramProvider({self.program!r}, timeout={self.timeout!r})"
@@ -329,23 +342,33 @@ class ProgramProvider:
             shutil.rmtree(folder, ignore_errors=True)
 
     def _run(self, argv: list[str]) -> int:
+        captured = self.on_output is not None
         process = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
-            stdout=2,
-            stderr=2,
+            stdout=subprocess.PIPE if captured else 2,
+            stderr=subprocess.STDOUT if captured else 2,
             start_new_session=True,
             close_fds=True,
         )
+        reader: threading.Thread | None = None
+        if process.stdout is not None and self.on_output is not None:
+            # A thread, not reads in the wait loop below: a program blocked on a full pipe would
+            # otherwise never exit, and the loop never learn it should read.
+            reader = threading.Thread(
+                target=_pass_lines,
+                args=(process.stdout, self.on_output),
+                name=f"acp-output-{process.pid}",
+                daemon=True,
+            )
+            reader.start()
         timed_out = False
         try:
             deadline = time.monotonic() + self.timeout
             pause = 0.001
             # waitid(WNOWAIT) sees the exit without reaping: the leader stays a zombie, so its
             # PID (the group's ID) cannot be reused before the group is killed below.
-            while os.waitid(
-                os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT
-            ) is None:
+            while os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     timed_out = True
@@ -358,6 +381,12 @@ class ProgramProvider:
             with suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signal.SIGKILL)
             code = process.wait()
+            if reader is not None:
+                # The group is dead, so the pipe's last writer is gone and the reader ends at
+                # EOF; a grandchild that left the group may hold the pipe open, hence the bound.
+                reader.join(_OUTPUT_DRAIN)
+            if process.stdout is not None:
+                process.stdout.close()
         if timed_out:
             self.on_event(
                 f"The alternate content provider did not exit within {self.timeout:g} seconds: "
@@ -373,6 +402,25 @@ class ProgramProvider:
         else:
             self.on_event(f"Process completed with exit code {code}")
         return code
+
+
+def _pass_lines(stream: IO[bytes], emit: Callable[[str], None]) -> None:
+    """Hand ``stream``'s lines to ``emit`` until EOF, within the output bounds."""
+    lines = cut = 0
+    with suppress(OSError, ValueError):  # ValueError: the stream was closed after the drain
+        for raw in stream:
+            if lines >= OUTPUT_MAX_LINES:
+                cut += 1  # read on, or the program blocks on a full pipe
+                continue
+            lines += 1
+            text = raw.decode("utf-8", "replace").rstrip("\r\n")
+            if len(text) > OUTPUT_MAX_LINE:
+                text = (
+                    text[:OUTPUT_MAX_LINE] + f"... ({len(text) - OUTPUT_MAX_LINE} characters cut)"
+                )
+            emit(text)
+    if cut:
+        emit(f"... {cut} more output line(s) not logged (at most {OUTPUT_MAX_LINES} are)")
 
 
 # --- what a provider delivered ---------------------------------------------------------------

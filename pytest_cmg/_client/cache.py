@@ -614,6 +614,20 @@ class ClientCache:
             if folder.exists():
                 shutil.rmtree(folder, ignore_errors=True)
 
+    def provider_folder(self, package_id: str, version: int) -> Path:
+        """Where a content provider writes ``package_id`` version: ``.staging/.acp-<PKG>.<ver>``.
+
+        In staging (hidden from eviction, on the cache's disk so the commit is one rename), and
+        apart from the built-in download's folder, whose resumable prefix it must not touch.
+        """
+        return self.root / _STAGING / f".acp-{self.key(package_id, version)}"
+
+    def final_folders(self, package_id: str, version: int) -> tuple[Path, Path]:
+        """Where ``package_id`` version's files stand under their own names: the entry, and a
+        content provider's destination. Any file there at a package path must be whole and
+        verified at every moment; a partial download belongs under another name."""
+        return self.root / self.key(package_id, version), self.provider_folder(package_id, version)
+
     def discard_staging(self, package_id: str, version: int) -> None:
         """Remove what a failed download left in staging (after its last try)."""
         with self._download_guard(package_id, version):

@@ -40,7 +40,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Literal, NoReturn
 from urllib.parse import urlencode
 
 import requests
@@ -87,7 +87,7 @@ from .acp import (
     parse_abort_code,
     read_folder,
 )
-from .cache import _STAGING, CacheEntry, CacheSpaceError
+from .cache import CacheEntry, CacheSpaceError
 from .download import DownloadCore, redact
 from .tscache import WORKING_DIRECTORY, TaskSequenceCache, place
 
@@ -101,11 +101,13 @@ if TYPE_CHECKING:
     from .retry import RetryPolicy
 
 __all__ = [
+    "PROGRAM_OUTPUT",
     "CMGClient",
     "CMGConnection",
     "Condition",
     "ContentDestination",
     "PackageTransfer",
+    "ProviderRun",
     "Step",
     "TaskSequence",
     "TaskSequenceEngine",
@@ -135,6 +137,12 @@ _HR_DISK_FULL = 0x80070070
 #: E_INVALIDARG: a custom download path that would land inside a cache.
 _HR_INVALID_ARG = 0x80070057
 #: Task sequence variables of the content locations (task-sequence-variables.md).
+#: The smsts.log component of an alternate content provider's own output (emulation: the
+#: product publishes no such line; docs/emulation.md).
+PROGRAM_OUTPUT = "DownloadProgram"
+#: The files a provider left behind that the log and :class:`ProviderRun` name.
+_LEFT_SHOWN = 20
+_Outcome = Literal["delivered", "refused", "aborted", "fell back"]
 PERSIST_CONTENT = "SMSTSPersistContent"
 PRESERVE_CONTENT = "SMSTSPreserveContent"
 LAST_LOCATION = "_SMSTSLastContentDownloadLocation"
@@ -542,6 +550,30 @@ class PackageTransfer:
     provider: str | None = None
 
 
+@dataclass(frozen=True)
+class ProviderRun:
+    """One package handed to a content provider, and how it ended.
+
+    ``outcome`` is ``delivered`` (exit 0 and verified), ``refused`` (exit 0, but the folder
+    did not verify: 0x80091007), ``aborted`` (the abort code), or ``fell back`` (any other exit,
+    a timeout or an exception: the built-in download was tried next). ``exit_code`` is None
+    when the provider raised or did not return an int. ``left`` is what a provider that fell
+    back or aborted left in its destination (relative paths, at most :data:`_LEFT_SHOWN`): a
+    failed download must leave nothing, and the engine removes it, so it is recorded before.
+    """
+
+    package_id: str
+    version: int
+    provider: str
+    exit_code: int | None
+    outcome: _Outcome
+    left: tuple[str, ...] = ()
+    #: When the provider was handed the package, and when it returned (``time.monotonic``):
+    #: what a test matches against server logs to tell the provider's requests apart.
+    started: float = 0.0
+    ended: float = 0.0
+
+
 @dataclass
 class TaskSequenceResult:
     exit_code: int
@@ -549,6 +581,8 @@ class TaskSequenceResult:
     transfers: list[PackageTransfer]
     failed_step: str | None = None
     error: ContentError | None = None
+    #: Every package handed to a content provider (``SMSTSDownloadProgram``), in order.
+    provider_runs: list[ProviderRun] = field(default_factory=list)
     #: Keys of the task sequence cache's content when the sequence ended, before the cache was
     #: emptied: what ``SMSTSPersistContent`` and Download Package Content kept for the run.
     ts_cache: list[str] = field(default_factory=list)
@@ -602,6 +636,7 @@ class TaskSequenceEngine:
         )
         self.variables: dict[str, str] = {}
         self.transfers: list[PackageTransfer] = []
+        self.provider_runs: list[ProviderRun] = []
         #: Cache entries this engine holds (in use: never evicted), one lease per entry: keyed
         #: by (in the task sequence cache, entry key).
         self._leases: dict[tuple[bool, str], Lease] = {}
@@ -706,6 +741,7 @@ class TaskSequenceEngine:
 
     def _run(self, sequence: TaskSequence, launch: str) -> TaskSequenceResult:
         self.transfers = []
+        self.provider_runs = []
         steps_run: list[str] = []
         ts = "TSManager"
         self.log.info(
@@ -764,7 +800,9 @@ class TaskSequenceEngine:
                 ts, f"Successfully completed the action ({step.name}) with the exit win32 code 0"
             )
         self.log.info(ts, "Task sequence completed 0x00000000")
-        return TaskSequenceResult(0, steps_run, list(self.transfers))
+        return TaskSequenceResult(
+            0, steps_run, list(self.transfers), provider_runs=list(self.provider_runs)
+        )
 
     def _step_content(
         self, step: Step, package_id: str, version: int, on_demand: bool, number: int
@@ -867,8 +905,7 @@ class TaskSequenceEngine:
             raise ContentError(hr, f"{entry.key} could not be placed at {destination}") from error
         self.log.info(
             "TSManager",
-            f"{how} content {entry.key} from the task sequence working directory to "
-            f"{destination}",
+            f"{how} content {entry.key} from the task sequence working directory to {destination}",
         )
         return CacheEntry(entry.package_id, entry.version, destination)
 
@@ -932,7 +969,14 @@ class TaskSequenceEngine:
         if step is not None:
             self.log.error(ts, f"Failed to run the action: {step}. Error 0x{error.hresult:08X}")
         self.log.error(ts, f"Task sequence execution failed with error code 0x{error.hresult:08X}")
-        return TaskSequenceResult(error.hresult, steps_run, list(self.transfers), step, error)
+        return TaskSequenceResult(
+            error.hresult,
+            steps_run,
+            list(self.transfers),
+            step,
+            error,
+            provider_runs=list(self.provider_runs),
+        )
 
     def _execute(self, step: Step, entry: CacheEntry) -> None:
         # Steps are simulated: what the harness checks is that the verified content was there,
@@ -1042,9 +1086,7 @@ class TaskSequenceEngine:
             f"({PRESERVE_CONTENT})",
         )
 
-    def _locate_and_download(
-        self, package_id: str, version: int, store: ClientCache
-    ) -> CacheEntry:
+    def _locate_and_download(self, package_id: str, version: int, store: ClientCache) -> CacheEntry:
         try:
             reply = self.client.locate(package_id, version)
         except ContentError as error:
@@ -1096,6 +1138,9 @@ class TaskSequenceEngine:
                 program,
                 timeout=self.download_program_timeout,
                 on_event=lambda line: self.log.info("TSManager", line),
+                # Into smsts.log (emulation, docs/emulation.md): what the program prints is
+                # then read as the product's own lines are, so a leaked secret is seen.
+                on_output=lambda line: self.log.info(PROGRAM_OUTPUT, line),
             )
         except ValueError as error:
             self.log.error("TSManager", f"{error}: using the built-in download")
@@ -1186,7 +1231,7 @@ class TaskSequenceEngine:
         """
         key = f"{package_id}.{version}"
         ts = "TSManager"
-        folder = store.root / _STAGING / f".acp-{key}"
+        folder = store.provider_folder(package_id, version)
         started = time.perf_counter()
         try:
             # A folder left by a process killed during an earlier provider run is not trusted.
@@ -1209,14 +1254,36 @@ class TaskSequenceEngine:
                 f"Downloading content {key} with the alternate content provider {name} "
                 f"({len(request.locations)} location(s) offered) into {folder}",
             )
+
+            def ended(code: int | None, outcome: _Outcome) -> None:
+                left: tuple[str, ...] = ()
+                # Exit 0 hands the folder over (verified next); any other end must leave it empty.
+                if outcome in ("fell back", "aborted"):
+                    left = _left_in(folder)
+                    if left:
+                        self.log.warning(
+                            ts,
+                            f"The alternate content provider left {_count(left)} in {folder} "
+                            f"for content {key}: {', '.join(left)}; removing them",
+                        )
+                self.provider_runs.append(
+                    ProviderRun(
+                        package_id, version, name, code, outcome, left, began, time.monotonic()
+                    )
+                )
+
+            began = time.monotonic()
             try:
                 code = provider.fetch(request)
-            except Exception as error:  # any failure of a provider is a fallback, as a non-zero exit
+            except (
+                Exception
+            ) as error:  # any failure of a provider is a fallback, as a non-zero exit
                 self.log.error(
                     ts,
                     f"The alternate content provider failed for content {key} "
                     f"({type(error).__name__}: {error}); falling back to the built-in download",
                 )
+                ended(None, "fell back")
                 return None
             if not isinstance(code, int):
                 self.log.error(
@@ -1224,8 +1291,10 @@ class TaskSequenceEngine:
                     f"The alternate content provider returned {code!r} for content {key}, not "
                     "an exit code; falling back to the built-in download",
                 )
+                ended(None, "fell back")
                 return None
             if request.abort_code is not None and code == request.abort_code:
+                ended(code, "aborted")
                 self.log.error(
                     ts,
                     f"The alternate content provider exited with {code}, the abort code "
@@ -1244,12 +1313,18 @@ class TaskSequenceEngine:
                     f"The alternate content provider exited with {code} for content {key}; "
                     "falling back to the built-in download",
                 )
+                ended(code, "fell back")
                 return None
             self.log.info(
                 ts, f"The alternate content provider exited with 0: verifying content {key}"
             )
             content = read_folder(folder)
-            self._verify_provided(name, package_id, version, folder, content, reply)
+            try:
+                self._verify_provided(name, package_id, version, folder, content, reply)
+            except ContentError:
+                ended(0, "refused")
+                raise
+            ended(0, "delivered")
             total = content.size
             self._make_room(store, package_id, version, total)
             entry = self._publish(store, folder, package_id, version)
@@ -1314,9 +1389,7 @@ class TaskSequenceEngine:
             "byte, and nothing else, into the destination folder",
         )
 
-    def _no_location(
-        self, package_id: str, version: int, cause: ContentError | None
-    ) -> NoReturn:
+    def _no_location(self, package_id: str, version: int, cause: ContentError | None) -> NoReturn:
         hr = codes.NO_LOCATIONS
         self.log.error(
             "TSManager",
@@ -1422,7 +1495,9 @@ class TaskSequenceEngine:
         """
         missing = sorted(f.relpath for f in manifest.files if f.relpath not in digests)
         if missing:
-            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            shown = ", ".join(missing[:3]) + (
+                f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            )
             detail = (
                 f"{package_id}.{version}: no SHA-256 computed from the bytes of {shown}; the "
                 "package hash is checked only from digests the download core computed (it must "
@@ -1438,7 +1513,9 @@ class TaskSequenceEngine:
         return computed == reply.package_hash.upper()
 
     def _hash_verified(self, key: str) -> None:
-        self.log.info("CAS", "Success hash verification with hash algorithm = 32780, preference : 4")
+        self.log.info(
+            "CAS", "Success hash verification with hash algorithm = 32780, preference : 4"
+        )
         self.log.info(
             "CAS", f"Hash verification succeeded for content {key} downloaded under context System"
         )
@@ -1449,7 +1526,9 @@ class TaskSequenceEngine:
         self.log.error("TSManager", "Hash could not be matched for the downloaded content")
         return ContentError(codes.HASH_MISMATCH, detail)
 
-    def _publish(self, store: ClientCache, folder: Path, package_id: str, version: int) -> CacheEntry:
+    def _publish(
+        self, store: ClientCache, folder: Path, package_id: str, version: int
+    ) -> CacheEntry:
         """Commit verified content as a cache entry, held before it is published so no
         eviction can take it before its step runs."""
         lease = store.hold(package_id, version)
@@ -1561,6 +1640,25 @@ class _Renewer:
                     codes.BAD_HTTP_STATUS, f"renewed manifest no longer lists {item.relpath}"
                 )
             return self._urls[item.relpath]
+
+
+def _left_in(folder: Path) -> tuple[str, ...]:
+    """Files (any entry but a folder) under ``folder``, relative, sorted; at most _LEFT_SHOWN."""
+    found: list[str] = []
+    try:
+        for path in sorted(folder.rglob("*")):
+            if not path.is_dir() or path.is_symlink():
+                found.append(path.relative_to(folder).as_posix())
+                if len(found) == _LEFT_SHOWN:
+                    break
+    except OSError:
+        pass  # what was listed before the folder went away is still what it held
+    return tuple(found)
+
+
+def _count(left: tuple[str, ...]) -> str:
+    more = "+" if len(left) == _LEFT_SHOWN else ""
+    return f"{len(left)}{more} file(s)"
 
 
 def _transport_reason(exc: BaseException) -> str:

@@ -64,6 +64,9 @@ class SmstsLog:
     def info(self, component: str, message: str) -> None:
         self.write(component, message, INFO)
 
+    def warning(self, component: str, message: str) -> None:
+        self.write(component, message, WARNING)
+
     def error(self, component: str, message: str) -> None:
         self.write(component, message, ERROR)
 

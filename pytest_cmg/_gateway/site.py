@@ -34,6 +34,7 @@ does wrong on the wire never reaches here as an exception (see ``frontdoor.py``)
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import deque
@@ -41,7 +42,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, timedelta
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 from xml.etree import ElementTree as ET
 
 from cryptography import x509
@@ -119,6 +120,12 @@ BODY_LIMITS = {
 }
 #: SAS start is back-dated so a client whose clock runs behind is not refused (reliability.md C1).
 SAS_CLOCK_SKEW = timedelta(minutes=15)
+#: Secrets :meth:`CmgSite.issued_secrets` remembers: far more than one scenario run issues.
+MAX_SECRETS_KEPT = 10_000
+#: A SAS URL's signature parameter, as its query carries it.
+_SAS_SIGNATURE = re.compile(r"(?:^|&)sig=([^&]+)")
+#: Shorter values are not kept as secrets (an HMAC-SHA256 SAS signature is 44 characters).
+_SECRET_MIN_LENGTH = 16
 #: Egress alerts go critical at this share of the threshold (docs/emulation.md, egress).
 _CRITICAL_SHARE = 0.9
 _GB = 1024**3
@@ -260,6 +267,10 @@ class CmgSite:
         #: The site's TLS material; the front door's owner creates it when it starts.
         self._tls: GatewayTLS | None = None
         self._errors: list[BaseException] = []
+        #: Secrets the site handed out (token signatures, SAS signatures), newest last, for the
+        #: check that no client log holds one (:meth:`issued_secrets`). Bounded: a long-lived
+        #: gateway must not grow without end; the newest are the ones a run checks.
+        self._secrets: deque[str] = deque(maxlen=MAX_SECRETS_KEPT)
         # Bounded like the request log: a flood of refused clients must not grow the gateway.
         self._service_log: deque[str] = deque(maxlen=SERVICE_LOG_LINES)
         self._lock = threading.Lock()
@@ -293,7 +304,9 @@ class CmgSite:
 
     def issue_token(self, client_id: str, **kwargs: Any) -> str:  # noqa: ANN401
         """A site-signed CCM token for ``client_id`` (see ``SiteAuthority.issue_ccm_token``)."""
-        return self.authority.issue_ccm_token(client_id, **kwargs)
+        token = self.authority.issue_ccm_token(client_id, **kwargs)
+        self._keep_secret(_jwt_signature(token))
+        return token
 
     def issue_client_certificate(self, client_id: str, **kwargs: Any) -> Credentials:  # noqa: ANN401
         """A client-authentication certificate (and key) whose CN is ``client_id``.
@@ -310,7 +323,11 @@ class CmgSite:
         self.tls.revoke(credentials)
 
     def issue_aad_token(
-        self, client_id: str, *, tenant: AzureADTenant | None = None, **kwargs: Any  # noqa: ANN401
+        self,
+        client_id: str,
+        *,
+        tenant: AzureADTenant | None = None,
+        **kwargs: Any,  # noqa: ANN401
     ) -> str:
         """An Azure AD device token for the device of ``client_id``, registered with the site.
 
@@ -410,6 +427,22 @@ class CmgSite:
         with self._lock:
             self._errors.append(exc)
 
+    def issued_secrets(self) -> list[str]:
+        """The secrets this site handed out, oldest first (at most :data:`MAX_SECRETS_KEPT`).
+
+        Token signatures (CCM tokens' and content access tokens') and SAS signatures (as the
+        URL carries them and decoded): whoever holds one can act as the client or read content,
+        so none may appear in a log. A scenario run checks smsts.log against them.
+        """
+        with self._lock:
+            return list(self._secrets)
+
+    def _keep_secret(self, value: str) -> None:
+        # Short values could match ordinary log text by chance; real signatures are far longer.
+        if len(value) >= _SECRET_MIN_LENGTH:
+            with self._lock:
+                self._secrets.append(value)
+
     def service_log(self, message: str) -> None:
         """Append a CMGService.log-style line (the gateway's own log)."""
         stamp = self.clock.now().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
@@ -463,7 +496,9 @@ class CmgSite:
         package_id, version = request.package_id, request.version
         where = f"{package_id}:{version}"
         on_prem = [
-            dp for dp in self.on_prem_dps if is_content_id(package_id) and dp.holds(package_id, version)
+            dp
+            for dp in self.on_prem_dps
+            if is_content_id(package_id) and dp.holds(package_id, version)
         ]
         why_not = self._no_cloud_reason(request)
         manifest = None
@@ -483,6 +518,7 @@ class CmgSite:
             package_hash = manifest.hash
             host = self.content_hostname
             token = self.authority.issue_access_token(package_id, package_id, client_id, host)
+            self._keep_secret(token.signature)
             cloud = LocationRecord(
                 url=manifest_url(self.url, package_id, package_id),
                 server_remote_name=host,
@@ -543,6 +579,13 @@ class CmgSite:
         start = now - SAS_CLOCK_SKEW
         signed = self.cloud_dp.signed_manifest(manifest, start=start, expiry=expiry)
         urls = {f.relpath: f.url for f in signed.files}
+        for url in urls.values():
+            for raw in _SAS_SIGNATURE.findall(urlsplit(url).query):
+                # As this URL carries it (the storage SDK escapes '+' and '=' but not '/'),
+                # decoded, and fully escaped: a log may hold any of them.
+                value = unquote(raw)
+                for form in {raw, value, quote(value, safe="")}:
+                    self._keep_secret(form)
         unmetered = 0
         if self.settings.measure_egress:
             sizes = {f.relpath: f.size for f in manifest.files}
@@ -594,7 +637,11 @@ class CmgSite:
         of any URL that could not be metered. Otherwise: the sizes of the manifests issued.
         """
         with self._lock:
-            meter, unmetered, authorised = self._meter, self._unmetered_bytes, self.egress_authorised_bytes
+            meter, unmetered, authorised = (
+                self._meter,
+                self._unmetered_bytes,
+                self.egress_authorised_bytes,
+            )
         if not self.settings.measure_egress:
             return authorised
         return unmetered + (meter.served_bytes if meter is not None else 0)
@@ -629,6 +676,7 @@ class CmgSite:
     def issue_for(self, client_id: str, *, token_type: str = "") -> str:
         """CCM_STS: a client token for a registered identity."""
         token = self.authority.issue_ccm_token(client_id)
+        self._keep_secret(_jwt_signature(token))
         if token_type:
             # CCM_STS.log wording (S9) for a token issued in exchange for an Azure AD token.
             self.service_log(f"Created SCCM token, token type: {token_type}, deviceId: {client_id}")
@@ -643,7 +691,9 @@ class CmgSite:
             raise _Refusal(400, "Bad Request", "AADAuthInfo without TenantID")
         tenant = self.azure_ad.auth_info(tenant_id)
         if tenant is None:
-            raise _Refusal(404, "Not Found", f"tenant {tenant_id[:64]!r} is not onboarded or is disabled")
+            raise _Refusal(
+                404, "Not Found", f"tenant {tenant_id[:64]!r} is not onboarded or is disabled"
+            )
         root = ET.Element(
             "AADAuthInfo",
             TenantID=tenant.tenant_id,
@@ -686,10 +736,7 @@ class CmgSite:
             return self.authority.signing_certificate_der().hex().upper()
         raise _Refusal(404, "Not Found", "unknown .sms_aut query")
 
-
-    def mount(
-        self, mock: responses.RequestsMock, *, peer_certificate: bytes | None = None
-    ) -> None:
+    def mount(self, mock: responses.RequestsMock, *, peer_certificate: bytes | None = None) -> None:
         """Serve this site to ``requests`` in this process through ``responses``: no socket,
         no TLS (``inprocess.py`` says what differs from the wire)."""
         from .inprocess import mount
@@ -780,7 +827,12 @@ class CmgSite:
                 f"body of {request.body_length} bytes exceeds the {limit}-byte limit",
             )
         chunked = "chunked" in request.header("Transfer-Encoding").lower()
-        if limit and request.method != "GET" and not chunked and not request.header("Content-Length"):
+        if (
+            limit
+            and request.method != "GET"
+            and not chunked
+            and not request.header("Content-Length")
+        ):
             raise _Refusal(411, "Length Required", "no Content-Length")
 
     def _apply_faults(
@@ -1045,3 +1097,8 @@ def _default_reason(status: int) -> str:
         return HTTPStatus(status).phrase
     except ValueError:
         return "Scripted"
+
+
+def _jwt_signature(token: str) -> str:
+    """The signature segment of a compact JWS: what makes the token usable by whoever has it."""
+    return token.rsplit(".", 1)[-1]

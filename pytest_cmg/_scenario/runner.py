@@ -26,6 +26,7 @@ from .._client.download import DownloadCore
 from .._client.engine import CMGClient, CMGConnection, TaskSequenceEngine, TaskSequenceResult
 from .._client.log import SmstsLog
 from .._errors import ExpectationFailed
+from .._protocol import codes
 from .._protocol.manifest import ContentManifest, ManifestFile
 from .._protocol.paths import Endpoint
 from .benchmark import BenchmarkRound, Throughput, collect_rounds, hashlib_seconds, raw_seconds
@@ -33,6 +34,7 @@ from .content import generated_package
 from .timeline import ScenarioTime, Timeline, TimelineLog
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
     from .._gateway.pki import Credentials
@@ -108,6 +110,12 @@ class ScenarioRun:
     throughput: dict[str, Throughput] = field(default_factory=dict)
     #: Benchmark rounds after the first that did not complete, and why.
     benchmark_errors: list[str] = field(default_factory=list)
+    #: The secrets the gateway handed out during the run (``CmgSite.issued_secrets``).
+    secrets: list[str] = field(default_factory=list)
+    #: The program under test in conformance mode (``--cmg-download-program``), or None.
+    download_program: str | None = None
+    #: Files seen torn under a package file's name while storage stalled (:class:`_TornWatch`).
+    torn: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -365,11 +373,12 @@ def run_scenario(
     authority = gateway.authority
     wall_clock = authority.clock
     proxy: FaultProxy | None = None
+    watch = _TornWatch(world.manifests, time.pass_time)
     try:
         # A benchmark's client reaches storage directly: validation refused everything that
         # needs the proxy (storage faults and counts), which would otherwise cap the rate.
         if scenario.benchmark is None and world.dp.endpoint.url.startswith("http://"):
-            proxy = FaultProxy(world.dp.endpoint.url, sleep=time.pass_time).start()
+            proxy = FaultProxy(world.dp.endpoint.url, sleep=watch.stalled).start()
             world.dp.route_through(proxy.rewrite)
         else:
             _no_storage_faults(scenario, world.dp.endpoint.url)
@@ -380,6 +389,7 @@ def run_scenario(
         log = TimelineLog(workdir / "smsts.log", timeline.before_step)
         engine = _engine(scenario, world, workdir, log, time)
         cache = engine.cache
+        watch.cache = cache
         try:
             seeded = seed_cache(cache, scenario.cache_seed, scenario.seed)
             timeline.start()
@@ -412,6 +422,9 @@ def run_scenario(
             unfired=[(event.where, why) for event, why in missed],
             egress_bytes=gateway.egress_bytes,
             seeded=seeded,
+            secrets=gateway.issued_secrets(),
+            torn=watch.found,
+            download_program=download_program,
         )
         if scenario.benchmark is not None:
             # After the run's evidence is taken: further rounds add requests and egress.
@@ -522,6 +535,72 @@ def _engine(
         # Named to an alternate content provider, which must trust HTTPS storage as the core does.
         storage_ca_file=world.storage_ca_cert,
     )
+
+
+class _TornWatch:
+    """Looks for a torn file under a package file's name whenever storage stalls.
+
+    The fault proxy calls :meth:`stalled` for every scripted wait (``stall_after``,
+    ``throttle``, ``delay``), while the downloader waits mid-file: the one moment a file being
+    written is surely incomplete. A downloader that writes straight to a file's own name shows
+    it torn there, where a crash would leave it looking like content (the built-in download and
+    a content provider alike: :meth:`ClientCache.final_folders`). Then the wait is passed on.
+    """
+
+    #: Looks per run: a throttled body stalls once per slice, and each look reads the folders.
+    LOOKS = 200
+    #: Files larger than this are compared by size only (hashing them at every stall costs more
+    #: than it finds: a torn file is almost always short).
+    HASHED = 64 * 2**20
+
+    def __init__(
+        self, manifests: dict[str, ContentManifest], wait: Callable[[float], None]
+    ) -> None:
+        self.manifests = manifests
+        self.wait = wait
+        #: Set once the engine exists; no look before.
+        self.cache: ClientCache | None = None
+        self.found: list[str] = []
+        self._looks = 0
+        #: (path, size, mtime_ns) already hashed and found whole.
+        self._whole: set[tuple[str, int, int]] = set()
+
+    def stalled(self, seconds: float) -> None:
+        self.look()
+        self.wait(seconds)
+
+    def look(self) -> None:
+        if self.cache is None or self._looks >= self.LOOKS:
+            return
+        self._looks += 1
+        for manifest in list(self.manifests.values()):
+            for folder in self.cache.final_folders(manifest.package_id, manifest.version):
+                for item in manifest.files:
+                    path = folder.joinpath(*item.relpath.split("/"))
+                    problem = self._torn(path, item)
+                    seen = f"{path.relative_to(self.cache.root)}: {problem}" if problem else ""
+                    if seen and seen not in self.found:
+                        self.found.append(seen)
+
+    def _torn(self, path: Path, item: ManifestFile) -> str:
+        try:
+            info = path.lstat()
+        except OSError:
+            return ""  # not there (yet): fine
+        if info.st_size != item.size:
+            return f"{info.st_size} of {item.size} bytes"
+        stamp = (str(path), info.st_size, info.st_mtime_ns)
+        if info.st_size > self.HASHED or stamp in self._whole:
+            return ""
+        try:
+            with path.open("rb") as handle:
+                digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        except OSError:
+            return ""  # moved away meanwhile
+        if digest != item.sha256.lower():
+            return f"{item.size} bytes that are not the file's (SHA-256 {digest[:12]}...)"
+        self._whole.add(stamp)
+        return ""
 
 
 def _no_storage_faults(scenario: Scenario, url: str) -> None:
@@ -646,7 +725,8 @@ def check_expectations(scenario: Scenario, run: ScenarioRun) -> list[Expectation
     failures: list[ExpectationFailed] = []
     result = run.result
 
-    def fail(where: str, expected: str, actual: str, *context: str) -> None:
+    def fail(where: str, expected: str, actual: str, *context: str, key: str = "") -> None:
+        # ``key`` names a rule no line of the file states (it is then reported at ``where``).
         path, line = scenario.location(where)
         detail = ""
         source = _source_line(path, line)
@@ -655,7 +735,7 @@ def check_expectations(scenario: Scenario, run: ScenarioRun) -> list[Expectation
         detail += f"  expected: {expected}\n  actual:   {actual}"
         if context:
             detail += "\n" + "\n".join(c for c in context if c)
-        failures.append(ExpectationNotMet(path, line, where, detail, expected, actual))
+        failures.append(ExpectationNotMet(path, line, key or where, detail, expected, actual))
 
     smsts = _excerpt("  smsts.log", run.smsts)
     requests = _excerpt("  gateway requests", [r.summary() for r in run.requests])
@@ -762,6 +842,18 @@ def check_expectations(scenario: Scenario, run: ScenarioRun) -> list[Expectation
                     _excerpt("  matching lines", found, limit=5),
                 )
 
+    _check_secrets(run, fail)
+    if run.torn:
+        fail(
+            "expect",
+            "a package file's name holds the whole, verified file or nothing, at every moment "
+            "(a download in progress belongs under another name)",
+            f"{len(run.torn)} file(s) seen torn while storage stalled",
+            _excerpt("  torn files", run.torn, limit=5),
+            key="no torn file under a package name",
+        )
+    if run.download_program is not None:
+        _check_program(scenario, run, fail, smsts)
     _check_storage(expect, run, fail)
     _check_faults_fired(scenario, run, fail, timeline)
 
@@ -824,6 +916,118 @@ def _check_storage(expect: dict[str, Any], run: ScenarioRun, fail: Any) -> None:
             str(len(storage)),
             _excerpt("  storage requests", _storage_lines(storage)),
         )
+
+
+def _check_secrets(run: ScenarioRun, fail: Any) -> None:  # noqa: ANN401
+    """No secret the gateway handed out is in smsts.log, whatever the scenario says.
+
+    A token or SAS signature in a log lets whoever reads the log act as the client or read the
+    content; the product's own logs leave them out. Always checked, as a leftover staging folder
+    is, so a leak fails every scenario it happens in, not only those that thought of it. The
+    lines are shown with the secret cut out: the failure report is a log too.
+    """
+    secrets = [s for s in run.secrets if s]
+    if not secrets:
+        return
+    pattern = re.compile(
+        "|".join(re.escape(s) for s in sorted(set(secrets), key=len, reverse=True))
+    )
+    leaked = [pattern.sub("<secret>", line) for line in run.smsts if pattern.search(line)]
+    if leaked:
+        fail(
+            "expect",
+            "no secret the gateway handed out (a token's or a SAS URL's signature) in smsts.log",
+            f"{len(leaked)} line(s) hold one",
+            _excerpt("  smsts.log lines holding a secret (cut out here)", leaked, limit=5),
+            key="no secret in smsts.log",
+        )
+
+
+def _check_program(scenario: Scenario, run: ScenarioRun, fail: Any, smsts: str) -> None:  # noqa: ANN401
+    """Conformance mode: the program under test did the downloading, and failed cleanly.
+
+    The engine falls back to its built-in download when the program exits non-zero, as the
+    product does; that rescue would hide the program's failures, so a package the program gave
+    up on and the built-in download then delivered fails the item: the program failed where a
+    downloader can succeed. A program that did not deliver must also leave nothing in its
+    destination (the engine removes it, after recording it).
+    """
+    delivered_builtin = {
+        (t.package_id, t.version)
+        for t in run.result.transfers
+        if t.provider is None and not t.from_cache
+    }
+    where = scenario.item_where
+    for attempt in run.result.provider_runs:
+        key = f"{attempt.package_id}.{attempt.version}"
+        ended = (
+            f"exited with {attempt.exit_code}"
+            if attempt.exit_code is not None
+            else "failed without an exit code (a timeout, or it could not start)"
+        )
+        if attempt.left:
+            fail(
+                where,
+                f"the download program leaves nothing in its destination when it does not "
+                f"deliver {key}",
+                f"it {ended} and left {len(attempt.left)} file(s): {', '.join(attempt.left[:5])}",
+                smsts,
+                key="download program: leaves nothing",
+            )
+        for early in _early_retries(run.storage or [], attempt.started, attempt.ended):
+            fail(
+                where,
+                f"the download program waits the Retry-After storage answered before asking "
+                f"again for {key}",
+                early,
+                _excerpt("  storage requests", _storage_lines(run.storage or [])),
+                key="download program: honours Retry-After",
+            )
+        if attempt.outcome == "refused":
+            fail(
+                where,
+                f"the download program exits 0 only with {key}'s files, verified, in its "
+                "destination",
+                f"it exited 0, and what it left did not verify (0x{codes.HASH_MISMATCH:08X}): "
+                "a wrong, missing or extra file",
+                smsts,
+                key="download program: exit 0 means done",
+            )
+        if attempt.outcome == "fell back" and (attempt.package_id, attempt.version) in (
+            delivered_builtin
+        ):
+            fail(
+                where,
+                f"the download program delivers {key} (the scenario's sources can: the built-in "
+                "download did)",
+                f"the program {ended}, and the built-in download it fell back to delivered {key}",
+                smsts,
+                key="download program: delivers",
+            )
+
+
+#: The share of a Retry-After a retry may come early by: the server's clock and ours are not one.
+_RETRY_AFTER_SLACK = 0.9
+
+
+def _early_retries(storage: list[ProxiedRequest], start: float, end: float) -> list[str]:
+    """Requests made between ``start`` and ``end`` (a program's run, real time) sooner after an
+    answer with ``Retry-After`` to the same blob than it asked; one line per such request."""
+    from .._client.retry import parse_retry_after
+
+    during = [r for r in storage if start <= r.started <= end]
+    early = []
+    for index, asked in enumerate(during):
+        wait = parse_retry_after(asked.retry_after) if asked.retry_after else None
+        if not wait:
+            continue
+        again = next((r for r in during[index + 1 :] if r.path == asked.path), None)
+        if again is not None and again.started - asked.started < wait * _RETRY_AFTER_SLACK:
+            early.append(
+                f"{asked.path}: answered {asked.status} with Retry-After: {asked.retry_after}, "
+                f"asked again {again.started - asked.started:.2f}s later"
+            )
+    return early
 
 
 def _check_faults_fired(

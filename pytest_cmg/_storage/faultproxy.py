@@ -296,7 +296,10 @@ class ProxiedRequest:
     ``status`` is the status sent to the client (upstream's or a scripted one), None if no head
     was sent. ``body_bytes`` counts body bytes handed to the client socket. ``outcome`` is None
     while the request is in flight, then one of ``complete``, ``reset``, ``closed``,
-    ``closed_before_headers``, ``upstream_error``, ``client_gone``, ``error``.
+    ``closed_before_headers``, ``upstream_error``, ``client_gone``, ``error``. ``started`` is
+    when the request's head was read (``time.monotonic``, real time whatever ``sleep`` is), and
+    ``retry_after`` the ``Retry-After`` value sent with the answer, if any: together they tell
+    whether a client waited as it was asked to.
     """
 
     number: int
@@ -309,6 +312,8 @@ class ProxiedRequest:
     status: int | None
     body_bytes: int
     outcome: str | None
+    started: float = 0.0
+    retry_after: str | None = None
 
 
 @dataclass
@@ -323,6 +328,8 @@ class _Record:
     status: int | None = None
     body_bytes: int = 0
     outcome: str | None = None
+    started: float = field(default_factory=time.monotonic)
+    retry_after: str | None = None
 
     def snapshot(self) -> ProxiedRequest:
         return ProxiedRequest(
@@ -336,6 +343,8 @@ class _Record:
             status=self.status,
             body_bytes=self.body_bytes,
             outcome=self.outcome,
+            started=self.started,
+            retry_after=self.retry_after,
         )
 
 
@@ -707,7 +716,7 @@ class _Connection:
 
         if plan.delay:
             self.proxy._sleep(plan.delay)
-        self.proxy._set(rec, status=status)
+        self.proxy._set(rec, status=status, retry_after=resp_head.get("Retry-After"))
         self._to_client(resp_head.raw)
 
         assert self.upstream_reader is not None
@@ -744,7 +753,8 @@ class _Connection:
         text += "".join(f"{n}: {v}\r\n" for n, v in headers) + "\r\n"
         if plan.delay:
             self.proxy._sleep(plan.delay)
-        self.proxy._set(rec, status=fault.status)
+        wait = next((v for n, v in headers if n.lower() == "retry-after"), None)
+        self.proxy._set(rec, status=fault.status, retry_after=wait)
         self._to_client(text.encode("latin-1"))
         body = b"" if method == "HEAD" else fault.body
         result = self._pump(iter([(True, body)] if body else []), rec, plan)
@@ -1259,8 +1269,11 @@ class FaultProxy:
         forwarded: bool | None = None,
         status: int | None = None,
         outcome: str | None = None,
+        retry_after: str | None = None,
     ) -> None:
         with self._lock:
+            if retry_after is not None:
+                rec.retry_after = retry_after
             if forwarded is not None:
                 rec.forwarded = forwarded
             if status is not None:

@@ -2,7 +2,9 @@
 
 The full-size benchmark never runs in the suite (``--cmg-bench`` is off); these tests prove that
 what it reports is computed right: statistics, ratios, targets, the JSON layout, the chart,
-``--compare`` pass and fail, and the refusal to run under xdist.
+``--compare`` pass and fail, the refusal to run under xdist, and ``--download-program`` (the
+reference ACP measured through a real fake CMG; programs that fail or lie; programs that cannot
+run).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import contextlib
 import copy
 import io
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -21,7 +24,7 @@ import pytest
 from pytest_cmg._bench._aria2 import Aria2, resolve_aria2
 from pytest_cmg._bench._cases import Sample
 from pytest_cmg._bench._compare import compare, load_baseline
-from pytest_cmg._bench._main import EXIT_BREACHED, EXIT_OK, EXIT_USAGE
+from pytest_cmg._bench._main import EXIT_BREACHED, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from pytest_cmg._bench._report import (
     PEAK_METRIC,
     CaseResult,
@@ -36,6 +39,7 @@ from pytest_cmg._cli import main
 from pytest_cmg._storage.azurite import CACHE_ENV, cache_dir
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+REFERENCE_ACP = Path(__file__).resolve().parents[1] / "examples" / "acp" / "acp.py"
 XDIST_ENV = ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID")
 
 
@@ -393,3 +397,125 @@ def test_bench_items_run_print_the_table_and_fail_on_a_breached_margin(pytester,
     )
     report = json.loads((pytester.path / "out.json").read_text())
     assert {b["group"] for b in report["benchmarks"]} == {"k16", "m1"}
+
+
+# --- --download-program ----------------------------------------------------------------------------
+
+#: What is needed to measure a program on the smallest workload, and nothing else, in seconds.
+PROGRAM_RUN = ("--quick", "--workloads", "k16", "--aria2", "never", "--no-memory", "-q")
+
+
+def test_download_program_is_measured_beside_the_core_through_a_fake_cmg(tmp_path):
+    program = f"{sys.executable} {REFERENCE_ACP} --backoff 0.05"
+    report_path = tmp_path / "run.json"
+    code, table = run_cli(*PROGRAM_RUN, "--download-program", program, "--json", str(report_path))
+    assert code == EXIT_OK, table
+    report = json.loads(report_path.read_text())
+    assert report["bench"]["download_program"] == program
+    cases = {b["extra_info"]["case"]: b["extra_info"] for b in report["benchmarks"]}
+    assert {"core", "sdk", "raw", "hashlib", "program"} <= set(cases)
+    measured = cases["program"]
+    assert measured["mb_per_s"]["median"] > 0 and measured["files_per_s"]["median"] > 0
+    assert measured["bytes"] == QUICK["k16"].total and program in measured["description"]
+    assert measured["cpu_percent"]["median"] > 0  # the child's rusage, not this process's
+
+    ratios = report["ratios"]["k16"]
+    for base in ("core", "hashlib", "raw"):
+        expected = measured["mb_per_s"]["median"] / cases[base]["mb_per_s"]["median"]
+        assert ratios[f"program/{base}"] == pytest.approx(expected)
+    assert f"program = {program}" in table
+    assert any(line.split()[:1] == ["program/core"] for line in table.splitlines())
+    assert any(line.split()[:1] == ["program"] for line in table.splitlines())
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        # Exits 0 having written nothing: every file is missing.
+        (
+            "sys.exit(0)",
+            "exited 0, but its destination is not the package's 200 file(s): 200 missing",
+        ),
+        # Writes one file of the package with the wrong bytes, then exits 0.
+        (
+            "Path(sys.argv[3], 'f000').write_bytes(b'x'); sys.exit(0)",
+            "199 missing (f001, f002, f003, f004, f005, ...); 1 with a wrong size or SHA-256 (f000)",
+        ),
+        (
+            "print('no route to storage'); sys.exit(7)",
+            "exited 7, not 0 with every file written; its last output: no route to storage",
+        ),
+    ],
+    ids=["delivers-nothing", "wrong-bytes", "exits-7"],
+)
+def test_a_download_program_that_fails_or_lies_fails_the_bench(tmp_path, capsys, body, says):
+    liar = tmp_path / "liar.py"
+    liar.write_text(f"import sys\nfrom pathlib import Path\n{body}\n")
+    program = f"{sys.executable} {liar}"
+    code, _ = run_cli(*PROGRAM_RUN, "--download-program", program)
+    err = capsys.readouterr().err
+    assert code == EXIT_FAILED, err
+    assert "bench: the benchmark failed: " in err
+    assert f"the download program {program!r} on workload k16" in err
+    assert says in err
+
+
+def test_a_download_program_that_cannot_run_is_a_usage_error(tmp_path, capsys):
+    not_executable = tmp_path / "acp.sh"
+    not_executable.write_text("#!/bin/sh\nexit 0\n")
+    not_executable.chmod(0o644)
+    cases = [
+        (
+            str(tmp_path / "missing-acp"),
+            "is not an executable file; create it and make it executable",
+        ),
+        (str(not_executable), "is not an executable file; create it and make it executable"),
+        ("no-such-acp-on-path --fast", "'no-such-acp-on-path' is not found on PATH; give a path"),
+        ('"unclosed', "cannot be split into arguments"),
+        ("   ", "no program given; name one"),
+    ]
+    for program, says in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["bench", "--download-program", program])
+        assert exit_info.value.code == EXIT_USAGE, program
+        err = capsys.readouterr().err
+        assert "argument --download-program: " in err and says in err, err
+    assert os.access(REFERENCE_ACP, os.R_OK)
+
+
+def _with_program(program="acp", seconds=4.0):
+    k16 = _result(
+        K16,
+        {"core": (2.0,), "sdk": (5.0,), "raw": (1.0,), "hashlib": (0.1,), "program": (seconds,)},
+    )
+    return build_report([k16], {"rounds": 1, "workers": 8, "download_program": program})
+
+
+def test_program_ratios_are_in_the_report_and_compare_skips_a_baseline_without_them():
+    report = _with_program()
+    # program k16: 4 s against the core's 2, raw's 1 and hashlib's 0.1.
+    ratios = report["ratios"]["k16"]
+    assert ratios["program/core"] == pytest.approx(0.5)
+    assert ratios["program/raw"] == pytest.approx(0.25)
+    assert ratios["program/hashlib"] == pytest.approx(0.025)
+    assert "core/sdk" in ratios  # the core's ratios are unchanged beside them
+    assert "program = acp (--download-program" in render_table(report)
+
+    without = synthetic_report()  # no program at all
+    result = compare(report, without, 0.15)
+    assert result.breaches == []
+    assert "k16 program/core: not in the baseline" in result.skipped
+    result = compare(without, report, 0.15)
+    assert result.breaches == []
+    assert "k16 program/core: not measured in this run" in result.skipped
+    assert compare(report, None, 0.15).checks  # the targets still apply to the core
+
+    # The same program twice as fast in the baseline breaches; another program is not compared.
+    assert [c.metric for c in compare(_with_program(seconds=8.0), report, 0.15).breaches] == [
+        "program/core",
+        "program/hashlib",
+        "program/raw",
+    ]
+    other = compare(_with_program("other-acp", seconds=8.0), report, 0.15)
+    assert other.breaches == []
+    assert any("measured another download program ('acp'" in s for s in other.skipped)

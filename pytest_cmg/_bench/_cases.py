@@ -1,9 +1,10 @@
 """The cases measured on each workload, each timed the way performance.md timed it.
 
 Python clients are timed from the creation of their client or session to the last byte or hash
-(imports and interpreter start-up excluded); aria2c on the wall clock, process start included.
-CPU is the client's: ``process_time`` for in-process cases, ``wait4`` rusage for aria2c. Outputs
-are verified by the runner after the case returns, outside the timed window.
+(imports and interpreter start-up excluded); aria2c and a ``--download-program`` on the wall
+clock, process start included. CPU is the client's: ``process_time`` for in-process cases, the
+child's rusage for aria2c and the program. Outputs are verified after the case returns, outside
+the timed window (by the runner; the program's by ``_program.py``, as the engine reads an ACP's).
 """
 
 from __future__ import annotations
@@ -25,14 +26,17 @@ if TYPE_CHECKING:
     from typing import BinaryIO
 
     from ._aria2 import Aria2
+    from ._program import ProgramGateway
     from ._workloads import Dataset
 
-__all__ = ["CASES", "Case", "CaseContext", "Meter", "Sample", "server_cpu_seconds"]
+__all__ = ["CASES", "PROGRAM", "Case", "CaseContext", "Meter", "Sample", "server_cpu_seconds"]
 
 _CHUNK = 1 << 20
 #: performance.md's SDK figures: download_blob(max_concurrency=8), and 8 threads for many files.
 SDK_CONCURRENCY = 8
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: The case of ``--download-program``, measured only when a program is given.
+PROGRAM = "program"
 
 
 def server_cpu_seconds(pid: int | None) -> float | None:
@@ -97,6 +101,8 @@ class CaseContext:
     workers: int
     server_pid: int | None
     aria2: Aria2 | None = None
+    #: The gateway and program of ``--download-program``, when one was given.
+    program: ProgramGateway | None = None
 
 
 @dataclass(frozen=True)
@@ -248,6 +254,14 @@ def run_hashlib(ctx: CaseContext) -> Sample:
     return _measured(meter)
 
 
+# --- a download program (--download-program) ------------------------------------------------
+
+
+def run_program(ctx: CaseContext) -> Sample:
+    assert ctx.program is not None
+    return ctx.program.run(ctx)
+
+
 CASES: dict[str, Case] = {
     "core": Case(
         "core", "DownloadCore into a fresh folder: SHA-256 verified, files written", run_core
@@ -282,6 +296,14 @@ CASES: dict[str, Case] = {
         "hashlib",
         "hashlib.sha256 over the same bytes from memory, 1 MiB updates, one core",
         run_hashlib,
+        writes=False,
+    ),
+    PROGRAM: Case(
+        PROGRAM,
+        "the --download-program run as the task sequence runs SMSTSDownloadProgram: INI, "
+        "manifest through the fake CMG, SAS downloads; wall clock from its start to its exit",
+        run_program,
+        # Checked by the case itself, as the engine reads what an ACP delivered (read_folder).
         writes=False,
     ),
 }

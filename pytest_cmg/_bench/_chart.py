@@ -19,6 +19,7 @@ _COLOURS = {
     "aria2c": "#2ca02c",
     "raw": "#7f7f7f",
     "hashlib": "#9467bd",
+    "program": "#d62728",
 }
 
 
@@ -64,7 +65,11 @@ def write_chart(report: dict[str, Any], path: Path) -> None:
             ax.text(rate["max"], y, f"  {rate['median']:.3g}", va="center", ha="left", fontsize=8)
         shape = bench.get("workloads", {}).get(workload, {})
         ratios = report.get("ratios", {}).get(workload, {})
-        ratio_text = ", ".join(f"{k} {v:.2f}" for k, v in ratios.items())
+        ratio_text = ", ".join(f"{k} {v:.2f}" for k, v in ratios.items() if k.startswith("core/"))
+        program = [f"{k} {v:.2f}" for k, v in ratios.items() if not k.startswith("core/")]
+        if program:
+            # A line of their own: beside the core's four ratios they would run off the panel.
+            ratio_text += ")\n(" + ", ".join(program)
         ax.set_title(
             f"{workload}: {shape.get('files', '?')} file(s), {shape.get('bytes', 0) / 2**20:.3g} MiB"
             f"  ({ratio_text})",

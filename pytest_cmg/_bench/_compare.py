@@ -4,7 +4,8 @@ Only figures measured in one run are compared (ratios of medians, and the core's
 never absolute MB/s across runs: performance.md found this kind of machine too noisy for that.
 A ratio breaches when it is more than ``margin`` (a fraction) below the baseline's; the peak
 memory when it is more than ``margin`` above. Figures missing on either side are listed as
-skipped, not failed (aria2c may be unavailable on one machine).
+skipped, not failed (aria2c may be unavailable on one machine, a run may have no
+``--download-program``); so are a program's ratios when the baseline measured another program.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._report import PEAK_METRIC, TARGETS, metric_values
+from ._report import PEAK_METRIC, PROGRAM_RATIO, TARGETS, metric_values
 
 __all__ = ["TARGETS_BASELINE", "Check", "Comparison", "compare", "load_baseline"]
 
@@ -106,6 +107,8 @@ def compare(
     current = metric_values(report)
     base = _baseline_values(baseline)
     ran = set(report.get("bench", {}).get("workloads", {}))
+    program = report.get("bench", {}).get("download_program")
+    base_program = (baseline or {}).get("bench", {}).get("download_program")
     result = Comparison(against or ("the targets" if baseline is None else "the baseline"), margin)
     for key in sorted(base):
         workload, metric = key
@@ -113,6 +116,12 @@ def compare(
             continue  # this run did not measure the workload at all
         if key not in current:
             result.skipped.append(f"{workload} {metric}: not measured in this run")
+            continue
+        if metric.startswith(PROGRAM_RATIO) and program != base_program:
+            result.skipped.append(
+                f"{workload} {metric}: the baseline measured another download program "
+                f"({base_program!r}, this run {program!r})"
+            )
             continue
         higher = metric != PEAK_METRIC
         limit = base[key] * (1 - margin) if higher else base[key] * (1 + margin)

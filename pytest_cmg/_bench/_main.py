@@ -1,8 +1,9 @@
 """``python -m pytest_cmg bench``: run the benchmark, print the table, write JSON/PNG, compare.
 
 Exit codes: 0 measured (and within the margin of ``--compare``), 1 a compared figure breached
-the margin, 2 bad usage (unknown workload, unreadable baseline, no matplotlib for ``--chart``),
-3 the benchmark itself failed (Azurite did not start, a case failed or wrote wrong bytes).
+the margin, 2 bad usage (unknown workload, unreadable baseline, no matplotlib for ``--chart``, a
+``--download-program`` that cannot be run), 3 the benchmark itself failed (Azurite did not start,
+a case failed or wrote wrong bytes, the download program exited non-zero or delivered wrong files).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._aria2 import ARIA2_MODES
+from ._program import check_program
 from ._workloads import FULL, parse_workloads
 
 if TYPE_CHECKING:
@@ -84,7 +86,8 @@ def add_bench_parser(
         description=(
             "Start an in-memory Azurite, upload each workload once, run every case once per "
             "round in a shuffled order, and print median/min/max MB/s, CPU% and the core's "
-            "ratios beside their targets. Exit codes: 0 ok, 1 --compare breached, 2 usage, "
+            "ratios beside their targets. With --download-program, an alternate content "
+            "provider is measured beside them. Exit codes: 0 ok, 1 --compare breached, 2 usage, "
             "3 the benchmark failed."
         ),
     )
@@ -135,6 +138,17 @@ def add_bench_parser(
         default="auto",
         help="auto: fetch aria2 from Debian packages into the cache if missing (default); "
         "cached: use it only if already there; never: skip the aria2c case",
+    )
+    bench.add_argument(
+        "--download-program",
+        type=_argtype(check_program),
+        metavar="CMD",
+        help="also measure this alternate content provider (case 'program'), run as the task "
+        "sequence runs SMSTSDownloadProgram: CMD <ini> <PackageID> <destination>, the INI "
+        "pointing at a fake CMG (HTTPS, 127.0.0.1) serving each workload from the same Azurite; "
+        "timed from its start to its exit 0, then every file checked (size, SHA-256, nothing "
+        "extra). Reports its MB/s and program/core, program/hashlib, program/raw; a run that "
+        "exits non-zero or delivers wrong files exits 3",
     )
     bench.add_argument(
         "--no-memory",
@@ -230,6 +244,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any] | int:
         memory=not args.no_memory,
         workdir=args.workdir,
         log=None if args.quiet else log,
+        download_program=args.download_program,
     )
     try:
         with Bench(config) as bench:

@@ -27,6 +27,7 @@ __all__ = [
     "FORMAT",
     "MB",
     "PEAK_METRIC",
+    "PROGRAM_RATIO",
     "TARGETS",
     "CaseResult",
     "MemoryProbe",
@@ -43,6 +44,12 @@ MIB = 1 << 20
 PEAK_METRIC = "core peak MiB"
 #: The cases every ratio divides the core by, in table order.
 _BASES = ("sdk", "aria2c", "hashlib", "raw")
+#: What a ``--download-program``'s rate is divided by: the built-in core, the ceiling of a
+#: verified download (one core's SHA-256) and storage's own ceiling (the fair one for many
+#: small files).
+_PROGRAM_BASES = ("core", "hashlib", "raw")
+#: Ratios of the program case are named ``program/<base>``.
+PROGRAM_RATIO = "program/"
 
 
 @dataclass(frozen=True)
@@ -251,12 +258,21 @@ def _ratios(benchmarks: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
         medians.setdefault(info["workload"], {})[info["case"]] = info["mb_per_s"]["median"]
     ratios: dict[str, dict[str, float]] = {}
     for workload, cases in medians.items():
+        found: dict[str, float] = {}
         core = cases.get("core")
-        if core is None:
-            continue
-        ratios[workload] = {
-            f"core/{base}": core / cases[base] for base in _BASES if cases.get(base)
-        }
+        if core is not None:
+            found.update({f"core/{base}": core / cases[base] for base in _BASES if cases.get(base)})
+        program = cases.get("program")
+        if program is not None:
+            found.update(
+                {
+                    f"{PROGRAM_RATIO}{base}": program / cases[base]
+                    for base in _PROGRAM_BASES
+                    if cases.get(base)
+                }
+            )
+        if found:
+            ratios[workload] = found
     return ratios
 
 
@@ -354,6 +370,11 @@ def render_table(report: dict[str, Any], workloads: list[str] | None = None) -> 
     if bench.get("elapsed_s") is not None:
         lines.append(
             f"whole run (Azurite start, uploads, rounds, checks): {bench['elapsed_s']:.0f} s"
+        )
+    if bench.get("download_program"):
+        lines.append(
+            f"program = {bench['download_program']} (--download-program, run as the task "
+            "sequence runs SMSTSDownloadProgram; manifest through a fake CMG; start to exit)"
         )
     load = bench.get("loadavg")
     if load:

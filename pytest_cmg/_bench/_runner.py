@@ -15,6 +15,9 @@ to be written back during later runs.
 
 The core's peak memory on the big blob is measured once more, untimed, in a child process
 (:mod:`._memprobe`).
+
+With a ``--download-program``, a fake CMG is started beside Azurite for the whole run and serves
+each workload's container while the workload runs (:mod:`._program`).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._aria2 import Aria2, resolve_aria2
-from ._cases import CASES, CaseContext
+from ._cases import CASES, PROGRAM, CaseContext
 from ._report import CaseResult, MemoryProbe, WorkloadResult, build_report
 from ._workloads import FULL, QUICK, Dataset, delete, upload
 
@@ -45,6 +48,7 @@ if TYPE_CHECKING:
     from typing import Self
 
     from .._storage.azurite import AzuriteProcess, BlobEndpoint
+    from ._program import ProgramGateway
 
 __all__ = ["Bench", "BenchConfig", "BenchError"]
 
@@ -68,6 +72,8 @@ class BenchConfig:
     memory: bool = True
     workdir: Path | None = None
     log: Callable[[str], None] | None = field(default=None, compare=False)
+    #: ``--download-program``: a command line (``_program.check_program``'s), or None.
+    download_program: str | None = None
 
 
 def _verify(dest: Path, dataset: Dataset) -> None:
@@ -107,6 +113,7 @@ class Bench:
         self._endpoint: BlobEndpoint | None = None
         self._workdir: Path | None = None
         self._own_workdir = False
+        self._program: ProgramGateway | None = None
         self._loadavg: list[float] = []
         self._started = 0.0
 
@@ -145,9 +152,32 @@ class Bench:
             raise BenchError(msg) from exc
         self._azurite = azurite
         self._say(f"Azurite in memory at {self._endpoint.url} (pid {azurite.pid})")
+        if self.config.download_program is not None:
+            try:
+                self._start_program(self.config.download_program, self._endpoint, self._workdir)
+            except BaseException:
+                self.stop()  # ``with`` calls no __exit__ when __enter__ raises: Azurite is ours
+                raise
         return self
 
+    def _start_program(self, program: str, endpoint: BlobEndpoint, workdir: Path) -> None:
+        from .._errors import PytestCmgError
+        from ._program import ProgramGateway
+
+        gateway = ProgramGateway(program, endpoint, workdir / "program")
+        try:
+            gateway.start()
+        except (PytestCmgError, OSError, ValueError) as exc:
+            gateway.stop()
+            msg = f"the fake CMG for --download-program could not start: {exc}"
+            raise BenchError(msg) from exc
+        self._program = gateway
+        self._say(f"fake CMG at {gateway.url} for the download program {program!r}")
+
     def stop(self) -> None:
+        if self._program is not None:
+            self._program.stop()
+            self._program = None
         if self._azurite is not None:
             self._azurite.stop()
             self._azurite = None
@@ -181,6 +211,8 @@ class Bench:
                 continue
             if name == "aria2c" and self.aria2 is None:
                 continue
+            if name == PROGRAM and self._program is None:
+                continue
             names.append(name)
         return names
 
@@ -202,7 +234,12 @@ class Bench:
         try:
             names = self._case_names(workload.many)
             for case_name in names:
-                result.cases[case_name] = CaseResult(case_name, CASES[case_name].description)
+                description = CASES[case_name].description
+                if case_name == PROGRAM:
+                    description = f"{description}: {self.config.download_program}"
+                result.cases[case_name] = CaseResult(case_name, description)
+            if self._program is not None:
+                self._program.serve(dataset)
             server_pid = self._azurite.pid if self._azurite else None
             for round_no in range(1, self.config.rounds + 1):
                 order = list(names)
@@ -214,6 +251,8 @@ class Bench:
             if self.config.memory and not workload.many and "core" in names:
                 result.memory = self._memory_probe(dataset)
         finally:
+            if self._program is not None:
+                self._program.release()
             with contextlib.suppress(Exception):
                 delete(self._endpoint, container)
             shutil.rmtree(self._workdir / "done", ignore_errors=True)
@@ -231,7 +270,7 @@ class Bench:
         assert self._workdir is not None
         case = CASES[case_name]
         dest = _fresh(self._workdir / "out" / case_name)
-        ctx = CaseContext(dataset, dest, self.config.workers, server_pid, self.aria2)
+        ctx = CaseContext(dataset, dest, self.config.workers, server_pid, self.aria2, self._program)
         label = f"{dataset.workload.name} round {round_no}/{self.config.rounds} {case_name}"
         try:
             sample = case.run(ctx)
@@ -320,6 +359,7 @@ class Bench:
                 if self.aria2
                 else {"reason": self.aria2_reason}
             ),
+            "download_program": self.config.download_program,
             "elapsed_s": round(time.monotonic() - self._started, 1),
             "loadavg": {
                 "start": [round(x, 2) for x in self._loadavg],

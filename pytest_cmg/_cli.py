@@ -416,8 +416,8 @@ class _ProgressBar:
 
 
 def _client(args: argparse.Namespace) -> int:
-    from ._client.download import DownloadCore
-    from ._client.engine import CMGClient, CMGConnection, Step, TaskSequence, TaskSequenceEngine
+    from ._client.engine import CMGConnection, Step, TaskSequence
+    from ._client.factory import build_engine
     from ._client.log import SmstsLog
     from ._protocol.settings import CURRENT_SITE_VERSION, DeploymentSettings
 
@@ -471,19 +471,17 @@ def _client(args: argparse.Namespace) -> int:
 
     bar = _ProgressBar(enabled=sys.stderr.isatty() and not args.no_progress)
     log = SmstsLog(args.log)
-    core = DownloadCore(
-        on_event=lambda line: log.info("DataTransferService", line),
-        on_progress=bar.advance,
-        ca_file=storage_ca,
-        fsync=args.fsync,
-    )
-    engine = TaskSequenceEngine(
-        CMGClient(connection, log, settings),
-        cache,
-        log,
-        deployment,
-        core,
+    engine = build_engine(
+        connection,
+        Path(args.log).parent,
+        log=log,
+        cache=cache,
+        settings=settings,
+        deployment=deployment,
+        storage_ca_file=Path(storage_ca) if storage_ca else None,
         site_version=site_version or CURRENT_SITE_VERSION,
+        on_progress=bar.advance,
+        fsync=args.fsync,
     )
     engine.on_job = bar.job
     try:

@@ -404,10 +404,7 @@ def cmg_client(
     alternate content provider). With HTTPS storage the engines trust its CA, and name it to
     providers.
     """
-    from ._client.cache import ClientCache
-    from ._client.download import DownloadCore
-    from ._client.engine import CMGClient, CMGConnection, TaskSequenceEngine
-    from ._client.log import SmstsLog
+    from ._client.factory import AUTH_KINDS, build_engine, connection_for
 
     engines: list[TaskSequenceEngine] = []
 
@@ -420,40 +417,21 @@ def cmg_client(
         auth: str = "token",
         provider: ContentProvider | None = None,
     ) -> TaskSequenceEngine:
-        if auth not in ("token", "certificate", "azure_ad"):
-            msg = f"cmg_client(auth={auth!r}): choose 'token', 'certificate' or 'azure_ad'"
+        if auth not in AUTH_KINDS:
+            msg = f"cmg_client(auth={auth!r}): choose one of {', '.join(map(repr, AUTH_KINDS))}"
             raise ValueError(msg)
-        client_id = f"GUID:{name}"
-        folder = tmp_path / name
-        log = SmstsLog(folder / "smsts.log")
-        credentials = cmg.issue_client_certificate(client_id) if auth == "certificate" else None
-        connection = CMGConnection(
-            cmg_url=cmg.url,
-            ca_cert=cmg.ca_pem,
-            site_code=cmg.site_code,
-            mp_role_id=cmg.role_id,
-            client_id=client_id,
-            token=cmg.issue_token(client_id) if auth == "token" else None,
-            client_cert=credentials.cert if credentials else None,
-            client_key=credentials.key if credentials else None,
-            aad_token=cmg.issue_aad_token(client_id) if auth == "azure_ad" else None,
-        )
         endpoint = cmg.cloud_dp.endpoint if cmg.cloud_dp is not None else None
         storage_ca = endpoint.ca_cert if endpoint and endpoint.url.startswith("https:") else None
-        core = DownloadCore(
+        engine = build_engine(
+            connection_for(cmg, f"GUID:{name}", auth),
+            tmp_path / name,
+            cache_mb=cache_mb,
+            settings=settings,
+            deployment=deployment,
             retry=cmg_time.policy(),
-            on_event=lambda line: log.info("DataTransferService", line),
-            ca_file=storage_ca,
-        )
-        engine = TaskSequenceEngine(
-            CMGClient(connection, log, settings),
-            ClientCache(folder / "ccmcache", cache_mb),
-            log,
-            deployment,
-            core,
+            storage_ca_file=storage_ca,
             site_version=cmg.settings.site_version,
             provider=provider,
-            storage_ca_file=storage_ca,
         )
         engines.append(engine)
         return engine

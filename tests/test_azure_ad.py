@@ -18,16 +18,13 @@ import requests
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from pytest_cmg import (
-    ClientCache,
-    CMGClient,
     CMGConnection,
     FakeClock,
     FakeCMG,
-    SmstsLog,
     Step,
     TaskSequence,
-    TaskSequenceEngine,
 )
+from pytest_cmg._client.factory import build_engine, connection_for
 from pytest_cmg._protocol import codes
 from pytest_cmg._protocol.ccm import CCM_CONTENT_TYPE, CcmMessage, decode_message, encode_message
 from pytest_cmg._protocol.location import ContentLocationReply, ContentLocationRequest
@@ -86,18 +83,8 @@ def claims_of(jwt):
 
 
 def aad_engine(gateway, folder, cmg_time, aad_token, client_id=CLIENT):
-    log = SmstsLog(folder / "smsts.log")
-    connection = CMGConnection(
-        cmg_url=gateway.url,
-        ca_cert=gateway.ca_pem,
-        site_code=gateway.site_code,
-        mp_role_id=gateway.role_id,
-        client_id=client_id,
-        aad_token=aad_token,
-    )
-    return TaskSequenceEngine(
-        CMGClient(connection, log), ClientCache(folder / "ccmcache"), log, retry=cmg_time.policy()
-    )
+    connection = connection_for(gateway, client_id, "azure_ad", aad_token=aad_token)
+    return build_engine(connection, folder, retry=cmg_time.policy())
 
 
 # --- the accepted paths ---------------------------------------------------------------------

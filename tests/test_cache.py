@@ -768,16 +768,21 @@ def test_two_processes_asking_at_once_make_one_download(cmg, cloud_dp, storage_f
 
 def _driver(config_path: str) -> None:
     """Run the actions of a JSON config with a client engine; print one JSON list of results."""
-    from pytest_cmg import CMGClient, CMGConnection, SmstsLog, TaskSequenceEngine
+    from pytest_cmg import CMGConnection, SmstsLog
+    from pytest_cmg._client.factory import build_engine
     from pytest_cmg._client.retry import VirtualTime
 
     config = json.loads(Path(config_path).read_text())
     connection = dict(config["connection"])
     connection["ca_cert"] = Path(connection["ca_cert"])
-    log = SmstsLog(Path(config["log"]))
+    log_path = Path(config["log"])
     cache = ClientCache(Path(config["cache"]))
-    engine = TaskSequenceEngine(
-        CMGClient(CMGConnection(**connection), log), cache, log, retry=VirtualTime().policy()
+    engine = build_engine(
+        CMGConnection(**connection),
+        log_path.parent,
+        log=SmstsLog(log_path),
+        cache=cache,
+        retry=VirtualTime().policy(),
     )
     peer = config.get("peer_log")
     if peer:

@@ -166,16 +166,16 @@ def test_a_byte_flipped_in_transit_is_a_hash_failure(cmg, cmg_client, two_packag
 
 def test_a_client_that_does_not_trust_the_cmg_never_sends_its_token(cmg, two_packages, tmp_path):
     # reliability.md 31: server certificate validation comes before any credential is sent.
-    from pytest_cmg import ClientCache, CMGClient, CMGConnection, SmstsLog, TaskSequenceEngine
+    from pytest_cmg import CMGConnection
+    from pytest_cmg._client.factory import build_engine
     from pytest_cmg._gateway.pki import CertificateAuthority
 
     stranger = CertificateAuthority("some other CA").write_pem(tmp_path / "other-ca.pem")
-    log = SmstsLog(tmp_path / "smsts.log")
     connection = CMGConnection(
         cmg_url=cmg.url, ca_cert=stranger, site_code=cmg.site_code, mp_role_id=cmg.role_id,
         client_id="GUID:wary", token=cmg.issue_token("GUID:wary"),
     )
-    engine = TaskSequenceEngine(CMGClient(connection, log), ClientCache(tmp_path / "cache"), log)
+    engine = build_engine(connection, tmp_path)
     try:
         result = engine.run(IPU)
     finally:

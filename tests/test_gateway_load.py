@@ -19,15 +19,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from pytest_cmg import (
-    ClientCache,
-    CMGClient,
-    CMGConnection,
-    SmstsLog,
-    Step,
-    TaskSequence,
-    TaskSequenceEngine,
-)
+from pytest_cmg import Step, TaskSequence
+from pytest_cmg._client.factory import build_engine, connection_for
 
 CLIENTS = 50
 PACKAGE = "PS100042"
@@ -105,18 +98,7 @@ def settled(port: int, before: tuple[int, int]) -> tuple[int, int]:
 
 
 def make_engine(cmg, folder, client_id, cmg_time):
-    log = SmstsLog(folder / "smsts.log")
-    connection = CMGConnection(
-        cmg_url=cmg.url,
-        ca_cert=cmg.ca_pem,
-        site_code=cmg.site_code,
-        mp_role_id=cmg.role_id,
-        client_id=client_id,
-        token=cmg.issue_token(client_id),
-    )
-    return TaskSequenceEngine(
-        CMGClient(connection, log), ClientCache(folder / "ccmcache"), log, retry=cmg_time.policy()
-    )
+    return build_engine(connection_for(cmg, client_id), folder, retry=cmg_time.policy())
 
 
 def test_fifty_clients_locate_and_download_at_once(cmg, cloud_dp, tmp_path, cmg_time, capsys):

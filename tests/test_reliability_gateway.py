@@ -30,9 +30,7 @@ import requests
 from cryptography import x509
 
 from pytest_cmg import FakeClock, FakeCMG, Step, TaskSequence
-from pytest_cmg._client.cache import ClientCache
-from pytest_cmg._client.engine import CMGClient, CMGConnection, TaskSequenceEngine
-from pytest_cmg._client.log import SmstsLog
+from pytest_cmg._client.factory import build_engine, connection_for
 from pytest_cmg._gateway.tls import SERVER_CERTIFICATES, WRONG_SERVER_NAME
 from pytest_cmg._protocol import codes
 from pytest_cmg._protocol.ccm import CCM_CONTENT_TYPE, CcmMessage, decode_message, encode_message
@@ -46,6 +44,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from pytest_cmg import CloudDP
+    from pytest_cmg._client.engine import TaskSequenceEngine
 
 PACKAGE = "PS100026"
 PAYLOAD = {"setup.exe": b"MZ" + b"\x90" * 4094, "readme.txt": b"hello"}
@@ -218,17 +217,7 @@ def test_a_gateway_whose_clock_reports_another_zone_mints_and_logs_utc(
 
 def engine_for(gateway: FakeCMG, folder: Path, client_id: str, auth: str) -> TaskSequenceEngine:
     """A client engine that trusts the CA that signed ``gateway``'s certificate."""
-    log = SmstsLog(folder / "smsts.log")
-    connection = CMGConnection(
-        cmg_url=gateway.url,
-        ca_cert=gateway.ca_pem,
-        site_code=gateway.site_code,
-        mp_role_id=gateway.role_id,
-        client_id=client_id,
-        token=gateway.issue_token(client_id) if auth == "token" else None,
-        aad_token=gateway.issue_aad_token(client_id) if auth == "azure_ad" else None,
-    )
-    return TaskSequenceEngine(CMGClient(connection, log), ClientCache(folder / "ccmcache"), log)
+    return build_engine(connection_for(gateway, client_id, auth), folder)
 
 
 def chain_text(error: BaseException | None) -> str:

@@ -14,6 +14,7 @@ import json
 import os
 import shlex
 import shutil
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -21,8 +22,6 @@ import pytest
 from .items import CONFORMANCE_FAILED, CONFORMANCE_ITEM
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from _pytest.terminal import TerminalReporter
 
 __all__ = [
@@ -57,7 +56,9 @@ def check_download_program(program: str, here: Path) -> str:
     argv = shlex.split(program)
     first = argv[0]
     if os.sep in first or (os.altsep is not None and os.altsep in first):
-        path = (here / first).resolve()
+        # Made absolute, not resolved: a virtualenv's python is a link to the base interpreter,
+        # and run through its target it would lose the venv's packages.
+        path = Path(os.path.normpath(here / first))
         if not path.is_file() or not os.access(path, os.X_OK):
             msg = (
                 f"--cmg-download-program={program!r}: {path} is not an executable file; "

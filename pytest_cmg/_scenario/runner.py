@@ -21,9 +21,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from .._client.acp import ALLOW_TOKEN_AUTH, DOWNLOAD_PROGRAM, TOKEN_AUTH_FOR_ACP_SINCE
-from .._client.cache import ClientCache
-from .._client.download import DownloadCore
-from .._client.engine import CMGClient, CMGConnection, TaskSequenceEngine, TaskSequenceResult
 from .._client.log import SmstsLog
 from .._errors import ExpectationFailed
 from .._protocol import codes
@@ -37,6 +34,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
+    from .._client.cache import ClientCache
+    from .._client.engine import CMGConnection, TaskSequenceEngine, TaskSequenceResult
     from .._gateway.pki import Credentials
     from .._gateway.requestlog import LoggedRequest
     from .._gateway.server import FakeCMG
@@ -145,25 +144,12 @@ class World:
         of the world's kind) or ``azure_ad`` (an Azure AD device token of the world's tenant,
         for the device registered as ``client_id``).
         """
-        gateway = self.gateway
-        token = aad_token = None
-        credentials = None
-        if auth == "certificate":
-            credentials = self._certificate(client_id)
-        elif auth == "azure_ad":
-            aad_token = self._aad_token(client_id)
-        else:
-            token = gateway.issue_token(client_id)
-        return CMGConnection(
-            cmg_url=gateway.url,
-            ca_cert=gateway.ca_pem,
-            site_code=gateway.site_code,
-            mp_role_id=gateway.role_id,
-            client_id=client_id,
-            token=token,
-            client_cert=credentials.cert if credentials else None,
-            client_key=credentials.key if credentials else None,
-            aad_token=aad_token,
+        from .._client.factory import connection_for
+
+        credentials = self._certificate(client_id) if auth == "certificate" else None
+        aad_token = self._aad_token(client_id) if auth == "azure_ad" else None
+        return connection_for(
+            self.gateway, client_id, auth, credentials=credentials, aad_token=aad_token
         )
 
     def _certificate(self, client_id: str) -> Credentials:
@@ -518,22 +504,20 @@ def _engine(
     scenario: Scenario, world: World, folder: Path, log: SmstsLog, time: ScenarioTime
 ) -> TaskSequenceEngine:
     """The scenario's client: its cache under ``folder``, retries on ``time``'s virtual clock."""
-    cache = ClientCache(folder / "ccmcache", size_mb=max(1, scenario.cache_size // 2**20))
-    # The engine's own core, plus trust in the storage CA when storage is HTTPS.
-    core = DownloadCore(
+    from .._client.factory import build_engine
+
+    return build_engine(
+        world.connection(CLIENT_ID, scenario.auth),
+        folder,
+        log=log,
+        cache_mb=max(1, scenario.cache_size // 2**20),
+        settings=scenario.client,
+        deployment=scenario.deployment,
         retry=time.policy(),
-        on_event=lambda line: log.info("DataTransferService", line),
-        ca_file=world.storage_ca_cert,
-    )
-    return TaskSequenceEngine(
-        CMGClient(world.connection(CLIENT_ID, scenario.auth), log, scenario.client),
-        cache,
-        log,
-        scenario.deployment,
-        core,
-        site_version=scenario.cmg.site_version,
-        # Named to an alternate content provider, which must trust HTTPS storage as the core does.
+        # Trusted by the core, and named to an alternate content provider, which must trust
+        # HTTPS storage as the core does.
         storage_ca_file=world.storage_ca_cert,
+        site_version=scenario.cmg.site_version,
     )
 
 

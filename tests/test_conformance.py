@@ -581,3 +581,39 @@ def test_a_retry_sooner_than_retry_after_is_reported_only_inside_the_programs_ru
     # An HTTP-date Retry-After is not judged: when it was sent is not known in the same clock.
     dated = [asked(1, 10.0, 503, "Fri, 04 Dec 2026 00:00:00 GMT"), asked(2, 10.1, 200)]
     assert _early_retries(dated, 0.0, 100.0) == []
+
+
+def test_a_torn_file_under_a_package_name_is_seen_when_storage_stalls(tmp_path: Path) -> None:
+    import hashlib
+
+    from pytest_cmg._client.cache import ClientCache
+    from pytest_cmg._protocol.manifest import ContentManifest, ManifestFile
+    from pytest_cmg._scenario.runner import _TornWatch
+
+    data = b"x" * 1000
+    manifest = ContentManifest(
+        package_id="PS100012",
+        version=3,
+        files=(ManifestFile("sources/install.wim", len(data), hashlib.sha256(data).hexdigest()),),
+    )
+    waited: list[float] = []
+    watch = _TornWatch({"PS100012": manifest}, waited.append)
+    cache = ClientCache(tmp_path / "ccmcache")
+    watch.stalled(1.0)  # before the engine exists: nothing to look at, the wait still passes
+    watch.cache = cache
+    entry, provider = cache.final_folders("PS100012", 3)
+    (provider / "sources").mkdir(parents=True)
+    (provider / ".acp-partial").mkdir()
+    (provider / ".acp-partial" / "0").write_bytes(data[:10])  # another name: fine
+    watch.stalled(2.0)
+    assert watch.found == []
+    (provider / "sources" / "install.wim").write_bytes(data[:400])
+    (entry / "sources").mkdir(parents=True)
+    (entry / "sources" / "install.wim").write_bytes(b"y" * 1000)  # whole size, wrong bytes
+    watch.stalled(3.0)
+    assert sorted(watch.found) == [
+        ".staging/.acp-PS100012.3/sources/install.wim: 400 of 1000 bytes",
+        f"PS100012.3/sources/install.wim: 1000 bytes that are not the file's (SHA-256 "
+        f"{hashlib.sha256(b'y' * 1000).hexdigest()[:12]}...)",
+    ]
+    assert waited == [1.0, 2.0, 3.0]

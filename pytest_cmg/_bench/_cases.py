@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._rawget import get_all
+from ._rawget import get_all, get_all_verified
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -29,7 +29,16 @@ if TYPE_CHECKING:
     from ._program import ProgramGateway
     from ._workloads import Dataset
 
-__all__ = ["CASES", "PROGRAM", "Case", "CaseContext", "Meter", "Sample", "server_cpu_seconds"]
+__all__ = [
+    "CASES",
+    "PROGRAM",
+    "RAW_VERIFIED",
+    "Case",
+    "CaseContext",
+    "Meter",
+    "Sample",
+    "server_cpu_seconds",
+]
 
 _CHUNK = 1 << 20
 #: performance.md's SDK figures: download_blob(max_concurrency=8), and 8 threads for many files.
@@ -37,6 +46,8 @@ SDK_CONCURRENCY = 8
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: The case of ``--download-program``, measured only when a program is given.
 PROGRAM = "program"
+#: The verified ceiling (``_rawget.get_all_verified``).
+RAW_VERIFIED = "raw-verified"
 
 
 def server_cpu_seconds(pid: int | None) -> float | None:
@@ -240,6 +251,30 @@ def run_raw(ctx: CaseContext) -> Sample:
     return _measured(meter)
 
 
+# --- the verified ceiling: the same GETs, every byte hashed and written -------------------------
+
+
+def run_raw_verified(ctx: CaseContext) -> Sample:
+    files = ctx.dataset.manifest.files
+    paths = [ctx.dest / f.relpath for f in files]
+    # Folders before the clock, as the core makes each once per download (none for the flat
+    # bench workloads): the timed loop is the GETs, the hash and the writes.
+    for folder in {p.parent for p in paths}:
+        folder.mkdir(parents=True, exist_ok=True)
+    meter = Meter(ctx.server_pid)
+    with meter:
+        received = get_all_verified(
+            [f.url for f in files],
+            [str(p) for p in paths],
+            [f.sha256.lower() for f in files],
+            workers=ctx.workers,
+        )
+    if received != ctx.dataset.workload.total:
+        msg = f"raw-verified: received {received} bytes, expected {ctx.dataset.workload.total}"
+        raise AssertionError(msg)
+    return _measured(meter)
+
+
 # --- the hashing ceiling -------------------------------------------------------------------
 
 
@@ -291,6 +326,13 @@ CASES: dict[str, Case] = {
         "core's concurrency for many files)",
         run_raw,
         writes=False,
+    ),
+    # What a verified download costs on this stack and machine: the ceiling the targets use.
+    RAW_VERIFIED: Case(
+        RAW_VERIFIED,
+        "the raw case's GET loop, every chunk also fed to SHA-256 and written to its file "
+        "(readinto, update, write), digest compared per file; same connections as raw",
+        run_raw_verified,
     ),
     "hashlib": Case(
         "hashlib",

@@ -42,12 +42,13 @@ FORMAT = 1
 MB = 1_000_000
 MIB = 1 << 20
 PEAK_METRIC = "core peak MiB"
-#: The cases every ratio divides the core by, in table order.
-_BASES = ("sdk", "aria2c", "hashlib", "raw")
+#: The cases every ratio divides the core by, in table order. ``raw-verified`` is the ceiling
+#: the targets judge by; ``hashlib`` (one core's SHA-256 from memory) and ``raw`` (storage and
+#: HTTP alone) are kept as information.
+_BASES = ("raw-verified", "sdk", "aria2c", "hashlib", "raw")
 #: What a ``--download-program``'s rate is divided by: the built-in core, the ceiling of a
-#: verified download (one core's SHA-256) and storage's own ceiling (the fair one for many
-#: small files).
-_PROGRAM_BASES = ("core", "hashlib", "raw")
+#: verified download on this stack, one core's SHA-256 and storage's own ceiling.
+_PROGRAM_BASES = ("core", "raw-verified", "hashlib", "raw")
 #: Ratios of the program case are named ``program/<base>``.
 PROGRAM_RATIO = "program/"
 
@@ -56,22 +57,25 @@ PROGRAM_RATIO = "program/"
 class Target:
     workload: str
     metric: str
-    op: str  # ">=" (higher is better) or "<" (lower is better)
+    op: str  # ">=" (higher is better), "<" or "<=" (lower is better)
     value: float
 
     def met(self, measured: float) -> bool:
-        return measured >= self.value if self.op == ">=" else measured < self.value
+        if self.op == ">=":
+            return measured >= self.value
+        return measured <= self.value if self.op == "<=" else measured < self.value
 
 
-#: Issue 4's goals for the download core, from performance.md's conclusions.
+#: Issue 12's goals for the download core: within 10 % of what a verified download costs on
+#: this stack (``raw-verified``) on every workload, whether or not the CPU hashes fast, and
+#: still well ahead of the SDK and aria2c, in bounded memory.
 TARGETS: tuple[Target, ...] = (
-    Target("big", "core/sdk", ">=", 1.8),
-    Target("big", "core/aria2c", ">=", 1.1),
-    Target("big", "core/hashlib", ">=", 0.7),
-    Target("big", PEAK_METRIC, "<", 128),
+    Target("big", "core/raw-verified", ">=", 0.9),
+    Target("big", "core/aria2c", ">=", 1.5),
+    Target("big", PEAK_METRIC, "<=", 64),
+    Target("m1", "core/raw-verified", ">=", 0.9),
     Target("m1", "core/sdk", ">=", 3.5),
-    Target("k16", "core/sdk", ">=", 2.0),
-    Target("k16", "core/raw", ">=", 0.9),
+    Target("k16", "core/raw-verified", ">=", 0.9),
 )
 
 
@@ -394,20 +398,20 @@ def render_table(report: dict[str, Any], workloads: list[str] | None = None) -> 
         size_text = f"{size // MIB} MiB" if size % MIB == 0 else f"{size // 1024} KiB"
         lines += ["", f"{name}: {files} x {size_text}"]
         lines.append(
-            f"  {'case':<11}{'MB/s':>9}{'min':>9}{'max':>9}{'files/s':>10}{'CPU%':>7}{'Azurite%':>10}"
+            f"  {'case':<13}{'MB/s':>9}{'min':>9}{'max':>9}{'files/s':>10}{'CPU%':>7}{'Azurite%':>10}"
         )
         for item in by_workload.get(name, []):
             info = item["extra_info"]
             rate, fps = info["mb_per_s"], info.get("files_per_s")
             server = info.get("server_cpu_percent")
             lines.append(
-                f"  {info['case']:<11}{_num(rate['median'], 9)}{_num(rate['min'], 9)}"
+                f"  {info['case']:<13}{_num(rate['median'], 9)}{_num(rate['min'], 9)}"
                 f"{_num(rate['max'], 9)}{_num(fps['median'] if fps else None, 10, 0)}"
                 f"{_num(info['cpu_percent']['median'], 7, 0)}"
                 f"{_num(server['median'] if server else None, 10, 0)}"
             )
         for case, reason in bench.get("unavailable", {}).get(name, {}).items():
-            lines.append(f"  {case:<11}{reason}")
+            lines.append(f"  {case:<13}{reason}")
         memory = bench.get("memory", {}).get(name)
         if memory:
             lines.append(
@@ -419,7 +423,7 @@ def render_table(report: dict[str, Any], workloads: list[str] | None = None) -> 
             list(ratios) + [t["metric"] for t in targets if t["workload"] == name]
         )
         if shown:
-            lines.append(f"  {'ratio':<16}{'value':>8}  target")
+            lines.append(f"  {'ratio':<20}{'value':>8}  target")
         for metric in shown:
             target = next(
                 (t for t in targets if t["workload"] == name and t["metric"] == metric), None
@@ -436,5 +440,5 @@ def render_table(report: dict[str, Any], workloads: list[str] | None = None) -> 
                 )
                 verdict = f"{target['op']} {target['target']:g}  {state}"
             digits = 1 if metric == PEAK_METRIC else 2
-            lines.append(f"  {metric:<16}{_num(value, 8, digits)}  {verdict}".rstrip())
+            lines.append(f"  {metric:<20}{_num(value, 8, digits)}  {verdict}".rstrip())
     return "\n".join(lines)

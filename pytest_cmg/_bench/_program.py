@@ -34,10 +34,8 @@ from typing import TYPE_CHECKING
 from .._client.acp import (
     TOKEN_AUTH_FOR_ACP_SINCE,
     ProgramProvider,
-    ProviderLocation,
     ProviderRequest,
     ProviderTimeout,
-    ProviderToken,
     read_folder,
 )
 from ._cases import Sample, server_cpu_seconds
@@ -233,39 +231,13 @@ class ProgramGateway:
         """The engine's request for the workload's package (``TaskSequenceEngine._provide``
         with ``SMSTSAllowTokenAuthURLForACP=true``): a location request through the gateway,
         and every record offered, the cloud one with what fetching its manifest takes."""
-        from .._protocol.paths import TOKEN_SIGNATURE_HEADER
+        from .._client.engine import offered_location
 
         assert self._client is not None
         client = self._client
         package = package_id(dataset.workload)
         reply = client.locate(package, VERSION)
-        locations = []
-        for record in reply.records:
-            token = record.access_token
-            auth = None
-            if token is not None:
-                auth = ProviderToken(
-                    tid=token.tid,
-                    iss=token.iss,
-                    alg=token.alg,
-                    st=token.st,
-                    et=token.et,
-                    signature=token.signature,
-                    signature_header=TOKEN_SIGNATURE_HEADER,
-                    manifest_url=client.manifest_url(record),
-                    ca_file=client.connection.ca_cert,
-                    client_token=client.bearer_token(),
-                )
-            locations.append(
-                ProviderLocation(
-                    url=record.url,
-                    dp_type=record.dp_type,
-                    locality=record.locality,
-                    server=record.server_remote_name,
-                    version=record.version,
-                    token=auth,
-                )
-            )
+        locations = [offered_location(client, record) for record in reply.records]
         if not any(location.token_auth for location in locations):
             msg = f"the fake CMG offered no cloud location for {package}: {self._service_log()}"
             raise ProgramFailed(msg)

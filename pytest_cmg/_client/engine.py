@@ -112,6 +112,7 @@ __all__ = [
     "TaskSequence",
     "TaskSequenceEngine",
     "TaskSequenceResult",
+    "offered_location",
 ]
 
 #: The program cannot run at this time because the client is on the internet.
@@ -1177,38 +1178,15 @@ class TaskSequenceEngine:
         offered: list[ProviderLocation] = []
         for record in reply.records:
             token = record.access_token
-            auth: ProviderToken | None = None
-            if token is not None:
-                if withheld:
-                    self.log.info(
-                        "TSManager",
-                        "Not offering the token-authentication source "
-                        f"'{record.server_remote_name}' to the alternate content provider: "
-                        f"{withheld}",
-                    )
-                    continue
-                auth = ProviderToken(
-                    tid=token.tid,
-                    iss=token.iss,
-                    alg=token.alg,
-                    st=token.st,
-                    et=token.et,
-                    signature=token.signature,
-                    signature_header=TOKEN_SIGNATURE_HEADER,
-                    manifest_url=self.client.manifest_url(record),
-                    ca_file=self.client.connection.ca_cert,
-                    client_token=self.client.bearer_token(),
+            if token is not None and withheld:
+                self.log.info(
+                    "TSManager",
+                    "Not offering the token-authentication source "
+                    f"'{record.server_remote_name}' to the alternate content provider: "
+                    f"{withheld}",
                 )
-            offered.append(
-                ProviderLocation(
-                    url=record.url,
-                    dp_type=record.dp_type,
-                    locality=record.locality,
-                    server=record.server_remote_name,
-                    version=record.version,
-                    token=auth,
-                )
-            )
+                continue
+            offered.append(offered_location(self.client, record))
         return tuple(offered)
 
     def _provide(
@@ -1640,6 +1618,36 @@ class _Renewer:
                     codes.BAD_HTTP_STATUS, f"renewed manifest no longer lists {item.relpath}"
                 )
             return self._urls[item.relpath]
+
+
+def offered_location(client: CMGClient, record: LocationRecord) -> ProviderLocation:
+    """``record`` as offered to a content provider: a token-authentication source (the CMG)
+    with what fetching its manifest takes (the token's fields and signature, the manifest URL,
+    the gateway's CA, the client's CCM token). Whether it may be offered is the caller's call
+    (``SMSTSAllowTokenAuthURLForACP``, the site version)."""
+    token = record.access_token
+    auth = None
+    if token is not None:
+        auth = ProviderToken(
+            tid=token.tid,
+            iss=token.iss,
+            alg=token.alg,
+            st=token.st,
+            et=token.et,
+            signature=token.signature,
+            signature_header=TOKEN_SIGNATURE_HEADER,
+            manifest_url=client.manifest_url(record),
+            ca_file=client.connection.ca_cert,
+            client_token=client.bearer_token(),
+        )
+    return ProviderLocation(
+        url=record.url,
+        dp_type=record.dp_type,
+        locality=record.locality,
+        server=record.server_remote_name,
+        version=record.version,
+        token=auth,
+    )
 
 
 def _left_in(folder: Path) -> tuple[str, ...]:

@@ -692,3 +692,25 @@ def test_content_error_is_what_a_lie_raises_from_resolve(cmg, cmg_client, packag
         engine.resolve("PS100013", 1)
     assert caught.value.hresult == codes.HASH_MISMATCH
     assert "net/e1000.inf (1 bytes)" in str(caught.value)
+
+
+def test_a_flooding_program_is_logged_within_the_bounds_and_never_blocks(tmp_path):
+    from pytest_cmg._client.acp import OUTPUT_MAX_LINE, OUTPUT_MAX_LINES
+
+    lines: list[str] = []
+    # More lines than are logged, one of them longer than a line may be, all on a pipe that
+    # would fill (64 KiB) long before the program ends if nobody read it.
+    script = (
+        f"import sys; sys.stdout.write('x' * {OUTPUT_MAX_LINE + 10} + '\\n'); "
+        f"sys.stdout.write(''.join(f'line {{n}}\\n' for n in range({OUTPUT_MAX_LINES + 4}))); "
+        "sys.stderr.write('to stderr\\n')"
+    )
+    runner = ProgramProvider(
+        f"{sys.executable} -c \"{script}\"", timeout=60, temp_dir=tmp_path, on_output=lines.append
+    )
+    (tmp_path / "dest").mkdir()
+    assert runner.fetch(_request(tmp_path)) == 0
+    assert len(lines) == OUTPUT_MAX_LINES + 1
+    assert lines[0] == "x" * OUTPUT_MAX_LINE + "... (10 characters cut)"
+    assert lines[1] == "line 0"
+    assert lines[-1] == f"... 6 more output line(s) not logged (at most {OUTPUT_MAX_LINES} are)"

@@ -20,10 +20,8 @@ program that exits non-zero, times out, or delivers anything else fails the run.
 
 from __future__ import annotations
 
-import os
 import resource
 import shlex
-import shutil
 import signal
 import threading
 import time
@@ -36,6 +34,7 @@ from .._client.acp import (
     ProgramProvider,
     ProviderRequest,
     ProviderTimeout,
+    locate_program,
     read_folder,
 )
 from ._cases import Sample, server_cpu_seconds
@@ -88,21 +87,12 @@ def check_program(text: str) -> str:
     if not argv:
         msg = 'no program given; name one, e.g. "python3 examples/acp/acp.py"'
         raise ValueError(msg)
-    first = argv[0]
-    if os.sep in first or (os.altsep is not None and os.altsep in first):
-        path = Path(first).absolute()
-        if not path.is_file() or not os.access(path, os.X_OK):
-            msg = (
-                f"{text!r}: {path} is not an executable file; create it and make it executable "
-                "(chmod +x), or name an interpreter first (python3 /path/acp.py)"
-            )
-            raise ValueError(msg)
-    elif shutil.which(first) is None:
-        msg = (
-            f"{text!r}: {first!r} is not found on PATH; give a path to the program (./acp.sh) "
-            "or put its folder on PATH"
-        )
-        raise ValueError(msg)
+    try:
+        # Run from the current folder (the bench does not change it), so checked against it.
+        locate_program(argv[0], Path.cwd())
+    except ValueError as error:
+        msg = f"{text!r}: {error}"
+        raise ValueError(msg) from None
     ProgramProvider(text)  # what the engine accepts, whatever is checked above
     return text
 

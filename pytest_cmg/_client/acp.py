@@ -59,6 +59,7 @@ __all__ = [
     "ProviderRequest",
     "ProviderTimeout",
     "ProviderToken",
+    "locate_program",
     "parse_abort_code",
     "read_folder",
     "render_ini",
@@ -402,6 +403,32 @@ class ProgramProvider:
         else:
             self.on_event(f"Process completed with exit code {code}")
         return code
+
+
+def locate_program(first: str, here: Path) -> str:
+    """A program's first word as the engine will start it; ``ValueError`` saying the fix.
+
+    A path (``./acp.sh``) is made absolute against ``here`` and must be an executable file; it
+    is not resolved: a virtual environment's ``python`` is a link to the base interpreter, and
+    run through its target it would lose the environment's packages. Any other word must be
+    found on PATH, and is returned as it is.
+    """
+    if os.sep in first or (os.altsep is not None and os.altsep in first):
+        path = Path(os.path.normpath(here / first))
+        if not path.is_file() or not os.access(path, os.X_OK):
+            msg = (
+                f"{path} is not an executable file; create it and make it executable "
+                "(chmod +x), or name an interpreter first (python3 /path/acp.py)"
+            )
+            raise ValueError(msg)
+        return str(path)
+    if shutil.which(first) is None:
+        msg = (
+            f"{first!r} is not found on PATH; give a path to the program (./acp.sh) or put its "
+            "folder on PATH"
+        )
+        raise ValueError(msg)
+    return first
 
 
 def _pass_lines(stream: IO[bytes], emit: Callable[[str], None]) -> None:

@@ -11,10 +11,7 @@ items run in workers and only the reports reach the controller.
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import shutil
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -22,6 +19,8 @@ import pytest
 from .items import CONFORMANCE_FAILED, CONFORMANCE_ITEM
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from _pytest.terminal import TerminalReporter
 
 __all__ = [
@@ -46,7 +45,7 @@ def check_download_program(program: str, here: Path) -> str:
     or the rootdir for the ini value), since the engine starts the program from whatever folder
     the run (or an xdist worker) is in.
     """
-    from .._client.acp import ProgramProvider
+    from .._client.acp import ProgramProvider, locate_program
 
     try:
         ProgramProvider(program)
@@ -54,27 +53,14 @@ def check_download_program(program: str, here: Path) -> str:
         msg = f"--cmg-download-program: {error}"
         raise pytest.UsageError(msg) from None
     argv = shlex.split(program)
-    first = argv[0]
-    if os.sep in first or (os.altsep is not None and os.altsep in first):
-        # Made absolute, not resolved: a virtualenv's python is a link to the base interpreter,
-        # and run through its target it would lose the venv's packages.
-        path = Path(os.path.normpath(here / first))
-        if not path.is_file() or not os.access(path, os.X_OK):
-            msg = (
-                f"--cmg-download-program={program!r}: {path} is not an executable file; "
-                "create it and make it executable (chmod +x), or name an interpreter first "
-                "(python3 /path/acp.py)"
-            )
-            raise pytest.UsageError(msg)
-        argv[0] = str(path)
-        return shlex.join(argv)
-    if shutil.which(first) is None:
-        msg = (
-            f"--cmg-download-program={program!r}: {first!r} is not found on PATH; give a "
-            "path to the program (./acp.sh) or put its folder on PATH"
-        )
-        raise pytest.UsageError(msg)
-    return program
+    try:
+        located = locate_program(argv[0], here)
+    except ValueError as error:
+        msg = f"--cmg-download-program={program!r}: {error}"
+        raise pytest.UsageError(msg) from None
+    if located == argv[0]:
+        return program  # a name on PATH: the engine finds it as the check did
+    return shlex.join([located, *argv[1:]])
 
 
 def check_report_path(value: str, here: Path) -> Path:

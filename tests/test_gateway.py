@@ -382,3 +382,12 @@ def test_request_log_records_the_gateway_latency(http, cmg, distributed):
     locate(http, cmg, "PS100012", 2)
     [entry] = cmg.log.entries
     assert 0 < entry.elapsed < 10
+
+
+def test_issued_secrets_since_a_mark_are_those_of_the_run_only(cmg) -> None:
+    mark = cmg.secrets_issued
+    token = cmg.issue_token("GUID:secret-mark")
+    again = cmg.issue_token("GUID:secret-mark-2")
+    assert cmg.issued_secrets(since=mark) == [token.rsplit(".", 1)[1], again.rsplit(".", 1)[1]]
+    assert cmg.issued_secrets(since=cmg.secrets_issued) == []
+    assert cmg.issued_secrets()[-2:] == cmg.issued_secrets(since=mark)

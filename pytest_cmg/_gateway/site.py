@@ -271,6 +271,8 @@ class CmgSite:
         #: check that no client log holds one (:meth:`issued_secrets`). Bounded: a long-lived
         #: gateway must not grow without end; the newest are the ones a run checks.
         self._secrets: deque[str] = deque(maxlen=MAX_SECRETS_KEPT)
+        #: Secrets handed out since the site was made (the deque forgets, this does not).
+        self.secrets_issued = 0
         # Bounded like the request log: a flood of refused clients must not grow the gateway.
         self._service_log: deque[str] = deque(maxlen=SERVICE_LOG_LINES)
         self._lock = threading.Lock()
@@ -427,21 +429,24 @@ class CmgSite:
         with self._lock:
             self._errors.append(exc)
 
-    def issued_secrets(self) -> list[str]:
-        """The secrets this site handed out, oldest first (at most :data:`MAX_SECRETS_KEPT`).
+    def issued_secrets(self, since: int = 0) -> list[str]:
+        """The secrets this site handed out, oldest first: those after the first ``since``
+        (a :attr:`secrets_issued` read earlier), of the last :data:`MAX_SECRETS_KEPT`.
 
         Token signatures (CCM tokens' and content access tokens') and SAS signatures (as the
         URL carries them and decoded): whoever holds one can act as the client or read content,
-        so none may appear in a log. A scenario run checks smsts.log against them.
+        so none may appear in a log. A scenario run checks smsts.log against those of its run.
         """
         with self._lock:
-            return list(self._secrets)
+            kept = list(self._secrets)
+            return kept[max(0, len(kept) - (self.secrets_issued - since)) :]
 
     def _keep_secret(self, value: str) -> None:
         # Short values could match ordinary log text by chance; real signatures are far longer.
         if len(value) >= _SECRET_MIN_LENGTH:
             with self._lock:
                 self._secrets.append(value)
+                self.secrets_issued += 1
 
     def service_log(self, message: str) -> None:
         """Append a CMGService.log-style line (the gateway's own log)."""

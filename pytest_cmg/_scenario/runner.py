@@ -357,6 +357,9 @@ def run_scenario(
     gateway = world.gateway
     time = ScenarioTime(datetime.now(UTC), seed=scenario.seed)
     authority = gateway.authority
+    # Only this run's secrets: a session's gateway has handed out thousands, and each one is a
+    # pattern every log line is searched for.
+    secrets_before = gateway.secrets_issued
     wall_clock = authority.clock
     proxy: FaultProxy | None = None
     watch = _TornWatch(world.manifests, time.pass_time)
@@ -408,7 +411,7 @@ def run_scenario(
             unfired=[(event.where, why) for event, why in missed],
             egress_bytes=gateway.egress_bytes,
             seeded=seeded,
-            secrets=gateway.issued_secrets(),
+            secrets=gateway.issued_secrets(since=secrets_before),
             torn=watch.found,
             download_program=download_program,
         )

@@ -5,10 +5,25 @@ Every message names the object, the place, the rule broken and, where there is o
     PytestCmgError
     ├── ProvisioningError        Node or Azurite could not be made available
     ├── ServiceStartError        a service process did not become ready (command + last output)
+    ├── NotRunningError          a service was used before start() or after stop() (RuntimeError)
     ├── ScenarioError            a scenario file breaks the language (file, line, rule, nearest key)
     ├── GatewayError             the fake CMG hit an error while handling a request (re-raised in the test)
     ├── ContentError             the client engine could not obtain verified content (carries an HRESULT)
-    └── ExpectationFailed        a scenario's expectation did not hold (scenario file and line)
+    │   └── CacheSpaceError      the client cache has no room for the content
+    ├── ExpectationFailed        a scenario's expectation did not hold (scenario file and line)
+    ├── ScenarioFailed           a scenario item failed: its failed expectations (_scenario/items.py)
+    └── BenchError               the benchmark could not measure honestly (RuntimeError)
+
+The exceptions the parts raise and catch among themselves (a refused token, a broken connection,
+a malformed CCM message, a download restart) derive from ``PytestCmgError`` too, so that one that
+escapes is still of this tree; ``tests/test_exception_tree.py`` checks every class in the package.
+The one exception is the CLI's signal stop, a ``BaseException`` as ``KeyboardInterrupt`` is.
+
+A bad argument to a Python call (a negative timeout, an unknown name) raises ``ValueError`` or
+``TypeError``, as Python's own functions do; a mistake in a scenario *file* is a
+``ScenarioError`` with its file and line. Where a type changed, it keeps the old builtin type as
+a second base (say so in its docstring), so that an ``except`` written for the old one still
+catches it.
 """
 
 from __future__ import annotations
@@ -21,9 +36,11 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 __all__ = [
+    "BenchError",
     "ContentError",
     "ExpectationFailed",
     "GatewayError",
+    "NotRunningError",
     "ProvisioningError",
     "PytestCmgError",
     "ScenarioError",
@@ -57,6 +74,16 @@ class ServiceStartError(PytestCmgError):
         super().__init__(msg)
 
 
+class NotRunningError(PytestCmgError, RuntimeError):
+    """A service was used while it is not running: before ``start()``, or after ``stop()``.
+
+    Every "not started" misuse raises this one type (``FakeCMG``, ``FaultProxy``), and so does
+    starting a stopped service that cannot start again. It is also a ``RuntimeError``, the type
+    ``FaultProxy`` raised for it before. ``FakeCMG`` raised ``GatewayError`` for it before; that
+    type now means only a request the gateway failed to handle, which a misuse is not.
+    """
+
+
 @dataclass(frozen=True)
 class ScenarioProblem:
     """One rule broken at one place of a scenario file."""
@@ -88,7 +115,8 @@ class GatewayError(PytestCmgError):
 class ContentError(PytestCmgError):
     """The client engine could not obtain verified content.
 
-    ``hresult`` is the code the real client reports for the same failure (protocol.md section 5).
+    ``hresult`` is the code the real client reports for the same failure (docs/emulation.md,
+    "Client", names each code and its source).
     ``resumable`` says the bytes fetched so far were kept (a give-up on transient errors): a
     later try on the same staging folder continues from them instead of starting over.
     """
@@ -108,3 +136,12 @@ class ExpectationFailed(PytestCmgError):
         self.expectation = expectation
         self.detail = detail
         super().__init__(f"{path}:{line}: expectation {expectation} failed\n{detail}")
+
+
+class BenchError(PytestCmgError, RuntimeError):
+    """The benchmark could not measure honestly: a service failed or an output was wrong.
+
+    Raised by ``pytest-cmg bench`` and by a scenario's throughput baseline (a raw read that did
+    not come to the package's size). Also a ``RuntimeError``, the type the scenario baseline
+    raised for it before.
+    """

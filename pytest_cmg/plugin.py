@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     # Named in a string (the stash key below): imported at run time only when it is on.
     from ._scenario.conformance import Conformance  # noqa: F401
     from ._storage.clouddp import CloudDP
-    from ._storage.faultproxy import FaultProxy
+    from ._net.proxy import FaultProxy
 
 _HARNESS = pytest.StashKey[Harness]()
 _DOWNLOAD_PROGRAM = pytest.StashKey[str | None]()
@@ -353,7 +353,7 @@ def storage_faults(cloud_dp: CloudDP) -> Iterator[FaultProxy]:
     Arm faults with ``storage_faults.add(reset_after(1_000_000), request=1)`` (constructors in
     ``pytest_cmg.faults``); ``storage_faults.log`` lists what clients asked storage for.
     """
-    from ._storage.faultproxy import FaultProxy
+    from ._net.proxy import FaultProxy
 
     if not cloud_dp.endpoint.url.startswith("http://"):
         pytest.skip(

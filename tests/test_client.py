@@ -168,7 +168,7 @@ def test_a_client_that_does_not_trust_the_cmg_never_sends_its_token(cmg, two_pac
     # reliability.md 31: server certificate validation comes before any credential is sent.
     from pytest_cmg import CMGConnection
     from pytest_cmg._client.factory import build_engine
-    from pytest_cmg._gateway.pki import CertificateAuthority
+    from pytest_cmg._net.pki import CertificateAuthority
 
     stranger = CertificateAuthority("some other CA").write_pem(tmp_path / "other-ca.pem")
     connection = CMGConnection(

@@ -28,7 +28,7 @@ from pytest_cmg._client.retry import (
     parse_retry_after,
 )
 from pytest_cmg._errors import ContentError
-from pytest_cmg._gateway.pki import CertificateAuthority
+from pytest_cmg._net.pki import CertificateAuthority
 from pytest_cmg._protocol import codes
 from pytest_cmg._protocol.manifest import ContentManifest, ManifestFile
 from pytest_cmg.faults import ignore_range, reset_after, respond

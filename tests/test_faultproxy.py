@@ -17,7 +17,7 @@ import requests
 from azure.storage.blob import BlobSasPermissions, generate_blob_sas
 
 from pytest_cmg._storage.azurite import DEV_ACCOUNT_KEY, AzuriteProcess, BlobEndpoint
-from pytest_cmg._storage.faultproxy import (
+from pytest_cmg.faults import (
     Fault,
     FaultProxy,
     close_after,

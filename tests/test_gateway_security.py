@@ -986,7 +986,7 @@ def test_unreachable_crl_fails_closed_when_checking(cmg, distributed):
 
 
 def test_crl_signed_by_another_ca_is_not_trusted(cmg, distributed):
-    from pytest_cmg._gateway.pki import CertificateAuthority
+    from pytest_cmg._net.pki import CertificateAuthority
 
     credentials = cmg.issue_client_certificate("GUID:forged-crl")
     cmg.tls.crl_path(cmg.tls.client_ca).write_bytes(CertificateAuthority("impostor").crl())

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
     from pytest_cmg import CloudDP, FakeCMG, TaskSequenceEngine
     from pytest_cmg._protocol.manifest import ContentManifest
-    from pytest_cmg._storage.faultproxy import FaultProxy, ProxiedRequest
+    from pytest_cmg.faults import FaultProxy, ProxiedRequest
 
 MiB = 1 << 20
 RELPATH = "sources/install.wim"

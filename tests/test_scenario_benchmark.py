@@ -20,7 +20,7 @@ import pytest
 # modules first imported inside them, and cryptography's bindings reject re-imported classes.
 import pytest_cmg._gateway.server
 import pytest_cmg._storage.clouddp
-import pytest_cmg._storage.faultproxy  # noqa: F401
+import pytest_cmg._net.proxy  # noqa: F401
 from pytest_cmg._client.cache import ClientCache
 from pytest_cmg._client.engine import PackageTransfer, TaskSequenceResult
 from pytest_cmg._errors import ScenarioError

@@ -30,7 +30,7 @@ import pytest
 # modules first imported inside them, and cryptography's bindings reject re-imported classes.
 import pytest_cmg._gateway.server
 import pytest_cmg._storage.clouddp
-import pytest_cmg._storage.faultproxy  # noqa: F401
+import pytest_cmg._net.proxy  # noqa: F401
 from pytest_cmg._client.cache import ClientCache
 from pytest_cmg._client.engine import CMGClient
 from pytest_cmg._errors import ContentError, ExpectationFailed, ScenarioError
@@ -47,7 +47,7 @@ from pytest_cmg._scenario.model import (
 from pytest_cmg._scenario.runner import ScenarioRun, check_expectations, run_scenario, seed_cache
 from pytest_cmg._scenario.timeline import ScenarioTime, Timeline, TimelineFault, storage_faults
 from pytest_cmg._storage.azurite import CACHE_ENV, cache_dir
-from pytest_cmg._storage.faultproxy import ProxiedRequest, reset_after
+from pytest_cmg.faults import ProxiedRequest, reset_after
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

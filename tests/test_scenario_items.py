@@ -10,7 +10,7 @@ import pytest
 # modules first imported inside them, and cryptography's bindings reject re-imported classes.
 import pytest_cmg._gateway.server
 import pytest_cmg._storage.clouddp
-import pytest_cmg._storage.faultproxy  # noqa: F401
+import pytest_cmg._net.proxy  # noqa: F401
 from pytest_cmg._storage.azurite import CACHE_ENV, cache_dir
 
 SCENARIO = """\

@@ -22,7 +22,7 @@ from pytest_cmg._scenario.runner import (
     storage_bytes_by_package,
 )
 from pytest_cmg._scenario.timeline import ScenarioTime, Timeline, TimelineLog, storage_faults
-from pytest_cmg._storage.faultproxy import ProxiedRequest
+from pytest_cmg.faults import ProxiedRequest
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -2,7 +2,7 @@
 
 The product's egress is metered by Azure on the storage account (protocol.md section 6): what
 leaves storage counts, whatever the CMG authorised. :class:`EgressMeter` puts a counting proxy
-(the project's :class:`~pytest_cmg._storage.faultproxy.FaultProxy`, with no fault scripted) in
+(the project's :class:`~pytest_cmg._net.proxy.FaultProxy`, with no fault scripted) in
 front of each storage host the gateway's SAS URLs point at, and sums the body bytes it handed to
 clients for successful reads (``GET`` answered 200 or 206). A transfer cut midway counts the bytes
 that went out; a download resumed with ``Range`` counts only what was sent again.
@@ -19,7 +19,7 @@ import contextlib
 import threading
 from urllib.parse import urlsplit
 
-from .._storage.faultproxy import FaultProxy
+from .._net.proxy import FaultProxy
 
 __all__ = ["EgressMeter"]
 

@@ -105,7 +105,7 @@ if TYPE_CHECKING:
 
     from .._protocol.manifest import ContentManifest
     from .._storage.clouddp import CloudDP
-    from .pki import Credentials
+    from .._net.pki import Credentials
 
 __all__ = ["BODY_LIMITS", "CmgSite", "SiteRequest", "SiteResponse"]
 

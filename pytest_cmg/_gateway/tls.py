@@ -31,7 +31,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from .pki import CertificateAuthority, Credentials
+from .._net.pki import CertificateAuthority, Credentials
 
 if TYPE_CHECKING:
     from collections.abc import Iterable

@@ -1,6 +1,6 @@
 """Running a scenario: build its world on the harness, run the client, check the expectations.
 
-Storage is reached through a :class:`~pytest_cmg._storage.faultproxy.FaultProxy` (when it is
+Storage is reached through a :class:`~pytest_cmg._net.proxy.FaultProxy` (when it is
 plain HTTP, as Azurite is): it injects the scenario's storage faults and counts the bytes served
 per package, which is what ``expect.storage_bytes`` proves on-demand behaviour with. A benchmark
 scenario (``benchmark``) is the exception: its client reaches storage directly, since the proxy
@@ -36,12 +36,12 @@ if TYPE_CHECKING:
 
     from .._client.cache import ClientCache
     from .._client.engine import CMGConnection, TaskSequenceEngine, TaskSequenceResult
-    from .._gateway.pki import Credentials
+    from .._net.pki import Credentials
     from .._gateway.requestlog import LoggedRequest
     from .._gateway.server import FakeCMG
     from .._harness import Harness
     from .._storage.clouddp import CloudDP, PackageSource
-    from .._storage.faultproxy import ProxiedRequest
+    from .._net.proxy import ProxiedRequest
     from .model import PackageSpec, Scenario
     from .spec import Bounds
 
@@ -349,7 +349,7 @@ def run_scenario(
     With ``download_program``, the task sequence hands each package to that program as its
     alternate content provider (:func:`with_download_program`).
     """
-    from .._storage.faultproxy import FaultProxy
+    from .._net.proxy import FaultProxy
 
     if download_program is not None:
         scenario = with_download_program(scenario, download_program)

@@ -26,7 +26,7 @@ from urllib.parse import unquote
 
 from .._client.log import INFO, SmstsLog
 from .._client.retry import RetryPolicy
-from .._storage.faultproxy import Fault
+from .._net.faults import Fault
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from .._gateway.faults import GatewayFault
     from .._gateway.requestlog import LoggedRequest
     from .._gateway.server import FakeCMG
-    from .._storage.faultproxy import FaultProxy, ProxiedRequest
+    from .._net.proxy import FaultProxy, ProxiedRequest
     from .model import TimelineEvent
 
 __all__ = [
@@ -137,7 +137,7 @@ class TimelineLog(SmstsLog):
 
 def storage_faults(params: dict[str, Any]) -> list[Fault]:
     """The fault proxy faults of one ``storage`` entry (several combine on the same request)."""
-    from .._storage import faultproxy as fp
+    from .._net import faults as fp
 
     faults: list[Fault] = []
     if params.get("delay") is not None:

@@ -12,7 +12,7 @@ Three backends hand out the same :class:`BlobEndpoint`:
 The process backend serves plain HTTP by default: the storage fault proxy and the egress meter
 speak HTTP only, and TLS would cost every download CPU for nothing the tests check. With
 ``https=True`` it serves HTTPS (Azurite's ``--cert``/``--key``) with a server certificate from a
-test CA of :mod:`pytest_cmg._gateway.pki`; the endpoint's ``ca_cert`` is that CA, which clients
+test CA of :mod:`pytest_cmg._net.pki`; the endpoint's ``ca_cert`` is that CA, which clients
 must trust, and SAS URLs then carry ``spr=https`` (reliability.md C1, test 25).
 """
 
@@ -550,7 +550,7 @@ class AzuriteProcess:
             return []
         import ipaddress
 
-        from pytest_cmg._gateway.pki import CertificateAuthority
+        from pytest_cmg._net.pki import CertificateAuthority
 
         if self._tls_dir is None:
             self._tls_dir = tempfile.TemporaryDirectory(prefix="pytest-cmg-azurite-tls-")

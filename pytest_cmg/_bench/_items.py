@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from .._errors import PytestCmgError
 from ._main import DEFAULT_ROUNDS, check_margin, check_rounds
 from ._workloads import parse_workloads
 
@@ -113,7 +114,7 @@ def configure_bench(config: pytest.Config) -> None:
     config.pluginmanager.register(BenchPlugin(settings, baseline), "pytest-cmg-bench")
 
 
-class BenchFailure(Exception):
+class BenchFailure(PytestCmgError):
     """A workload's figures breached the compare margin, or its measurement failed."""
 
 

@@ -29,6 +29,7 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .._errors import PytestCmgError
 from .._client.acp import (
     TOKEN_AUTH_FOR_ACP_SINCE,
     ProgramProvider,
@@ -65,7 +66,7 @@ _OUTPUT_TAIL = 20
 _SHOWN = 5
 
 
-class ProgramFailed(Exception):
+class ProgramFailed(PytestCmgError):
     """The download program did not deliver the workload: the benchmark cannot go on."""
 
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._errors import BenchError
 from ._aria2 import Aria2, resolve_aria2
 from ._cases import CASES, PROGRAM, CaseContext
 from ._report import CaseResult, MemoryProbe, WorkloadResult, build_report
@@ -54,10 +55,6 @@ __all__ = ["Bench", "BenchConfig", "BenchError"]
 
 _MEMPROBE_TIMEOUT = 600.0
 _HASH_CHUNK = 1 << 20
-
-
-class BenchError(Exception):
-    """The benchmark could not measure honestly: a service failed or an output was wrong."""
 
 
 @dataclass(frozen=True)

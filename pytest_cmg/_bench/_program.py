@@ -29,7 +29,6 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .._errors import PytestCmgError
 from .._client.acp import (
     TOKEN_AUTH_FOR_ACP_SINCE,
     ProgramProvider,
@@ -38,6 +37,7 @@ from .._client.acp import (
     locate_program,
     read_folder,
 )
+from .._errors import PytestCmgError
 from ._cases import Sample, server_cpu_seconds
 from ._workloads import VERSION, package_id
 

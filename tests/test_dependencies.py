@@ -25,6 +25,7 @@ NOT_IMPORTED_BY_THE_PACKAGE = {
     "types-requests": "stubs for mypy",
     "jsonschema": "tests/test_scenario_schema.py validates the shipped schema",
     "hypothesis": "property-based tests of the parsers",
+    "setuptools": "tests/test_wheel.py builds the wheel without build isolation",
 }
 
 

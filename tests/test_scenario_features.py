@@ -172,11 +172,13 @@ def test_relative_include_and_explicit_fixtures_folder(tmp_path: Path) -> None:
     write(tmp_path, "shared/catalog/drivers.yaml", DRIVERS)
     text = USES_WORLD.replace("include: [worlds/ipu]", "include: [../shared/worlds/ipu.yaml]")
     path = scenario_in(tmp_path, text)
-    # The world's own ``ref: catalog/drivers`` needs the fixtures folder: none is found above.
+    # The world's own ``ref: catalog/drivers`` needs the fixtures folder: none is found above,
+    # and the shipped folder has no such catalog.
     problem = one(path)
     assert problem.path == (tmp_path / "shared/worlds/ipu.yaml").resolve()
     assert problem.line == line_of(problem.path, "ref: catalog/drivers")
-    assert "looked up in the fixtures folder, and none was found" in problem.rule
+    assert "no file catalog/drivers.yaml in the shipped folder" in problem.rule
+    assert "no fixtures folder is set, and none is above" in problem.rule
     assert problem.hint.endswith(f"included from {_rel(path)}:{line_of(path, 'include:')}")
     scenario = load_scenario(path, fixtures=tmp_path / "shared")
     assert [p.id for p in scenario.packages] == ["PS100012", "PS100013"]
@@ -230,11 +232,11 @@ def test_a_world_may_not_name_the_scenario(world: Path) -> None:
 def test_a_missing_include_is_reported_at_its_line(world: Path) -> None:
     path = scenario_in(world, USES_WORLD.replace("worlds/ipu]", "worlds/ipv]"))
     found = problems(path)
-    missing = [p for p in found if "no such file" in p.rule]
+    missing = [p for p in found if "no file" in p.rule]
     assert len(missing) == 1
     assert (missing[0].path, missing[0].line) == (path, line_of(path, "include:"))
     assert "include 'worlds/ipv'" in missing[0].rule
-    assert "did you mean 'ipu.yaml'?" in missing[0].hint
+    assert "did you mean 'worlds/ipu'?" in missing[0].hint
     # Without the world the scenario lacks its task sequence: reported too, at its own line.
     assert any("missing the required key 'task_sequence'" in p.rule for p in found)
 
@@ -292,7 +294,8 @@ def test_a_missing_ref_excuses_the_keys_it_would_give(world: Path) -> None:
     path = scenario_in(world, text)
     problem = one(path)
     assert problem.line == line_of(path, "ref: catalog/nothing")
-    assert "ref 'catalog/nothing': no such file" in problem.rule
+    assert "ref 'catalog/nothing': no file catalog/nothing.yaml in the fixtures folder" in problem.rule
+    assert "(the nearest above the scenario); the shipped folder" in problem.rule
 
 
 def test_the_shipped_fixtures_load() -> None:

@@ -21,8 +21,9 @@ from pytest_cmg._scenario.spec import Validation
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_FILE = ROOT / "docs" / "scenario.schema.json"
 SCENARIOS = sorted((ROOT / "scenarios").rglob("*.cmg.yaml"))
-WORLDS = sorted((ROOT / "fixtures" / "worlds").glob("*.yaml"))
-CATALOG = sorted((ROOT / "fixtures" / "catalog").glob("*.yaml"))
+# The shipped worlds and catalogs (package data) and any of this repository's own in fixtures/.
+WORLDS = sorted([*(ROOT / "pytest_cmg/shipped/worlds").glob("*.yaml"), *(ROOT / "fixtures/worlds").glob("*.yaml")])
+CATALOG = sorted([*(ROOT / "pytest_cmg/shipped/catalog").glob("*.yaml"), *(ROOT / "fixtures/catalog").glob("*.yaml")])
 
 
 @pytest.fixture(scope="module")

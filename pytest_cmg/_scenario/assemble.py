@@ -10,9 +10,12 @@ Rules (documented in docs/scenarios.md):
   earlier ones and the including file overrides them all. Mappings merge key by key, lists are
   replaced, except ``packages``, merged by ``id`` (a package given again overrides the keys it
   gives). A key given empty (``key:``) keeps the included value.
-* ``./`` and ``../`` paths are relative to the file that names them; other paths are relative to
-  the fixtures folder (configured, else the nearest ``fixtures`` folder above the scenario).
-  ``.yaml`` may be left off.
+* ``./`` and ``../`` paths are relative to the file that names them. Other paths are looked up
+  in order: the user's fixtures folder (``--cmg-fixtures``, ini ``cmg_fixtures``, else the nearest
+  ``fixtures`` folder above the scenario), then the worlds and catalogs shipped inside this
+  package (:data:`SHIPPED`). The first folder that has the file wins, so a user's file shadows
+  a shipped one of the same name, also where a shipped world refs it (a later release that
+  ships a new name never changes what an existing include means). ``.yaml`` may be left off.
 * ``packages: [{ref: catalog/x, version: 2}]`` takes the package from a catalog file; the keys
   given next to ``ref`` override the catalog's.
 * ``matrix`` and ``cases`` make one scenario per combination, each validated with its values set.
@@ -47,6 +50,7 @@ if TYPE_CHECKING:
     from .spec import Spec
 
 __all__ = [
+    "SHIPPED",
     "Assembler",
     "CasePlan",
     "compose_file",
@@ -73,6 +77,11 @@ def show(path: Path) -> str:
         return str(path)
 
 
+#: The worlds and catalogs that ship inside the package (package data, see pyproject.toml), so
+#: ``include: [worlds/ipu-world]`` resolves after a plain ``pip install pytest-cmg``.
+SHIPPED = Path(__file__).resolve().parent.parent / "shipped"
+
+
 def find_fixtures(scenario: Path) -> Path | None:
     """The nearest ``fixtures`` folder at or above the scenario's folder."""
     for folder in scenario.resolve().parents:
@@ -80,6 +89,14 @@ def find_fixtures(scenario: Path) -> Path | None:
         if candidate.is_dir():
             return candidate
     return None
+
+
+def _nearest_in(folder: Path, name: str) -> str:
+    """``did you mean 'x'? `` for the YAML file in ``folder`` closest to ``name``, or ''."""
+    if not folder.is_dir():
+        return ""
+    close = difflib.get_close_matches(name, [p.name for p in folder.glob("*.y*ml")], n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
 
 
 class _Mark(Protocol):
@@ -216,7 +233,7 @@ def compose_file(path: Path, v: Validation, *, empty_is_problem: bool = True) ->
                 line,
                 f"character U+{ord(character):04X} at column {column} is not allowed in YAML "
                 "(control characters other than tab and line breaks)",
-                "remove it, or write it as an escape in a double-quoted string, e.g. \"\\x1b\"",
+                'remove it, or write it as an escape in a double-quoted string, e.g. "\\x1b"',
             )
         )
         return None
@@ -299,8 +316,10 @@ def merge_nodes(base: yaml.Node, over: yaml.Node, where: str = "") -> yaml.Node:
             value = below  # ``key:`` given empty keeps what was included
         elif below is not None:
             child = f"{where}.{name}" if where else name
-            if child == "packages" and isinstance(below, yaml.SequenceNode) and isinstance(
-                given, yaml.SequenceNode
+            if (
+                child == "packages"
+                and isinstance(below, yaml.SequenceNode)
+                and isinstance(given, yaml.SequenceNode)
             ):
                 value = _merge_by_id(below, given)
             else:
@@ -352,43 +371,79 @@ class Assembler:
             text += f", {self.v.included_from[source]}"
         self.v.included_from.setdefault(target, text)
 
+    def _folders(self) -> list[tuple[str, Path]]:
+        """Where a name that is not ``./``-relative is looked up, in order, each described."""
+        folders: list[tuple[str, Path]] = []
+        given = self.fixtures is not None
+        root = self._fixtures()
+        if root is not None:
+            how = (
+                "--cmg-fixtures or ini cmg_fixtures" if given else "the nearest above the scenario"
+            )
+            missing = "" if root.is_dir() else ", no such folder"
+            folders.append((f"the fixtures folder {show(root)} ({how}{missing})", root))
+        # The installed package is rarely below the working folder: show it whole, not ../../..
+        shipped = show(SHIPPED)
+        shipped = str(SHIPPED) if shipped.startswith("..") else shipped
+        folders.append((f"the shipped folder {shipped}", SHIPPED))
+        return folders
+
     def _locate(self, entry: yaml.ScalarNode, kind: str) -> Path | None:
         text = str(entry.value).strip()
         origin = self.v.file_of(entry)
         name = text if text.endswith((".yaml", ".yml")) else f"{text}.yaml"
         if text.startswith(("./", "../")) or Path(text).is_absolute():
-            where = "this file's folder"
-            target = origin.parent / name
-        else:
-            root = self._fixtures()
-            if root is None:
-                self.v.problem(
-                    entry,
-                    f"{kind} {shown(text)} is looked up in the fixtures folder, and none was found "
-                    f"above {show(self.v.path)}",
-                    "start the path with ./ or ../ for a file next to this one, or set "
-                    "--cmg-fixtures (ini cmg_fixtures)",
-                )
-                return None
-            where = f"the fixtures folder {show(root)}"
-            target = root / name
-        target = target.resolve()
-        if not target.is_file():
-            near = ""
-            if target.parent.is_dir():
-                names = [p.name for p in target.parent.glob("*.y*ml")]
-                close = difflib.get_close_matches(target.name, names, n=1)
-                near = f"did you mean {close[0]!r}? " if close else ""
+            target = (origin.parent / name).resolve()
+            if target.is_file():
+                return target
+            near = _nearest_in(target.parent, target.name)
             self.v.problem(
                 entry,
                 f"{kind} {shown(text)}: no such file {show(target)}",
-                f"{near}./ and ../ paths are relative to the naming file, others to the fixtures "
-                f"folder; this one was looked up in {where}",
+                f"{near}./ and ../ paths are relative to the file that names them "
+                f"({show(origin)}); leave them off to look in the fixtures folder and the "
+                "shipped worlds",
             )
             return None
-        return target
+        folders = self._folders()
+        for _, folder in folders:
+            target = (folder / name).resolve()
+            if target.is_file():
+                return target
+        known = sorted(
+            {
+                p.relative_to(folder).with_suffix("").as_posix()
+                for _, folder in folders
+                for p in folder.glob("*/*.y*ml")
+            }
+        )
+        close = difflib.get_close_matches(text.removesuffix(".yaml"), known, n=1)
+        near = f"did you mean {close[0]!r}? " if close else ""
+        # Catalog files hold one package, worlds anything else: offer the kind that fits.
+        shipped = sorted(
+            named
+            for p in SHIPPED.glob("*/*.y*ml")
+            if (named := p.relative_to(SHIPPED).with_suffix("").as_posix()).startswith("catalog/")
+            == (kind == "ref")
+        )
+        searched = "; ".join(description for description, _ in folders)
+        user = (
+            ""
+            if len(folders) > 1
+            else (f" (no fixtures folder is set, and none is above {show(self.v.path)})")
+        )
+        self.v.problem(
+            entry,
+            f"{kind} {shown(text)}: no file {name} in {searched}{user}",
+            f"{near}put the file in your fixtures folder (set with --cmg-fixtures DIR, ini "
+            "cmg_fixtures), start the path with ./ or ../ for a file next to this one, or use a "
+            f"shipped one: {', '.join(shipped) or 'none (is the package installed whole?)'}",
+        )
+        return None
 
-    def _load(self, target: Path, entry: yaml.ScalarNode, verb: str, spec: Record) -> yaml.Node | None:
+    def _load(
+        self, target: Path, entry: yaml.ScalarNode, verb: str, spec: Record
+    ) -> yaml.Node | None:
         self._origin(target, entry, verb)
         try:
             node = compose_file(target, self.v)
@@ -397,7 +452,9 @@ class Assembler:
             return None
         if node is None:
             return None
-        spec.check(node, "", Validation(target, self.v.problems, included_from=self.v.included_from))
+        spec.check(
+            node, "", Validation(target, self.v.problems, included_from=self.v.included_from)
+        )
         return node
 
     def _includes(self, node: yaml.Node, stack: list[Path]) -> yaml.Node:
@@ -471,9 +528,7 @@ class CasePlan:
 
     @property
     def values(self) -> tuple[tuple[str, str, str], ...]:
-        return tuple(
-            (s.path, _text(s.value), s.where) for s in self.settings
-        )
+        return tuple((s.path, _text(s.value), s.where) for s in self.settings)
 
     def apply(self, tree: yaml.Node, v: Validation) -> yaml.Node | None:
         for setting in self.settings:
@@ -584,7 +639,9 @@ def _set(
         if token not in ids:
             known = ", ".join(i for i in ids if i) or "none"
             v.problem(
-                setting.key, f"cannot set {shown(setting.path)}: no item with id {token}", f"ids: {known}"
+                setting.key,
+                f"cannot set {shown(setting.path)}: no item with id {token}",
+                f"ids: {known}",
             )
             return None
         index = ids.index(token)
@@ -664,5 +721,7 @@ def plan_cases(tree: yaml.Node, spec: Record, v: Validation, *, max_cases: int) 
     for duplicate in sorted({i for i in ids if ids.count(i) > 1}):
         anchor = matrix if matrix is not None else cases
         assert anchor is not None
-        v.problem(anchor, f"two items would have the same ID {shown(duplicate)}", "make the values differ")
+        v.problem(
+            anchor, f"two items would have the same ID {shown(duplicate)}", "make the values differ"
+        )
     return plans

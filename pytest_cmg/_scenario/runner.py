@@ -22,7 +22,7 @@ from urllib.parse import unquote
 
 from .._client.acp import ALLOW_TOKEN_AUTH, DOWNLOAD_PROGRAM, TOKEN_AUTH_FOR_ACP_SINCE
 from .._client.log import SmstsLog
-from .._errors import ExpectationFailed
+from .._errors import ExpectationFailed, ScenarioError, ScenarioProblem
 from .._protocol import codes
 from .._protocol.manifest import ContentManifest, ManifestFile
 from .._protocol.paths import Endpoint
@@ -595,12 +595,12 @@ def _no_storage_faults(scenario: Scenario, url: str) -> None:
     for event in scenario.timeline:
         if event.kind == "storage":
             path, line = scenario.location(event.where)
-            msg = (
-                f"{path}:{line}: {event.where}: storage faults need plain-http storage behind "
-                f"the fault proxy, and storage is {url.split(':', 1)[0]} ({url}); run this "
-                "scenario without HTTPS storage (--cmg-storage-https)"
+            rule = (
+                f"{event.where}: storage faults need plain-http storage behind the fault proxy, "
+                f"and storage is {url.split(':', 1)[0]} ({url})"
             )
-            raise RuntimeError(msg)
+            hint = "run this scenario without HTTPS storage (--cmg-storage-https)"
+            raise ScenarioError([ScenarioProblem(path, line, rule, hint)])
 
 
 def storage_bytes_by_package(storage: list[ProxiedRequest]) -> dict[str, int]:

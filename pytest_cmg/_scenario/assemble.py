@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import yaml
 
+from .._errors import PytestCmgError
 from .limits import (
     MAX_NESTING,
     MAX_SCENARIO_FILE_BYTES,
@@ -105,7 +106,7 @@ class _Mark(Protocol):
     line: int
 
 
-class _TooMuch(Exception):
+class _TooMuch(PytestCmgError):
     """A document broke one of the size limits while it was composed."""
 
     def __init__(self, mark: _Mark | None, rule: str, hint: str) -> None:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .._bench._rawget import get_all
+from .._errors import BenchError
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -175,7 +176,7 @@ def raw_seconds(urls: Sequence[str], total: int, *, workers: int, ca_file: Path 
     seconds = time.perf_counter() - started
     if received != total:
         msg = f"raw baseline read {received} bytes, the package has {total}"
-        raise RuntimeError(msg)
+        raise BenchError(msg)
     return seconds
 
 

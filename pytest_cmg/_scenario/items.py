@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from .._client.acp import ABORT_CODE, ALLOW_TOKEN_AUTH, DOWNLOAD_PROGRAM
-from .._errors import ExpectationFailed, ScenarioError, ScenarioProblem
+from .._errors import ExpectationFailed, PytestCmgError, ScenarioError, ScenarioProblem
 from .benchmark import report_lines, throughput_properties
 from .limits import nearest, shown
 from .model import Scenario, load_scenarios
@@ -253,7 +253,7 @@ def _failure_record(failure: ExpectationFailed, root: Path) -> dict[str, Any]:
     }
 
 
-class ScenarioFailed(Exception):
+class ScenarioFailed(PytestCmgError):
     """One or more expectations of a scenario did not hold."""
 
     def __init__(

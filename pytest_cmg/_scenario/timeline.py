@@ -237,8 +237,10 @@ class Timeline:
                 self.armed[event.where] = armed
         elif event.kind == "storage":
             if self.proxy is None:
+                # The runner refuses such a scenario before it starts (a ScenarioError with
+                # its file and line): reaching this is a bug, not a scenario mistake.
                 msg = f"{event.where}: storage faults need plain-http storage behind the fault proxy"
-                raise RuntimeError(msg)
+                raise AssertionError(msg)
             for scripted in storage_faults(params):
                 self.proxy.add(
                     TimelineFault.of(scripted, event.where),

@@ -30,6 +30,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Literal
 
+from .._errors import PytestCmgError
 from .wire import (
     IO_CHUNK,
     BadMessageError,
@@ -68,7 +69,7 @@ _IGNORE_RANGE_DROPS = frozenset(
 )
 
 
-class _UpstreamError(Exception):
+class _UpstreamError(PytestCmgError):
     """Upstream could not be reached, closed early, or answered garbage."""
 
     def __init__(self, reason: str, *, retryable: bool = False) -> None:
@@ -76,7 +77,7 @@ class _UpstreamError(Exception):
         self.retryable = retryable
 
 
-class _ClientGoneError(Exception):
+class _ClientGoneError(PytestCmgError):
     """The client socket failed while we were writing to it."""
 
 

@@ -72,6 +72,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
+from .._errors import NotRunningError
 from .connection import Connection
 from .faults import Fault, Plan
 
@@ -215,7 +216,7 @@ class FaultProxy:
         with self._lock:
             if self._stopped:
                 msg = "a stopped FaultProxy cannot be started again; create a new one"
-                raise RuntimeError(msg)
+                raise NotRunningError(msg)
             if self._started:
                 return self
             self._started = True
@@ -307,8 +308,8 @@ class FaultProxy:
     @property
     def port(self) -> int:
         if self._port is None:
-            msg = "the fault proxy is not started"
-            raise RuntimeError(msg)
+            msg = "the fault proxy is not started; call start() or use it as a context manager"
+            raise NotRunningError(msg)
         return self._port
 
     @property

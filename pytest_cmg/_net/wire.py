@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from .._errors import PytestCmgError
+
 if TYPE_CHECKING:
     import socket
     from collections.abc import Iterator
@@ -50,7 +52,7 @@ MAX_HEAD = 64 * 1024
 IO_CHUNK = 64 * 1024
 
 
-class BadMessageError(Exception):
+class BadMessageError(PytestCmgError):
     """The peer sent something this proxy cannot parse as HTTP/1.1."""
 
 

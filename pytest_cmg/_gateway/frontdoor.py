@@ -39,6 +39,7 @@ from urllib.parse import unquote_to_bytes, urlsplit
 
 import h11
 
+from .._errors import PytestCmgError
 from .site import SiteRequest, SiteResponse
 
 if TYPE_CHECKING:
@@ -92,11 +93,11 @@ class FrontDoorLimits:
                 raise ValueError(msg)
 
 
-class _ClientFault(Exception):
+class _ClientFault(PytestCmgError):
     """The client broke the exchange (timeout, disconnect, short body): log it, close."""
 
 
-class _Malformed(Exception):
+class _Malformed(PytestCmgError):
     """HTTP.sys refuses the request with its own page; ``detail`` is for the log only."""
 
     def __init__(self, status: int, title: str, detail: str) -> None:

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._errors import GatewayError
+from .._errors import NotRunningError
 from .frontdoor import FrontDoor, FrontDoorLimits
 from .site import CmgSite
 from .tls import GatewayTLS
@@ -87,7 +87,7 @@ class FakeCMG(CmgSite):
     def port(self) -> int:
         if self._door is None:
             msg = "FakeCMG is not started; call start() or use it as a context manager"
-            raise GatewayError(msg)
+            raise NotRunningError(msg)
         return self._door.port
 
     @property

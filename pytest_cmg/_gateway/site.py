@@ -47,7 +47,7 @@ from xml.etree import ElementTree as ET
 
 from cryptography import x509
 
-from .._errors import GatewayError
+from .._errors import GatewayError, NotRunningError, PytestCmgError
 from .._protocol.ccm import (
     CCM_CONTENT_TYPE,
     CcmMessage,
@@ -187,7 +187,7 @@ class SiteResponse:
     close: bool = False
 
 
-class _Refusal(Exception):
+class _Refusal(PytestCmgError):
     """Raised inside the site's logic to answer with an error status and log why."""
 
     def __init__(
@@ -286,7 +286,7 @@ class CmgSite:
     def tls(self) -> GatewayTLS:
         if self._tls is None:
             msg = "FakeCMG is not started; its certificates exist only while it runs"
-            raise GatewayError(msg)
+            raise NotRunningError(msg)
         return self._tls
 
     @property

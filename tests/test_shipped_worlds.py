@@ -1,0 +1,87 @@
+"""Where ``include:`` and ``ref:`` names are looked up: the user's fixtures folder, then the
+worlds and catalogs shipped in the package; the first that has the file wins."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pytest_cmg._errors import ScenarioError
+from pytest_cmg._scenario.assemble import SHIPPED
+from pytest_cmg._scenario.model import load_scenario
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+USER = """\
+scenario: a user's scenario on the small in-place upgrade world
+include: [worlds/small-ipu-world]
+expect:
+  outcome: success
+"""
+
+
+def write(root: Path, relative: str, text: str) -> Path:
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def line_of(path: Path, text: str) -> int:
+    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line)
+
+
+def test_shipped_worlds_and_catalogs_resolve_without_any_fixtures_folder(tmp_path: Path) -> None:
+    scenario = load_scenario(write(tmp_path, "s.cmg.yaml", USER))
+    assert [p.id for p in scenario.packages] == ["PS100012", "PS100013"]
+    world = (SHIPPED / "worlds/ipu-world.yaml").resolve()
+    assert scenario.location("cmg.site_version") == (world, line_of(world, "site_version"))
+    catalog = (SHIPPED / "catalog/drivers-contoso-ja.yaml").resolve()
+    assert scenario.location("packages[1].locale") == (catalog, line_of(catalog, "locale"))
+
+
+def test_a_users_file_shadows_the_shipped_one_also_where_a_shipped_world_refs_it(
+    tmp_path: Path,
+) -> None:
+    mine = tmp_path / "mine"
+    write(
+        mine,
+        "catalog/os-upgrade-win11.yaml",
+        "id: PS100012\ntype: os_upgrade\nversion: 7\nfiles: 2\nsize: 64KiB\n",
+    )
+    path = write(tmp_path, "scenarios/s.cmg.yaml", USER)
+    scenario = load_scenario(path, fixtures=mine)
+    upgrade = scenario.packages[0]
+    # The user's catalog entry, with the shipped small world's size on top of it.
+    assert (upgrade.version, upgrade.files, upgrade.size) == (7, 2, 1024**2)
+    # Without the user's folder the shipped catalog entry is used.
+    assert load_scenario(path).packages[0].version == 3
+
+
+def test_the_nearest_fixtures_folder_comes_before_the_shipped_one(tmp_path: Path) -> None:
+    write(
+        tmp_path, "fixtures/worlds/small-ipu-world.yaml", "include: [worlds/ipu-world]\nseed: 77\n"
+    )
+    scenario = load_scenario(write(tmp_path, "scenarios/s.cmg.yaml", USER))
+    assert scenario.seed == 77
+    # ... and its own non-relative include went on to the shipped world.
+    assert [p.size for p in scenario.packages] == [24 * 1024**2, 2 * 1024**2]
+
+
+def test_a_configured_folder_that_does_not_exist_is_named_in_the_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "s.cmg.yaml", USER.replace("small-ipu-world", "small-ipu-wrld"))
+    try:
+        load_scenario(path, fixtures=tmp_path / "nowhere")
+    except ScenarioError as exc:
+        problems = [p for p in exc.problems if "small-ipu-wrld" in p.rule]
+    else:
+        raise AssertionError("an unknown include must be a scenario error")
+    assert len(problems) == 1
+    problem = problems[0]
+    assert (problem.path, problem.line) == (path, 2)
+    assert "(--cmg-fixtures or ini cmg_fixtures, no such folder)" in problem.rule
+    assert (
+        f"; the shipped folder {SHIPPED}" in problem.rule
+        or "; the shipped folder pytest_cmg/shipped" in problem.rule
+    )
+    assert problem.hint.startswith("did you mean 'worlds/small-ipu-world'? ")

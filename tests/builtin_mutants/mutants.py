@@ -87,7 +87,7 @@ MUTANTS = (
     Mutant(
         "file-hash-not-compared",
         "[the hash is not compared] a downloaded file's size is checked, its SHA-256 never",
-        "_client/download.py",
+        "_client/_job.py",
         (
             (
                 "if self.hashed != item.size or actual != item.sha256.lower():",
@@ -99,7 +99,7 @@ MUTANTS = (
         "range-200-used",
         "[a 200 answer to a range request is used] any success status is taken as the answer "
         "to the range, so a 200's full body is written from the resume offset",
-        "_client/download.py",
+        "_client/_request.py",
         (
             (
                 "if ranged and status == 200:",
@@ -111,11 +111,11 @@ MUTANTS = (
         "retry-after-ignored",
         "[Retry-After is ignored] a transient status's Retry-After is not read: the core's own "
         "backoff is used",
-        "_client/download.py",
+        "_client/_request.py",
         (
             (
-                'raise _Transient(reason, parse_retry_after(headers.get("retry-after")))',
-                "raise _Transient(reason)",
+                'raise Transient(reason, parse_retry_after(headers.get("retry-after")))',
+                "raise Transient(reason)",
             ),
         ),
     ),
@@ -168,7 +168,7 @@ MUTANTS = (
         "sas-in-the-log",
         "[the SAS signature is written to the log] a storage request that failed with a status "
         "is logged with its full URL, SAS query and all",
-        "_client/download.py",
+        "_client/_request.py",
         (
             (
                 'reason = f"GET {redact(url)} answered {status}"',
@@ -193,8 +193,8 @@ MUTANTS = (
         "writes-final-name",
         "[bytes are written straight to the final name] a file downloads under its own name, "
         "not <name>.part",
-        "_client/download.py",
-        (("self.part = self.target + _PART", "self.part = self.target"),),
+        "_client/_job.py",
+        (("self.part = self.target + PART", "self.part = self.target"),),
     ),
     Mutant(
         "retry-count-off-by-one",

@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
-from pytest_cmg import CmgSettings, FakeCMG, GatewayError
+from pytest_cmg import CmgSettings, FakeCMG, GatewayError, NotRunningError
 from pytest_cmg._protocol.ccm import CCM_CONTENT_TYPE, CcmMessage, decode_message, encode_message
 from pytest_cmg._protocol.location import ContentLocationReply, ContentLocationRequest
 from pytest_cmg._protocol.manifest import ContentManifest
@@ -249,7 +249,10 @@ def test_gateway_works_without_pytest_fixtures(cloud_dp):
         response = locate(session, gateway, "PS100099", 1)
         assert response.status_code == 200
         port = gateway.port
-    with pytest.raises(GatewayError, match="not started"):
+    # Every not-started misuse is NotRunningError (also a RuntimeError), not a GatewayError.
+    with pytest.raises(NotRunningError, match="not started"):
+        _ = gateway.url
+    with pytest.raises(RuntimeError, match="not started"):
         _ = gateway.url
     assert port > 0
 

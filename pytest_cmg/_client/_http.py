@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from .._errors import PytestCmgError
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
@@ -38,7 +40,7 @@ _MAX_HEAD = 64 * 1024
 _MAX_DRAIN = 256 * 1024
 
 
-class TransportError(Exception):
+class TransportError(PytestCmgError):
     """The connection failed (refused, reset, timed out, closed early, or not HTTP).
 
     ``stale`` is true when a *reused* connection failed before a single response byte arrived:

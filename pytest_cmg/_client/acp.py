@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol, runtime_checkable
 
+from .._errors import PytestCmgError
 from .._protocol.location import CALG_SHA_256
 
 if TYPE_CHECKING:
@@ -171,8 +172,11 @@ class ContentProvider(Protocol):
         ...
 
 
-class ProviderTimeout(TimeoutError):
-    """A program did not exit in time; its process group was killed."""
+class ProviderTimeout(PytestCmgError, TimeoutError):
+    """A program did not exit in time; its process group was killed.
+
+    Also a ``TimeoutError``, its only base before it joined the one exception tree.
+    """
 
 
 def parse_abort_code(value: str) -> int:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from xml.etree import ElementTree as ET
 
+from .._errors import PytestCmgError
 from .xml import parse_untrusted
 
 __all__ = [
@@ -51,8 +52,11 @@ _HEADER_MAX_ELEMENTS = 128
 _HEADER_MAX_DEPTH = 8
 
 
-class EnvelopeError(ValueError):
-    """The bytes are not a well-formed CCM message; the gateway answers 400."""
+class EnvelopeError(PytestCmgError, ValueError):
+    """The bytes are not a well-formed CCM message; the gateway answers 400.
+
+    Also a ``ValueError``, its only base before it joined the one exception tree.
+    """
 
 
 @dataclass

@@ -82,8 +82,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         dest="cmg_fixtures",
         default=None,
         metavar="DIR",
-        help="folder of shared worlds and package catalogs for scenario include/ref "
-        "(default: the nearest 'fixtures' folder above each scenario)",
+        help="your folder of shared worlds and package catalogs for scenario include/ref, "
+        "looked in before the ones shipped with pytest-cmg (default: the nearest 'fixtures' "
+        "folder above each scenario)",
     )
     parser.addini(
         "cmg_fixtures",

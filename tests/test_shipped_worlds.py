@@ -85,3 +85,13 @@ def test_a_configured_folder_that_does_not_exist_is_named_in_the_error(tmp_path:
         or "; the shipped folder pytest_cmg/shipped" in problem.rule
     )
     assert problem.hint.startswith("did you mean 'worlds/small-ipu-world'? ")
+
+
+def test_the_repository_keeps_one_copy_of_each_shipped_file() -> None:
+    """fixtures/ holds only this repository's own data: a copy of a shipped file there would
+    silently shadow the shipped one for the suite, and the two would drift apart."""
+    root = SHIPPED.parent.parent / "fixtures"
+    own = {p.relative_to(root).as_posix() for p in root.rglob("*.y*ml")}
+    shipped = {p.relative_to(SHIPPED).as_posix() for p in SHIPPED.rglob("*.y*ml")}
+    assert shipped, "the shipped worlds are missing from pytest_cmg/shipped"
+    assert not own & shipped, f"in both fixtures/ and pytest_cmg/shipped/: {sorted(own & shipped)}"

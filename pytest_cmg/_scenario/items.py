@@ -65,8 +65,8 @@ class ScenarioFile(pytest.File):
 
     :param harness: called when an item runs, never at collection, so ``--collect-only`` starts
         no service. The plugin passes it in; this module never imports the plugin.
-    :param fixtures: the fixtures folder for includes and refs (None: the nearest ``fixtures``
-        folder above the file).
+    :param fixtures: the user's fixtures folder for includes and refs (None: the nearest
+        ``fixtures`` folder above the file), looked in before the shipped worlds.
     """
 
     def __init__(

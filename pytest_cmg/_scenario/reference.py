@@ -48,11 +48,20 @@ collection error at its line.
 `{at_least: n, at_most: m}` with either bound; `elapsed` takes `{min: ..., max: ...}`.
 
 **Includes.** `include: [worlds/ipu-world]` merges shared world files under the scenario, in
-order. A path starting with `./` or `../` is relative to the file that names it; any other path
-is relative to the fixtures folder (`--cmg-fixtures`, ini `cmg_fixtures`, else the nearest
-`fixtures` folder above the scenario); `.yaml` may be left off. Later files override earlier
-ones and the scenario overrides them all: mappings merge key by key, lists are replaced, except
-`packages`, which merge by `id` (a package given again changes only the keys it gives). A world
+order. A path starting with `./` or `../` is relative to the file that names it. Any other path
+is looked up in two folders, in this order: the user's fixtures folder (`--cmg-fixtures`, ini
+`cmg_fixtures`, else the nearest `fixtures` folder above the scenario), then the worlds and
+catalogs shipped inside pytest-cmg (`pytest_cmg/shipped`: `worlds/ipu-world`,
+`worlds/small-ipu-world`, `catalog/os-upgrade-win11`, `catalog/drivers-contoso-ja`,
+`catalog/language-pack-it`, `catalog/office-app`; they come with `pip install pytest-cmg`). The
+first folder that has the file wins: a file of yours shadows a shipped one of the same name,
+also where a shipped world refs it, and a later release that ships a new name never changes
+what your include means. A name found in neither is a collection error at its line that lists
+the folders searched, the nearest name and the shipped ones. `.yaml` may be left off.
+
+Later files override earlier ones and the scenario overrides them all: mappings merge key by
+key, lists are replaced, except `packages`, which merge by `id` (a package given again changes
+only the keys it gives). A world
 may include others; cycles are errors. A world holds any scenario key except `scenario`,
 `description`, `markers`, `matrix` and `cases`, none required. Problems in a world are reported
 at its own line, with the line that included it. Name shared files `*.yaml`, not `*.cmg.yaml`, so

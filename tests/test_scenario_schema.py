@@ -73,6 +73,7 @@ def test_the_schema_carries_docs_enums_and_size_patterns() -> None:
         {"required": ["storage"]},
         {"required": ["service"]},
         {"required": ["clock"]},
+        {"required": ["restart"]},
     ]
 
 

@@ -39,8 +39,8 @@ import shutil
 import ssl
 import threading
 import time
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Literal, NoReturn
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 from urllib.parse import urlencode
 
 import requests
@@ -72,6 +72,7 @@ from .._protocol.settings import (
     LaunchContext,
     launch_refusal,
 )
+from . import tsenv
 from .acp import (
     ABORT_CODE,
     ALLOW_TOKEN_AUTH,
@@ -90,6 +91,7 @@ from .acp import (
 from .cache import CacheEntry, CacheSpaceError
 from .download import DownloadCore, redact
 from .tscache import WORKING_DIRECTORY, TaskSequenceCache, place
+from .tsenv import SetupState, TsEnv
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -108,6 +110,7 @@ __all__ = [
     "ContentDestination",
     "PackageTransfer",
     "ProviderRun",
+    "Setup",
     "Step",
     "TaskSequence",
     "TaskSequenceEngine",
@@ -163,12 +166,22 @@ def _int_variable(variables: dict[str, str], name: str, default: int) -> int:
 
 
 DOWNLOAD_PACKAGE_CONTENT = "download_package_content"
+UPGRADE_OS = "upgrade_os"
+RESTART_COMPUTER = "restart_computer"
 STEP_ACTIONS = (
     "run_command_line",
-    "upgrade_os",
+    UPGRADE_OS,
     DOWNLOAD_PACKAGE_CONTENT,
     "apply_driver_package",
+    RESTART_COMPUTER,
 )
+#: Variables the product sets when Windows Setup hands the machine back (Microsoft Learn: Task
+#: sequence variables): Setup's exit code, in decimal, and TRUE after a rollback.
+UPGRADE_RETURN_CODE = "_SMSTSOSUpgradeActionReturnCode"
+SETUP_ROLLBACK = "_SMSTSSetupRollback"
+#: Where Upgrade Operating System leaves the scripts Setup runs at its end (Microsoft Learn:
+#: Upgrade Operating System step; docs/emulation.md, "Restarts").
+_POST_UPGRADE = "C:\\Windows\\SMSTSPostUpgrade"
 
 
 class ContentDestination:
@@ -271,6 +284,17 @@ class CMGClient:
 
     def close(self) -> None:
         self._session.close()
+
+    @property
+    def cached_ccm_token(self) -> str | None:
+        """The CCM token got at CCM_STS for the Azure AD token, if any yet (persisted across a
+        restart, as the product caches its token)."""
+        return self._ccm_token
+
+    def restore_ccm_token(self, token: str) -> None:
+        """Use ``token``, cached by the previous boot, instead of asking CCM_STS again."""
+        if self.connection.aad_token:
+            self._ccm_token = token
 
     def bearer_token(self) -> str | None:
         """The CCM token this client sends (``Authorization: Bearer``), if it uses one.
@@ -461,6 +485,31 @@ class Condition:
 
 
 @dataclass(frozen=True)
+class Setup:
+    """What Windows Setup does after Upgrade Operating System hands it the machine.
+
+    It restarts the computer ``restarts`` times, then ends with ``result``: ``success`` gives
+    control back to the task sequence through SetupComplete.cmd, ``rollback`` restores the old
+    OS and resumes it through SetupRollback.cmd. ``code`` is Setup's exit code, which the step
+    fails with after a rollback (docs/emulation.md, "Restarts").
+    """
+
+    restarts: int = 1
+    result: Literal["success", "rollback"] = "success"
+    code: int = 0
+
+    RESULTS = ("success", "rollback")
+
+    def __post_init__(self) -> None:
+        if self.restarts < 1 or self.result not in self.RESULTS or not 0 <= self.code < 2**32:
+            msg = (
+                f"setup {self}: Windows Setup restarts the computer at least once, ends with "
+                f"one of {', '.join(self.RESULTS)}, and its code is a 32-bit unsigned value"
+            )
+            raise ValueError(msg)
+
+
+@dataclass(frozen=True)
 class Step:
     """One task sequence step; ``package`` is the ID of the content it needs, if any.
 
@@ -485,6 +534,9 @@ class Step:
     variable: str | None = None
     #: Download Package Content only: the step's packages after ``package``, in order.
     extra_packages: tuple[str, ...] = ()
+    #: Upgrade Operating System only: Windows Setup's restarts and result. ``None``: the
+    #: upgrade is simulated without restarts (the step ends when its content was used).
+    setup: Setup | None = None
 
     @property
     def packages(self) -> tuple[str, ...]:
@@ -509,6 +561,10 @@ class Step:
             problems.append("a package is listed twice")
         if (self.destination == ContentDestination.CUSTOM) != (self.path is not None):
             problems.append("a custom destination needs a path, and only it takes one")
+        if self.setup is not None and self.action != UPGRADE_OS:
+            problems.append(f"setup belongs to {UPGRADE_OS} steps")
+        if self.action == RESTART_COMPUTER and self.packages:
+            problems.append(f"a {RESTART_COMPUTER} step uses no package")
         if problems:
             msg = f"step {self.name!r}: " + "; ".join(problems)
             raise ValueError(msg)
@@ -534,6 +590,31 @@ class TaskSequence:
 
     def version_of(self, package_id: str) -> int:
         return self.package_versions.get(package_id, 1)
+
+    @property
+    def restarts(self) -> bool:
+        """Whether a step restarts the computer (Restart Computer, or an upgrade with Setup)."""
+        return any(s.action == RESTART_COMPUTER or s.setup is not None for s in self.steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The sequence as JSON-ready data (what the persisted state keeps of it)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TaskSequence:
+        """The sequence :meth:`to_dict` gave."""
+        steps = tuple(
+            Step(
+                **{
+                    **step,
+                    "conditions": tuple(Condition(**c) for c in step["conditions"]),
+                    "extra_packages": tuple(step["extra_packages"]),
+                    "setup": Setup(**step["setup"]) if step["setup"] else None,
+                }
+            )
+            for step in data["steps"]
+        )
+        return cls(**{**data, "steps": steps})
 
 
 @dataclass(frozen=True)
@@ -587,6 +668,11 @@ class TaskSequenceResult:
     #: Keys of the task sequence cache's content when the sequence ended, before the cache was
     #: emptied: what ``SMSTSPersistContent`` and Download Package Content kept for the run.
     ts_cache: list[str] = field(default_factory=list)
+    #: Set when this boot ended because the computer restarts (``restart_computer``, ``setup``):
+    #: the state is persisted and :meth:`TaskSequenceEngine.resume` continues the sequence.
+    restart: str | None = None
+    #: Restarts of the sequence so far.
+    reboots: int = 0
 
     @property
     def succeeded(self) -> bool:
@@ -654,6 +740,11 @@ class TaskSequenceEngine:
         #: ``on_job(package_id, version, files, total_bytes)``: a package download begins
         #: (with the core's ``on_progress``, enough to draw a progress bar).
         self.on_job: Callable[[str, int, int, int], None] | None = None
+        #: Persist the state at every step boundary (``tsenv.py``), so a power cut at any
+        #: moment resumes at the step it cut. Always on for a sequence with a restart step.
+        self.persist = False
+        #: Restarts of the running sequence so far.
+        self.reboots = 0
 
     def close(self) -> None:
         self.release_content()
@@ -702,12 +793,34 @@ class TaskSequenceEngine:
         however it ends, the task sequence cache is emptied and the client cache entries it
         downloaded are released, unless ``SMSTSPreserveContent`` pinned them.
         """
+        return self._ended(lambda: self._run(sequence, launch))
+
+    def resume(self) -> TaskSequenceResult | None:
+        """Continue the sequence a previous boot left in the working directory (``tsenv.py``).
+
+        Returns None when there is none: the computer was not restarted by a sequence. Whatever
+        lived in the previous boot's memory is gone; what it persisted is read back, as
+        TSManager reads TSEnv.dat when it starts after a restart.
+        """
+        state = tsenv.load(self.system_drive / WORKING_DIRECTORY)
+        if state is None:
+            return None
+        return self._ended(lambda: self._resume(state))
+
+    def _ended(self, body: Callable[[], TaskSequenceResult]) -> TaskSequenceResult:
+        """``body``'s result, with the content work of the end of the sequence done, unless the
+        computer restarts (then the state stays for the next boot and content stays on disk)."""
         try:
-            result = self._run(sequence, launch)
+            result = body()
         except BaseException:
             self._end_content()
             raise
+        result.reboots = self.reboots
+        if result.restart is not None:
+            self.release_content()
+            return result
         result.ts_cache = self._end_content()
+        tsenv.remove(self.system_drive / WORKING_DIRECTORY)
         return result
 
     def _end_content(self) -> list[str]:
@@ -743,6 +856,7 @@ class TaskSequenceEngine:
     def _run(self, sequence: TaskSequence, launch: str) -> TaskSequenceResult:
         self.transfers = []
         self.provider_runs = []
+        self.reboots = 0
         steps_run: list[str] = []
         ts = "TSManager"
         self.log.info(
@@ -775,7 +889,19 @@ class TaskSequenceEngine:
                     )
                 except ContentError as error:
                     return self._fail(None, error, steps_run)
-        for index, step in enumerate(sequence.steps):
+        return self._steps(sequence, 0, steps_run)
+
+    def _steps(
+        self, sequence: TaskSequence, start: int, steps_run: list[str]
+    ) -> TaskSequenceResult:
+        """Run the steps from the ``start``-th on; ``steps_run`` has those run before."""
+        ts = "TSManager"
+        on_demand = self.deployment.download_mode == DownloadMode.ON_DEMAND
+        for index in range(start, len(sequence.steps)):
+            step = sequence.steps[index]
+            if self.persist or sequence.restarts:
+                # Before the step: a power cut while it runs starts it again on the next boot.
+                self._save(sequence, index, steps_run)
             self.log.info(
                 ts,
                 f"Start executing an instruction. Instruction name: {step.name}. "
@@ -789,6 +915,10 @@ class TaskSequenceEngine:
                     f"({failing})",
                 )
                 continue
+            if step.action == RESTART_COMPUTER:
+                steps_run.append(step.name)
+                self.log.info(ts, f"The action ({step.name}) initiated a reboot request")
+                return self._restart(sequence, index + 1, steps_run, RESTART_COMPUTER)
             try:
                 for number, package_id in enumerate(step.packages, start=1):
                     self._step_content(
@@ -796,6 +926,17 @@ class TaskSequenceEngine:
                     )
             except ContentError as error:
                 return self._fail(step.name, error, steps_run)
+            if step.setup is not None:
+                self.log.info(
+                    ts,
+                    f"{step.name}: Windows Setup takes over the upgrade; it runs "
+                    f"{_POST_UPGRADE}\\SetupComplete.cmd when it succeeds and "
+                    f"{_POST_UPGRADE}\\SetupRollback.cmd when it rolls back",
+                )
+                setup = SetupState(
+                    index, step.setup.restarts - 1, step.setup.result, step.setup.code
+                )
+                return self._restart(sequence, index, steps_run, "setup", setup)
             steps_run.append(step.name)
             self.log.info(
                 ts, f"Successfully completed the action ({step.name}) with the exit win32 code 0"
@@ -804,6 +945,114 @@ class TaskSequenceEngine:
         return TaskSequenceResult(
             0, steps_run, list(self.transfers), provider_runs=list(self.provider_runs)
         )
+
+    def _state(self, sequence: TaskSequence, next_step: int, steps_run: list[str]) -> TsEnv:
+        return TsEnv(
+            sequence=sequence.to_dict(),
+            launch=self.launch,
+            next_step=next_step,
+            variables=dict(self.variables),
+            steps_run=list(steps_run),
+            transfers=[asdict(t) for t in self.transfers],
+            provider_runs=[asdict(r) for r in self.provider_runs],
+            downloaded=sorted(self._downloaded),
+            pinned=sorted(self._pinned),
+            kept=sorted(self._kept),
+            reboots=self.reboots,
+            ccm_token=self.client.cached_ccm_token,
+        )
+
+    def _save(
+        self,
+        sequence: TaskSequence,
+        next_step: int,
+        steps_run: list[str],
+        restarting: str = "",
+        setup: SetupState | None = None,
+    ) -> None:
+        state = self._state(sequence, next_step, steps_run)
+        state.restarting, state.setup = restarting, setup
+        tsenv.save(self.system_drive / WORKING_DIRECTORY, state)
+
+    def _restart(
+        self,
+        sequence: TaskSequence,
+        next_step: int,
+        steps_run: list[str],
+        why: str,
+        setup: SetupState | None = None,
+    ) -> TaskSequenceResult:
+        """Persist the state and end this boot: the computer restarts."""
+        self._save(sequence, next_step, steps_run, why, setup)
+        self.log.info(
+            "TSManager",
+            f"Saved the task sequence environment to "
+            f"{self.system_drive / WORKING_DIRECTORY / tsenv.TSENV_FILE}",
+        )
+        self.log.info("TSManager", "The computer is going to restart")
+        return TaskSequenceResult(
+            0,
+            steps_run,
+            list(self.transfers),
+            provider_runs=list(self.provider_runs),
+            restart=why,
+        )
+
+    def _resume(self, state: TsEnv) -> TaskSequenceResult:
+        """The next boot: read the state back and continue where the last boot stopped."""
+        ts = "TSManager"
+        sequence = TaskSequence.from_dict(state.sequence)
+        self.launch = state.launch
+        self.variables = dict(state.variables)
+        self.transfers = [PackageTransfer(**t) for t in state.transfers]
+        self.provider_runs = [
+            ProviderRun(**{**r, "left": tuple(r["left"])}) for r in state.provider_runs
+        ]
+        self._downloaded, self._pinned = set(state.downloaded), set(state.pinned)
+        self._kept = set(state.kept)
+        self.reboots = state.reboots + 1
+        steps_run = list(state.steps_run)
+        if state.ccm_token:
+            self.client.restore_ccm_token(state.ccm_token)
+        if (self.system_drive / WORKING_DIRECTORY / "Packages").is_dir():
+            _ = self.ts_cache  # the working directory's content is this run's again
+        how = "a restart" if state.restarting else "an unexpected restart (power cut)"
+        self.log.info(
+            ts,
+            f"Resuming task sequence {sequence.name} ({sequence.package_id}) after {how}: "
+            f"restart {self.reboots}, instruction pointer {state.next_step}",
+        )
+        setup = state.setup
+        if setup is None:
+            return self._steps(sequence, state.next_step, steps_run)
+        step = sequence.steps[setup.step]
+        if setup.restarts_left > 0:
+            self.log.info(ts, "Windows Setup is restarting the computer")
+            setup.restarts_left -= 1
+            return self._restart(sequence, setup.step, steps_run, "setup", setup)
+        self._set(UPGRADE_RETURN_CODE, str(setup.code))
+        if setup.result == "rollback":
+            self.log.info(
+                "SetupRollback",
+                f"{_POST_UPGRADE}\\SetupRollback.cmd: Windows Setup rolled back the upgrade "
+                f"(0x{setup.code:08X}); starting TSMBootstrap to resume the task sequence",
+            )
+            self._set(SETUP_ROLLBACK, "TRUE")
+            error = ContentError(
+                setup.code, f"Windows Setup rolled back the upgrade with 0x{setup.code:08X}"
+            )
+            return self._fail(step.name, error, steps_run)
+        self.log.info(
+            "SetupComplete",
+            f"{_POST_UPGRADE}\\SetupComplete.cmd: Windows Setup completed the upgrade; "
+            "starting TSMBootstrap to resume the task sequence",
+        )
+        steps_run.append(step.name)
+        self.log.info(
+            ts,
+            f"Successfully completed the action ({step.name}) with the exit win32 code 0",
+        )
+        return self._steps(sequence, setup.step + 1, steps_run)
 
     def _step_content(
         self, step: Step, package_id: str, version: int, on_demand: bool, number: int

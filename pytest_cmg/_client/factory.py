@@ -108,22 +108,31 @@ def build_engine(
     provider: ContentProvider | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     fsync: bool = False,
+    journal_bytes: int | None = None,
+    journal_seconds: float | None = None,
 ) -> TaskSequenceEngine:
     """A client engine for ``connection``, with its log and cache under ``folder``.
 
     ``log`` defaults to ``folder/smsts.log`` and ``cache`` to ``folder/ccmcache`` of
     ``cache_mb`` MB. ``retry`` is the download core's policy (a ``VirtualTime`` policy makes its
     waits virtual); ``storage_ca_file`` the private CA of HTTPS storage, trusted by the core and
-    named to content providers; ``on_progress`` and ``fsync`` are the core's.
+    named to content providers; ``on_progress``, ``fsync``, ``journal_bytes`` and
+    ``journal_seconds`` are the core's (None: its defaults).
     """
     log = log if log is not None else SmstsLog(folder / "smsts.log")
     cache = cache if cache is not None else ClientCache(folder / "ccmcache", cache_mb)
+    journal: dict[str, float] = {}
+    if journal_bytes is not None:
+        journal["journal_bytes"] = journal_bytes
+    if journal_seconds is not None:
+        journal["journal_seconds"] = journal_seconds
     core = DownloadCore(
         retry=retry,
         on_event=lambda line: log.info("DataTransferService", line),
         on_progress=on_progress,
         ca_file=storage_ca_file,
         fsync=fsync,
+        **journal,  # type: ignore[arg-type]
     )
     return TaskSequenceEngine(
         CMGClient(connection, log, settings),

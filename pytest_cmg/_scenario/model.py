@@ -19,6 +19,7 @@ from .._client.engine import (
     STEP_ACTIONS,
     Condition,
     ContentDestination,
+    Setup,
     Step,
     TaskSequence,
     custom_path_parts,
@@ -319,6 +320,29 @@ STEP = Record(
                 "download_package_content only: `<variable>01` gets the first package's "
                 "location, `<variable>02` the second's, and so on."
             ),
+        ),
+        "setup": Field(
+            Record(
+                doc=(
+                    "upgrade_os only: Windows Setup takes the machine after the step, restarts "
+                    "it `restarts` times, then ends with `result`: `success` resumes the "
+                    "sequence through SetupComplete.cmd, `rollback` through SetupRollback.cmd "
+                    "with _SMSTSSetupRollback=TRUE and the step failing with `code`. Every "
+                    "boot then runs as a process of its own (docs/emulation.md, \"Restarts\")."
+                ),
+                fields={
+                    "restarts": Field(Int(minimum=1, maximum=10), default=2),
+                    "result": Field(Choice(choices=Setup.RESULTS), default="success"),
+                    "code": Field(
+                        Str(pattern=r"0x[0-9A-Fa-f]{8}", example="0xC1900101"),
+                        default="0x00000000",
+                        doc="Setup's exit code, set in _SMSTSOSUpgradeActionReturnCode.",
+                    ),
+                },
+            ),
+            default=None,
+            fill=False,
+            example="{restarts: 2, result: rollback, code: 0xC1900101}",
         ),
     }
 )
@@ -652,17 +676,33 @@ STORAGE_FAULT = Record(
     },
 )
 
+RESTART = Record(
+    doc=(
+        "Restart the computer, as a power cut: the boot process is killed by its pid, and the "
+        "next boot resumes the step it was running. With `file` and `after_bytes`: once "
+        "storage has sent that many bytes of a blob whose name contains `file` (the download "
+        "then resumes from its journal)."
+    ),
+    fields={
+        "file": Field(Str(), default=None, example="install.wim"),
+        "after_bytes": Field(Size(), default=None, example="4MiB"),
+    },
+)
+
+TIMELINE_KINDS = ("gateway", "storage", "service", "clock", "restart")
+
 FAULT = Record(
     doc=(
-        "One timeline event: exactly one of `gateway`, `storage`, `service`, `clock`; armed "
-        "before the run, `before_step`, or when virtual time reaches `at`."
+        "One timeline event: exactly one of `gateway`, `storage`, `service`, `clock`, "
+        "`restart`; armed before the run, `before_step`, or when virtual time reaches `at`."
     ),
-    exactly_one=("gateway", "storage", "service", "clock"),
+    exactly_one=TIMELINE_KINDS,
     fields={
         "gateway": Field(
             GATEWAY_FAULT, fill=False, example="{endpoint: manifest, request: 1, status: 503}"
         ),
         "storage": Field(STORAGE_FAULT, fill=False, example="{request: 1, reset_after: 300KiB}"),
+        "restart": Field(RESTART, fill=False, example="{file: install.wim, after_bytes: 4MiB}"),
         "service": Field(
             Choice(choices=("stop", "start")),
             default=None,
@@ -875,6 +915,15 @@ SCENARIO = Record(
                         Size(),
                         default=DEFAULT_CACHE_MB * 1024 * 1024,
                         doc="Client cache size (default 5120MiB).",
+                    ),
+                    "restart_takes": Field(
+                        Duration(),
+                        default=120.0,
+                        doc=(
+                            "Virtual time one restart of the computer takes (the machine is "
+                            "down: tokens may expire meanwhile)."
+                        ),
+                        example="9h",
                     ),
                     "cache": Field(
                         ListOf(item=CACHE_SEED),
@@ -1180,6 +1229,10 @@ class TimelineEvent:
             what = f"{self.kind} " + ", ".join(f"{k}={v}" for k, v in given.items())
         elif self.kind == "service":
             what = f"service {self.params['service']}"
+        elif self.kind == "restart":
+            what = "restart"
+            if self.params.get("file") is not None:
+                what += f" after {self.params['after_bytes']} bytes of {self.params['file']}"
         else:
             what = f"clock +{self.params['clock']:g}s"
         if self.before_step is not None:
@@ -1237,6 +1290,13 @@ class Scenario:
     requires: tuple[str, ...] = ()
     #: ``expect`` keys not judged with another downloader (``builtin_expect``), in file order.
     builtin_expect: tuple[str, ...] = ()
+    #: Virtual seconds one restart of the computer takes (``client.restart_takes``).
+    restart_takes: float = 120.0
+
+    @property
+    def restarts(self) -> bool:
+        """Whether the computer restarts in the run: then every boot is a process of its own."""
+        return self.task_sequence.restarts or any(e.kind == "restart" for e in self.timeline)
 
     @property
     def item_name(self) -> str:
@@ -1368,6 +1428,15 @@ def _build(path: Path, data: dict[str, Any], v: Validation, plan: CasePlan | Non
                 path=s["path"],
                 variable=s["variable"],
                 extra_packages=tuple((s["packages"] or [])[1:]),
+                setup=(
+                    Setup(
+                        s["setup"]["restarts"],
+                        s["setup"]["result"],
+                        int(s["setup"]["code"], 16),
+                    )
+                    if s["setup"] is not None
+                    else None
+                ),
             )
             for s in ts["steps"]
         ),
@@ -1392,12 +1461,14 @@ def _build(path: Path, data: dict[str, Any], v: Validation, plan: CasePlan | Non
     timeline = tuple(
         TimelineEvent(
             where=f"faults[{i}]",
-            kind=next(k for k in ("gateway", "storage", "service", "clock") if f[k] is not None),
+            kind=next(k for k in TIMELINE_KINDS if f[k] is not None),
             params=(
                 f["gateway"]
                 if f["gateway"] is not None
                 else f["storage"]
                 if f["storage"] is not None
+                else f["restart"]
+                if f["restart"] is not None
                 else {"service": f["service"], "clock": f["clock"]}
             ),
             before_step=steps.get(f["before_step"]) if f["before_step"] is not None else None,
@@ -1427,6 +1498,7 @@ def _build(path: Path, data: dict[str, Any], v: Validation, plan: CasePlan | Non
             allow_cloud_dp=data["client"]["allow_cloud_dp"],
         ),
         cache_size=data["client"]["cache_size"],
+        restart_takes=data["client"]["restart_takes"],
         auth=data["client"]["auth"],
         packages=packages,
         task_sequence=sequence,
@@ -1892,6 +1964,21 @@ def _check_fault(
         )
     if step is not None and event.get("at") is not None:
         problem(f"{where}.at", "a timeline event fires before_step or at a time, not both")
+    restart = event.get("restart")
+    if isinstance(restart, dict):
+        mid_download = restart.get("after_bytes") is not None
+        if mid_download != (restart.get("file") is not None):
+            problem(
+                f"{where}.restart",
+                "a restart in the middle of a download names the file and the bytes after "
+                "which the power is cut",
+                "give both file and after_bytes, or neither (then before_step or at)",
+            )
+        elif not mid_download and step is None and event.get("at") is None:
+            problem(
+                f"{where}.restart",
+                "a restart needs a moment: before_step, at, or file and after_bytes",
+            )
     gateway = event.get("gateway")
     effects: tuple[str, ...]
     if isinstance(gateway, dict):

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from .._client.acp import ALLOW_TOKEN_AUTH, DOWNLOAD_PROGRAM, TOKEN_AUTH_FOR_ACP_SINCE
+from .._client.boot import BootHost
+from .._client.cache import ClientCache
 from .._client.log import SmstsLog
 from .._errors import ExpectationFailed, ScenarioError, ScenarioProblem
 from .._protocol import codes
@@ -34,14 +36,14 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
-    from .._client.cache import ClientCache
+    from .._client.boot import BootSpec
     from .._client.engine import CMGConnection, TaskSequenceEngine, TaskSequenceResult
-    from .._net.pki import Credentials
     from .._gateway.requestlog import LoggedRequest
     from .._gateway.server import FakeCMG
     from .._harness import Harness
-    from .._storage.clouddp import CloudDP, PackageSource
+    from .._net.pki import Credentials
     from .._net.proxy import ProxiedRequest
+    from .._storage.clouddp import CloudDP, PackageSource
     from .model import PackageSpec, Scenario
     from .spec import Bounds
 
@@ -363,11 +365,24 @@ def run_scenario(
     wall_clock = authority.clock
     proxy: FaultProxy | None = None
     watch = _TornWatch(world.manifests, time.pass_time)
+    host: BootHost | None = None
+    timeline: Timeline | None = None
+
+    def stalled(seconds: float) -> None:
+        # A mid-download restart is armed as a stall: when storage has sent its bytes, the power
+        # of the boot is cut there, once the boot's journal has caught up (a checkpoint apart).
+        if host is not None and timeline is not None and proxy is not None:
+            event = timeline.cut_due(proxy.log)
+            if event is not None:
+                _journal_caught_up(workdir, event.params["file"], event.params["after_bytes"])
+                host.power_cut()
+        watch.stalled(seconds)
+
     try:
         # A benchmark's client reaches storage directly: validation refused everything that
         # needs the proxy (storage faults and counts), which would otherwise cap the rate.
         if scenario.benchmark is None and world.dp.endpoint.url.startswith("http://"):
-            proxy = FaultProxy(world.dp.endpoint.url, sleep=watch.stalled).start()
+            proxy = FaultProxy(world.dp.endpoint.url, sleep=stalled).start()
             world.dp.route_through(proxy.rewrite)
         else:
             _no_storage_faults(scenario, world.dp.endpoint.url)
@@ -375,16 +390,36 @@ def run_scenario(
         # gets its wall clock back in ``finally``.
         authority.clock = time.site_clock()
         timeline = Timeline(scenario.timeline, gateway, proxy, time)
-        log = TimelineLog(workdir / "smsts.log", timeline.before_step)
-        engine = _engine(scenario, world, workdir, log, time)
-        cache = engine.cache
-        watch.cache = cache
-        try:
+        workers = 1
+        if scenario.restarts:
+            # Every boot a process of its own: nothing in memory survives a restart.
+            host = BootHost(
+                clock=time.clock,
+                sleep=time.sleep,
+                pass_time=time.pass_time,
+                before_step=timeline.before_step,
+                restart_takes=scenario.restart_takes,
+            )
+            timeline.power_cut = host.power_cut
+            cache = ClientCache(workdir / "ccmcache", _cache_mb(scenario))
+            watch.cache = cache
             seeded = seed_cache(cache, scenario.cache_seed, scenario.seed)
             timeline.start()
-            result = engine.run(scenario.task_sequence, scenario.launch)
-        finally:
-            engine.close()
+            result = host.run(_boot_spec(scenario, world, workdir, time))
+            smsts = [f"{c}: {m}" for c, m, _, _ in SmstsLog.read(workdir / "smsts.log")]
+        else:
+            log = TimelineLog(workdir / "smsts.log", timeline.before_step)
+            engine = _engine(scenario, world, workdir, log, time)
+            cache = engine.cache
+            watch.cache = cache
+            workers = engine.core.workers
+            try:
+                seeded = seed_cache(cache, scenario.cache_seed, scenario.seed)
+                timeline.start()
+                result = engine.run(scenario.task_sequence, scenario.launch)
+            finally:
+                engine.close()
+            smsts = log.messages
         if proxy is not None:
             proxy.wait_idle()
         # Measured egress is counted as the meter forwards bytes: wait for its last ones.
@@ -396,7 +431,7 @@ def run_scenario(
         )
         run = ScenarioRun(
             result=result,
-            smsts=log.messages,
+            smsts=smsts,
             gateway_log=gateway.service_lines,
             requests=gateway.log.entries,
             cache=cache,
@@ -417,7 +452,7 @@ def run_scenario(
         )
         if scenario.benchmark is not None:
             # After the run's evidence is taken: further rounds add requests and egress.
-            _benchmark(scenario, world, run, engine.core.workers)
+            _benchmark(scenario, world, run, workers)
         gateway.check()
         return run
     finally:
@@ -503,6 +538,58 @@ def _run_again(scenario: Scenario, world: World, folder: Path) -> TaskSequenceRe
         engine.close()
 
 
+#: Checkpoint spacing of a restarting scenario's download core: a power cut loses at most this
+#: much of a file (the core's default, 8 MiB a second at most, would lose all of a small one).
+RESTART_JOURNAL_BYTES = 256 * 1024
+#: Wall-clock bound on waiting for a boot's journal before a mid-download power cut.
+_JOURNAL_WAIT = 5.0
+
+
+def _cache_mb(scenario: Scenario) -> int:
+    return max(1, scenario.cache_size // 2**20)
+
+
+def _boot_spec(scenario: Scenario, world: World, folder: Path, time: ScenarioTime) -> BootSpec:
+    """What each boot of the scenario's client is built from (as :func:`_engine` builds it)."""
+    from .._client.boot import BootSpec
+
+    return BootSpec(
+        connection=world.connection(CLIENT_ID, scenario.auth),
+        folder=folder,
+        sequence=scenario.task_sequence,
+        launch=scenario.launch,
+        cache_mb=_cache_mb(scenario),
+        settings=scenario.client,
+        deployment=scenario.deployment,
+        site_version=scenario.cmg.site_version,
+        storage_ca_file=world.storage_ca_cert,
+        start=time.start,
+        seed=scenario.seed,
+        journal_bytes=RESTART_JOURNAL_BYTES,
+        journal_seconds=0.0,
+    )
+
+
+def _journal_caught_up(folder: Path, file: str, sent: int) -> None:
+    """Wait (bounded) until a download journal under ``folder`` records ``file`` to within one
+    checkpoint of ``sent`` bytes: the power is cut after the boot saved what it verified."""
+    import json
+    import time as wall
+
+    deadline = wall.monotonic() + _JOURNAL_WAIT
+    while wall.monotonic() < deadline:
+        for path in folder.rglob("*.part.journal"):
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if file in str(record.get("relpath", "")) and (
+                int(record.get("offset", 0)) >= sent - RESTART_JOURNAL_BYTES
+            ):
+                return
+        wall.sleep(0.02)
+
+
 def _engine(
     scenario: Scenario, world: World, folder: Path, log: SmstsLog, time: ScenarioTime
 ) -> TaskSequenceEngine:
@@ -513,7 +600,7 @@ def _engine(
         world.connection(CLIENT_ID, scenario.auth),
         folder,
         log=log,
-        cache_mb=max(1, scenario.cache_size // 2**20),
+        cache_mb=_cache_mb(scenario),
         settings=scenario.client,
         deployment=scenario.deployment,
         retry=time.policy(),

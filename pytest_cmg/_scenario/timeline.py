@@ -17,20 +17,18 @@ Two clocks follow from it (docs/emulation.md, "Scenario timeline"):
 from __future__ import annotations
 
 import random
-import re
 import threading
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-from .._client.log import INFO, SmstsLog
+from .._client.boot import StepLog
 from .._client.retry import RetryPolicy
 from .._net.faults import Fault
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from pathlib import Path
 
     from .._gateway.faults import GatewayFault
     from .._gateway.requestlog import LoggedRequest
@@ -51,7 +49,9 @@ __all__ = [
 #: body ends before the offset (a reset after 30 MiB of a 20 MiB file).
 _AT_OFFSET = ("reset_after", "close_after", "stall_after", "flip_byte")
 
-_STEP_START = re.compile(r"^Start executing an instruction\. .*Instruction pointer: (\d+)$")
+#: The zero-length stall a mid-download restart is armed as: it marks, in the fault proxy, the
+#: moment storage has sent ``after_bytes`` of the file (the power is cut there).
+_CUT_STALL = 0.0
 
 
 class ScenarioTime:
@@ -117,22 +117,21 @@ class SiteClock:
         return self.time.start + timedelta(seconds=self.time.clock())
 
 
-class TimelineLog(SmstsLog):
+class TimelineLog(StepLog):
     """smsts.log that tells the timeline when a step is about to start.
 
     The engine logs ``Start executing an instruction. ... Instruction pointer: N`` (the product's
     wording) just before each step, before its condition is evaluated: the one step boundary it
-    shows, so ``before_step`` events fire there without the engine knowing about scenarios.
+    shows, so ``before_step`` events fire there without the engine knowing about scenarios. A
+    boot process logs through the same class's base (``_client/boot.py``).
     """
 
-    def __init__(self, path: Path, on_step: Callable[[int], None]) -> None:
-        super().__init__(path)
-        self._on_step = on_step
 
-    def write(self, component: str, message: str, level: int = INFO) -> None:
-        super().write(component, message, level)
-        if component == "TSManager" and (match := _STEP_START.match(message)):
-            self._on_step(int(match[1]))
+def stall_after_cut(params: dict[str, Any]) -> Fault:
+    """The fault a mid-download ``restart`` entry is armed as (see :data:`_CUT_STALL`)."""
+    from .._net import faults as fp
+
+    return fp.stall_after(int(params["after_bytes"]), _CUT_STALL)
 
 
 def storage_faults(params: dict[str, Any]) -> list[Fault]:
@@ -206,7 +205,10 @@ class Timeline:
     fired: list[tuple[float, TimelineEvent]] = field(default_factory=list)
     #: The gateway fault each fired ``gateway`` entry armed, by the entry's ``where``.
     armed: dict[str, GatewayFault] = field(default_factory=dict)
+    #: Cuts the power of the running boot (``BootHost.power_cut``): a ``restart`` entry.
+    power_cut: Callable[[], None] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _cut: set[str] = field(default_factory=set)
 
     def start(self) -> None:
         """Arm what fires before the run, and schedule what fires at a time."""
@@ -239,7 +241,9 @@ class Timeline:
             if self.proxy is None:
                 # The runner refuses such a scenario before it starts (a ScenarioError with
                 # its file and line): reaching this is a bug, not a scenario mistake.
-                msg = f"{event.where}: storage faults need plain-http storage behind the fault proxy"
+                msg = (
+                    f"{event.where}: storage faults need plain-http storage behind the fault proxy"
+                )
                 raise AssertionError(msg)
             for scripted in storage_faults(params):
                 self.proxy.add(
@@ -248,6 +252,20 @@ class Timeline:
                     times=params.get("times", 1),
                     path=params.get("file"),
                 )
+        elif event.kind == "restart":
+            if params.get("file") is not None:
+                if self.proxy is None:
+                    # Refused before the run like storage faults: reaching this is a bug.
+                    msg = f"{event.where}: a mid-download restart needs the fault proxy"
+                    raise AssertionError(msg)
+                # Cut when storage has sent after_bytes of the file (:meth:`cut_due`).
+                self.proxy.add(
+                    TimelineFault.of(stall_after_cut(params), event.where),
+                    times=1,
+                    path=params["file"],
+                )
+            elif self.power_cut is not None:
+                self.power_cut()
         elif event.kind == "service":
             if params["service"] == "stop":
                 self.gateway.stop_service(f"stopped by the scenario ({event.where})")
@@ -255,6 +273,26 @@ class Timeline:
                 self.gateway.start_service()
         else:
             self.time.pass_time(float(params["clock"]))
+
+    def cut_due(self, storage: list[ProxiedRequest]) -> TimelineEvent | None:
+        """The mid-download ``restart`` entry whose byte count storage has now sent, if any.
+
+        Called from the fault proxy's stall hook: the armed zero-length stall stops the body
+        at exactly ``after_bytes``, and each entry is due once.
+        """
+        for event in self.events:
+            if event.kind != "restart" or event.params.get("file") is None:
+                continue
+            if event.where in self._cut:
+                continue
+            tag = f"@{event.where}"
+            offset = int(event.params["after_bytes"])
+            if any(
+                r.body_bytes >= offset and any(n.endswith(tag) for n in r.faults) for r in storage
+            ):
+                self._cut.add(event.where)
+                return event
+        return None
 
     def unfired(self) -> list[TimelineEvent]:
         return [e for e in self.events if not self.has_fired(e)]
@@ -284,6 +322,15 @@ class Timeline:
                     out.append((event, why))
             elif event.kind == "storage" and storage is not None:
                 why = _storage_miss(event, storage)
+                if why:
+                    out.append((event, why))
+            elif event.kind == "restart" and event.params.get("file") and storage is not None:
+                params = {
+                    "file": event.params["file"],
+                    "stall_after": event.params["after_bytes"],
+                    "stall_for": _CUT_STALL,
+                }
+                why = _storage_miss(replace(event, params=params), storage)
                 if why:
                     out.append((event, why))
         return out
@@ -351,7 +398,11 @@ def _storage_miss(event: TimelineEvent, storage: list[ProxiedRequest]) -> str:
             r
             for r in hit
             if f"{fault.name}{tag}" in r.faults
-            and (r.body_bytes > fault.offset if fault.kind == "flip_byte" else r.body_bytes >= fault.offset)
+            and (
+                r.body_bytes > fault.offset
+                if fault.kind == "flip_byte"
+                else r.body_bytes >= fault.offset
+            )
         ]
         if not reached:
             bodies = ", ".join(f"#{r.number}: {r.body_bytes} body bytes" for r in hit[:5])

@@ -1,0 +1,332 @@
+"""Every boot of a restarting computer as a process of its own (docs/emulation.md, "Restarts").
+
+A task sequence that restarts the computer (a Restart Computer step, Windows Setup's restarts,
+a power cut scripted in a scenario's timeline) must not keep anything in memory from one boot to
+the next: what survives is what the engine persisted on disk (``tsenv.py``, the download
+journal, the caches). So each boot runs the engine in a new process (``multiprocessing``'s
+``spawn``: a fresh interpreter), built by the one factory (:func:`.factory.build_engine`).
+
+What stays in the parent, the machine's "outside world", is served to the boot over a pipe:
+
+* the clock and the waits (``clock``, ``sleep``, ``pass_time``), so retry waits, token lifetimes
+  and the log's times stay on one virtual time across boots;
+* the step hook (``before_step``), so timeline entries at a step boundary fire in the parent.
+
+:class:`BootHost` starts the boots one after the other, passes the time a restart takes between
+them, and can cut the power (:meth:`BootHost.power_cut`: the boot is killed by its pid, and
+nothing it did not persist survives). The last boot sends its result over the pipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import random
+import re
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from .._errors import ContentError, PytestCmgError
+from .engine import PackageTransfer, ProviderRun, TaskSequenceResult
+from .log import INFO, SmstsLog, wall_clock
+from .retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from datetime import datetime
+    from multiprocessing.connection import Connection
+    from multiprocessing.process import BaseProcess
+    from pathlib import Path
+
+    from .._protocol.settings import ClientSettings, DeploymentSettings
+    from .engine import CMGConnection, TaskSequence
+
+__all__ = ["MAX_BOOTS", "BootError", "BootHost", "BootSpec", "StepLog"]
+
+#: Boots of one run at most: Setup's restarts and Restart Computer steps are few; a loop is a bug.
+MAX_BOOTS = 32
+#: The step boundary the engine logs (the product's wording): where ``before_step`` fires.
+_STEP_START = re.compile(r"^Start executing an instruction\. .*Instruction pointer: (\d+)$")
+
+
+class BootError(PytestCmgError):
+    """A boot process failed, hung, or the boots never ended."""
+
+
+class StepLog(SmstsLog):
+    """smsts.log that calls ``on_step(index)`` when the engine is about to start a step.
+
+    The engine logs ``Start executing an instruction. ... Instruction pointer: N`` just before
+    each step: the one step boundary it shows, so timeline entries fire there without the engine
+    knowing about scenarios.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        on_step: Callable[[int], None],
+        clock: Callable[[], datetime] = wall_clock,
+    ) -> None:
+        super().__init__(path, clock)
+        self._on_step = on_step
+
+    def write(self, component: str, message: str, level: int = INFO) -> None:
+        super().write(component, message, level)
+        if component == "TSManager" and (match := _STEP_START.match(message)):
+            self._on_step(int(match[1]))
+
+
+@dataclass(frozen=True)
+class BootSpec:
+    """What every boot of one client is built from (picklable: it crosses to the process)."""
+
+    connection: CMGConnection
+    folder: Path
+    sequence: TaskSequence
+    launch: str
+    cache_mb: int
+    settings: ClientSettings | None = None
+    deployment: DeploymentSettings | None = None
+    site_version: int | None = None
+    storage_ca_file: Path | None = None
+    #: The site clock's origin: log lines carry ``start + virtual seconds``.
+    start: datetime | None = None
+    #: Seeds the retry jitter, as a scenario's seed does in-process.
+    seed: int = 0
+    #: The download core's checkpoint spacing (``DownloadCore``); None: the core's defaults.
+    journal_bytes: int | None = None
+    journal_seconds: float | None = None
+
+
+class _Remote:
+    """The boot's side of the pipe: each call is answered by the parent, one at a time."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+
+    def call(self, kind: str, *args: Any) -> Any:  # noqa: ANN401 - the parent's answer
+        with self._lock:
+            self._conn.send((kind, *args))
+            status, value = self._conn.recv()
+        if status != "ok":
+            msg = f"the parent refused {kind}{args}: {value}"
+            raise BootError(msg)
+        return value
+
+    def clock(self) -> float:
+        return float(self.call("clock"))
+
+    def sleep(self, seconds: float) -> None:
+        self.call("sleep", seconds)
+
+    def before_step(self, index: int) -> None:
+        self.call("before_step", index)
+
+
+def _boot(spec: BootSpec, conn: Connection) -> None:
+    """One boot (the child process): resume the persisted sequence, or start it."""
+    from .factory import build_engine
+
+    remote = _Remote(conn)
+    try:
+        start = spec.start
+
+        def clock() -> datetime:
+            return wall_clock() if start is None else start + timedelta(seconds=remote.clock())
+
+        log = StepLog(spec.folder / "smsts.log", remote.before_step, clock)
+        retry = RetryPolicy(sleep=remote.sleep, clock=remote.clock, rng=random.Random(spec.seed))
+        extra: dict[str, Any] = {}
+        if spec.site_version is not None:
+            extra["site_version"] = spec.site_version
+        engine = build_engine(
+            spec.connection,
+            spec.folder,
+            log=log,
+            cache_mb=spec.cache_mb,
+            settings=spec.settings,
+            deployment=spec.deployment,
+            retry=retry,
+            storage_ca_file=spec.storage_ca_file,
+            journal_bytes=spec.journal_bytes,
+            journal_seconds=spec.journal_seconds,
+            **extra,
+        )
+        engine.persist = True
+        try:
+            result = engine.resume() or engine.run(spec.sequence, spec.launch)
+        finally:
+            engine.close()
+        with remote._lock:
+            conn.send(("result", _to_wire(result)))
+    except BaseException:
+        with contextlib.suppress(OSError), remote._lock:
+            conn.send(("error", traceback.format_exc()))
+        raise
+    finally:
+        conn.close()
+
+
+def _to_wire(result: TaskSequenceResult) -> dict[str, Any]:
+    wire = asdict(result)
+    error = result.error
+    wire["error"] = None if error is None else (error.hresult, str(error), error.resumable)
+    return wire
+
+
+def _from_wire(wire: dict[str, Any]) -> TaskSequenceResult:
+    error = wire.pop("error")
+    result = TaskSequenceResult(**wire)
+    result.transfers = [PackageTransfer(**t) for t in wire["transfers"]]
+    result.provider_runs = [
+        ProviderRun(**{**r, "left": tuple(r["left"])}) for r in wire["provider_runs"]
+    ]
+    if error is not None:
+        hresult, text, resumable = error
+        # The text already starts with the code; ContentError adds it again otherwise.
+        result.error = ContentError(hresult, text.partition(": ")[2], resumable=resumable)
+    return result
+
+
+class BootHost:
+    """Runs the boots of one computer, each a process, and serves them the parent's time.
+
+    ``clock``/``sleep``/``pass_time`` are the parent's virtual time, ``before_step`` the
+    timeline's step hook; ``restart_takes`` the virtual seconds a restart takes. ``timeout`` is
+    the wall-clock bound of one boot.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float],
+        sleep: Callable[[float], None],
+        pass_time: Callable[[float], None],
+        before_step: Callable[[int], None] = lambda index: None,
+        restart_takes: float = 120.0,
+        timeout: float = 600.0,
+    ) -> None:
+        self._calls: dict[str, Callable[..., Any]] = {
+            "clock": clock,
+            "sleep": sleep,
+            "before_step": before_step,
+        }
+        self.pass_time = pass_time
+        self.restart_takes = restart_takes
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._process: BaseProcess | None = None
+        self._cut = False
+        #: One line per boot: how it ended (what a failed scenario shows).
+        self.boots: list[str] = []
+        #: Power cuts made (:meth:`power_cut`).
+        self.power_cuts = 0
+
+    def run(self, spec: BootSpec) -> TaskSequenceResult:
+        """Boot until the sequence ends; the last boot's result (reboots counted)."""
+        for number in range(1, MAX_BOOTS + 1):
+            result = self._boot(spec, number)
+            if result is not None and result.restart is None:
+                return result
+            # The machine is down: time passes (tokens may expire meanwhile).
+            self.pass_time(self.restart_takes)
+        msg = (
+            f"client in {spec.folder}: the task sequence restarted the computer {MAX_BOOTS} "
+            "times without ending (rule: a run ends after a bounded number of boots); fix the "
+            "scenario's restarts, or the engine's resume"
+        )
+        raise BootError(msg)
+
+    def power_cut(self) -> None:
+        """Cut the power: kill the running boot by its pid (nothing unsaved survives)."""
+        with self._lock:
+            process = self._process
+            if process is None or not process.is_alive():
+                return
+            self._cut = True
+            self.power_cuts += 1
+        process.kill()
+        process.join(10.0)
+
+    def _boot(self, spec: BootSpec, number: int) -> TaskSequenceResult | None:
+        """One boot; its result, or None when the power was cut."""
+        context = multiprocessing.get_context("spawn")
+        ours, theirs = context.Pipe()
+        process = context.Process(
+            target=_boot, args=(spec, theirs), name=f"boot-{number}", daemon=True
+        )
+        with self._lock:
+            self._cut = False
+            self._process = process
+        process.start()
+        theirs.close()
+        wire: dict[str, Any] | None = None
+        failure: str | None = None
+        deadline = time.monotonic() + self.timeout
+        try:
+            while time.monotonic() < deadline:
+                if not ours.poll(0.2):
+                    if not process.is_alive() and not ours.poll(0):
+                        break
+                    continue
+                try:
+                    kind, *args = ours.recv()
+                except (EOFError, OSError):
+                    break  # the boot ended (or was killed)
+                if kind == "result":
+                    wire = args[0]
+                elif kind == "error":
+                    failure = str(args[0])
+                else:
+                    self._answer(ours, kind, args)
+            else:
+                process.kill()
+                msg = (
+                    f"boot {number} of the client in {spec.folder} ran longer than "
+                    f"{self.timeout:g}s (rule: every boot is bounded in wall time); see its "
+                    "smsts.log for where it stopped"
+                )
+                raise BootError(msg)
+        finally:
+            process.join(10.0)
+            if process.is_alive():
+                process.kill()
+                process.join(10.0)
+            ours.close()
+            with self._lock:
+                self._process = None
+                cut = self._cut
+        if failure is not None and not cut:
+            msg = f"boot {number} of the client in {spec.folder} failed:\n{failure}"
+            raise BootError(msg)
+        if wire is not None:
+            result = _from_wire(wire)
+            self.boots.append(f"boot {number}: " + (result.restart or "ended"))
+            return result
+        if cut:
+            self.boots.append(f"boot {number}: power cut")
+            return None
+        msg = (
+            f"boot {number} of the client in {spec.folder} ended with exit code "
+            f"{process.exitcode} and no result (rule: a boot ends by a restart, the end of the "
+            "sequence, or a scripted power cut); see its smsts.log"
+        )
+        raise BootError(msg)
+
+    def _answer(self, conn: Connection, kind: str, args: list[Any]) -> None:
+        call = self._calls.get(kind)
+        try:
+            if call is None:
+                msg = f"no such call: {kind}"
+                raise BootError(msg)
+            reply: tuple[str, Any] = ("ok", call(*args))
+        except Exception as exc:  # handed to the boot, which raises it
+            reply = ("error", f"{type(exc).__name__}: {exc}")
+        # A power cut while answering (a restart at this step) leaves nobody to answer.
+        with contextlib.suppress(OSError):
+            conn.send(reply)

@@ -26,7 +26,7 @@ import re
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -158,6 +158,7 @@ def _boot(spec: BootSpec, conn: Connection) -> None:
             **extra,
         )
         engine.persist = True
+        engine.client.clock = clock
         try:
             result = engine.resume() or engine.run(spec.sequence, spec.launch)
         finally:
@@ -173,8 +174,9 @@ def _boot(spec: BootSpec, conn: Connection) -> None:
 
 
 def _to_wire(result: TaskSequenceResult) -> dict[str, Any]:
-    wire = asdict(result)
     error = result.error
+    # Not through asdict: an exception does not deep-copy; its code and text cross instead.
+    wire = asdict(replace(result, error=None))
     wire["error"] = None if error is None else (error.hresult, str(error), error.resumable)
     return wire
 
@@ -227,9 +229,17 @@ class BootHost:
         #: Power cuts made (:meth:`power_cut`).
         self.power_cuts = 0
 
-    def run(self, spec: BootSpec) -> TaskSequenceResult:
-        """Boot until the sequence ends; the last boot's result (reboots counted)."""
+    def run(
+        self, spec: BootSpec, connection: Callable[[], CMGConnection] | None = None
+    ) -> TaskSequenceResult:
+        """Boot until the sequence ends; the last boot's result (reboots counted).
+
+        ``connection``, when given, is asked for each boot after the first: what the device
+        gets from outside the client at each start (an Azure AD device token at sign-in).
+        """
         for number in range(1, MAX_BOOTS + 1):
+            if number > 1 and connection is not None:
+                spec = replace(spec, connection=connection())
             result = self._boot(spec, number)
             if result is not None and result.restart is None:
                 return result

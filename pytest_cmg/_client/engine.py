@@ -33,13 +33,16 @@ match them the way administrators search smsts.log.
 
 from __future__ import annotations
 
+import base64
 import errno
+import json
 import re
 import shutil
 import ssl
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 from urllib.parse import urlencode
 
@@ -279,8 +282,11 @@ class CMGClient:
         self._session.verify = str(connection.ca_cert)
         if connection.client_cert and connection.client_key:
             self._session.cert = (str(connection.client_cert), str(connection.client_key))
-        #: The CCM token obtained for ``connection.aad_token`` (memory only, never logged).
+        #: The CCM token obtained for ``connection.aad_token`` (never logged; persisted across
+        #: a restart in the task sequence state, as the product caches its token).
         self._ccm_token: str | None = None
+        #: The site's time as the client sees it (a scenario's virtual time in a boot process).
+        self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
     def close(self) -> None:
         self._session.close()
@@ -292,9 +298,22 @@ class CMGClient:
         return self._ccm_token
 
     def restore_ccm_token(self, token: str) -> None:
-        """Use ``token``, cached by the previous boot, instead of asking CCM_STS again."""
-        if self.connection.aad_token:
-            self._ccm_token = token
+        """Use ``token``, cached by the previous boot, instead of asking CCM_STS again.
+
+        A token that expired while the computer was down is dropped, so the next request gets
+        a new one at CCM_STS for the Azure AD token (the client reads its own token's expiry).
+        """
+        if not self.connection.aad_token:
+            return
+        expires = _token_expiry(token)
+        if expires is not None and expires <= self.clock():
+            self.log.info(
+                "ClientIDManagerStartup",
+                f"The cached CCM token expired at {expires:%Y-%m-%d %H:%M:%S} UTC while the "
+                "computer was down; getting a new one",
+            )
+            return
+        self._ccm_token = token
 
     def bearer_token(self) -> str | None:
         """The CCM token this client sends (``Authorization: Bearer``), if it uses one.
@@ -1897,6 +1916,16 @@ def offered_location(client: CMGClient, record: LocationRecord) -> ProviderLocat
         version=record.version,
         token=auth,
     )
+
+
+def _token_expiry(token: str) -> datetime | None:
+    """The ``exp`` of a JWT (the CCM token), read without checking it; None if unreadable."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return datetime.fromtimestamp(int(claims["exp"]), UTC)
+    except (IndexError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _left_in(folder: Path) -> tuple[str, ...]:

@@ -405,7 +405,14 @@ def run_scenario(
             watch.cache = cache
             seeded = seed_cache(cache, scenario.cache_seed, scenario.seed)
             timeline.start()
-            result = host.run(_boot_spec(scenario, world, workdir, time))
+            # An Azure AD device gets a new device token from Azure AD at each start; a
+            # site-issued token or a certificate is what the client has, restart or not.
+            fresh = (
+                (lambda: world.connection(CLIENT_ID, scenario.auth))
+                if scenario.auth == "azure_ad"
+                else None
+            )
+            result = host.run(_boot_spec(scenario, world, workdir, time), fresh)
             smsts = [f"{c}: {m}" for c, m, _, _ in SmstsLog.read(workdir / "smsts.log")]
         else:
             log = TimelineLog(workdir / "smsts.log", timeline.before_step)

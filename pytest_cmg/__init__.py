@@ -1,9 +1,14 @@
 """pytest-cmg: a test harness for ConfigMgr task sequence download on demand over a CMG.
 
-The public API is exactly ``__all__`` (checked by ``tests/test_public_api.py``); everything else
-lives in private modules and may change. Names are imported on first use: pytest imports this
-package for the plugin in every session, and the parts (azure-storage-blob, cryptography,
-faker) would otherwise add ~0.5 s to every ``pytest`` run, even one that never uses them.
+The public API is exactly ``__all__``: what a user constructs, receives from a fixture, a
+result or a call, or catches. :data:`_API` below is its one list, each name with the private
+module that defines it; ``__all__`` and the lazy imports both derive from it, and
+``tests/test_public_api.py`` guards it. Everything else lives in private modules and may change.
+The fault proxy's API (``storage_faults``) has its own public home, :mod:`pytest_cmg.faults`.
+
+Names are imported on first use: pytest imports this package for the plugin in every session,
+and the parts (azure-storage-blob, cryptography, faker) would otherwise add ~0.5 s to every
+``pytest`` run, even one that never uses them.
 """
 
 from __future__ import annotations
@@ -13,76 +18,26 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AZURITE_VERSION",
-    "AzuriteProcess",
-    "BlobEndpoint",
-    "CMGClient",
-    "CMGConnection",
-    "CacheEntry",
-    "ClientCache",
-    "ClientSettings",
-    "CloudDP",
-    "CmgSettings",
-    "CmgSite",
-    "ContentDestination",
-    "ContentError",
-    "ContentManifest",
-    "ContentProvider",
-    "DeploymentSettings",
-    "DownloadCore",
-    "DownloadMode",
-    "DownloadStats",
-    "ExpectationFailed",
-    "ExternalStorage",
-    "FakeCMG",
-    "FakeClock",
-    "GatewayError",
-    "Harness",
-    "LoggedRequest",
-    "ManifestFile",
-    "PackageSource",
-    "PackageTransfer",
-    "ProgramProvider",
-    "ProviderLocation",
-    "ProviderRequest",
-    "ProviderToken",
-    "ProvisioningError",
-    "PytestCmgError",
-    "RequestLog",
-    "Scenario",
-    "ScenarioError",
-    "ScenarioProblem",
-    "ServiceStartError",
-    "SiteRequest",
-    "SiteResponse",
-    "SmstsLog",
-    "Step",
-    "SystemClock",
-    "TaskSequence",
-    "TaskSequenceCache",
-    "TaskSequenceEngine",
-    "TaskSequenceResult",
-    "load_scenario",
-    "load_scenarios",
-]
-
-_HOMES = {
+#: The public API: name -> the private module that defines it (relative to this package).
+_API: dict[str, str] = {
     "AZURITE_VERSION": "._storage.azurite",
     "AzuriteProcess": "._storage.azurite",
     "BlobEndpoint": "._storage.azurite",
     "CMGClient": "._client.engine",
     "CMGConnection": "._client.engine",
     "CacheEntry": "._client.cache",
+    "CacheSpaceError": "._client.cache",
     "ClientCache": "._client.cache",
     "ClientSettings": "._protocol.settings",
     "CloudDP": "._storage.clouddp",
     "CmgSettings": "._protocol.settings",
     "CmgSite": "._gateway.site",
+    "Condition": "._client.engine",
     "ContentDestination": "._client.engine",
     "ContentError": "._errors",
     "ContentManifest": "._protocol.manifest",
     "ContentProvider": "._client.acp",
+    "Credentials": "._net.pki",
     "DeploymentSettings": "._protocol.settings",
     "DownloadCore": "._client.download",
     "DownloadMode": "._protocol.settings",
@@ -92,83 +47,114 @@ _HOMES = {
     "FakeCMG": "._gateway.server",
     "FakeClock": "._protocol.clock",
     "GatewayError": "._errors",
+    "GatewayFault": "._gateway.faults",
     "Harness": "._harness",
     "LoggedRequest": "._gateway.requestlog",
     "ManifestFile": "._protocol.manifest",
+    "NotRunningError": "._errors",
     "PackageSource": "._storage.clouddp",
     "PackageTransfer": "._client.engine",
     "ProgramProvider": "._client.acp",
     "ProviderLocation": "._client.acp",
     "ProviderRequest": "._client.acp",
+    "ProviderRun": "._client.engine",
     "ProviderToken": "._client.acp",
     "ProvisioningError": "._errors",
     "PytestCmgError": "._errors",
     "RequestLog": "._gateway.requestlog",
+    "RetryPolicy": "._client.retry",
     "Scenario": "._scenario.model",
     "ScenarioError": "._errors",
     "ScenarioProblem": "._errors",
     "ServiceStartError": "._errors",
+    "Setup": "._client.engine",
     "SiteRequest": "._gateway.site",
     "SiteResponse": "._gateway.site",
     "SmstsLog": "._client.log",
     "Step": "._client.engine",
-    "SystemClock": "._protocol.clock",
     "TaskSequence": "._client.engine",
     "TaskSequenceCache": "._client.tscache",
     "TaskSequenceEngine": "._client.engine",
     "TaskSequenceResult": "._client.engine",
+    "VirtualTime": "._client.retry",
     "load_scenario": "._scenario.model",
     "load_scenarios": "._scenario.model",
 }
 
+__all__ = sorted(_API)  # noqa: PLE0605 - derived from _API, the one list
+
+# For type checkers only: without them, mypy would type every name as Any (the module
+# ``__getattr__``), and ``X as X`` marks each as re-exported, since ``__all__`` is computed.
+# tests/test_public_api.py checks these imports name exactly _API's names and modules.
 if TYPE_CHECKING:
-    from ._client.acp import (
-        ContentProvider,
-        ProgramProvider,
-        ProviderLocation,
-        ProviderRequest,
-        ProviderToken,
-    )
-    from ._client.cache import CacheEntry, ClientCache
-    from ._client.download import DownloadCore, DownloadStats
-    from ._client.engine import (
-        CMGClient,
-        CMGConnection,
-        ContentDestination,
-        PackageTransfer,
-        Step,
-        TaskSequence,
-        TaskSequenceEngine,
-        TaskSequenceResult,
-    )
-    from ._client.log import SmstsLog
-    from ._client.tscache import TaskSequenceCache
-    from ._errors import (
-        ContentError,
-        ExpectationFailed,
-        GatewayError,
-        ProvisioningError,
-        PytestCmgError,
-        ScenarioError,
-        ScenarioProblem,
-        ServiceStartError,
-    )
-    from ._gateway.requestlog import LoggedRequest, RequestLog
-    from ._gateway.server import FakeCMG
-    from ._gateway.site import CmgSite, SiteRequest, SiteResponse
-    from ._harness import Harness
-    from ._protocol.clock import FakeClock, SystemClock
-    from ._protocol.manifest import ContentManifest, ManifestFile
-    from ._protocol.settings import ClientSettings, CmgSettings, DeploymentSettings, DownloadMode
-    from ._scenario.model import Scenario, load_scenario, load_scenarios
-    from ._storage.azurite import AZURITE_VERSION, AzuriteProcess, BlobEndpoint, ExternalStorage
-    from ._storage.clouddp import CloudDP, PackageSource
+    from ._client.acp import ContentProvider as ContentProvider
+    from ._client.acp import ProgramProvider as ProgramProvider
+    from ._client.acp import ProviderLocation as ProviderLocation
+    from ._client.acp import ProviderRequest as ProviderRequest
+    from ._client.acp import ProviderToken as ProviderToken
+    from ._client.cache import CacheEntry as CacheEntry
+    from ._client.cache import CacheSpaceError as CacheSpaceError
+    from ._client.cache import ClientCache as ClientCache
+    from ._client.download import DownloadCore as DownloadCore
+    from ._client.download import DownloadStats as DownloadStats
+    from ._client.engine import CMGClient as CMGClient
+    from ._client.engine import CMGConnection as CMGConnection
+    from ._client.engine import Condition as Condition
+    from ._client.engine import ContentDestination as ContentDestination
+    from ._client.engine import PackageTransfer as PackageTransfer
+    from ._client.engine import ProviderRun as ProviderRun
+    from ._client.engine import Setup as Setup
+    from ._client.engine import Step as Step
+    from ._client.engine import TaskSequence as TaskSequence
+    from ._client.engine import TaskSequenceEngine as TaskSequenceEngine
+    from ._client.engine import TaskSequenceResult as TaskSequenceResult
+    from ._client.log import SmstsLog as SmstsLog
+    from ._client.retry import RetryPolicy as RetryPolicy
+    from ._client.retry import VirtualTime as VirtualTime
+    from ._client.tscache import TaskSequenceCache as TaskSequenceCache
+    from ._errors import ContentError as ContentError
+    from ._errors import ExpectationFailed as ExpectationFailed
+    from ._errors import GatewayError as GatewayError
+    from ._errors import NotRunningError as NotRunningError
+    from ._errors import ProvisioningError as ProvisioningError
+    from ._errors import PytestCmgError as PytestCmgError
+    from ._errors import ScenarioError as ScenarioError
+    from ._errors import ScenarioProblem as ScenarioProblem
+    from ._errors import ServiceStartError as ServiceStartError
+    from ._gateway.faults import GatewayFault as GatewayFault
+    from ._gateway.requestlog import LoggedRequest as LoggedRequest
+    from ._gateway.requestlog import RequestLog as RequestLog
+    from ._gateway.server import FakeCMG as FakeCMG
+    from ._gateway.site import CmgSite as CmgSite
+    from ._gateway.site import SiteRequest as SiteRequest
+    from ._gateway.site import SiteResponse as SiteResponse
+    from ._harness import Harness as Harness
+    from ._net.pki import Credentials as Credentials
+    from ._protocol.clock import FakeClock as FakeClock
+    from ._protocol.manifest import ContentManifest as ContentManifest
+    from ._protocol.manifest import ManifestFile as ManifestFile
+    from ._protocol.settings import ClientSettings as ClientSettings
+    from ._protocol.settings import CmgSettings as CmgSettings
+    from ._protocol.settings import DeploymentSettings as DeploymentSettings
+    from ._protocol.settings import DownloadMode as DownloadMode
+    from ._scenario.model import Scenario as Scenario
+    from ._scenario.model import load_scenario as load_scenario
+    from ._scenario.model import load_scenarios as load_scenarios
+    from ._storage.azurite import AZURITE_VERSION as AZURITE_VERSION
+    from ._storage.azurite import AzuriteProcess as AzuriteProcess
+    from ._storage.azurite import BlobEndpoint as BlobEndpoint
+    from ._storage.azurite import ExternalStorage as ExternalStorage
+    from ._storage.clouddp import CloudDP as CloudDP
+    from ._storage.clouddp import PackageSource as PackageSource
 
 
 def __getattr__(name: str) -> Any:  # noqa: ANN401 - any public object
-    home = _HOMES.get(name)
+    home = _API.get(name)
     if home is None:
-        msg = f"module 'pytest_cmg' has no attribute {name!r}"
+        msg = (
+            f"module 'pytest_cmg' has no attribute {name!r}; the public names are "
+            "pytest_cmg.__all__ (the fault proxy's are in pytest_cmg.faults)"
+        )
         raise AttributeError(msg)
     value = getattr(importlib.import_module(home, __name__), name)
     # Tracebacks and reprs name the public home of each object, not its private module.

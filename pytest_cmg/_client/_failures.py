@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .._errors import PytestCmgError
 from .._protocol import codes
 
 if TYPE_CHECKING:
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 __all__ = ["Budget", "Fatal", "Restart", "SasRefused", "Transient"]
 
 
-class Restart(Exception):
+class Restart(PytestCmgError):
     """The partial file cannot be continued; start again from byte 0."""
 
     def __init__(self, reason: str, *, no_ranges: bool = False) -> None:
@@ -29,21 +30,21 @@ class Restart(Exception):
         self.no_ranges = no_ranges
 
 
-class Transient(Exception):
+class Transient(PytestCmgError):
     def __init__(self, reason: str, retry_after: float | None = None) -> None:
         self.reason = reason
         self.retry_after = retry_after
         super().__init__(reason)
 
 
-class SasRefused(Exception):
+class SasRefused(PytestCmgError):
     def __init__(self, code: str, url: str) -> None:
         self.code = code
         self.url = url
         super().__init__(code)
 
 
-class Fatal(Exception):
+class Fatal(PytestCmgError):
     def __init__(self, hresult: int, message: str, *, keep_partial: bool = False) -> None:
         self.hresult = hresult
         self.message = message

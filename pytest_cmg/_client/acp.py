@@ -1,6 +1,6 @@
 """The alternate content provider (ACP): a downloader the task sequence hands each package to.
 
-The product's seam (protocol.md; task-sequence-variables.md): when the task sequence variable
+The product's seam (Microsoft Learn: Task sequence variables): when the task sequence variable
 ``SMSTSDownloadProgram`` names a program, the task sequence runs it for each package as
 ``<program> <ini file> <PackageID> <destination folder>``; an exit code equal to
 ``SMSTSDownloadAbortCode`` fails the download with no other method tried, any other non-zero
@@ -66,7 +66,7 @@ __all__ = [
     "render_ini",
 ]
 
-#: The task sequence variables of the ACP (task-sequence-variables.md).
+#: The task sequence variables of the ACP (Microsoft Learn: Task sequence variables).
 DOWNLOAD_PROGRAM = "SMSTSDownloadProgram"
 ABORT_CODE = "SMSTSDownloadAbortCode"
 ALLOW_TOKEN_AUTH = "SMSTSAllowTokenAuthURLForACP"

@@ -1,6 +1,7 @@
 """TLS material for the fake CMG: the server CA clients trust, and the client CAs the CMG trusts.
 
-Client authentication follows the product's layers (protocol.md section 2, reliability.md D3):
+Client authentication follows the product's layers (docs/emulation.md, Product reference:
+"Authentication and tokens"; docs/reliability.md rows 31 and 32):
 
 1. **Trusted roots uploaded to the CMG** (two here: the client CA and a partner CA). A
    certificate that does not chain to one of them, is expired or not yet valid, or lacks the
@@ -52,7 +53,7 @@ CERT_UNTRUSTED = "Client certificate is untrusted or invalid"
 CLIENT_CA_NAME = "pytest-cmg client CA"
 PARTNER_CA_NAME = "pytest-cmg partner CA"
 #: The server certificates the CMG can present (``FakeCMG(server_certificate=...)``): a good
-#: one, or one a client must refuse although a trusted CA signed it (reliability.md test 31):
+#: one, or one a client must refuse although a trusted CA signed it (docs/reliability.md row 31):
 #: ``"wrong-host"`` names only :data:`WRONG_SERVER_NAME`, ``"expired"`` ended a day ago.
 SERVER_CERTIFICATES = ("valid", "wrong-host", "expired")
 #: The only name in a ``"wrong-host"`` server certificate: not the CMG, not 127.0.0.1.
@@ -92,7 +93,9 @@ class GatewayTLS:
     partner_ca_pem: Path | None = None
 
     @classmethod
-    def create(cls, folder: Path, hostname: str, *, server_certificate: str = "valid") -> GatewayTLS:
+    def create(
+        cls, folder: Path, hostname: str, *, server_certificate: str = "valid"
+    ) -> GatewayTLS:
         """Fresh CAs and a server certificate of the kind ``server_certificate`` names.
 
         Every kind is signed by the server CA clients trust, so a refusal can only come from
@@ -265,7 +268,8 @@ class GatewayTLS:
 
     def server_context(self) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        # "Enforce TLS 1.2" is on by default on the CMG (protocol.md section 4).
+        # "Enforce TLS 1.2" is on by default on the CMG (Microsoft Learn: Modify a cloud management
+        # gateway; docs/emulation.md, Product reference: "Authentication and tokens").
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(self.server.cert, self.server.key)
         # Optional at the TLS layer so token clients (no certificate) can connect; the

@@ -3,8 +3,9 @@
 A request is ``CCM_POST .../ccm_system[_tokenauth]/request`` carrying ``multipart/mixed`` with the
 product's fixed boundary: part 1 is a UTF-16 ``<Msg>`` header, part 2 the body as zlib-compressed
 UTF-16LE XML with a trailing NUL (or plain UTF-16 when compression is off). Replies use the same
-envelope (protocol.md section 1.2). Both the gateway and the client engine build and parse messages
-here, so the two sides can never drift apart.
+envelope (docs/emulation.md, Product reference: "CCM messages and the content location"). Both
+the gateway and the client engine build and parse messages here, so the two sides can never
+drift apart.
 
 :func:`decode_message` reads untrusted bytes and raises :class:`EnvelopeError` (a ``ValueError``)
 for anything malformed, and nothing else: a message over :data:`MAX_MESSAGE_BYTES`, a body that

@@ -1,4 +1,8 @@
-"""Error codes the real client reports, with the texts the product logs (protocol.md section 5)."""
+"""Error codes the real client reports, with the texts the product logs.
+
+The codes and their public sources: docs/emulation.md, Product reference, "Failure codes and log
+lines".
+"""
 
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ HASH_MISMATCH = 0x80091007
 CACHE_FULL = 0x87D01201
 #: The total cache size is smaller than the content.
 CACHE_TOO_SMALL = 0x87D01202
-#: "Cache in use" (protocol.md 3.3): a request waited too long for another download of the same
+#: "Cache in use" (docs/emulation.md, Product reference: "Content, verification and the client
+#: cache"): a request waited too long for another download of the same
 #: content to finish.
 CACHE_IN_USE = 0x87D01203
 #: Content not found.

@@ -1,4 +1,5 @@
-"""ContentLocationRequest and ContentLocationReply (protocol.md sections 1.4 and 1.5).
+"""ContentLocationRequest and ContentLocationReply (docs/emulation.md, Product reference: "CCM
+messages and the content location").
 
 Element and attribute names follow the public samples. The cloud ``LocationRecord`` has no public
 sample; its shape here is our emulation design (docs/emulation.md, "Cloud location record").
@@ -267,7 +268,8 @@ class LocationRecord:
         return self.dp_type == "CLOUD"
 
 
-#: Localities an on-prem DP can have relative to the client (LocationServices.log, S17).
+#: Localities an on-prem DP can have relative to the client (LocationServices.log in the support
+#: article "Configure peer cache").
 ON_PREM_LOCALITIES = ("LOCAL", "REMOTE", "SUBNET")
 
 
@@ -381,7 +383,8 @@ class ContentLocationReply:
         return ET.tostring(root, encoding="unicode")
 
     def _empty_xml(self) -> str:
-        # The shape a client receives through the CMG when nothing holds the content (S24).
+        # The shape a client receives through the CMG when nothing holds the content (the smsts.log
+        # in GitHub issue MSEndpointMgr/ModernDriverManagement#69).
         root = ET.Element("ContentLocationReply", SchemaVersion="1.00", BGRVersion="1")
         groups = ET.SubElement(
             root, "BoundaryGroups", BoundaryGroupListRetrieveTime="", IsOnVPN="0"

@@ -40,9 +40,9 @@ def sas_expiry(url: str) -> float | None:
     """When a file's SAS URL stops working: its ``se`` as a POSIX timestamp, None without one.
 
     Azure renders ``se`` as UTC, ``YYYY-MM-DDThh:mm:ssZ`` (or to the day, ``YYYY-MM-DD``); the
-    client reads it to renew a SAS before it lapses (reliability.md C4). It runs before every
-    storage request, so the value is found with one search and each distinct value parsed once
-    (a manifest's files share it).
+    client reads it to renew a SAS before it lapses (docs/emulation.md, "Client": ``sas_margin``).
+    It runs before every storage request, so the value is found with one search and each
+    distinct value parsed once (a manifest's files share it).
     """
     match = _SE.search(url)
     return _parse_se(unquote(match.group(1))) if match else None

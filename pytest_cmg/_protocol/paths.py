@@ -1,4 +1,5 @@
-"""The client-facing URL surface of a CMG (protocol.md sections 1.3 and 1.6).
+"""The client-facing URL surface of a CMG (docs/emulation.md, Product reference: "CCM messages and
+the content location" and "One on-demand download").
 
 Only these paths are published; the gateway refuses everything else before any processing,
 as the real CMG's URL filtering does.
@@ -107,7 +108,8 @@ def sts_path(role_id: str, *, mutual: bool = False) -> str:
 
 
 def aad_auth_info_path(tenant_id: str) -> str:
-    """Where ccmsetup asks the CMG for the Azure AD properties of its tenant (S9)."""
+    """Where ccmsetup asks the CMG for the Azure AD properties of its tenant (Microsoft Learn:
+    Install and assign clients using Azure AD for authentication)."""
     return f"/CCM_Proxy_ServerAuth/AADAuthInfo?{urlencode({'TenantID': tenant_id})}"
 
 

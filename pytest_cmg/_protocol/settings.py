@@ -1,7 +1,8 @@
 """The switches of the feature, in one place: CMG, client settings and deployment options.
 
 Scenario files set them; the gateway and the client engine read them. Defaults are the product's
-defaults where public (protocol.md section 4).
+defaults where public (docs/emulation.md, Product reference: "Settings and task sequence
+variables").
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class DownloadMode:
 
 
 class LaunchContext:
-    """Where the task sequence starts (protocol.md section 0)."""
+    """Where the task sequence starts (docs/emulation.md, Product reference: "Versions and gates")."""
 
     SOFTWARE_CENTER = "software_center"
     BOOT_MEDIA = "boot_media"  # task sequence (boot) media, running in Windows PE
@@ -66,7 +67,8 @@ def launch_refusal(site_version: int, launch: str, *, boot_image: bool) -> str:
     return ""
 
 
-#: Site versions with a gate in this feature (protocol.md section 0).
+#: Site versions with a gate in this feature (docs/emulation.md, Product reference: "Versions and
+#: gates").
 INTERNET_TS_SINCE = 1802  # a task sequence may run over a CMG, with "download all" only
 ON_DEMAND_FROM_CLOUD_SINCE = 1910  # the TS engine may fetch on demand from a cloud source
 #: Site-issued tokens (bulk registration, token-based client authentication) exist since 2002.
@@ -149,7 +151,8 @@ class ClientSettings:
     #: "Enable clients to use a cloud management gateway" (default Yes). With No, an internet
     #: client has no management point to ask, so no content location can be found.
     enable_cmg: bool = True
-    #: "Allow access to cloud distribution point" (default Yes, per S49).
+    #: "Allow access to cloud distribution point" (default Yes, as Microsoft Learn: Install
+    #: cloud-based distribution points in Microsoft Azure says).
     allow_cloud_dp: bool = True
 
 

@@ -1,4 +1,4 @@
-"""How the download core decides to retry, and how long it waits (reliability.md B2, B3).
+"""How the download core decides to retry, and how long it waits (docs/reliability.md rows 15-20).
 
 Classification follows BITS and azure-storage-blob: 408, 429 and 5xx other than 501/505 are
 transient; every other 4xx is fatal; a dropped or timed-out connection is transient. Waits come

@@ -7,7 +7,7 @@ Layout (emulation design, docs/emulation.md "Storage layout")::
 
 The container is private: clients only ever read through per-blob, read-only, short-lived SAS URLs
 minted by the gateway. A public container would let Azurite's PublicAccess authenticator pass any
-tampered SAS (reliability.md C3), so :meth:`CloudDP.create` refuses to make one.
+tampered SAS (docs/reliability.md rows 23 and 27), so :meth:`CloudDP.create` refuses to make one.
 """
 
 from __future__ import annotations
@@ -329,7 +329,7 @@ class CloudDP:
         refused with :class:`ValueError` rather than guessed: the storage SDK would read it as
         UTC while Python's ``astimezone`` reads it as local time, so ``datetime.now()`` on a
         machine off UTC would silently shift the SAS window by the machine's offset (the bug
-        class of reliability.md C1). Pass ``datetime.now(UTC)``, or attach the zone the value
+        class of docs/reliability.md row 22). Pass ``datetime.now(UTC)``, or attach the zone the value
         was meant in with ``.replace(tzinfo=...)``.
         """
         start, expiry = _utc("start", start), _utc("expiry", expiry)

@@ -221,8 +221,9 @@ PACKAGE = Record(
             Str(example="catalog/os-upgrade-win11"),
             default=None,
             doc=(
-                "Take this package from a catalog file (`<fixtures>/catalog/x.yaml`, or "
-                "`./x.yaml` next to this file); keys given here override the catalog's."
+                "Take this package from a catalog file (`catalog/x`: your fixtures folder, then "
+                "the shipped catalog; or `./x.yaml` next to this file); keys given here override "
+                "the catalog's."
             ),
         ),
     },
@@ -1126,7 +1127,8 @@ SCENARIO = Record(
             default=None,
             doc=(
                 "Shared world files merged under this one, in order: `./` or `../` paths are "
-                "relative to this file, others to the fixtures folder; `.yaml` may be left off. "
+                "relative to this file, others are looked up in your fixtures folder, then in the "
+                "worlds shipped with pytest-cmg; `.yaml` may be left off. "
                 "This file's keys override included ones; packages merge by `id`."
             ),
             example="[worlds/ipu-world]",

@@ -7,8 +7,9 @@ class added anywhere later is checked too. The rules (pytest_cmg/_errors.py says
    ``PytestCmgError``, but for :data:`OUTSIDE`, each with its reason.
 2. A mistake in a scenario file is a ``ScenarioError``: nothing in ``pytest_cmg/_scenario``
    raises ``RuntimeError`` or ``Exception``.
-3. The same misuse raises the same type everywhere: every "not started" (or "not running",
-   "cannot be started again") message is raised as ``NotRunningError``.
+3. The same misuse raises the same type everywhere: every "not started" message (or "not
+   running", "cannot be started again", "call start()", "until start()") is raised as
+   ``NotRunningError``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ OUTSIDE = {
 }
 
 #: The words of a "not started" misuse.
-NOT_RUNNING = re.compile(r"not started|not running|cannot be started again", re.IGNORECASE)
+NOT_RUNNING = re.compile(
+    r"not started|not running|cannot be started again|(call|until) start\(\)", re.IGNORECASE
+)
 
 
 @dataclass(frozen=True)

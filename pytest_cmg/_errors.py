@@ -78,10 +78,10 @@ class NotRunningError(PytestCmgError, RuntimeError):
     """A service was used while it is not running: before ``start()``, or after ``stop()``.
 
     Every "not started" misuse raises this one type (``FakeCMG``, ``FaultProxy``, the
-    benchmark), and so does
-    starting a stopped service that cannot start again. It is also a ``RuntimeError``, the type
-    ``FaultProxy`` raised for it before. ``FakeCMG`` raised ``GatewayError`` for it before; that
-    type now means only a request the gateway failed to handle, which a misuse is not.
+    benchmark), and so does starting a stopped service that cannot start again. It is also a
+    ``RuntimeError``, the type ``FaultProxy`` raised for it before. ``FakeCMG`` raised
+    ``GatewayError`` for it before; that type now means only a request the gateway failed to
+    handle, which a misuse is not.
     """
 
 

@@ -30,7 +30,7 @@ from .._protocol.manifest import ContentManifest, ManifestFile
 from .._protocol.paths import Endpoint
 from .benchmark import BenchmarkRound, Throughput, collect_rounds, hashlib_seconds, raw_seconds
 from .content import generated_package
-from .timeline import ScenarioTime, Timeline, TimelineLog
+from .timeline import CUT_SLACK, ScenarioTime, Timeline, TimelineLog
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -372,10 +372,16 @@ def run_scenario(
         # A mid-download restart is armed as a stall: when storage has sent its bytes, the power
         # of the boot is cut there, once the boot's journal has caught up (a checkpoint apart).
         if host is not None and timeline is not None and proxy is not None:
-            event = timeline.cut_due(proxy.log)
-            if event is not None:
-                _journal_caught_up(workdir, event.params["file"], event.params["after_bytes"])
-                host.power_cut()
+            due = timeline.cut_due(proxy.log)
+            if due is not None:
+                event, sent = due
+                after = int(event.params["after_bytes"])
+                last = sent >= after + CUT_SLACK
+                # Bytes flow to the next stall until the journal has caught up; at the last
+                # stall the power is cut whatever the journal says.
+                if _journal_caught_up(workdir, event.params["file"], after, last) or last:
+                    timeline.cut(event)
+                    host.power_cut()
         watch.stalled(seconds)
 
     try:
@@ -548,7 +554,9 @@ def _run_again(scenario: Scenario, world: World, folder: Path) -> TaskSequenceRe
 #: Checkpoint spacing of a restarting scenario's download core: a power cut loses at most this
 #: much of a file (the core's default, 8 MiB a second at most, would lose all of a small one).
 RESTART_JOURNAL_BYTES = 256 * 1024
-#: Wall-clock bound on waiting for a boot's journal before a mid-download power cut.
+#: Wall-clock bounds on waiting for a boot's journal before a mid-download power cut: at each
+#: of the armed stalls, and at the last one.
+_JOURNAL_GLANCE = 0.2
 _JOURNAL_WAIT = 5.0
 
 
@@ -577,13 +585,13 @@ def _boot_spec(scenario: Scenario, world: World, folder: Path, time: ScenarioTim
     )
 
 
-def _journal_caught_up(folder: Path, file: str, sent: int) -> None:
-    """Wait (bounded) until a download journal under ``folder`` records ``file`` to within one
-    checkpoint of ``sent`` bytes: the power is cut after the boot saved what it verified."""
+def _journal_caught_up(folder: Path, file: str, sent: int, last: bool) -> bool:
+    """Whether a download journal under ``folder`` records ``file`` to within one checkpoint of
+    ``sent`` bytes, waiting a little (longer at the ``last`` chance) for its checkpoint."""
     import json
     import time as wall
 
-    deadline = wall.monotonic() + _JOURNAL_WAIT
+    deadline = wall.monotonic() + (_JOURNAL_WAIT if last else _JOURNAL_GLANCE)
     while wall.monotonic() < deadline:
         for path in folder.rglob("*.part.journal"):
             try:
@@ -593,8 +601,9 @@ def _journal_caught_up(folder: Path, file: str, sent: int) -> None:
             if file in str(record.get("relpath", "")) and (
                 int(record.get("offset", 0)) >= sent - RESTART_JOURNAL_BYTES
             ):
-                return
+                return True
         wall.sleep(0.02)
+    return False
 
 
 def _engine(

@@ -49,9 +49,14 @@ __all__ = [
 #: body ends before the offset (a reset after 30 MiB of a 20 MiB file).
 _AT_OFFSET = ("reset_after", "close_after", "stall_after", "flip_byte")
 
-#: The zero-length stall a mid-download restart is armed as: it marks, in the fault proxy, the
-#: moment storage has sent ``after_bytes`` of the file (the power is cut there).
+#: The zero-length stalls a mid-download restart is armed as: they mark, in the fault proxy,
+#: the moment storage has sent ``after_bytes`` of the file, then every ``CUT_STEP`` bytes up to
+#: ``CUT_SLACK`` more. The power is cut at the first of them where the boot's journal has caught
+#: up (the runner looks): the download core skips a checkpoint while the previous one is being
+#: written, so a body held at exactly ``after_bytes`` may never see its last checkpoint.
 _CUT_STALL = 0.0
+CUT_STEP = 64 * 1024
+CUT_SLACK = 1536 * 1024
 
 
 class ScenarioTime:
@@ -127,11 +132,15 @@ class TimelineLog(StepLog):
     """
 
 
-def stall_after_cut(params: dict[str, Any]) -> Fault:
-    """The fault a mid-download ``restart`` entry is armed as (see :data:`_CUT_STALL`)."""
+def stalls_for_cut(params: dict[str, Any]) -> list[Fault]:
+    """The faults a mid-download ``restart`` entry is armed as (see :data:`_CUT_STALL`)."""
     from .._net import faults as fp
 
-    return fp.stall_after(int(params["after_bytes"]), _CUT_STALL)
+    start = int(params["after_bytes"])
+    return [
+        fp.stall_after(offset, _CUT_STALL)
+        for offset in range(start, start + CUT_SLACK + 1, CUT_STEP)
+    ]
 
 
 def storage_faults(params: dict[str, Any]) -> list[Fault]:
@@ -259,11 +268,10 @@ class Timeline:
                     msg = f"{event.where}: a mid-download restart needs the fault proxy"
                     raise AssertionError(msg)
                 # Cut when storage has sent after_bytes of the file (:meth:`cut_due`).
-                self.proxy.add(
-                    TimelineFault.of(stall_after_cut(params), event.where),
-                    times=1,
-                    path=params["file"],
-                )
+                for stall in stalls_for_cut(params):
+                    self.proxy.add(
+                        TimelineFault.of(stall, event.where), times=1, path=params["file"]
+                    )
             elif self.power_cut is not None:
                 self.power_cut()
         elif event.kind == "service":
@@ -274,25 +282,31 @@ class Timeline:
         else:
             self.time.pass_time(float(params["clock"]))
 
-    def cut_due(self, storage: list[ProxiedRequest]) -> TimelineEvent | None:
-        """The mid-download ``restart`` entry whose byte count storage has now sent, if any.
+    def cut_due(self, storage: list[ProxiedRequest]) -> tuple[TimelineEvent, int] | None:
+        """The mid-download ``restart`` entry storage has now sent ``after_bytes`` for, and the
+        body bytes sent; None when none is due. :meth:`cut` marks it done.
 
-        Called from the fault proxy's stall hook: the armed zero-length stall stops the body
-        at exactly ``after_bytes``, and each entry is due once.
+        Called from the fault proxy's stall hook, while the armed stalls hold the body.
         """
         for event in self.events:
             if event.kind != "restart" or event.params.get("file") is None:
                 continue
-            if event.where in self._cut:
-                continue
+            with self._lock:
+                if event.where in self._cut:
+                    continue
             tag = f"@{event.where}"
-            offset = int(event.params["after_bytes"])
-            if any(
-                r.body_bytes >= offset and any(n.endswith(tag) for n in r.faults) for r in storage
-            ):
-                self._cut.add(event.where)
-                return event
+            sent = max(
+                (r.body_bytes for r in storage if any(n.endswith(tag) for n in r.faults)),
+                default=0,
+            )
+            if sent >= int(event.params["after_bytes"]):
+                return event, sent
         return None
+
+    def cut(self, event: TimelineEvent) -> None:
+        """The power was cut for ``event``: it is not due again."""
+        with self._lock:
+            self._cut.add(event.where)
 
     def unfired(self) -> list[TimelineEvent]:
         return [e for e in self.events if not self.has_fired(e)]

@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 #: The public API: name -> the private module that defines it (relative to this package).
 _API: dict[str, str] = {
     "AZURITE_VERSION": "._storage.azurite",
+    "AccessToken": "._protocol.location",
     "AzuriteProcess": "._storage.azurite",
     "BlobEndpoint": "._storage.azurite",
     "CMGClient": "._client.engine",
@@ -35,6 +36,8 @@ _API: dict[str, str] = {
     "Condition": "._client.engine",
     "ContentDestination": "._client.engine",
     "ContentError": "._errors",
+    "ContentLocationReply": "._protocol.location",
+    "ContentLocationRequest": "._protocol.location",
     "ContentManifest": "._protocol.manifest",
     "ContentProvider": "._client.acp",
     "Credentials": "._net.pki",
@@ -42,6 +45,7 @@ _API: dict[str, str] = {
     "DownloadCore": "._client.download",
     "DownloadMode": "._protocol.settings",
     "DownloadStats": "._client.download",
+    "Eviction": "._client.cache",
     "ExpectationFailed": "._errors",
     "ExternalStorage": "._storage.azurite",
     "FakeCMG": "._gateway.server",
@@ -49,9 +53,12 @@ _API: dict[str, str] = {
     "GatewayError": "._errors",
     "GatewayFault": "._gateway.faults",
     "Harness": "._harness",
+    "Lease": "._client.cache",
+    "LocationRecord": "._protocol.location",
     "LoggedRequest": "._gateway.requestlog",
     "ManifestFile": "._protocol.manifest",
     "NotRunningError": "._errors",
+    "OnPremDP": "._protocol.location",
     "PackageSource": "._storage.clouddp",
     "PackageTransfer": "._client.engine",
     "ProgramProvider": "._client.acp",
@@ -71,6 +78,7 @@ _API: dict[str, str] = {
     "SiteRequest": "._gateway.site",
     "SiteResponse": "._gateway.site",
     "SmstsLog": "._client.log",
+    "SpaceReport": "._client.cache",
     "Step": "._client.engine",
     "TaskSequence": "._client.engine",
     "TaskSequenceCache": "._client.tscache",
@@ -95,6 +103,9 @@ if TYPE_CHECKING:
     from ._client.cache import CacheEntry as CacheEntry
     from ._client.cache import CacheSpaceError as CacheSpaceError
     from ._client.cache import ClientCache as ClientCache
+    from ._client.cache import Eviction as Eviction
+    from ._client.cache import Lease as Lease
+    from ._client.cache import SpaceReport as SpaceReport
     from ._client.download import DownloadCore as DownloadCore
     from ._client.download import DownloadStats as DownloadStats
     from ._client.engine import CMGClient as CMGClient
@@ -131,6 +142,11 @@ if TYPE_CHECKING:
     from ._harness import Harness as Harness
     from ._net.pki import Credentials as Credentials
     from ._protocol.clock import FakeClock as FakeClock
+    from ._protocol.location import AccessToken as AccessToken
+    from ._protocol.location import ContentLocationReply as ContentLocationReply
+    from ._protocol.location import ContentLocationRequest as ContentLocationRequest
+    from ._protocol.location import LocationRecord as LocationRecord
+    from ._protocol.location import OnPremDP as OnPremDP
     from ._protocol.manifest import ContentManifest as ContentManifest
     from ._protocol.manifest import ManifestFile as ManifestFile
     from ._protocol.settings import ClientSettings as ClientSettings

@@ -10,7 +10,10 @@ The rules (httpx's test_exported_members guard, extended):
    ``dir(pytest_cmg)`` holds nothing public besides ``__all__`` and the public submodules.
 5. It exports what users receive: :data:`RECEIVED` says how each name reaches a user, and the
    test checks it against the code (a fixture's or a method's annotation, a raise site).
-6. README.md's "Public API" section names every exported name, and no name it does not export.
+6. What a public object hands out is public too: a class of the package named in a public
+   field, property, method or function signature is exported, or listed in
+   :data:`NOT_EXPORTED` with the reason.
+7. README.md's "Public API" section names every exported name, and no name it does not export.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ SUBMODULES = {"plugin", "faults"}
 #: hands them out (DownloadCore.download, TaskSequenceResult.transfers, TaskSequenceEngine.ts_cache).
 RECEIVED: dict[str, tuple[str, str]] = {
     "AZURITE_VERSION": ("starts", "the Azurite version the harness installs and pins"),
+    "AccessToken": ("returns", "LocationRecord.access_token"),
     "AzuriteProcess": ("starts", "an Azurite a test starts itself, without the harness"),
     "BlobEndpoint": ("returns", "AzuriteProcess.start"),
     "CMGClient": ("takes", "TaskSequenceEngine.__init__.client"),
@@ -60,6 +64,8 @@ RECEIVED: dict[str, tuple[str, str]] = {
     "Condition": ("returns", "Step.conditions"),
     "ContentDestination": ("starts", "the values of Step.destination"),
     "ContentError": ("raises", ""),
+    "ContentLocationReply": ("returns", "CMGClient.locate"),
+    "ContentLocationRequest": ("takes", "CmgSite.locate.request"),
     "ContentManifest": ("returns", "CloudDP.distribute"),
     "ContentProvider": ("takes", "TaskSequenceEngine.__init__.provider"),
     "Credentials": ("returns", "FakeCMG.issue_client_certificate"),
@@ -67,6 +73,7 @@ RECEIVED: dict[str, tuple[str, str]] = {
     "DownloadCore": ("takes", "TaskSequenceEngine.__init__.download_core"),
     "DownloadMode": ("starts", "the values of DeploymentSettings.download_mode"),
     "DownloadStats": ("returns", "DownloadCore.download"),
+    "Eviction": ("returns", "SpaceReport.evicted"),
     "ExpectationFailed": ("raises", ""),
     "ExternalStorage": (
         "starts",
@@ -77,9 +84,12 @@ RECEIVED: dict[str, tuple[str, str]] = {
     "GatewayError": ("raises", ""),
     "GatewayFault": ("returns", "FakeCMG.fail"),
     "Harness": ("fixture", "cmg_harness"),
+    "Lease": ("returns", "ClientCache.acquire"),
+    "LocationRecord": ("takes", "CMGClient.manifest.record"),
     "LoggedRequest": ("returns", "RequestLog.entries"),
     "ManifestFile": ("returns", "ContentManifest.files"),
     "NotRunningError": ("raises", ""),
+    "OnPremDP": ("returns", "CmgSite.add_on_prem_dp"),
     "PackageSource": ("takes", "CloudDP.distribute.files"),
     "PackageTransfer": ("returns", "TaskSequenceResult.transfers"),
     "ProgramProvider": ("starts", "a download program as a content provider (README, ACP)"),
@@ -99,6 +109,7 @@ RECEIVED: dict[str, tuple[str, str]] = {
     "SiteRequest": ("takes", "CmgSite.handle.request"),
     "SiteResponse": ("returns", "CmgSite.handle"),
     "SmstsLog": ("takes", "TaskSequenceEngine.__init__.log"),
+    "SpaceReport": ("returns", "ClientCache.make_room"),
     "Step": ("returns", "TaskSequence.steps"),
     "TaskSequence": ("takes", "TaskSequenceEngine.run.sequence"),
     "TaskSequenceCache": ("returns", "TaskSequenceEngine.ts_cache"),
@@ -107,6 +118,22 @@ RECEIVED: dict[str, tuple[str, str]] = {
     "VirtualTime": ("fixture", "cmg_time"),
     "load_scenario": ("starts", "a scenario file read from Python"),
     "load_scenarios": ("starts", "every case of a scenario file read from Python"),
+}
+
+#: Classes of the package that public signatures name, yet are not exported: name -> why.
+NOT_EXPORTED = {
+    "GatewayTLS": "cmg.tls, the gateway's certificate authorities for this repo's TLS tests; "
+    "users trust cmg.ca_pem",
+    "Clock": "a Protocol: any object with now() will do, and FakeClock is the exported one",
+    "NodeRuntime": "AzuriteProcess finds Node.js itself; the parameter is for this repo's tests",
+    "AzureADTenant": "cmg.tenant's type; its module is being moved (issue 14), then exported",
+    # Scenario's parts: the scenario language's model, documented by docs/scenarios.md (what a
+    # file may say), not as Python types; issue 14 reshapes them into typed objects.
+    "BenchmarkSpec": "a part of Scenario (the scenario language's model)",
+    "DistributionPointSpec": "a part of Scenario (the scenario language's model)",
+    "MarkerUse": "a part of Scenario (the scenario language's model)",
+    "PackageSpec": "a part of Scenario (the scenario language's model)",
+    "TimelineEvent": "a part of Scenario (the scenario language's model)",
 }
 
 
@@ -240,6 +267,61 @@ def test_each_name_is_something_users_receive():
         else:
             assert kind == "starts", (name, kind)
             assert where, name
+
+
+def _package_classes() -> set[str]:
+    return {
+        node.name
+        for path in PACKAGE.rglob("*.py")
+        for node in ast.parse(path.read_text()).body
+        if isinstance(node, ast.ClassDef)
+    }
+
+
+def _signatures(value: Any) -> dict[str, str]:
+    """Where -> annotation text, for every public field, property and method of ``value``."""
+    if inspect.isfunction(value):
+        return {f"({k})": str(a) for k, a in value.__annotations__.items()}
+    found: dict[str, str] = {}
+    if not inspect.isclass(value):
+        return found
+    for klass in value.__mro__:
+        if not klass.__module__.startswith("pytest_cmg"):
+            continue
+        for attr, annotation in vars(klass).get("__annotations__", {}).items():
+            if not attr.startswith("_"):
+                found[f".{attr}"] = str(annotation)
+        for attr, member in vars(klass).items():
+            if attr.startswith("_") and attr != "__init__":
+                continue
+            function = member.fget if isinstance(member, property) else member
+            if isinstance(function, staticmethod | classmethod):
+                function = function.__func__
+            if inspect.isfunction(function):
+                for key, annotation in function.__annotations__.items():
+                    found[f".{attr}({key})"] = str(annotation)
+    return found
+
+
+def test_what_public_objects_hand_out_is_public():
+    import pytest_cmg.faults as faults
+
+    public = set(pytest_cmg.__all__) | set(faults.__all__)
+    classes = _package_classes()
+    unexported = []
+    for name in sorted(public):
+        value = getattr(pytest_cmg, name, None) or getattr(faults, name)
+        for where, annotation in _signatures(value).items():
+            for word in set(re.findall(r"[A-Za-z_]\w*", annotation)):
+                if word in classes and word not in public and word not in NOT_EXPORTED:
+                    unexported.append(f"{name}{where}: {word}")
+    assert not unexported, (
+        "public signatures name classes that are not exported; export them (pytest_cmg._API) "
+        "or list them in NOT_EXPORTED with the reason:\n" + "\n".join(sorted(unexported))
+    )
+    # The allowance stays honest: each entry is still a class of the package, not yet exported.
+    assert set(NOT_EXPORTED) <= classes
+    assert not set(NOT_EXPORTED) & public
 
 
 def test_readme_names_exactly_the_public_api():

@@ -228,6 +228,8 @@ class BootHost:
         self.boots: list[str] = []
         #: Power cuts made (:meth:`power_cut`).
         self.power_cuts = 0
+        #: The process id of each boot, in order.
+        self.pids: list[int] = []
 
     def run(
         self, spec: BootSpec, connection: Callable[[], CMGConnection] | None = None
@@ -274,6 +276,8 @@ class BootHost:
             self._cut = False
             self._process = process
         process.start()
+        assert process.pid is not None  # started
+        self.pids.append(process.pid)
         theirs.close()
         wire: dict[str, Any] | None = None
         failure: str | None = None

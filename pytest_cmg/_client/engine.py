@@ -616,8 +616,10 @@ class TaskSequence:
         return any(s.action == RESTART_COMPUTER or s.setup is not None for s in self.steps)
 
     def to_dict(self) -> dict[str, Any]:
-        """The sequence as JSON-ready data (what the persisted state keeps of it)."""
-        return asdict(self)
+        """The sequence as JSON data (what the persisted state keeps of it): lists, not tuples,
+        so it reads back equal."""
+        data: dict[str, Any] = json.loads(json.dumps(asdict(self)))
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TaskSequence:

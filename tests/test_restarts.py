@@ -1,0 +1,186 @@
+"""Restarts in the middle of a task sequence (docs/emulation.md, "Restarts").
+
+Unit tests cover the persisted state (``tsenv.py``) and the boot host; the others run the
+engine, in-process and as boot processes, against real Azurite and the running fake CMG. The
+scenarios in ``scenarios/ipu/`` tell the stories end to end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from pytest_cmg import Step, TaskSequence
+from pytest_cmg._client import tsenv
+from pytest_cmg._client.boot import BootError, BootHost, BootSpec
+from pytest_cmg._client.engine import CMGConnection, Setup
+from pytest_cmg._client.tsenv import TSENV_FILE, SetupState, TsEnv, TsEnvError
+from pytest_cmg._scenario import runner
+from pytest_cmg._scenario.model import load_scenarios
+from pytest_cmg._scenario.runner import check_expectations, run_scenario
+
+ROOT = Path(__file__).resolve().parent.parent
+KB = 1000
+
+
+def data(size: int, seed: int) -> bytes:
+    return hashlib.shake_256(seed.to_bytes(4, "big")).digest(size)
+
+
+def state(**changes: object) -> TsEnv:
+    sequence = TaskSequence("PS100020", "Upgrade", (Step("Restart", "restart_computer"),))
+    base = TsEnv(sequence=sequence.to_dict(), launch="software_center", next_step=1, variables={})
+    for name, value in changes.items():
+        setattr(base, name, value)
+    return base
+
+
+# --- unit: the persisted state -----------------------------------------------------------------
+
+
+def test_the_state_round_trips_with_the_sequence_and_setup(tmp_path: Path) -> None:
+    sequence = TaskSequence(
+        "PS100020",
+        "Upgrade",
+        (
+            Step("Upgrade", "upgrade_os", "PS100012", setup=Setup(2, "rollback", 0xC1900101)),
+            Step("Restart", "restart_computer"),
+        ),
+        package_versions={"PS100012": 3},
+    )
+    saved = state(
+        sequence=sequence.to_dict(),
+        variables={"OSDLanguage": "it-IT"},
+        setup=SetupState(0, 1, "rollback", 0xC1900101),
+        reboots=2,
+    )
+    tsenv.save(tmp_path, saved)
+    loaded = tsenv.load(tmp_path)
+    assert loaded == saved
+    assert TaskSequence.from_dict(loaded.sequence) == sequence
+    # Written by rename: no temporary file is left beside it.
+    assert [p.name for p in tmp_path.iterdir()] == [TSENV_FILE]
+    tsenv.remove(tmp_path)
+    assert tsenv.load(tmp_path) is None
+
+
+def test_the_state_never_holds_a_signature(tmp_path: Path) -> None:
+    sas = "https://127.0.0.1:1/c/PS100012.3/install.wim?sv=2021&sig=abc%3D"
+    with pytest.raises(TsEnvError, match="signature") as caught:
+        tsenv.save(tmp_path, state(variables={"_SMSTSLastContentDownloadLocation": sas}))
+    assert TSENV_FILE in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_state_the_engine_did_not_write_is_refused_with_its_path(tmp_path: Path) -> None:
+    (tmp_path / TSENV_FILE).write_text('{"format": 99}', encoding="utf-8")
+    with pytest.raises(TsEnvError, match="delete the file to start the sequence over"):
+        tsenv.load(tmp_path)
+
+
+def test_a_boot_that_fails_is_reported_with_its_traceback(tmp_path: Path) -> None:
+    connection = CMGConnection(
+        cmg_url="https://127.0.0.1:9",
+        ca_cert=tmp_path / "ca.pem",
+        site_code="PS1",
+        mp_role_id="1",
+        client_id="GUID:boot",
+        token="t",
+    )
+    spec = BootSpec(connection, tmp_path, None, "software_center", 10)  # type: ignore[arg-type]
+    host = BootHost(clock=lambda: 0.0, sleep=lambda s: None, pass_time=lambda s: None, timeout=120)
+    with pytest.raises(BootError, match=r"boot 1 of the client .* failed:\n(.|\n)*AttributeError"):
+        host.run(spec)
+    assert len(host.pids) == 1 and host.pids[0] != os.getpid()
+
+
+# --- the engine, in-process: a restart is a result, not an exception ------------------------------
+
+
+@pytest.fixture
+def os_package(cloud_dp):
+    return cloud_dp.distribute(
+        "PS100012", 1, {"sources/install.wim": data(300 * KB, 1), "setup.exe": b"MZ" * 50}
+    )
+
+
+def test_a_restart_step_persists_and_a_new_engine_resumes(cmg, cmg_client, os_package) -> None:
+    sequence = TaskSequence(
+        "PS100020",
+        "Upgrade",
+        (
+            Step("Restart first", "restart_computer"),
+            Step("Upgrade", "upgrade_os", "PS100012"),
+        ),
+        variables={"OSDLanguage": "it-IT"},
+    )
+    first = cmg_client()
+    result = first.run(sequence)
+    assert (result.restart, result.steps_run, result.exit_code) == (
+        "restart_computer",
+        ["Restart first"],
+        0,
+    )
+    working = first.system_drive / "_SMSTaskSequence"
+    saved = tsenv.load(working)
+    assert saved is not None and saved.next_step == 1
+    assert saved.variables["OSDLanguage"] == "it-IT"
+
+    second = cmg_client()  # same folder, nothing shared in memory
+    assert second.system_drive == first.system_drive
+    resumed = second.resume()
+    assert resumed is not None
+    assert (resumed.restart, resumed.exit_code, resumed.reboots) == (None, 0, 1)
+    assert resumed.steps_run == ["Restart first", "Upgrade"]
+    assert second.variables["OSDLanguage"] == "it-IT"
+    assert not (working / TSENV_FILE).exists()
+    assert cmg_client().resume() is None
+
+
+# --- boot processes ---------------------------------------------------------------------------------
+
+
+def test_every_boot_is_a_process_and_no_signature_reaches_the_working_directory(
+    cmg_harness: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Looked at every step boundary of every boot: the boot saved its state just before."""
+    scenario = load_scenarios(ROOT / "scenarios/ipu/full-upgrade-with-setup-restarts.cmg.yaml")[0]
+    assert scenario.auth == "azure_ad"
+    work = tmp_path / "work"
+    seen: list[str] = []
+    states: list[TsEnv] = []
+    hosts: list[BootHost] = []
+    before_step = runner.Timeline.before_step
+
+    def look(self: runner.Timeline, index: int) -> None:
+        for path in (work / "_SMSTaskSequence").rglob("*"):
+            if path.is_file() and "Packages" not in path.parts:
+                seen.append(path.name)
+                assert "sig=" not in path.read_text(encoding="utf-8", errors="replace"), path
+        loaded = tsenv.load(work / "_SMSTaskSequence")
+        assert loaded is not None
+        states.append(loaded)
+        before_step(self, index)
+
+    real_host = runner.BootHost
+
+    def host(**kwargs: object) -> BootHost:
+        made = real_host(**kwargs)  # type: ignore[arg-type]
+        hosts.append(made)
+        return made
+
+    monkeypatch.setattr(runner.Timeline, "before_step", look)
+    monkeypatch.setattr(runner, "BootHost", host)
+    run = run_scenario(scenario, cmg_harness, work)  # type: ignore[arg-type]
+    assert check_expectations(scenario, run) == []
+    assert TSENV_FILE in seen
+    # The Azure AD client's CCM token is kept, as the product caches it: a JWT, not a SAS.
+    assert any(s.ccm_token and s.ccm_token.count(".") == 2 for s in states)
+    (used,) = hosts
+    assert len(used.pids) == 3 == len(set(used.pids))
+    assert os.getpid() not in used.pids
+    assert used.boots == ["boot 1: setup", "boot 2: setup", "boot 3: ended"]
+    assert run.result.reboots == 2

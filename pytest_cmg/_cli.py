@@ -35,9 +35,10 @@ if TYPE_CHECKING:
     from types import FrameType
 
     from ._client.cache import ClientCache
-    from ._client.engine import TaskSequenceResult
+    from ._client.engine import CMGConnection, TaskSequence, TaskSequenceResult
     from ._client.log import SmstsLog
     from ._harness import Harness
+    from ._protocol.settings import ClientSettings, DeploymentSettings
     from ._scenario.model import Scenario
     from ._scenario.runner import World
 
@@ -341,7 +342,9 @@ def _unreadable_scenario(path: Path, error: Exception) -> str:
             f"{error.start} cannot be decoded; scenario files must be UTF-8: save it as UTF-8"
         )
     if isinstance(error, OSError):
-        named = f" ({error.filename})" if error.filename and str(error.filename) != str(path) else ""
+        named = (
+            f" ({error.filename})" if error.filename and str(error.filename) != str(path) else ""
+        )
         fixes = {
             errno.ENOENT: "check the path",
             errno.EISDIR: "name a *.cmg.yaml file, not a folder",
@@ -355,7 +358,9 @@ def _unreadable_scenario(path: Path, error: Exception) -> str:
         problem = getattr(error, "problem", None) or str(error)
         return f"{where}{at} is not valid YAML ({_one_line(str(problem))}); fix the YAML syntax"
     if isinstance(error, RecursionError):
-        return f"{where} nests too deeply to be read; a scenario needs only a few levels: flatten it"
+        return (
+            f"{where} nests too deeply to be read; a scenario needs only a few levels: flatten it"
+        )
     if isinstance(error, MemoryError):
         return f"{where} is too large to be read into memory; scenario files are small: split it"
     return _one_line(
@@ -469,6 +474,19 @@ def _client(args: argparse.Namespace) -> int:
         _print_summary(_summary(args, "error", cache.hresult, cache.message))
         return 2 if cache.usage else 1
 
+    if sequence.restarts:
+        return _client_boots(
+            args,
+            connection,
+            sequence,
+            launch,
+            deployment,
+            settings,
+            cache,
+            (Path(storage_ca) if storage_ca else None),
+            site_version or CURRENT_SITE_VERSION,
+        )
+
     bar = _ProgressBar(enabled=sys.stderr.isatty() and not args.no_progress)
     log = SmstsLog(args.log)
     engine = build_engine(
@@ -510,6 +528,59 @@ def _client(args: argparse.Namespace) -> int:
     return 0 if result.succeeded else 1
 
 
+def _client_boots(
+    args: argparse.Namespace,
+    connection: CMGConnection,
+    sequence: TaskSequence,
+    launch: str,
+    deployment: DeploymentSettings,
+    settings: ClientSettings | None,
+    cache: ClientCache,
+    storage_ca: Path | None,
+    site_version: int,
+) -> int:
+    """A task sequence that restarts the computer: each boot a new process, as in a scenario
+    (docs/emulation.md, "Restarts"). Time is the wall clock; a restart takes none of it."""
+    import time
+
+    from ._client.boot import BootError, BootHost, BootSpec
+
+    spec = BootSpec(
+        connection=connection,
+        folder=Path(args.log).parent,
+        sequence=sequence,
+        launch=launch,
+        cache_mb=cache.capacity // 2**20,
+        settings=settings,
+        deployment=deployment,
+        site_version=site_version,
+        storage_ca_file=storage_ca,
+        cache_root=cache.root,
+        log_path=Path(args.log),
+        fsync=args.fsync,
+    )
+    started = time.monotonic()
+    host = BootHost(
+        clock=lambda: time.monotonic() - started,
+        sleep=time.sleep,
+        pass_time=lambda seconds: None,
+        restart_takes=0.0,
+    )
+    try:
+        result = host.run(spec)
+    except BootError as error:
+        print(f"pytest-cmg client: {error}", file=sys.stderr)
+        _print_summary(_summary(args, "error", _E_FAIL, str(error).splitlines()[0]))
+        return 1
+    for line in host.boots:
+        print(f"pytest-cmg client: {line}", file=sys.stderr)
+    outcome = "success" if result.succeeded else "failure"
+    error_text = str(result.error) if result.error else None
+    if not _print_summary(_summary(args, outcome, result.exit_code, error_text, result)):
+        return 1
+    return 0 if result.succeeded else 1
+
+
 #: HRESULT_FROM_WIN32 of the Windows error a client meets where Linux gives each errno: what
 #: the product would report for the same trouble with its cache or log.
 _HRESULTS = {
@@ -530,8 +601,17 @@ _E_FAIL = 0x80004005
 #: Errors that say the path given is wrong for its use (bad usage, exit 2); the others (a full
 #: disk, an I/O error) are the machine's trouble, and fail the run (exit 1).
 _PATH_ERRNOS = frozenset(
-    {errno.ENOENT, errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.EACCES, errno.EPERM,
-     errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP}
+    {
+        errno.ENOENT,
+        errno.ENOTDIR,
+        errno.EEXIST,
+        errno.EISDIR,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EROFS,
+        errno.ENAMETOOLONG,
+        errno.ELOOP,
+    }
 )
 _FIXES = {
     errno.ENOSPC: "free space on that disk or choose a folder on another one",
@@ -650,6 +730,8 @@ def _print_summary(summary: dict[str, Any]) -> bool:
     try:
         print(json.dumps(summary), flush=True)
     except OSError as error:
-        print(f"pytest-cmg client: cannot write the JSON summary to stdout: {error}", file=sys.stderr)
+        print(
+            f"pytest-cmg client: cannot write the JSON summary to stdout: {error}", file=sys.stderr
+        )
         return False
     return True

@@ -406,3 +406,24 @@ def test_client_on_the_azure_ad_path_needs_the_field(served, tmp_path):
     result = run_client(tmp_path, older, "--package", "PS100013", "--auth", "azure_ad")
     assert result.returncode == 2
     assert "cannot use connection" in result.stderr and "aad_token" in result.stderr
+
+
+def test_client_runs_each_boot_of_a_restarting_sequence_as_a_process(served, tmp_path):
+    _, contract = served
+    text = SCENARIO.read_text().replace(
+        "    - name: Apply drivers\n",
+        "    - name: Restart Computer\n      action: restart_computer\n    - name: Apply drivers\n",
+    )
+    scenario = tmp_path / "restart.cmg.yaml"
+    scenario.write_text(text)
+    result = run_client(tmp_path, contract, "--task-sequence", str(scenario))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["steps_run"] == [
+        "Check readiness", "Upgrade the operating system", "Restart Computer", "Apply drivers"
+    ]
+    assert "boot 1: restart_computer" in result.stderr
+    assert "boot 2: ended" in result.stderr
+    log = Path(summary["log"]).read_text(encoding="utf-8")
+    assert "The computer is going to restart" in log
+    assert "after a restart: restart 1, instruction pointer 3" in log

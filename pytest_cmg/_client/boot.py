@@ -100,6 +100,15 @@ class BootSpec:
     #: The download core's checkpoint spacing (``DownloadCore``); None: the core's defaults.
     journal_bytes: int | None = None
     journal_seconds: float | None = None
+    #: The client cache's folder and the log file; None: ``folder/ccmcache``, ``folder/smsts.log``.
+    cache_root: Path | None = None
+    log_path: Path | None = None
+    #: The download core's ``fsync`` (durable against a power cut, not only a killed process).
+    fsync: bool = False
+
+    @property
+    def log_file(self) -> Path:
+        return self.log_path if self.log_path is not None else self.folder / "smsts.log"
 
 
 class _Remote:
@@ -130,6 +139,7 @@ class _Remote:
 
 def _boot(spec: BootSpec, conn: Connection) -> None:
     """One boot (the child process): resume the persisted sequence, or start it."""
+    from .cache import ClientCache
     from .factory import build_engine
 
     remote = _Remote(conn)
@@ -139,11 +149,13 @@ def _boot(spec: BootSpec, conn: Connection) -> None:
         def clock() -> datetime:
             return wall_clock() if start is None else start + timedelta(seconds=remote.clock())
 
-        log = StepLog(spec.folder / "smsts.log", remote.before_step, clock)
+        log = StepLog(spec.log_file, remote.before_step, clock)
         retry = RetryPolicy(sleep=remote.sleep, clock=remote.clock, rng=random.Random(spec.seed))
         extra: dict[str, Any] = {}
         if spec.site_version is not None:
             extra["site_version"] = spec.site_version
+        if spec.cache_root is not None:
+            extra["cache"] = ClientCache(spec.cache_root, spec.cache_mb)
         engine = build_engine(
             spec.connection,
             spec.folder,
@@ -155,6 +167,7 @@ def _boot(spec: BootSpec, conn: Connection) -> None:
             storage_ca_file=spec.storage_ca_file,
             journal_bytes=spec.journal_bytes,
             journal_seconds=spec.journal_seconds,
+            fsync=spec.fsync,
             **extra,
         )
         engine.persist = True

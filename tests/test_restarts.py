@@ -184,3 +184,66 @@ def test_every_boot_is_a_process_and_no_signature_reaches_the_working_directory(
     assert os.getpid() not in used.pids
     assert used.boots == ["boot 1: setup", "boot 2: setup", "boot 3: ended"]
     assert run.result.reboots == 2
+
+
+def _parent_of_a_sleeper(pid_file: str) -> None:
+    import subprocess as sp
+    import time as wall
+
+    child = sp.Popen(["sleep", "60"], start_new_session=True)  # as a provider's own group
+    Path(pid_file).write_text(str(child.pid))
+    wall.sleep(60)
+
+
+def test_a_power_cut_also_stops_what_the_boot_started(tmp_path: Path) -> None:
+    import multiprocessing
+    import time as wall
+
+    pid_file = tmp_path / "child.pid"
+    process = multiprocessing.get_context("spawn").Process(
+        target=_parent_of_a_sleeper, args=(str(pid_file),), daemon=True
+    )
+    process.start()
+    deadline = wall.monotonic() + 30
+    while not pid_file.exists() or not pid_file.read_text():
+        assert wall.monotonic() < deadline, "the boot never started its program"
+        wall.sleep(0.05)
+    child = int(pid_file.read_text())
+    host = BootHost(clock=lambda: 0.0, sleep=lambda s: None, pass_time=lambda s: None)
+    host._process = process
+    host.power_cut()
+    assert not process.is_alive() and host.power_cuts == 1
+    deadline = wall.monotonic() + 10
+    while Path(f"/proc/{child}").exists():
+        state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+        if state == "Z":
+            break  # killed, waiting for a parent that is gone to reap it
+        assert wall.monotonic() < deadline, f"the program {child} outlived the power cut"
+        wall.sleep(0.05)
+
+
+@pytest.mark.parametrize("step", [0, 1, 2])
+def test_a_power_cut_at_any_step_boundary_gives_the_run_of_a_machine_that_stayed_up(
+    cmg_harness: object, tmp_path: Path, step: int
+) -> None:
+    """The in-place upgrade story's own expectations (cache, downloads, requests, log) hold when
+    the power is cut before any of its steps; only time and the resume lines differ."""
+    import dataclasses
+
+    from pytest_cmg._scenario.model import TimelineEvent
+
+    path = ROOT / "scenarios/ipu/on-demand-token-software-center.cmg.yaml"
+    (scenario,) = load_scenarios(path)
+    cut = TimelineEvent(where="faults[0]", kind="restart", params={}, before_step=step)
+    restarted = dataclasses.replace(scenario, timeline=(cut,))
+    assert restarted.restarts and not scenario.restarts
+    run = run_scenario(restarted, cmg_harness, tmp_path / "work")  # type: ignore[arg-type]
+    assert check_expectations(scenario, run) == []
+    assert run.result.reboots == 1
+    assert run.result.steps_run == [s.name for s in scenario.task_sequence.steps]
+    assert run.elapsed == 120.0
+    resumed = [m for m in run.smsts if "after an unexpected restart (power cut)" in m]
+    assert resumed == [
+        f"TSManager: Resuming task sequence Windows 11 in-place upgrade (PS100020) after an "
+        f"unexpected restart (power cut): restart 1, instruction pointer {step}"
+    ]

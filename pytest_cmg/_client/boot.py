@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import random
 import re
+import signal
 import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._errors import ContentError, PytestCmgError
@@ -40,7 +43,6 @@ if TYPE_CHECKING:
     from datetime import datetime
     from multiprocessing.connection import Connection
     from multiprocessing.process import BaseProcess
-    from pathlib import Path
 
     from .._protocol.settings import ClientSettings, DeploymentSettings
     from .engine import CMGConnection, TaskSequence
@@ -186,6 +188,28 @@ def _boot(spec: BootSpec, conn: Connection) -> None:
         conn.close()
 
 
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (Linux ``/proc``; none found elsewhere), bounded in number."""
+    found: list[int] = []
+    todo = [pid]
+    while todo and len(found) < 1000:
+        parent = todo.pop()
+        try:
+            tasks = list(Path(f"/proc/{parent}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                children = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for child in map(int, children):
+                if child not in found:
+                    found.append(child)
+                    todo.append(child)
+    return found
+
+
 def _to_wire(result: TaskSequenceResult) -> dict[str, Any]:
     error = result.error
     # Not through asdict: an exception does not deep-copy; its code and text cross instead.
@@ -268,13 +292,21 @@ class BootHost:
         raise BootError(msg)
 
     def power_cut(self) -> None:
-        """Cut the power: kill the running boot by its pid (nothing unsaved survives)."""
+        """Cut the power: kill the running boot by its pid (nothing unsaved survives), and the
+        processes it started (an alternate content provider), as a power cut stops them all."""
         with self._lock:
             process = self._process
-            if process is None or not process.is_alive():
+            if process is None or not process.is_alive() or process.pid is None:
                 return
             self._cut = True
             self.power_cuts += 1
+        pid = process.pid
+        # Frozen first, so it starts nothing more while its descendants are found and killed.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+        for child in _descendants(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
         process.kill()
         process.join(10.0)
 

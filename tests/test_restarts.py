@@ -247,3 +247,47 @@ def test_a_power_cut_at_any_step_boundary_gives_the_run_of_a_machine_that_stayed
         f"TSManager: Resuming task sequence Windows 11 in-place upgrade (PS100020) after an "
         f"unexpected restart (power cut): restart 1, instruction pointer {step}"
     ]
+
+
+RESTARTING = """\
+scenario: restarts the language refuses
+include: [worlds/small-ipu-world]
+{extra}
+task_sequence:
+  steps:
+    - {{name: Check readiness, action: run_command_line}}
+    - {{name: Restart, action: restart_computer{step}}}
+    - {{name: Apply drivers, action: apply_driver_package, package: PS100013}}
+expect:
+  outcome: success
+"""
+
+
+@pytest.mark.parametrize(
+    ("extra", "step", "line", "rule"),
+    [
+        ("faults: [{restart: {file: install.wim}}]", "", 3, "names the file and the bytes"),
+        ("faults: [{restart: {}}]", "", 3, "a restart needs a moment"),
+        ("", ", package: PS100012", 7, "a restart_computer step uses no package"),
+        ("", ", setup: {restarts: 1}", 7, "setup belongs to upgrade_os steps"),
+        ("benchmark: {baseline: hashlib}", "", 7, "this step restarts the computer"),
+        (
+            "benchmark: {baseline: hashlib}\nfaults: [{restart: {}, before_step: Restart}]",
+            "",
+            4,
+            "a restart runs each boot as a process of its own",
+        ),
+    ],
+)
+def test_the_language_refuses_restarts_it_cannot_run(
+    tmp_path: Path, extra: str, step: str, line: int, rule: str
+) -> None:
+    from pytest_cmg._errors import ScenarioError
+
+    path = tmp_path / "restarts.cmg.yaml"
+    path.write_text(RESTARTING.format(extra=extra, step=step), encoding="utf-8")
+    with pytest.raises(ScenarioError) as caught:
+        load_scenarios(path, fixtures=ROOT / "pytest_cmg" / "shipped")
+    text = str(caught.value)
+    assert rule in text
+    assert f"restarts.cmg.yaml:{line}:" in text

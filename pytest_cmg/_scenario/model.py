@@ -329,7 +329,7 @@ STEP = Record(
                     "it `restarts` times, then ends with `result`: `success` resumes the "
                     "sequence through SetupComplete.cmd, `rollback` through SetupRollback.cmd "
                     "with _SMSTSSetupRollback=TRUE and the step failing with `code`. Every "
-                    "boot then runs as a process of its own (docs/emulation.md, \"Restarts\")."
+                    'boot then runs as a process of its own (docs/emulation.md, "Restarts").'
                 ),
                 fields={
                     "restarts": Field(Int(minimum=1, maximum=10), default=2),
@@ -1915,6 +1915,23 @@ def _check_benchmark(data: dict[str, Any], problem: Callable[..., None]) -> None
                 _NO_PROXY.format(what="a storage fault"),
                 "move this fault to a scenario without benchmark; gateway faults are allowed",
             )
+        if isinstance(event, dict) and event.get("restart") is not None:
+            problem(
+                f"faults[{index}].restart",
+                "a benchmark times one uninterrupted run in this process; a restart runs each "
+                "boot as a process of its own",
+                "move the restart to a scenario without benchmark",
+            )
+    for index, step in enumerate((data.get("task_sequence") or {}).get("steps") or []):
+        if isinstance(step, dict) and (
+            step.get("action") == "restart_computer" or step.get("setup") is not None
+        ):
+            problem(
+                f"task_sequence.steps[{index}]",
+                "a benchmark times one uninterrupted run in this process; this step restarts "
+                "the computer",
+                "move the restarting step to a scenario without benchmark",
+            )
     for key in ("storage_bytes", "storage_requests"):
         if expect.get(key) is not None:
             problem(
@@ -1937,6 +1954,12 @@ def _check_content_options(step: dict[str, Any], where: str, problem: Callable[.
     for key in ("destination", "variable", "packages"):
         if step.get(key) is not None and not content_step:
             problem(f"{where}.{key}", f"{key} belongs to {DOWNLOAD_PACKAGE_CONTENT} steps")
+    if step.get("setup") is not None and step.get("action") != "upgrade_os":
+        problem(f"{where}.setup", "setup belongs to upgrade_os steps (Windows Setup's restarts)")
+    if step.get("action") == "restart_computer":
+        for key in ("package", "packages"):
+            if step.get(key) is not None:
+                problem(f"{where}.{key}", "a restart_computer step uses no package")
     if step.get("package") is not None and step.get("packages") is not None:
         problem(f"{where}.packages", "give package or packages, not both")
     if destination == ContentDestination.CUSTOM and path is None:

@@ -696,7 +696,8 @@ class _TornWatch:
 def _no_storage_faults(scenario: Scenario, url: str) -> None:
     """Refuse, before anything runs, a scenario whose storage faults cannot be injected."""
     for event in scenario.timeline:
-        if event.kind == "storage":
+        # A mid-download restart is armed as storage stalls: it needs the proxy as much.
+        if event.kind == "storage" or (event.kind == "restart" and event.params.get("file")):
             path, line = scenario.location(event.where)
             rule = (
                 f"{event.where}: storage faults need plain-http storage behind the fault proxy, "

@@ -486,6 +486,15 @@ EXPECT = Record(
             ),
             example="{at_least: 1, at_most: 3}",
         ),
+        "restarts": Field(
+            Count(),
+            default=None,
+            doc=(
+                "Restarts of the computer in the run: Restart Computer steps, Windows Setup's "
+                f"restarts and power cuts (each a new boot process): {_COUNT}."
+            ),
+            example="2",
+        ),
         "elapsed": Field(
             Count(unit=Duration(), low="min", high="max"),
             default=None,

@@ -117,6 +117,8 @@ class ScenarioRun:
     download_program: str | None = None
     #: Files seen torn under a package file's name while storage stalled (:class:`_TornWatch`).
     torn: list[str] = field(default_factory=list)
+    #: How each boot ended, when the computer restarted (``BootHost.boots``); empty in-process.
+    boots: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -462,6 +464,7 @@ def run_scenario(
             secrets=gateway.issued_secrets(since=secrets_before),
             torn=watch.found,
             download_program=download_program,
+            boots=list(host.boots) if host is not None else [],
         )
         if scenario.benchmark is not None:
             # After the run's evidence is taken: further rounds add requests and egress.
@@ -964,6 +967,13 @@ def check_expectations(scenario: Scenario, run: ScenarioRun) -> list[Expectation
             f"{_bounds(expect['retries'])} retries",
             f"{len(run.waits)} (waits: {', '.join(f'{w:g}s' for w in run.waits) or 'none'})",
             _excerpt("  retry lines in smsts.log", retry_lines),
+        )
+    if expect["restarts"] is not None and not expect["restarts"].holds(run.result.reboots):
+        fail(
+            "expect.restarts",
+            f"{_bounds(expect['restarts'])} restart(s) of the computer",
+            f"{run.result.reboots}",
+            _excerpt("  boots", run.boots) if run.boots else "  (every boot ran in-process)",
         )
     if expect["elapsed"] is not None and not expect["elapsed"].holds(run.elapsed):
         fail(

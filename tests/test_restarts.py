@@ -291,3 +291,27 @@ def test_the_language_refuses_restarts_it_cannot_run(
     text = str(caught.value)
     assert rule in text
     assert f"restarts.cmg.yaml:{line}:" in text
+
+
+def test_download_all_content_is_not_fetched_again_after_a_restart(
+    cmg, cmg_client, os_package
+) -> None:
+    from pytest_cmg import DeploymentSettings, DownloadMode
+
+    deployment = DeploymentSettings(download_mode=DownloadMode.ALL_BEFORE_START)
+    sequence = TaskSequence(
+        "PS100020",
+        "Upgrade",
+        (Step("Restart first", "restart_computer"), Step("Upgrade", "upgrade_os", "PS100012")),
+    )
+    first = cmg_client(deployment=deployment)
+    assert first.run(sequence).restart == "restart_computer"
+    asked = len(cmg.log.entries)
+    resumed = cmg_client(deployment=deployment).resume()
+    assert resumed is not None and resumed.succeeded
+    # Downloaded before the first step, in the first boot; the second found it in the cache.
+    assert len(cmg.log.entries) == asked
+    assert [(t.package_id, t.from_cache) for t in resumed.transfers] == [
+        ("PS100012", False),
+        ("PS100012", True),
+    ]

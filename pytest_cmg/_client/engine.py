@@ -1007,8 +1007,8 @@ class TaskSequenceEngine:
         self._save(sequence, next_step, steps_run, why, setup)
         self.log.info(
             "TSManager",
-            f"Saved the task sequence environment to "
-            f"{self.system_drive / WORKING_DIRECTORY / tsenv.TSENV_FILE}",
+            # The system drive is C: on the client (docs/emulation.md, "Restarts").
+            f"Saved the task sequence environment to C:\\{WORKING_DIRECTORY}\\{tsenv.TSENV_FILE}",
         )
         self.log.info("TSManager", "The computer is going to restart")
         return TaskSequenceResult(

@@ -315,3 +315,18 @@ def test_download_all_content_is_not_fetched_again_after_a_restart(
         ("PS100012", False),
         ("PS100012", True),
     ]
+
+
+def test_a_log_line_torn_by_a_power_cut_is_dropped(tmp_path: Path) -> None:
+    from pytest_cmg._client.boot import _drop_torn_tail
+    from pytest_cmg._client.log import SmstsLog
+
+    log = tmp_path / "smsts.log"
+    SmstsLog(log).info("TSManager", "whole")
+    whole = log.read_bytes()
+    log.write_bytes(whole + b'<![LOG[half a line]LOG]!><time="05:4')
+    _drop_torn_tail(log)
+    assert log.read_bytes() == whole
+    assert [m for _, m, _, _ in SmstsLog.read(log)] == ["whole"]
+    _drop_torn_tail(log)  # a whole log is left as it is
+    assert log.read_bytes() == whole

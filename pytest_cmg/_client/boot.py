@@ -188,6 +188,18 @@ def _boot(spec: BootSpec, conn: Connection) -> None:
         conn.close()
 
 
+def _drop_torn_tail(log: Path) -> None:
+    """After a power cut, the log line the boot was writing, if it was cut short, goes: each
+    line is written whole with its line end, so text after the last line end is torn."""
+    try:
+        with log.open("rb+") as handle:
+            data = handle.read()
+            if data and not data.endswith(b"\n"):
+                handle.truncate(data.rfind(b"\n") + 1)
+    except FileNotFoundError:
+        return
+
+
 def _descendants(pid: int) -> list[int]:
     """The processes below ``pid`` (Linux ``/proc``; none found elsewhere), bounded in number."""
     found: list[int] = []
@@ -368,6 +380,7 @@ class BootHost:
             self.boots.append(f"boot {number}: " + (result.restart or "ended"))
             return result
         if cut:
+            _drop_torn_tail(spec.log_file)
             self.boots.append(f"boot {number}: power cut")
             return None
         msg = (

@@ -223,6 +223,14 @@ VIOLATIONS = [
         "actual:   0 (waits: none)",
     ),
     Violation(
+        "restarts",
+        "  restarts: 1\n",
+        "expect.restarts",
+        "expected: exactly 1 restart(s) of the computer",
+        "actual:   0",
+        context="(every boot ran in-process)",
+    ),
+    Violation(
         "elapsed",
         "  elapsed: {min: 1s}\n",
         "expect.elapsed",

@@ -26,12 +26,12 @@ if TYPE_CHECKING:
     from ._client.engine import TaskSequenceEngine
     from ._client.retry import VirtualTime
     from ._gateway.server import FakeCMG
+    from ._net.proxy import FaultProxy
     from ._protocol.settings import ClientSettings, DeploymentSettings
 
     # Named in a string (the stash key below): imported at run time only when it is on.
     from ._scenario.conformance import Conformance  # noqa: F401
     from ._storage.clouddp import CloudDP
-    from ._net.proxy import FaultProxy
 
 _HARNESS = pytest.StashKey[Harness]()
 _DOWNLOAD_PROGRAM = pytest.StashKey[str | None]()

@@ -25,17 +25,17 @@ from pytest_cmg import (
     TaskSequence,
 )
 from pytest_cmg._client.factory import build_engine, connection_for
-from pytest_cmg._protocol import codes
-from pytest_cmg._protocol.ccm import CCM_CONTENT_TYPE, CcmMessage, decode_message, encode_message
-from pytest_cmg._protocol.location import ContentLocationReply, ContentLocationRequest
-from pytest_cmg._protocol.paths import aad_auth_info_path, sts_path
-from pytest_cmg._protocol.tokens import (
+from pytest_cmg._gateway.tokens import (
     AAD_CLOCK_SKEW,
     AAD_RESOURCE,
     INVALID_TOKEN,
     AzureADTenant,
     is_azure_ad_token,
 )
+from pytest_cmg._protocol import codes
+from pytest_cmg._protocol.ccm import CCM_CONTENT_TYPE, CcmMessage, decode_message, encode_message
+from pytest_cmg._protocol.location import ContentLocationReply, ContentLocationRequest
+from pytest_cmg._protocol.paths import aad_auth_info_path, sts_path
 
 CLIENT = "GUID:aad-client"
 PACKAGE = "PS100041"

@@ -34,12 +34,12 @@ from pytest_cmg import (
     Step,
     TaskSequence,
 )
+from pytest_cmg._gateway.tokens import AUDIENCE, INVALID_TOKEN, SiteAuthority
 from pytest_cmg._protocol import codes
 from pytest_cmg._protocol.ccm import CCM_CONTENT_TYPE, CcmMessage, decode_message, encode_message
 from pytest_cmg._protocol.location import ContentLocationReply, ContentLocationRequest
 from pytest_cmg._protocol.manifest import ContentManifest
 from pytest_cmg._protocol.paths import TOKEN_SIGNATURE_HEADER
-from pytest_cmg._protocol.tokens import AUDIENCE, INVALID_TOKEN, SiteAuthority
 
 CLIENT = "GUID:security-client"
 PACKAGE = "PS100031"

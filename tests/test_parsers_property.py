@@ -30,6 +30,15 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from pytest_cmg._gateway.tokens import (
+    AAD_RESOURCE,
+    AUDIENCE,
+    AzureADDirectory,
+    AzureADTenant,
+    SiteAuthority,
+    TokenRejected,
+    is_azure_ad_token,
+)
 from pytest_cmg._protocol import location
 from pytest_cmg._protocol.ccm import (
     BOUNDARY,
@@ -40,15 +49,6 @@ from pytest_cmg._protocol.ccm import (
 )
 from pytest_cmg._protocol.clock import FakeClock
 from pytest_cmg._protocol.location import ContentLocationReply, ContentLocationRequest
-from pytest_cmg._protocol.tokens import (
-    AAD_RESOURCE,
-    AUDIENCE,
-    AzureADDirectory,
-    AzureADTenant,
-    SiteAuthority,
-    TokenRejected,
-    is_azure_ad_token,
-)
 
 START = datetime(2024, 5, 1, 8, 0, 0, tzinfo=UTC)
 NOW = START.timestamp()

@@ -20,6 +20,13 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from pytest_cmg._gateway.tokens import (
+    AUDIENCE,
+    CCM_TOKEN_LIFETIME,
+    CONTENT_TOKEN_LIFETIME,
+    SiteAuthority,
+    TokenRejected,
+)
 from pytest_cmg._protocol import codes
 from pytest_cmg._protocol.ccm import (
     BOUNDARY,
@@ -47,13 +54,6 @@ from pytest_cmg._protocol.paths import (
     classify,
     manifest_url,
     token_auth_path,
-)
-from pytest_cmg._protocol.tokens import (
-    AUDIENCE,
-    CCM_TOKEN_LIFETIME,
-    CONTENT_TOKEN_LIFETIME,
-    SiteAuthority,
-    TokenRejected,
 )
 from pytest_cmg._protocol.xml import parse_untrusted
 

@@ -32,12 +32,12 @@ from cryptography import x509
 from pytest_cmg import FakeClock, FakeCMG, Step, TaskSequence
 from pytest_cmg._client.factory import build_engine, connection_for
 from pytest_cmg._gateway.tls import SERVER_CERTIFICATES, WRONG_SERVER_NAME
+from pytest_cmg._gateway.tokens import BULK_TOKEN_LIFETIME, INVALID_TOKEN
 from pytest_cmg._protocol import codes
 from pytest_cmg._protocol.ccm import CCM_CONTENT_TYPE, CcmMessage, decode_message, encode_message
 from pytest_cmg._protocol.location import ContentLocationReply, ContentLocationRequest
 from pytest_cmg._protocol.manifest import ContentManifest
 from pytest_cmg._protocol.paths import TOKEN_SIGNATURE_HEADER
-from pytest_cmg._protocol.tokens import BULK_TOKEN_LIFETIME, INVALID_TOKEN
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -31,7 +31,7 @@ from pytest_cmg._scenario.runner import CLIENT_ID, build_world, check_expectatio
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from pytest_cmg._protocol.tokens import AzureADDirectory
+    from pytest_cmg._gateway.tokens import AzureADDirectory
 
 BASE = """\
 scenario: upgrade

@@ -83,7 +83,11 @@ from .._protocol.settings import (
     DeploymentSettings,
     DownloadMode,
 )
-from .._protocol.tokens import (
+from .egress import EgressMeter
+from .faults import FaultPlan, GatewayFault
+from .requestlog import RequestLog, excerpt
+from .tls import SERVER_CERTIFICATES, CertificateRefusal, GatewayTLS
+from .tokens import (
     AAD_RESOURCE,
     BULK_REGISTRATION,
     INVALID_TOKEN,
@@ -93,19 +97,15 @@ from .._protocol.tokens import (
     TokenRejected,
     is_azure_ad_token,
 )
-from .egress import EgressMeter
-from .faults import FaultPlan, GatewayFault
-from .requestlog import RequestLog, excerpt
-from .tls import SERVER_CERTIFICATES, CertificateRefusal, GatewayTLS
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     import responses
 
+    from .._net.pki import Credentials
     from .._protocol.manifest import ContentManifest
     from .._storage.clouddp import CloudDP
-    from .._net.pki import Credentials
 
 __all__ = ["BODY_LIMITS", "CmgSite", "SiteRequest", "SiteResponse"]
 

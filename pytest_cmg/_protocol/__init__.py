@@ -1,3 +1,3 @@
-"""Protocol logic shared by the gateway and the client engine: formats, paths, tokens, codes."""
+"""Protocol logic shared by the gateway and the client engine: formats, paths, clocks, codes."""
 
 from __future__ import annotations

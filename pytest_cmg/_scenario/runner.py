@@ -177,7 +177,7 @@ class World:
         return credentials
 
     def _aad_token(self, client_id: str) -> str:
-        from .._protocol.tokens import AzureADTenant
+        from .._gateway.tokens import AzureADTenant
 
         gateway = self.gateway
         if self.tenant == "not_onboarded":

@@ -3,9 +3,12 @@
 The site's tokens are signed by the site's key. The CCM token is a JWT (RS256) carried as
 ``Authorization: Bearer <jwt>`` (the header name is not public; emulation design). The content
 access token signs the ``pid cid tid iss st et`` parameters of the manifest request.
-Lifetimes follow protocol.md section 2: CCM token 8 h, content access window 8 h.
+Lifetimes are the product's: CCM token 8 h (Microsoft Learn: Install and assign Configuration
+Manager Windows clients using Azure AD for authentication), content access window 8 h; see
+docs/emulation.md "The CCM token".
 
-Azure AD (protocol.md section 2, reliability.md test 33): :class:`AzureADTenant` is a fake
+Azure AD (docs/emulation.md "Azure AD client authentication", docs/reliability.md test 33):
+:class:`AzureADTenant` is a fake
 tenant that signs device tokens (RS256, ``kid`` in the header) for the resource
 ``https://ConfigMgrService``; :class:`AzureADDirectory` is what the site knows of Azure AD (the
 onboarded tenants, enabled or not, their signing keys, and which Azure AD device is which
@@ -34,12 +37,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from .location import SHA256_RSA_OID, AccessToken
+from .._errors import PytestCmgError
+from .._protocol.location import SHA256_RSA_OID, AccessToken
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from .clock import Clock
+    from .._protocol.clock import Clock
 
 __all__ = [
     "AAD_CLOCK_SKEW",
@@ -63,12 +67,14 @@ __all__ = [
 
 AUDIENCE = "urn:sccm:service"
 CCM_TOKEN_LIFETIME = timedelta(hours=8)
-#: Bulk registration tokens: 4,320 min by default, at most 10,080 min (S10).
+#: Bulk registration tokens: 4,320 min by default, at most 10,080 min (Microsoft Learn:
+#: Token-based authentication for cloud management gateway).
 BULK_TOKEN_LIFETIME = timedelta(minutes=4320)
 BULK_TOKEN_MAX_LIFETIME = timedelta(minutes=10080)
 BULK_REGISTRATION = "BulkRegistration"
 CONTENT_TOKEN_LIFETIME = timedelta(hours=8)
-#: The status text the CMG answers a bad token with (S13).
+#: The status text the CMG answers a bad token with (Microsoft Learn: Troubleshoot CMG
+#: communication errors).
 INVALID_TOKEN = "CMGService_Invalid_Token"
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
 #: The longest token (or access token signature) a verifier reads, in characters. A site CCM
@@ -84,7 +90,7 @@ _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 _JSON_STRUCTURE = re.compile(r'[\[\]{}"\\]')
 
 
-class TokenRejected(Exception):
+class TokenRejected(PytestCmgError):
     """A token failed validation; ``reason`` says which rule (for the gateway's own log)."""
 
     def __init__(self, reason: str) -> None:
@@ -159,7 +165,7 @@ def _json_segment(data: bytes, part: str) -> Any:  # noqa: ANN401 - whatever JSO
         raise ValueError(msg) from exc
 
 
-class _NotJwt(Exception):
+class _NotJwt(PytestCmgError):
     """A token that is not a compact JWS of JSON segments; ``detail`` says which rule it
     breaks, ``segments`` is True when it does not even have three segments."""
 
@@ -475,7 +481,8 @@ class SiteAuthority:
 
 # --- Azure AD ---------------------------------------------------------------------------------
 
-#: The resource Azure AD tokens are requested for: the App ID URI of the CMG's server app (S9).
+#: The resource Azure AD tokens are requested for: the App ID URI of the CMG's server app
+#: (Microsoft Learn: Install and assign Configuration Manager Windows clients using Azure AD).
 AAD_RESOURCE = "https://ConfigMgrService"
 #: Azure AD access tokens live 60 to 90 minutes; the fake tenant issues 1-hour ones.
 AAD_TOKEN_LIFETIME = timedelta(hours=1)

@@ -69,6 +69,9 @@ from typing import TYPE_CHECKING
 
 from .._errors import ContentError
 from .._protocol import codes
+from .._util.filelock import try_lock as _try_lock
+from .._util.filelock import unlock as _unlock
+from .._util.filelock import wait_lock
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping
@@ -201,25 +204,6 @@ def _tree_size(path: Path) -> int:
             except FileNotFoundError:
                 continue
     return total
-
-
-def _try_lock(path: Path, operation: int) -> int | None:
-    """An fd holding ``operation`` on ``path`` (created if missing), or None if someone holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, operation | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _unlock(fd: int) -> None:
-    fcntl.flock(fd, fcntl.LOCK_UN)
-    os.close(fd)
 
 
 class ClientCache:
@@ -398,20 +382,16 @@ class ClientCache:
         on_wait: Callable[[], None] | None = None,
     ) -> int:
         """Take ``operation`` on ``path``, waiting at most ``lock_timeout`` seconds."""
-        deadline = time.monotonic() + self.lock_timeout
-        while True:
-            fd = _try_lock(path, operation)
-            if fd is not None:
-                return fd
-            if on_wait is not None:
-                on_wait()
-                on_wait = None
-            if time.monotonic() >= deadline:
-                raise ContentError(
-                    CACHE_IN_USE,
-                    f"{what} was still held after {self.lock_timeout:.0f} s ({path})",
-                )
-            time.sleep(_POLL)
+        return wait_lock(
+            path,
+            operation=operation,
+            deadline=time.monotonic() + self.lock_timeout,
+            on_wait=on_wait,
+            poll=_POLL,
+            timed_out=lambda: ContentError(
+                CACHE_IN_USE, f"{what} was still held after {self.lock_timeout:.0f} s ({path})"
+            ),
+        )
 
     @contextmanager
     def download_lock(

@@ -10,8 +10,6 @@ When aria2c cannot be had, callers get a reason instead: the case is reported as
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import re
@@ -21,12 +19,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from .._storage.azurite import cache_dir
-
-if TYPE_CHECKING:
-    from collections.abc import Iterator
+from .._util.cachedir import cache_dir
+from .._util.filelock import exclusive_lock
 
 __all__ = ["ARIA2_MODES", "Aria2", "find_aria2", "provision_aria2", "resolve_aria2"]
 
@@ -136,25 +131,6 @@ def find_aria2() -> Aria2 | str:
     return f"aria2c is not on PATH nor provisioned in {cache_dir()}"
 
 
-@contextlib.contextmanager
-def _lock(path: Path, timeout: float) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    msg = f"timed out waiting for {path}"
-                    raise RuntimeError(msg) from None
-                time.sleep(0.2)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
-
-
 def _installed(package: str) -> bool:
     try:
         status = _run(["dpkg-query", "-W", "-f=${Status}", package])
@@ -181,7 +157,12 @@ def provision_aria2(timeout: float = 300.0) -> Aria2 | str:
     root = cache_dir()
     try:
         root.mkdir(parents=True, exist_ok=True)
-        with _lock(root / ".aria2.lock", timeout):
+        lock = root / ".aria2.lock"
+        with exclusive_lock(
+            lock,
+            deadline=time.monotonic() + timeout,
+            timed_out=lambda: RuntimeError(f"timed out waiting for {lock}"),
+        ):
             found = find_aria2()
             if isinstance(found, Aria2):
                 return found

@@ -27,7 +27,8 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
-from .cache import ClientCache, SpaceReport, _unlock
+from .._util.filelock import unlock as _unlock
+from .cache import ClientCache, SpaceReport
 
 if TYPE_CHECKING:
     from collections.abc import Callable

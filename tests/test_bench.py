@@ -41,7 +41,7 @@ from pytest_cmg._bench._report import (
 )
 from pytest_cmg._bench._workloads import FULL, QUICK, Workload, parse_workloads
 from pytest_cmg._cli import main
-from pytest_cmg._storage.azurite import CACHE_ENV, cache_dir
+from pytest_cmg._util.cachedir import CACHE_ENV, cache_dir
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 REFERENCE_ACP = Path(__file__).resolve().parents[1] / "examples" / "acp" / "acp.py"

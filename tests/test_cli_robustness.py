@@ -30,8 +30,8 @@ import yaml
 from test_serve import SCENARIO, run_client, start_serve, stop_serve
 
 from pytest_cmg._cli import main
-from pytest_cmg._storage.azurite import DEV_ACCOUNT_KEY, DEV_ACCOUNT_NAME
 from pytest_cmg._storage.clouddp import CloudDP
+from pytest_cmg._storage.endpoint import DEV_ACCOUNT_KEY, DEV_ACCOUNT_NAME
 
 #: The promise: any signal, at any moment, ends serve within this many seconds.
 STOP_WITHIN = 5.0

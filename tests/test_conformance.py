@@ -22,7 +22,7 @@ import pytest_cmg._gateway.server
 import pytest_cmg._storage.clouddp  # noqa: F401
 from pytest_cmg._scenario.model import APPLICABILITY, load_scenario
 from pytest_cmg._scenario.runner import with_download_program
-from pytest_cmg._storage.azurite import CACHE_ENV, cache_dir
+from pytest_cmg._util.cachedir import CACHE_ENV, cache_dir
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

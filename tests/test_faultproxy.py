@@ -16,7 +16,8 @@ import pytest
 import requests
 from azure.storage.blob import BlobSasPermissions, generate_blob_sas
 
-from pytest_cmg._storage.azurite import DEV_ACCOUNT_KEY, AzuriteProcess, BlobEndpoint
+from pytest_cmg._storage.azurite import AzuriteProcess, BlobEndpoint
+from pytest_cmg._storage.endpoint import DEV_ACCOUNT_KEY
 from pytest_cmg.faults import (
     Fault,
     FaultProxy,

@@ -12,7 +12,7 @@ import pytest
 import pytest_cmg._gateway.server
 import pytest_cmg._storage.clouddp  # noqa: F401
 from pytest_cmg._scenario.model import SCENARIO as MODEL
-from pytest_cmg._storage.azurite import CACHE_ENV, cache_dir
+from pytest_cmg._util.cachedir import CACHE_ENV, cache_dir
 
 TS_KEYS = ", ".join(MODEL.fields["task_sequence"].spec.fields)
 

@@ -18,7 +18,7 @@ from pytest_cmg._protocol.ccm import CCM_CONTENT_TYPE, CcmMessage, decode_messag
 from pytest_cmg._protocol.location import ContentLocationReply, ContentLocationRequest
 from pytest_cmg._protocol.manifest import ContentManifest
 from pytest_cmg._protocol.paths import TOKEN_SIGNATURE_HEADER
-from pytest_cmg._storage.azurite import DEV_ACCOUNT_KEY
+from pytest_cmg._storage.endpoint import DEV_ACCOUNT_KEY
 
 CLIENT = "GUID:sas-client"
 

@@ -37,7 +37,7 @@ from pytest_cmg._scenario.items import ScenarioFailed
 from pytest_cmg._scenario.model import BenchmarkSpec, load_scenario
 from pytest_cmg._scenario.runner import ScenarioRun, check_expectations
 from pytest_cmg._scenario.spec import Bounds
-from pytest_cmg._storage.azurite import CACHE_ENV, cache_dir
+from pytest_cmg._util.cachedir import CACHE_ENV, cache_dir
 
 BENCHMARK = """\
 scenario: a benchmark

@@ -46,7 +46,7 @@ from pytest_cmg._scenario.model import (
 )
 from pytest_cmg._scenario.runner import ScenarioRun, check_expectations, run_scenario, seed_cache
 from pytest_cmg._scenario.timeline import ScenarioTime, Timeline, TimelineFault, storage_faults
-from pytest_cmg._storage.azurite import CACHE_ENV, cache_dir
+from pytest_cmg._util.cachedir import CACHE_ENV, cache_dir
 from pytest_cmg.faults import ProxiedRequest, reset_after
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ import pytest
 import pytest_cmg._gateway.server
 import pytest_cmg._net.proxy  # noqa: F401
 import pytest_cmg._storage.clouddp
-from pytest_cmg._storage.azurite import CACHE_ENV, cache_dir
+from pytest_cmg._util.cachedir import CACHE_ENV, cache_dir
 
 SCENARIO = """\
 scenario: {name}

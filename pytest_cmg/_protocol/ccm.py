@@ -211,14 +211,11 @@ def decode_message(data: bytes) -> CcmMessage:
         raise EnvelopeError(msg) from exc
     try:
         header = parse_untrusted(
-            header_text, max_elements=_HEADER_MAX_ELEMENTS, max_depth=_HEADER_MAX_DEPTH
+            header_text, root="Msg", max_elements=_HEADER_MAX_ELEMENTS, max_depth=_HEADER_MAX_DEPTH
         )
     except ValueError as exc:
         msg = f"header is not a <Msg> document ({exc})"
         raise EnvelopeError(msg) from exc
-    if header.tag != "Msg":
-        msg = f"header root is <{header.tag}>, expected <Msg>"
-        raise EnvelopeError(msg)
     compressed = header.find("Hooks/Hook3[@Name='zlib-compress']") is not None
     return CcmMessage(
         body=_decode_body(body_bytes, compressed=compressed),

@@ -110,11 +110,11 @@ class ContentLocationRequest:
         """Parse a request; ``ValueError`` (and nothing else) names the missing element or
         attribute, or the bound of :func:`~pytest_cmg._protocol.xml.parse_untrusted` broken."""
         root = parse_untrusted(
-            text, max_elements=_REQUEST_MAX_ELEMENTS, max_depth=_REQUEST_MAX_DEPTH
+            text,
+            root="ContentLocationRequest",
+            max_elements=_REQUEST_MAX_ELEMENTS,
+            max_depth=_REQUEST_MAX_DEPTH,
         )
-        if root.tag != "ContentLocationRequest":
-            msg = f"root element is <{root.tag}>, expected <ContentLocationRequest>"
-            raise ValueError(msg)
         package = _require(root, "Package")
         site = _require(root, "AssignedSite")
         info = _require(root, "ClientLocationInfo")
@@ -405,10 +405,7 @@ class ContentLocationReply:
 
     @classmethod
     def from_xml(cls, text: str) -> ContentLocationReply:
-        root = parse_untrusted(text)
-        if root.tag != "ContentLocationReply":
-            msg = f"root element is <{root.tag}>, expected <ContentLocationReply>"
-            raise ValueError(msg)
+        root = parse_untrusted(text, root="ContentLocationReply")
         mp_site = root.find("Sites/Site/MPSite")
         site_code = mp_site.get("SiteCode", "") if mp_site is not None else ""
         records = []

@@ -113,10 +113,7 @@ class ContentManifest:
     @classmethod
     def from_xml(cls, text: str) -> ContentManifest:
         """Parse a manifest; ``ValueError`` for anything a client must not act on."""
-        root = parse_untrusted(text)
-        if root.tag != "ContentManifest":
-            msg = f"root element is <{root.tag}>, expected <ContentManifest>"
-            raise ValueError(msg)
+        root = parse_untrusted(text, root="ContentManifest")
         if root.get("HashAlgorithm") != str(CALG_SHA_256):
             msg = f"HashAlgorithm {root.get('HashAlgorithm')!r} is not {CALG_SHA_256} (SHA-256)"
             raise ValueError(msg)

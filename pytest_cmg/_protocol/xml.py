@@ -32,12 +32,15 @@ _SLICE = 64 * 1024
 def parse_untrusted(
     text: str,
     *,
+    root: str | None = None,
     max_chars: int = MAX_XML_CHARS,
     max_depth: int = MAX_XML_DEPTH,
     max_elements: int = MAX_XML_ELEMENTS,
 ) -> ET.Element:
     """Parse ``text`` as one XML element; raises ``ValueError`` (and nothing else) for DTDs,
-    entities, bad XML, characters XML cannot hold, or a document past one of the bounds."""
+    entities, bad XML, characters XML cannot hold, a document past one of the bounds, or, when
+    ``root`` is given, a root element of another name (every reader of the protocol checks it,
+    so the check and its message are written once, here)."""
     if len(text) > max_chars:
         msg = (
             f"document of {len(text)} characters is longer than the {max_chars} an untrusted "
@@ -50,7 +53,7 @@ def parse_untrusted(
             msg = f"document declares {marker[2:]}, which is refused"
             raise ValueError(msg)
     parser: ET.XMLPullParser[ET.Element] = ET.XMLPullParser(events=("start", "end"))
-    root: ET.Element | None = None
+    top: ET.Element | None = None
     depth = elements = offset = 0
     try:
         for offset in range(0, len(text), _SLICE):
@@ -63,7 +66,7 @@ def parse_untrusted(
                     continue
                 if not isinstance(element, ET.Element):
                     continue
-                root = element if root is None else root
+                top = element if top is None else top
                 depth += 1
                 elements += 1
                 if depth > max_depth:
@@ -81,7 +84,10 @@ def parse_untrusted(
         # to hold one.
         msg = f"character {offset + exc.start} is a lone surrogate, which XML cannot hold"
         raise ValueError(msg) from exc
-    if root is None:  # close() refuses an empty document first; kept for the type checker
+    if top is None:  # close() refuses an empty document first; kept for the type checker
         msg = "malformed XML (no element found)"
         raise ValueError(msg)
-    return root
+    if root is not None and top.tag != root:
+        msg = f"root element is <{top.tag}>, expected <{root}>"
+        raise ValueError(msg)
+    return top

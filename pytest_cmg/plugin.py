@@ -406,6 +406,7 @@ def cmg_client(
     providers.
     """
     from ._client.factory import AUTH_KINDS, build_engine, connection_for
+    from ._storage.clouddp import CloudDP
 
     engines: list[TaskSequenceEngine] = []
 
@@ -421,7 +422,8 @@ def cmg_client(
         if auth not in AUTH_KINDS:
             msg = f"cmg_client(auth={auth!r}): choose one of {', '.join(map(repr, AUTH_KINDS))}"
             raise ValueError(msg)
-        endpoint = cmg.cloud_dp.endpoint if cmg.cloud_dp is not None else None
+        # The gateway knows its storage only as a ContentStore; the endpoint is the cloud DP's.
+        endpoint = cmg.cloud_dp.endpoint if isinstance(cmg.cloud_dp, CloudDP) else None
         storage_ca = endpoint.ca_cert if endpoint and endpoint.url.startswith("https:") else None
         engine = build_engine(
             connection_for(cmg, f"GUID:{name}", auth),

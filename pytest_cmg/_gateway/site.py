@@ -105,7 +105,7 @@ if TYPE_CHECKING:
 
     from .._net.pki import Credentials
     from .._protocol.manifest import ContentManifest
-    from .._storage.clouddp import CloudDP
+    from .contentstore import ContentStore
 
 __all__ = ["BODY_LIMITS", "CmgSite", "SiteRequest", "SiteResponse"]
 
@@ -219,7 +219,7 @@ class CmgSite:
     def __init__(
         self,
         *,
-        cloud_dp: CloudDP | None = None,
+        cloud_dp: ContentStore | None = None,
         clock: Clock | None = None,
         site_code: str = "PS1",
         role_id: str = "72057594037927939",
@@ -365,7 +365,7 @@ class CmgSite:
         self,
         *,
         settings: CmgSettings | None = None,
-        cloud_dp: CloudDP | None = None,
+        cloud_dp: ContentStore | None = None,
         deployment: DeploymentSettings | None = None,
     ) -> None:
         if settings is not None:

@@ -1,6 +1,7 @@
 """Measured egress: the bytes storage actually served for the SAS URLs the gateway minted.
 
-The product's egress is metered by Azure on the storage account (protocol.md section 6): what
+The product's egress is metered by Azure on the storage account (docs/emulation.md "Egress and
+limits"; Microsoft Learn: Monitor the cloud management gateway): what
 leaves storage counts, whatever the CMG authorised. :class:`EgressMeter` puts a counting proxy
 (the project's :class:`~pytest_cmg._net.proxy.FaultProxy`, with no fault scripted) in
 front of each storage host the gateway's SAS URLs point at, and sums the body bytes it handed to

@@ -1,7 +1,7 @@
-"""Test PKI for the fake CMG: CAs, the gateway's server certificate, and client certificates.
+"""Test PKI for the fake CMG and an HTTPS Azurite: CAs, server certificates, client certificates.
 
 Built on ``cryptography`` rather than trustme because tests need the certificates the product
-must refuse (reliability.md test 32): expired, not yet valid, issued by a CA the CMG does not
+must refuse (docs/reliability.md test 32): expired, not yet valid, issued by a CA the CMG does not
 trust, lacking the client-authentication usage, or revoked. OpenSSL enforces the first four
 during the handshake; a certificate with *no* extended key usage at all counts as "any purpose"
 there, as it does on Windows, and is accepted. Revocation is the gateway's check: each CA keeps

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from .._client.cache import DEFAULT_CACHE_MB
 from .._client.engine import (
@@ -26,6 +26,7 @@ from .._client.engine import (
 )
 from .._errors import ScenarioError, ScenarioProblem
 from .._gateway.faults import PACKAGE_HASH_FAULTS
+from .._net.faults import FaultKind
 from .._protocol.paths import Endpoint
 from .._protocol.settings import (
     NO_NEW_CLASSIC_CLOUD_DP_SINCE,
@@ -2034,17 +2035,8 @@ def _check_fault(
             problem(f"{where}.gateway.retry_after", "retry_after goes with a status")
     storage = event.get("storage")
     if isinstance(storage, dict):
-        effects = (
-            "reset_after",
-            "close_after",
-            "stall_after",
-            "throttle",
-            "delay",
-            "flip_byte",
-            "close_before_headers",
-            "respond",
-            "ignore_range",
-        )
+        # The fault proxy's vocabulary, spelled once (FaultKind).
+        effects = get_args(FaultKind)
         if not any(storage.get(k) not in (None, False) for k in effects):
             problem(
                 f"{where}.storage",

@@ -20,10 +20,10 @@ __version__ = "0.1.0"
 
 #: The public API: name -> the private module that defines it (relative to this package).
 _API: dict[str, str] = {
-    "AZURITE_VERSION": "._storage.azurite",
+    "AZURITE_VERSION": "._storage.provision",
     "AccessToken": "._protocol.location",
     "AzuriteProcess": "._storage.azurite",
-    "BlobEndpoint": "._storage.azurite",
+    "BlobEndpoint": "._storage.endpoint",
     "CMGClient": "._client.engine",
     "CMGConnection": "._client.engine",
     "CacheEntry": "._client.cache",
@@ -156,12 +156,12 @@ if TYPE_CHECKING:
     from ._scenario.model import Scenario as Scenario
     from ._scenario.model import load_scenario as load_scenario
     from ._scenario.model import load_scenarios as load_scenarios
-    from ._storage.azurite import AZURITE_VERSION as AZURITE_VERSION
     from ._storage.azurite import AzuriteProcess as AzuriteProcess
-    from ._storage.azurite import BlobEndpoint as BlobEndpoint
     from ._storage.azurite import ExternalStorage as ExternalStorage
     from ._storage.clouddp import CloudDP as CloudDP
     from ._storage.clouddp import PackageSource as PackageSource
+    from ._storage.endpoint import BlobEndpoint as BlobEndpoint
+    from ._storage.provision import AZURITE_VERSION as AZURITE_VERSION
 
 
 def __getattr__(name: str) -> Any:  # noqa: ANN401 - any public object

@@ -7,33 +7,10 @@ This module is the public home of the fault proxy's API; the names are defined o
 
 from __future__ import annotations
 
-from ._net.faults import (
-    Fault,
-    FaultKind,
-    close_after,
-    close_before_headers,
-    delay,
-    flip_byte,
-    ignore_range,
-    reset_after,
-    respond,
-    stall_after,
-    throttle,
-)
+from ._net import faults as _vocabulary
+from ._net.faults import *  # noqa: F403
 from ._net.proxy import FaultProxy, ProxiedRequest
 
-__all__ = [
-    "Fault",
-    "FaultKind",
-    "FaultProxy",
-    "ProxiedRequest",
-    "close_after",
-    "close_before_headers",
-    "delay",
-    "flip_byte",
-    "ignore_range",
-    "reset_after",
-    "respond",
-    "stall_after",
-    "throttle",
-]
+# The vocabulary's names come from its own __all__, so they are listed once.
+__all__ = list(_vocabulary.__all__)
+__all__ += ["FaultProxy", "ProxiedRequest"]

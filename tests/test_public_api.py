@@ -125,6 +125,7 @@ NOT_EXPORTED = {
     "GatewayTLS": "cmg.tls, the gateway's certificate authorities for this repo's TLS tests; "
     "users trust cmg.ca_pem",
     "Clock": "a Protocol: any object with now() will do, and FakeClock is the exported one",
+    "ContentStore": "a Protocol: the three methods of CloudDP the gateway reads; users pass a CloudDP",
     "NodeRuntime": "AzuriteProcess finds Node.js itself; the parameter is for this repo's tests",
     "AzureADTenant": "cmg.tenant's type; its module is being moved (issue 14), then exported",
     # Scenario's parts: the scenario language's model, documented by docs/scenarios.md (what a

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
+# Plan is for the proxy's own modules; these are the names pytest_cmg.faults makes public.
 __all__ = [
     "Fault",
     "FaultKind",
-    "Plan",
     "close_after",
     "close_before_headers",
     "delay",

@@ -103,10 +103,7 @@ class CertificateAuthority:
         )
         for serial, when in sorted(self.revoked.items()):
             builder = builder.add_revoked_certificate(
-                x509.RevokedCertificateBuilder()
-                .serial_number(serial)
-                .revocation_date(when)
-                .build()
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
             )
         return builder.sign(self._key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
 

@@ -695,6 +695,7 @@ def test_two_engines_asking_at_once_make_one_download(cmg, cmg_client, cloud_dp,
     engines = [cmg_client(name="a"), cmg_client(name="b")]
     for engine, peer in ((engines[0], engines[1]), (engines[1], engines[0])):
         engine.cache = ClientCache(shared)  # one object each, as two clients would have
+        engine.system_drive = tmp_path  # the shared cache is on both clients' C: (winpath)
 
         def hold_until_peer_waits(*_, peer=peer) -> None:
             # The download has begun: keep it going until the other request is waiting for it.

@@ -231,7 +231,7 @@ def test_windows_pe_deletes_content_after_its_step_without_persist(cmg, cmg_clie
     assert "CacheManager: ADD new cache entry" not in text
     assert text.count("the step that used it is done (SMSTSPersistContent is not set)") == 2
     location = engine.variables["_SMSTSLastContentDownloadLocation"]
-    assert location == str(engine.system_drive / "_SMSTaskSequence" / "Packages" / "PS100012.1")
+    assert location == "C:\\_SMSTaskSequence\\Packages\\PS100012.1"
 
 
 def test_windows_pe_keeps_content_for_the_run_with_persist(cmg, cmg_client, os_package):
@@ -345,8 +345,8 @@ def test_custom_path_moves_the_package_to_path_with_its_id(cmg, cmg_client, driv
     )
     result = engine.run(sequence(step))
     assert result.succeeded, result.error
-    assert engine.variables["_SMSTSLastContentDownloadLocation"] == str(target)
-    assert engine.variables["DRIVERS01"] == str(target)
+    assert engine.variables["_SMSTSLastContentDownloadLocation"] == "C:\\Drivers\\HP\\PS100013"
+    assert engine.variables["DRIVERS01"] == "C:\\Drivers\\HP\\PS100013"
     assert_matches(target, drivers)  # verified bytes, and the stale file is gone
     assert engine.cache.entries() == [] and engine.ts_cache.entries() == []
     assert result.ts_cache == []

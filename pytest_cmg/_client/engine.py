@@ -75,6 +75,7 @@ from .._protocol.settings import (
     LaunchContext,
     launch_refusal,
 )
+from .._protocol.winpath import windows_path
 from . import tsenv
 from .acp import (
     ABORT_CODE,
@@ -143,7 +144,7 @@ _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 _HR_DISK_FULL = 0x80070070
 #: E_INVALIDARG: a custom download path that would land inside a cache.
 _HR_INVALID_ARG = 0x80070057
-#: Task sequence variables of the content locations (task-sequence-variables.md).
+#: Task sequence variables of the content locations (Microsoft Learn: Task sequence variables).
 #: The smsts.log component of an alternate content provider's own output (emulation: the
 #: product publishes no such line; docs/emulation.md).
 PROGRAM_OUTPUT = "DownloadProgram"
@@ -153,6 +154,8 @@ _Outcome = Literal["delivered", "refused", "aborted", "fell back"]
 PERSIST_CONTENT = "SMSTSPersistContent"
 PRESERVE_CONTENT = "SMSTSPreserveContent"
 LAST_LOCATION = "_SMSTSLastContentDownloadLocation"
+#: The task sequence working folder, as the client sees it (``C:\\_SMSTaskSequence``).
+DATA_PATH = "_SMSTSMDataPath"
 #: A drive prefix of a Windows path (``C:``), mapped to the emulated system drive.
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
@@ -197,6 +200,17 @@ class ContentDestination:
     #: A folder of the step's choice: the package lands in ``<path>/<PackageID>``.
     CUSTOM = "custom"
     ALL = (TS_CACHE, CLIENT_CACHE, CUSTOM)
+
+
+def _drive_of(cache_root: Path) -> Path:
+    """The system drive of a client cache: ``C:`` holds ``C:\\Windows\\ccmcache``.
+
+    A cache elsewhere (a test's own folder) keeps the older rule: its parent is the drive.
+    """
+    parent = cache_root.parent
+    if cache_root.name.lower() == "ccmcache" and parent.name.lower() == "windows":
+        return parent.parent
+    return parent
 
 
 def custom_path_parts(path: str) -> tuple[str, ...]:
@@ -748,7 +762,7 @@ class TaskSequenceEngine:
         #: Cache entries this engine holds (in use: never evicted), one lease per entry: keyed
         #: by (in the task sequence cache, entry key).
         self._leases: dict[tuple[bool, str], Lease] = {}
-        self.system_drive = system_drive if system_drive is not None else cache.root.parent
+        self.system_drive = system_drive if system_drive is not None else _drive_of(cache.root)
         self._ts_cache = ts_cache
         #: Of this run: client cache entries it downloaded (released at its end unless
         #: preserved), those it pinned, and task sequence cache content kept to its end.
@@ -798,6 +812,10 @@ class TaskSequenceEngine:
         lease = self._leases.pop((store is self._ts_cache, key), None)
         if lease is not None:
             lease.release()
+
+    def windows(self, path: Path) -> str:
+        """``path`` as the client sees it (``C:\\...``): the one rule of ``winpath``."""
+        return windows_path(path, self.system_drive)
 
     def _set(self, name: str, value: str) -> None:
         self.variables[name] = value
@@ -897,9 +915,11 @@ class TaskSequenceEngine:
         self.variables = {**_DEFAULT_VARIABLES, **sequence.variables}
         on_demand = self.deployment.download_mode == DownloadMode.ON_DEMAND
         self._set("_SMSTSDownloadOnDemand", "true" if on_demand else "false")
+        self._set(DATA_PATH, self.windows(self.system_drive / WORKING_DIRECTORY))
         if not on_demand:
             # "Download all content locally before starting": every referenced package, before
-            # the first step, whatever the steps' conditions (protocol.md section 4).
+            # the first step, whatever the steps' conditions (docs/emulation.md, "Settings and
+            # task sequence variables").
             first = {p: s for s in reversed(sequence.steps) for p in s.packages}
             for package_id in dict.fromkeys(p for s in sequence.steps for p in s.packages):
                 try:
@@ -1007,8 +1027,8 @@ class TaskSequenceEngine:
         self._save(sequence, next_step, steps_run, why, setup)
         self.log.info(
             "TSManager",
-            # The system drive is C: on the client (docs/emulation.md, "Restarts").
-            f"Saved the task sequence environment to C:\\{WORKING_DIRECTORY}\\{tsenv.TSENV_FILE}",
+            "Saved the task sequence environment to "
+            + self.windows(self.system_drive / WORKING_DIRECTORY / tsenv.TSENV_FILE),
         )
         self.log.info("TSManager", "The computer is going to restart")
         return TaskSequenceResult(
@@ -1096,7 +1116,7 @@ class TaskSequenceEngine:
             self._kept.add(key)
         self._execute(step, used)
         if step.variable:
-            self._set(f"{step.variable}{number:02d}", str(used.path))
+            self._set(f"{step.variable}{number:02d}", self.windows(used.path))
         if on_demand or from_ts:
             self._unhold(self.ts_cache if from_ts else self.cache, key)
         if from_ts and (target is None or was_there):
@@ -1147,11 +1167,12 @@ class TaskSequenceEngine:
             if destination.resolve().is_relative_to(inside.resolve()):
                 self.log.error(
                     "TSManager",
-                    f"{step.name}: the custom path {step.path} is inside a cache ({inside})",
+                    f"{step.name}: the custom path {step.path} is inside a cache "
+                    f"({self.windows(inside)})",
                 )
                 raise ContentError(
                     _HR_INVALID_ARG,
-                    f"custom download path {step.path!r} is inside a cache ({inside})",
+                    f"custom download path {step.path!r} is inside a cache ({self.windows(inside)})",
                 )
         return destination
 
@@ -1170,13 +1191,16 @@ class TaskSequenceEngine:
             hr = codes.CACHE_FULL if error.errno in _DISK_FULL else _E_FAIL
             self.log.error(
                 "TSManager",
-                f"Failed to place content {entry.key} at {destination}: {error.strerror} "
+                f"Failed to place content {entry.key} at {self.windows(destination)}: "
+                f"{error.strerror} "
                 f"(0x{hr:08X})",
             )
-            raise ContentError(hr, f"{entry.key} could not be placed at {destination}") from error
+            where = self.windows(destination)
+            raise ContentError(hr, f"{entry.key} could not be placed at {where}") from error
         self.log.info(
             "TSManager",
-            f"{how} content {entry.key} from the task sequence working directory to {destination}",
+            f"{how} content {entry.key} from the task sequence working directory to "
+            f"{self.windows(destination)}",
         )
         return CacheEntry(entry.package_id, entry.version, destination)
 
@@ -1189,7 +1213,7 @@ class TaskSequenceEngine:
         fetch the same bytes into the same cache. A try that gave up on transient errors leaves
         its verified prefix in staging, so the next try continues from it (as a BITS job keeps
         its progress); after the last try, staging is emptied (no partial outlives a terminal
-        failure, reliability.md A1).
+        failure, docs/reliability.md row 18).
         """
         count = _int_variable(self.variables, "SMSTSDownloadRetryCount", 2)
         delay = _int_variable(self.variables, "SMSTSDownloadRetryDelay", 15)
@@ -1225,7 +1249,7 @@ class TaskSequenceEngine:
             # were never written to and stay as they were.
             self.log.error(
                 "DataTransferService",
-                f"Failed to write content {package_id}.{version} under {store.root}: "
+                f"Failed to write content {package_id}.{version} under {self.windows(store.root)}: "
                 f"There is not enough space on the disk. (0x{_HR_DISK_FULL:08X})",
             )
             self._download_failed(package_id, version, codes.CACHE_FULL)
@@ -1254,9 +1278,11 @@ class TaskSequenceEngine:
         # at the location the product would hand the step.
         files = sum(1 for p in entry.path.rglob("*") if p.is_file())
         self.log.info(
-            "TSManager", f"{step.action}: using content {entry.key} at {entry.path} ({files} files)"
+            "TSManager",
+            f"{step.action}: using content {entry.key} at {self.windows(entry.path)} "
+            f"({files} files)",
         )
-        self._set(LAST_LOCATION, str(entry.path))
+        self._set(LAST_LOCATION, self.windows(entry.path))
 
     def _default_store(self) -> ClientCache:
         in_pe = self.launch in LaunchContext.IN_WINDOWS_PE
@@ -1305,7 +1331,7 @@ class TaskSequenceEngine:
                 "waiting for it to finish",
             )
 
-        # One download per content, across threads and processes (reliability.md E2): the
+        # One download per content, across threads and processes (docs/reliability.md row 41): the
         # others wait here, then find the entry it committed without touching the network.
         with store.download_lock(package_id, version, on_wait=waiting):
             cached = (
@@ -1323,7 +1349,8 @@ class TaskSequenceEngine:
             return None
         entry = self._keep(lease)
         self.log.info(
-            "CacheManager", f"Content {package_id}.{version} found in cache at {entry.path}"
+            "CacheManager",
+            f"Content {package_id}.{version} found in cache at {self.windows(entry.path)}",
         )
         self._preserve(entry)
         self.transfers.append(PackageTransfer(package_id, version, 0, 0, 0.0, from_cache=True))
@@ -1340,7 +1367,8 @@ class TaskSequenceEngine:
         entry = self._keep(lease)
         self.log.info(
             "TSManager",
-            f"Content {package_id}.{version} found in the task sequence cache at {entry.path}",
+            f"Content {package_id}.{version} found in the task sequence cache at "
+            f"{self.windows(entry.path)}",
         )
         self.transfers.append(PackageTransfer(package_id, version, 0, 0, 0.0, from_cache=True))
         return entry
@@ -1500,7 +1528,7 @@ class TaskSequenceEngine:
             self.log.info(
                 ts,
                 f"Downloading content {key} with the alternate content provider {name} "
-                f"({len(request.locations)} location(s) offered) into {folder}",
+                f"({len(request.locations)} location(s) offered) into {self.windows(folder)}",
             )
 
             def ended(code: int | None, outcome: _Outcome) -> None:
@@ -1511,7 +1539,8 @@ class TaskSequenceEngine:
                     if left:
                         self.log.warning(
                             ts,
-                            f"The alternate content provider left {_count(left)} in {folder} "
+                            f"The alternate content provider left {_count(left)} in "
+                            f"{self.windows(folder)} "
                             f"for content {key}: {', '.join(left)}; removing them",
                         )
                 self.provider_runs.append(
@@ -1631,7 +1660,7 @@ class TaskSequenceEngine:
             package_id,
             version,
             f"{key}: the alternate content provider {name} exited with 0, but the "
-            f"{len(listed)} file(s) in {folder} ({shown or 'none'}) give package hash "
+            f"{len(listed)} file(s) in {self.windows(folder)} ({shown or 'none'}) give package hash "
             f"{computed}, not the location reply's {expected}{refused}: a file is wrong, "
             "missing or extra. A provider must write exactly the package's files, byte for "
             "byte, and nothing else, into the destination folder",
@@ -1662,7 +1691,7 @@ class TaskSequenceEngine:
                 f"expected {package_id}.{version}",
             )
         total = manifest.total_size
-        # Before any byte is fetched (reliability.md E1): fail at once, or evict to make room.
+        # Before any byte is fetched (docs/reliability.md row 38): fail at once, or evict to make room.
         self._make_room(store, package_id, version, total)
         started = time.perf_counter()
         with store.staging(package_id, version) as staged:
@@ -1717,7 +1746,7 @@ class TaskSequenceEngine:
             self.log.info(
                 "CacheManager",
                 f"ADD new cache entry for id:{entry.package_id} Version : {entry.version} "
-                f"Size : {total // 1024}K RefCount:1 Location : {entry.path}",
+                f"Size : {total // 1024}K RefCount:1 Location : {self.windows(entry.path)}",
             )
             self._downloaded.add(entry.key)
             self._preserve(entry)
@@ -1725,7 +1754,7 @@ class TaskSequenceEngine:
             self.log.info(
                 "TSManager",
                 f"Saved content {entry.key} in the task sequence working directory: "
-                f"{entry.path} (Size : {total // 1024}K)",
+                f"{self.windows(entry.path)} (Size : {total // 1024}K)",
             )
 
     def _computed_package_hash(
@@ -1842,7 +1871,7 @@ class TaskSequenceEngine:
                 self.log.info(
                     cm,
                     f"DELETE abandoned partial download {gone.key} Size : {gone.size // 1024}K "
-                    f"Location : {gone.path}",
+                    f"Location : {self.windows(gone.path)}",
                 )
                 continue
             package_id, _, version = gone.key.rpartition(".")
@@ -1850,7 +1879,8 @@ class TaskSequenceEngine:
             self.log.info(
                 cm,
                 f"DELETE cache entry for id:{package_id} Version : {version} "
-                f"Size : {gone.size // 1024}K Last used : {last} Location : {gone.path}",
+                f"Size : {gone.size // 1024}K Last used : {last} "
+                f"Location : {self.windows(gone.path)}",
             )
 
     def _download_failed(self, package_id: str, version: int, hresult: int) -> None:

@@ -113,14 +113,15 @@ def build_engine(
 ) -> TaskSequenceEngine:
     """A client engine for ``connection``, with its log and cache under ``folder``.
 
-    ``log`` defaults to ``folder/smsts.log`` and ``cache`` to ``folder/ccmcache`` of
+    ``log`` defaults to ``folder/smsts.log`` and ``cache`` to ``folder/Windows/ccmcache`` of
     ``cache_mb`` MB. ``retry`` is the download core's policy (a ``VirtualTime`` policy makes its
     waits virtual); ``storage_ca_file`` the private CA of HTTPS storage, trusted by the core and
     named to content providers; ``on_progress``, ``fsync``, ``journal_bytes`` and
     ``journal_seconds`` are the core's (None: its defaults).
     """
     log = log if log is not None else SmstsLog(folder / "smsts.log")
-    cache = cache if cache is not None else ClientCache(folder / "ccmcache", cache_mb)
+    # C:\Windows\ccmcache, with ``folder`` as C: (the engine's system drive; winpath).
+    cache = cache if cache is not None else ClientCache(folder / "Windows" / "ccmcache", cache_mb)
     journal: dict[str, float] = {}
     if journal_bytes is not None:
         journal["journal_bytes"] = journal_bytes

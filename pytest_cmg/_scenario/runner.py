@@ -409,7 +409,7 @@ def run_scenario(
                 restart_takes=scenario.restart_takes,
             )
             timeline.power_cut = host.power_cut
-            cache = ClientCache(workdir / "ccmcache", _cache_mb(scenario))
+            cache = ClientCache(workdir / "Windows" / "ccmcache", _cache_mb(scenario))
             watch.cache = cache
             seeded = seed_cache(cache, scenario.cache_seed, scenario.seed)
             timeline.start()
@@ -423,7 +423,9 @@ def run_scenario(
             result = host.run(_boot_spec(scenario, world, workdir, time), fresh)
             smsts = [f"{c}: {m}" for c, m, _, _ in SmstsLog.read(workdir / "smsts.log")]
         else:
-            log = TimelineLog(workdir / "smsts.log", timeline.before_step)
+            # Every line carries the scenario's virtual time (docs/emulation.md, "Windows form
+            # and one clock"): a 15 s retry delay is 15 s between two lines.
+            log = TimelineLog(workdir / "smsts.log", timeline.before_step, time.site_clock().now)
             engine = _engine(scenario, world, workdir, log, time)
             cache = engine.cache
             watch.cache = cache
@@ -547,7 +549,8 @@ def _baseline_seconds(
 def _run_again(scenario: Scenario, world: World, folder: Path) -> TaskSequenceResult:
     """The task sequence once more on a fresh cache: a benchmark round after the first."""
     time = ScenarioTime(datetime.now(UTC), seed=scenario.seed)
-    engine = _engine(scenario, world, folder, SmstsLog(folder / "smsts.log"), time)
+    log = SmstsLog(folder / "smsts.log", time.site_clock().now)
+    engine = _engine(scenario, world, folder, log, time)
     try:
         return engine.run(scenario.task_sequence, scenario.launch)
     finally:
@@ -937,6 +940,7 @@ def check_expectations(scenario: Scenario, run: ScenarioRun) -> list[Expectation
                 )
 
     _check_secrets(run, fail)
+    _check_machine_paths(run, fail)
     if run.torn:
         fail(
             "expect",
@@ -1016,6 +1020,27 @@ def _check_storage(expect: dict[str, Any], run: ScenarioRun, fail: Any) -> None:
             f"{_bounds(wanted_requests)} storage request(s)",
             str(len(storage)),
             _excerpt("  storage requests", _storage_lines(storage)),
+        )
+
+
+def _check_machine_paths(run: ScenarioRun, fail: Any) -> None:  # noqa: ANN401
+    """No path of the machine running the tests in smsts.log (so in no variable: each is logged).
+
+    The client is a Windows client: its paths read ``C:\\...`` (``winpath``), whatever folder
+    stands for its drive here. The run's work folder, or any absolute POSIX path under it,
+    in a line means a path escaped the mapping. Always checked, as secrets are.
+    """
+    root = str(run.workdir.absolute())
+    roots = {root, str(run.workdir.resolve())}
+    leaked = [line for line in run.smsts if any(r in line for r in roots)]
+    if leaked:
+        fail(
+            "expect",
+            "no path of the machine running the tests in smsts.log or a variable (the client's "
+            'paths read C:\\..., docs/emulation.md, "Windows form and one clock")',
+            f"{len(leaked)} line(s) name a path under the work folder {root}",
+            _excerpt("  smsts.log lines naming a path of this machine", leaked, limit=5),
+            key="no machine path in smsts.log",
         )
 
 

@@ -449,8 +449,13 @@ class CmgSite:
                 self.secrets_issued += 1
 
     def service_log(self, message: str) -> None:
-        """Append a CMGService.log-style line (the gateway's own log)."""
-        stamp = self.clock.now().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        """Append a CMGService.log-style line (the gateway's own log).
+
+        Stamped by the authority's clock, which a scenario run swaps for its site clock: the
+        gateway's log then reads the scenario's virtual time, as smsts.log does (docs/emulation.md,
+        "Windows form and one clock"); outside a run it is the site's clock.
+        """
+        stamp = self.authority.clock.now().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
         with self._lock:
             self._service_log.append(f"{stamp} CMGService: {message}")
 

@@ -13,7 +13,7 @@ The process backend serves plain HTTP by default: the storage fault proxy and th
 speak HTTP only, and TLS would cost every download CPU for nothing the tests check. With
 ``https=True`` it serves HTTPS (Azurite's ``--cert``/``--key``) with a server certificate from a
 test CA of :mod:`pytest_cmg._net.pki`; the endpoint's ``ca_cert`` is that CA, which clients
-must trust, and SAS URLs then carry ``spr=https`` (docs/reliability.md C1, test 25).
+must trust, and SAS URLs then carry ``spr=https`` (docs/reliability.md row 25).
 
 Provisioning Node and the npm package is :mod:`pytest_cmg._storage.provision`; the endpoint
 the backends hand out is :mod:`pytest_cmg._storage.endpoint`.

@@ -35,7 +35,12 @@ if TYPE_CHECKING:
     from types import FrameType
 
     from ._client.cache import ClientCache
-    from ._client.engine import CMGConnection, TaskSequence, TaskSequenceResult
+    from ._client.engine import (
+        CMGConnection,
+        TaskSequence,
+        TaskSequenceEngine,
+        TaskSequenceResult,
+    )
     from ._client.log import SmstsLog
     from ._harness import Harness
     from ._protocol.settings import ClientSettings, DeploymentSettings
@@ -523,7 +528,9 @@ def _client(args: argparse.Namespace) -> int:
         print(f"pytest-cmg client: warning: {_log_lost(args.log, log)}", file=sys.stderr)
     outcome = "success" if result.succeeded else "failure"
     error_text = str(result.error) if result.error else None
-    if not _print_summary(_summary(args, outcome, result.exit_code, error_text, result, log)):
+    summary = _summary(args, outcome, result.exit_code, error_text, result, log)
+    summary["client_paths"] = _client_paths(engine)
+    if not _print_summary(summary):
         return 1
     return 0 if result.succeeded else 1
 
@@ -723,6 +730,23 @@ def _summary(
         "log": str(args.log.resolve()),
         "log_error": _log_lost(args.log, log) if log and log.write_error else None,
     }
+
+
+def _client_paths(engine: TaskSequenceEngine) -> dict[str, str]:
+    """Where the run put things, as the Windows client names them (``C:\\...``, ``winpath``):
+    the client cache, the task sequence working folder and the path variables the run set. The
+    ``cache`` and ``log`` keys stay the folders on this machine, for whoever reads them here."""
+    paths = {"client_cache": engine.windows(engine.cache.root)}
+    paths.update(
+        (name, value)
+        for name, value in engine.variables.items()
+        if name in _PATH_VARIABLES or value.startswith("C:\\")
+    )
+    return paths
+
+
+#: Variables whose values are client paths, reported by the ``client`` summary.
+_PATH_VARIABLES = ("_SMSTSMDataPath", "_SMSTSLastContentDownloadLocation")
 
 
 def _print_summary(summary: dict[str, Any]) -> bool:

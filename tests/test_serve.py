@@ -334,6 +334,13 @@ def test_client_downloads_packages_and_summarises_in_json(served, tmp_path):
         ]
         assert package_hash(files) == package["hash"]
     assert "\r" not in result.stderr  # no progress bar when stderr is not a terminal
+    # Where things are on the client, in its own form (docs/emulation.md, "Windows form"):
+    # the cache folder (./ccmcache) is below the system drive, the working directory.
+    assert summary["client_paths"] == {
+        "client_cache": "C:\\ccmcache",
+        "_SMSTSMDataPath": "C:\\_SMSTaskSequence",
+        "_SMSTSLastContentDownloadLocation": "C:\\ccmcache\\PS100013.1",
+    }
 
 
 def test_client_over_mutual_tls_and_a_scenario_task_sequence(served, tmp_path):

@@ -75,8 +75,8 @@ _API: dict[str, str] = {
     "ScenarioProblem": "._errors",
     "ServiceStartError": "._errors",
     "Setup": "._client.engine",
-    "SiteRequest": "._gateway.site",
-    "SiteResponse": "._gateway.site",
+    "SiteRequest": "._gateway.exchange",
+    "SiteResponse": "._gateway.exchange",
     "SmstsLog": "._client.log",
     "SpaceReport": "._client.cache",
     "Step": "._client.engine",
@@ -132,13 +132,13 @@ if TYPE_CHECKING:
     from ._errors import ScenarioError as ScenarioError
     from ._errors import ScenarioProblem as ScenarioProblem
     from ._errors import ServiceStartError as ServiceStartError
+    from ._gateway.exchange import SiteRequest as SiteRequest
+    from ._gateway.exchange import SiteResponse as SiteResponse
     from ._gateway.faults import GatewayFault as GatewayFault
     from ._gateway.requestlog import LoggedRequest as LoggedRequest
     from ._gateway.requestlog import RequestLog as RequestLog
     from ._gateway.server import FakeCMG as FakeCMG
     from ._gateway.site import CmgSite as CmgSite
-    from ._gateway.site import SiteRequest as SiteRequest
-    from ._gateway.site import SiteResponse as SiteResponse
     from ._harness import Harness as Harness
     from ._net.pki import Credentials as Credentials
     from ._protocol.clock import FakeClock as FakeClock

@@ -4,7 +4,7 @@ The download core's own control flow, never seen outside it: :class:`Restart` (t
 cannot be continued), :class:`Transient` (try again), :class:`SasRefused` (storage refused the
 SAS: renew it), :class:`Fatal` (give up on the file; the core turns it into a
 :class:`~pytest_cmg.ContentError`), and :class:`Budget`, the bounds of :class:`.retry.RetryPolicy`
-applied to one stream of requests (docs/reliability.md B2, B3).
+applied to one stream of requests (docs/reliability.md rows 15-20).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A thin HTTP/1.1 client for storage GETs: kept-alive sockets, bodies read into the caller's buffer.
 
-Why not ``requests``: the download core spends most of its client CPU on SHA-256 (performance.md),
+Why not ``requests``: the download core spends most of its client CPU on SHA-256 (docs/benchmarks.md),
 so everything else must cost as little as possible. ``requests``/``urllib3`` build a response
 object, an ``HTTPMessage`` and a ``bytes`` object per chunk; for 16 KiB files the per-request cost
 dominates, and for large files each 1 MiB chunk is allocated and copied once more than needed.

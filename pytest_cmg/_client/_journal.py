@@ -7,7 +7,7 @@ recorded offset: bytes written to the ``.part`` file and hashed before the recor
 download core says how durable that is (its ``fsync`` option): against the process dying, or,
 with ``fdatasync`` before each record, against a power cut too.
 
-It never holds a URL, a SAS or a token (reliability.md B4, C6; azcopy strips the SAS from its
+It never holds a URL, a SAS or a token (docs/reliability.md rows 11 and 28; azcopy strips the SAS from its
 plan files for the same reason): a restarted client asks the gateway for fresh URLs, and only the
 ETag, sent as ``If-Match``, ties the old bytes to the new request.
 

@@ -4,10 +4,10 @@
 pinned ETag) and receives its body into the caller's buffers: written and hashed at once for a
 small file, handed to the hashing thread through a :class:`~._window.Window` for a large one.
 :func:`check_head` applies the integrity rules to the answer's status and headers before a byte
-of its body is used (docs/reliability.md A1-A5): a 412 or another ETag restarts the file, a
+of its body is used (docs/reliability.md rows 1-8): a 412 or another ETag restarts the file, a
 ``200`` to a range request or a ``206`` that starts elsewhere is never appended, a size other
 than the manifest's fails at once. :func:`renew` and :func:`renew_early` spend the file's one SAS
-renewal, after storage refused it or before it lapses (docs/reliability.md C4).
+renewal, after storage refused it or before it lapses (docs/reliability.md row 21).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ the Azure SDK is client-CPU-bound.
   fixed 15-23 ms of CPU, and the hash is the limit anyway); it can pay off where a server or a
   network path caps the rate of each connection.
 
-Integrity (docs/reliability.md A1-A5): bytes go to ``<name>.part``; the file reaches its final name only
+Integrity (docs/reliability.md rows 1-8): bytes go to ``<name>.part``; the file reaches its final name only
 after its size and SHA-256 match the manifest, and that SHA-256 is always one this process computed
 from the bytes (as they streamed in, or read back from disk for what an earlier run left): never a
 size, a name or a journal taken on trust. The digests are returned (:attr:`DownloadStats.digests`)
@@ -36,13 +36,13 @@ the file from zero instead of splicing two versions; a ``206`` whose ``Content-R
 start where asked, and a ``200`` to a range request, are never appended; a size that differs from
 the manifest's is a hash failure at once. An expired SAS (403) is renewed through the gateway
 (``renew``), once per file; so is one whose ``se`` is less than ``sas_margin`` seconds away when a
-request is about to start (docs/reliability.md C4: renew before it lapses, not after a 403), using the
+request is about to start (docs/reliability.md row 21: renew before it lapses, not after a 403), using the
 same once-per-file budget.
 
-Retries (docs/reliability.md B2, B3): see :mod:`.retry`. A cut connection resumes at the byte where it
+Retries (docs/reliability.md rows 15-20): see :mod:`.retry`. A cut connection resumes at the byte where it
 stopped (``Range: bytes=N-``, the bytes already in the buffer are kept), with the hash continuing.
 
-Resume after the process dies (docs/reliability.md B4): next to each ``.part`` file the core keeps a
+Resume after the process dies (docs/reliability.md rows 9-14): next to each ``.part`` file the core keeps a
 journal (:mod:`._journal`: content ID, version, path, size, SHA-256, ETag and the last recorded
 offset; never a URL or SAS). Checkpoints run on a background thread, at least ``journal_bytes``
 apart and at most one per ``journal_seconds``, and only record bytes already written (handed to

@@ -1,6 +1,6 @@
 """The scripted client: locates content through the CMG and runs task sequences like TSManager.
 
-Flow for one package (protocol.md section 1, "Sequence for the emulator")::
+Flow for one package (docs/emulation.md, "One on-demand download")::
 
     cache lookup -> [miss] CCM_POST ContentLocationRequest through the CMG (token auth)
     -> cloud location record + access token -> GET getcontentxmlsecure (manifest, SAS URLs)
@@ -10,15 +10,15 @@ Flow for one package (protocol.md section 1, "Sequence for the emulator")::
 The lookup-to-commit part runs under the cache's download lock for that content, so concurrent
 requests for it (threads or processes) make one download (``_client/cache.py``).
 
-Where content goes (protocol.md 1.7, "Storage locations"): in the full OS a step's package goes
-to the client cache (ccmcache); in Windows PE, where there is no ccmexec and so no client cache,
-to the task sequence cache (``_SMSTaskSequence/Packages``, ``tscache.py``). A Download Package
-Content step may name its destination (:class:`ContentDestination`): the task sequence directory,
-the client cache (not in Windows PE) or a custom path (downloaded to the task sequence directory,
-then moved to ``<path>/<PackageID>``). Content in the task sequence cache is deleted after the
-step that used it unless ``SMSTSPersistContent`` is true, and the whole cache when the sequence
-ends; client cache entries the sequence downloaded are released then (eligible for deletion)
-unless ``SMSTSPreserveContent`` is true, which pins what the sequence uses.
+Where content goes (docs/emulation.md, "Task sequence content locations"): in the full OS a step's
+package goes to the client cache (ccmcache); in Windows PE, where there is no ccmexec and so no
+client cache, to the task sequence cache (``_SMSTaskSequence/Packages``, ``tscache.py``). A
+Download Package Content step may name its destination (:class:`ContentDestination`): the task
+sequence directory, the client cache (not in Windows PE) or a custom path (downloaded to the task
+sequence directory, then moved to ``<path>/<PackageID>``). Content in the task sequence cache is
+deleted after the step that used it unless ``SMSTSPersistContent`` is true, and the whole cache
+when the sequence ends; client cache entries the sequence downloaded are released then (eligible
+for deletion) unless ``SMSTSPreserveContent`` is true, which pins what the sequence uses.
 
 With an alternate content provider (the task sequence variable ``SMSTSDownloadProgram``, or a
 Python ``provider``), located content is handed to it first (``acp.py``): it writes into a hidden
@@ -27,8 +27,8 @@ package hash checked against the location reply before one rename commits it whe
 download would have put it. ``SMSTSDownloadAbortCode`` fails the download; any other failure falls
 back to the built-in download.
 
-Log lines reuse the product's wording (protocol.md sections 1.7, 3.2, 3.3, 5) so scenarios can
-match them the way administrators search smsts.log.
+Log lines reuse the product's wording (docs/emulation.md, "Failure codes and log lines") so
+scenarios can match them the way administrators search smsts.log.
 """
 
 from __future__ import annotations
@@ -128,12 +128,14 @@ _NOT_ALLOWED_ON_INTERNET = 0x87D01018
 _UNSUPPORTED_LAUNCH = 0x80004005
 #: E_FAIL again: a custom download path that cannot be written (emulation).
 _E_FAIL = 0x80004005
-#: REGDB_E_CLASSNOTREG: no ccmexec (and so no client cache) in Windows PE; benign (S30).
+#: REGDB_E_CLASSNOTREG: no ccmexec (and so no client cache) in Windows PE; benign, as public
+#: smsts.log samples from boot media show it (docs/emulation.md, "Failure codes and log lines").
 _NO_CACHE_MANAGER = 0x80040154
-#: Variables the product defines with defaults (task-sequence-variables.md).
+#: Variables the product defines with defaults (Microsoft Learn: Task sequence variables).
 _DEFAULT_VARIABLES = {"SMSTSDownloadRetryCount": "2", "SMSTSDownloadRetryDelay": "15"}
 #: Not retried by the task sequence: wrong or oversized content would come back the same, a
-#: failed content location fails the step at once in the public smsts.log samples (S24), and an
+#: failed content location fails the step at once in the public smsts.log samples
+#: (docs/emulation.md, "Failure codes and log lines"), and an
 #: alternate content provider's abort code means "no other download method" (E_ABORT).
 _NOT_RETRIED = frozenset(
     {codes.HASH_MISMATCH, codes.CACHE_TOO_SMALL, codes.CACHE_FULL, codes.NO_LOCATIONS, E_ABORT}
@@ -191,7 +193,9 @@ _POST_UPGRADE = "C:\\Windows\\SMSTSPostUpgrade"
 
 
 class ContentDestination:
-    """Download Package Content's "Place into the following location" (protocol.md 1.7)."""
+    """Download Package Content's "Place into the following location" (Microsoft Learn: Task
+    sequence steps, "Download Package Content"; docs/emulation.md, "Task sequence content
+    locations")."""
 
     #: The task sequence working directory: kept there until the task sequence ends.
     TS_CACHE = "ts_cache"
@@ -348,7 +352,8 @@ class CMGClient:
         return self._ccm_token
 
     def _exchange_aad_token(self, aad_token: str) -> str:
-        """CCM_STS: an Azure AD device token in, a CCM token out (azure-ccmsetup.md, S9)."""
+        """CCM_STS: an Azure AD device token in, a CCM token out (docs/emulation.md, "Azure AD
+        client authentication")."""
         url = self.connection.sts_url
         self.log.info("ClientIDManagerStartup", f"Getting CCM Token from {url}")
         try:
@@ -1691,7 +1696,8 @@ class TaskSequenceEngine:
                 f"expected {package_id}.{version}",
             )
         total = manifest.total_size
-        # Before any byte is fetched (docs/reliability.md row 38): fail at once, or evict to make room.
+        # Before any byte is fetched (docs/reliability.md row 38): fail at once, or evict to make
+        # room.
         self._make_room(store, package_id, version, total)
         started = time.perf_counter()
         with store.staging(package_id, version) as staged:

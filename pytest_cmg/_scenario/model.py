@@ -294,8 +294,8 @@ STEP = Record(
             default=None,
             example="{variable: OSDLanguage, equals: it-IT}",
         ),
-        # Download Package Content's options (protocol.md 1.7; docs/emulation.md, "Task
-        # sequence content locations").
+        # Download Package Content's options (Microsoft Learn: Task sequence steps;
+        # docs/emulation.md, "Task sequence content locations").
         "destination": Field(
             Choice(choices=ContentDestination.ALL),
             default=None,

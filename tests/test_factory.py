@@ -72,7 +72,9 @@ def test_build_engine_puts_log_and_cache_under_the_folder(tmp_path: Path) -> Non
     engine = build_engine(connection_for(_Gateway(), "GUID:a"), tmp_path, cache_mb=7)  # type: ignore[arg-type]
     try:
         assert engine.log.path == tmp_path / "smsts.log"
-        assert engine.cache.root == tmp_path / "ccmcache"
+        # C:\Windows\ccmcache, with the folder as the system drive C: (winpath).
+        assert engine.cache.root == tmp_path / "Windows" / "ccmcache"
+        assert engine.system_drive == tmp_path
         assert engine.cache.size_mb == 7
     finally:
         engine.close()

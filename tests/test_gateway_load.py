@@ -159,7 +159,7 @@ def test_fifty_clients_locate_and_download_at_once(cmg, cloud_dp, tmp_path, cmg_
     assert failed == {}
     assert all(r.bytes_from_storage(PACKAGE) == SIZE for r in results.values())  # type: ignore[attr-defined]
     for n in range(CLIENTS):
-        folder = tmp_path / f"c{n}" / "ccmcache" / f"{PACKAGE}.1"
+        folder = tmp_path / f"c{n}" / "Windows" / "ccmcache" / f"{PACKAGE}.1"
         for relpath, data in FILES.items():
             assert (folder / relpath).read_bytes() == data
 

@@ -382,7 +382,7 @@ def test_client_cache_destination_in_the_full_os_is_ccmcache(cmg, cmg_client, dr
 
 def test_a_custom_path_inside_a_cache_fails_before_any_request(cmg, cmg_client, drivers):
     engine = cmg_client()
-    step = Step("Bad", DPC, "PS100013", destination="custom", path="ccmcache\\sub")
+    step = Step("Bad", DPC, "PS100013", destination="custom", path="C:\\Windows\\ccmcache\\sub")
     result = engine.run(sequence(step))
     assert result.exit_code == 0x80070057
     assert result.failed_step == "Bad"

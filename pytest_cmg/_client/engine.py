@@ -43,6 +43,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 from urllib.parse import urlencode
 
@@ -75,7 +76,7 @@ from .._protocol.settings import (
     LaunchContext,
     launch_refusal,
 )
-from .._protocol.winpath import windows_path
+from .._protocol.winpath import disk_path, windows_path
 from . import tsenv
 from .acp import (
     ABORT_CODE,
@@ -99,7 +100,6 @@ from .tsenv import SetupState, TsEnv
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
-    from pathlib import Path
 
     from .acp import ContentProvider
     from .cache import ClientCache, Lease, SpaceReport
@@ -222,13 +222,15 @@ def custom_path_parts(path: str) -> tuple[str, ...]:
 
     ``C:\\Drivers\\HP``, ``\\Drivers\\HP``, ``Drivers/HP`` all give ``("Drivers", "HP")``: the
     emulation maps the system drive to a folder of its own, so no path can leave it. ``..`` and
-    an empty path are refused (``ValueError``).
+    an empty path are refused (``ValueError``). Any drive letter is read as ``C:`` (the one drive
+    emulated), and the folders are then read by the one path rule (``winpath.disk_path``).
     """
     parts = tuple(p for p in _DRIVE.sub("", path.strip()).replace("\\", "/").split("/") if p)
     if not parts or any(p in (".", "..") for p in parts):
         msg = f"custom download path {path!r}: give folders below the system drive, without '..'"
         raise ValueError(msg)
-    return parts
+    root = Path("/")
+    return disk_path("C:\\" + "\\".join(parts), root).relative_to(root).parts
 
 
 @dataclass(frozen=True)

@@ -36,10 +36,11 @@ file system), and a later lookup serves it. The core's ``fsync=True`` closes tha
 flushed before its rename, so after a power cut the entry either holds the verified bytes or its
 rename was lost and the staging folder, found again, is re-hashed before it is committed.
 
-Space (reliability.md E1, protocol.md 3.3): :meth:`ClientCache.make_room` runs before any byte is
-transferred. Content larger than the whole cache fails at once (0x87D01202); content that fits
-the cache but not its free space evicts entries nobody uses, least recently used first, and fails
-(0x87D01201) when what remains is in use. Last use is the entry folder's modification time, set
+Space (docs/reliability.md E1; docs/emulation.md, "Client cache: space, eviction, in-use
+content"): :meth:`ClientCache.make_room` runs before any byte is transferred. Content larger than
+the whole cache fails at once (0x87D01202); content that fits the cache but not its free space
+evicts entries nobody uses, least recently used first, and fails (0x87D01201) when what remains
+is in use. Last use is the entry folder's modification time, set
 (atomically, by ``utime``) on commit and on every use, so it survives restarts and needs no disk
 space when the disk is full.
 
@@ -48,10 +49,11 @@ killed client never leaves the cache locked. Entries in use hold a shared lock (
 and are never evicted; two requests for the same content, in threads or processes, share one
 download through the exclusive download lock (:meth:`ClientCache.download_lock`).
 
-After a task sequence (``SMSTSPreserveContent``, protocol.md 1.7): a task sequence that must keep
-its content pins it (:meth:`ClientCache.pin`, a file that outlives every process: eviction skips
-it until :meth:`ClientCache.unpin`); one that need not releases what it downloaded with
-:meth:`ClientCache.expire`, which ages it past the minimum keep time so eviction may take it.
+After a task sequence (``SMSTSPreserveContent``; docs/emulation.md, "Task sequence content
+locations"): a task sequence that must keep its content pins it (:meth:`ClientCache.pin`, a file
+that outlives every process: eviction skips it until :meth:`ClientCache.unpin`); one that need
+not releases what it downloaded with :meth:`ClientCache.expire`, which ages it past the minimum
+keep time so eviction may take it.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ __all__ = [
     "SpaceReport",
 ]
 
-#: The product's default cache size (protocol.md section 3.3).
+#: The product's default cache size (docs/emulation.md, "Content, verification and the client cache").
 DEFAULT_CACHE_MB = 5120
 #: The product's default "Minimum duration before cached content can be removed" (minutes).
 PRODUCT_KEEP_MINUTES = 1440

@@ -1,7 +1,8 @@
 """The task sequence cache: the packages folder of the task sequence working directory.
 
 The product keeps content it downloads for a running task sequence in its working directory
-(``_SMSTaskSequence``), apart from the client cache ``%WinDir%\\ccmcache`` (protocol.md 1.7). In
+(``_SMSTaskSequence``), apart from the client cache ``%WinDir%\\ccmcache`` (docs/emulation.md,
+"Task sequence content locations"). In
 Windows PE there is no ccmexec and so no client cache: every package goes there. Layout::
 
     <working directory>/                 _SMSTaskSequence (the engine's default)

@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 _API: dict[str, str] = {
     "AZURITE_VERSION": "._storage.provision",
     "AccessToken": "._protocol.location",
+    "AzureADTenant": "._gateway.tokens",
     "AzuriteProcess": "._storage.azurite",
     "BlobEndpoint": "._storage.endpoint",
     "CMGClient": "._client.engine",
@@ -139,6 +140,7 @@ if TYPE_CHECKING:
     from ._gateway.requestlog import RequestLog as RequestLog
     from ._gateway.server import FakeCMG as FakeCMG
     from ._gateway.site import CmgSite as CmgSite
+    from ._gateway.tokens import AzureADTenant as AzureADTenant
     from ._harness import Harness as Harness
     from ._net.pki import Credentials as Credentials
     from ._protocol.clock import FakeClock as FakeClock

@@ -73,13 +73,12 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 from .._errors import NotRunningError
+from .._util.service import Service
 from .connection import Connection
 from .faults import Fault, Plan
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from types import TracebackType
-    from typing import Self
 
 __all__ = ["FaultProxy", "Pending", "ProxiedRequest", "Record"]
 
@@ -160,7 +159,7 @@ class Pending:
     seen: int = 0
 
 
-class FaultProxy:
+class FaultProxy(Service):
     """Loopback HTTP/1.1 proxy in front of one upstream host:port, scriptable per request number.
 
     ``upstream`` is a URL such as ``http://127.0.0.1:43587``; a path in it (a
@@ -259,18 +258,6 @@ class FaultProxy:
             conn.thread.join(timeout=max(deadline - time.monotonic(), 0.1))
             if conn.thread.is_alive():
                 _log.warning("fault proxy connection thread %s did not end", conn.thread.name)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _accept_loop(self) -> None:
         assert self._listener is not None

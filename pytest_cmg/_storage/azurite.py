@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._errors import ProvisioningError, ServiceStartError
+from .._util.service import Service
 from .endpoint import (
     DEV_ACCOUNT_KEY,
     DEV_ACCOUNT_NAME,
@@ -48,8 +49,7 @@ from .provision import AZURITE_VERSION, NodeRuntime, ensure_azurite, find_node
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
-    from types import TracebackType
-    from typing import IO, Self
+    from typing import IO
 
 __all__ = [
     # Re-exported: what a backend hands out and the version it runs are asked for here too.
@@ -110,7 +110,7 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-class AzuriteProcess:
+class AzuriteProcess(Service):
     """Azurite blob service as a subprocess: in-memory, 127.0.0.1, OS-chosen port.
 
     ``https=True`` serves HTTPS with a certificate for 127.0.0.1 and ``localhost`` from a fresh
@@ -319,18 +319,6 @@ class AzuriteProcess:
         self._join_reader()
         _running.discard(self)
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 # --------------------------------------------------------------------------------------------
 # Container backend
@@ -357,7 +345,7 @@ def _not_installed(detail: str) -> ProvisioningError:
     )
 
 
-class AzuriteContainer:
+class AzuriteContainer(Service):
     """Azurite in a Docker container through testcontainers' Azurite module."""
 
     def __init__(
@@ -440,25 +428,13 @@ class AzuriteContainer:
         if container is not None:
             container.stop()
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 # --------------------------------------------------------------------------------------------
 # External backend
 # --------------------------------------------------------------------------------------------
 
 
-class ExternalStorage:
+class ExternalStorage(Service):
     """A blob service somebody else runs (shared Azurite, real account), by connection string."""
 
     def __init__(self, connection_string: str) -> None:
@@ -495,18 +471,6 @@ class ExternalStorage:
 
     def stop(self) -> None:
         """Nothing to stop: the service belongs to someone else."""
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def make_backend(

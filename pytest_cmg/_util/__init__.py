@@ -1,7 +1,8 @@
 """The ground floor's process-level tools with no network in them (docs/architecture.md).
 
 ``filelock``: one ``flock`` wait with a bound, for the shared cache and the client cache;
-``cachedir``: the per-user folder where provisioned tools live. Neither
+``cachedir``: the per-user folder where provisioned tools live; ``service``: ``with service:``
+for anything with start() and stop(). None of them
 imports another room of the package, so every room may use them.
 """
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pytest_cmg._protocol.winpath import WindowsPathError, disk_path, windows_path
+from pytest_cmg._protocol.winpath import WindowsPathError, disk_path, windows_path, windows_text
 
 DRIVE = Path("/work/machine/drive")
 
@@ -79,3 +79,14 @@ def test_disk_paths_outside_the_drive_are_refused(path: Path) -> None:
 def test_a_name_with_a_backslash_has_no_windows_form() -> None:
     with pytest.raises(WindowsPathError, match="backslash"):
         windows_path(DRIVE / "a\\b", DRIVE)
+
+
+def test_paths_in_a_line_are_written_in_the_windows_form() -> None:
+    line = (
+        f"python3 /opt/acp.py /tmp/x/SMSTSDownload.INI PS100012 {DRIVE}/Windows/ccmcache/.acp-1 "
+        f"'{DRIVE}' {DRIVE}2/other {DRIVE}/a\\b"
+    )
+    assert windows_text(line, DRIVE) == (
+        "python3 /opt/acp.py /tmp/x/SMSTSDownload.INI PS100012 C:\\Windows\\ccmcache\\.acp-1 "
+        f"'C:\\' {DRIVE}2/other {DRIVE}/a\\b"
+    )

@@ -36,13 +36,12 @@ file system), and a later lookup serves it. The core's ``fsync=True`` closes tha
 flushed before its rename, so after a power cut the entry either holds the verified bytes or its
 rename was lost and the staging folder, found again, is re-hashed before it is committed.
 
-Space (docs/reliability.md E1; docs/emulation.md, "Client cache: space, eviction, in-use
-content"): :meth:`ClientCache.make_room` runs before any byte is transferred. Content larger than
-the whole cache fails at once (0x87D01202); content that fits the cache but not its free space
-evicts entries nobody uses, least recently used first, and fails (0x87D01201) when what remains
-is in use. Last use is the entry folder's modification time, set
-(atomically, by ``utime``) on commit and on every use, so it survives restarts and needs no disk
-space when the disk is full.
+Space (docs/emulation.md, "Client cache: space, eviction, in-use content"):
+:meth:`ClientCache.make_room` runs before any byte is transferred. Content larger than the whole
+cache fails at once (0x87D01202); content that fits the cache but not its free space evicts
+entries nobody uses, least recently used first, and fails (0x87D01201) when what remains is in
+use. Last use is the entry folder's modification time, set (atomically, by ``utime``) on commit
+and on every use, so it survives restarts and needs no disk space when the disk is full.
 
 Concurrency (E2): locks are ``flock`` locks, which the kernel drops when a process dies, so a
 killed client never leaves the cache locked. Entries in use hold a shared lock (a :class:`Lease`)

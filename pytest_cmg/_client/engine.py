@@ -76,7 +76,7 @@ from .._protocol.settings import (
     LaunchContext,
     launch_refusal,
 )
-from .._protocol.winpath import disk_path, windows_path
+from .._protocol.winpath import disk_path, windows_path, windows_text
 from . import tsenv
 from .acp import (
     ABORT_CODE,
@@ -1443,10 +1443,16 @@ class TaskSequenceEngine:
             runner = ProgramProvider(
                 program,
                 timeout=self.download_program_timeout,
-                on_event=lambda line: self.log.info("TSManager", line),
+                # Its command line and output name the folder it was given on disk: written in
+                # the client's form, as a Windows program's would read (winpath.windows_text).
+                on_event=lambda line: self.log.info(
+                    "TSManager", windows_text(line, self.system_drive)
+                ),
                 # Into smsts.log (emulation, docs/emulation.md): what the program prints is
                 # then read as the product's own lines are, so a leaked secret is seen.
-                on_output=lambda line: self.log.info(PROGRAM_OUTPUT, line),
+                on_output=lambda line: self.log.info(
+                    PROGRAM_OUTPUT, windows_text(line, self.system_drive)
+                ),
             )
         except ValueError as error:
             self.log.error("TSManager", f"{error}: using the built-in download")

@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 
 from .._errors import PytestCmgError
 
-__all__ = ["SYSTEM_DRIVE", "WindowsPathError", "disk_path", "windows_path"]
+__all__ = ["SYSTEM_DRIVE", "WindowsPathError", "disk_path", "windows_path", "windows_text"]
 
 #: The drive the system drive folder stands for, as the product writes it.
 SYSTEM_DRIVE = "C:"
@@ -54,6 +54,26 @@ def windows_path(path: Path | str, system_drive: Path) -> str:
             )
             raise WindowsPathError(message)
     return SYSTEM_DRIVE + "\\" + "\\".join(parts)
+
+
+def windows_text(text: str, system_drive: Path) -> str:
+    """``text`` with every disk path under ``system_drive`` in it written in the Windows form.
+
+    For lines the client does not compose itself: the command line of a content provider and
+    what that program prints name the folder it was given on disk, which a Windows program would
+    have printed as ``C:\\...``. A path ends at white space or a quote; one that has no Windows
+    form (a name with a backslash) is left as it is.
+    """
+    root = os.path.normpath(Path(system_drive).absolute())
+    pattern = re.compile(re.escape(root) + r"(?=$|[/\s'\"])(?:/[^\s'\"]*)?")
+
+    def rewrite(match: re.Match[str]) -> str:
+        try:
+            return windows_path(match[0], system_drive)
+        except WindowsPathError:
+            return match[0]
+
+    return pattern.sub(rewrite, text)
 
 
 def disk_path(text: str, system_drive: Path) -> Path:

@@ -63,7 +63,14 @@ def write_chart(report: dict[str, Any], path: Path) -> None:
         for y, info in enumerate(infos):
             # Beside the whisker, not on it.
             rate = info["mb_per_s"]
-            ax.text(rate["max"], y, f"  {rate['median']:.3g}", va="center", ha="left", fontsize=8)
+            ax.text(
+                rate["max"],
+                y,
+                f"  {_rate_text(rate['median'])}",
+                va="center",
+                ha="left",
+                fontsize=8,
+            )
         shape = bench.get("workloads", {}).get(workload, {})
         ratios = report.get("ratios", {}).get(workload, {})
         core = [f"{k} {v:.2f}" for k, v in ratios.items() if k.startswith("core/")]
@@ -87,3 +94,8 @@ def write_chart(report: dict[str, Any], path: Path) -> None:
         fontsize=10,
     )
     figure.savefig(path, format="png", dpi=100)
+
+
+def _rate_text(mb_per_s: float) -> str:
+    """3 significant digits without an exponent: 1930 MB/s, not 1.93e+03."""
+    return f"{mb_per_s:.0f}" if mb_per_s >= 100 else f"{mb_per_s:.3g}"

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._aria2 import ARIA2_MODES
 from ._program import check_program
+from ._runner import BenchError
+from ._scaling import SWEEPS, parse_sweeps
 from ._workloads import FULL, parse_workloads
 
 if TYPE_CHECKING:
@@ -34,6 +36,7 @@ __all__ = [
     "check_margin",
     "check_rounds",
     "run_bench",
+    "run_scaling_command",
 ]
 
 EXIT_OK, EXIT_BREACHED, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
@@ -164,6 +167,22 @@ def add_bench_parser(
         metavar="RUN.json",
         help="measure nothing: print, chart and compare a saved run",
     )
+    bench.add_argument(
+        "--scaling",
+        action="store_true",
+        help="measure how cost grows instead: the core and raw-verified against workers "
+        "(1, 2, 4, 8, 16 on m1 and big) and file size (16 KiB to 256 MiB at --workers), and the "
+        "fake CMG's location+manifest requests/s and p50/p99 latency with 1, 10 and 50 "
+        "concurrent clients; default 3 rounds (1 with --quick, which shrinks every point)",
+    )
+    bench.add_argument(
+        "--sweep",
+        type=_argtype(parse_sweeps),
+        default=None,
+        metavar="LIST",
+        help=f"with --scaling: which tables, comma-separated among {', '.join(SWEEPS)} "
+        "(default all; implies --scaling)",
+    )
     bench.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     return bench
 
@@ -179,10 +198,21 @@ def _write_outputs(report: dict[str, Any], args: argparse.Namespace) -> None:
         print(f"chart written to {args.chart}", file=sys.stderr)
 
 
+#: Options that mean nothing to ``--scaling`` (it has no cases to compare, chart or load).
+_NOT_WITH_SCALING = (
+    ("compare", "--compare"),
+    ("chart", "--chart"),
+    ("load", "--load"),
+    ("download_program", "--download-program"),
+)
+
+
 def run_bench(args: argparse.Namespace) -> int:
     from ._compare import compare, load_baseline
     from ._report import render_table
 
+    if args.scaling or args.sweep is not None:
+        return run_scaling_command(args)
     baseline: dict[str, Any] | None = None
     if args.compare:
         try:
@@ -253,3 +283,44 @@ def _measure(args: argparse.Namespace) -> dict[str, Any] | int:
     except BenchError as exc:
         print(f"bench: the benchmark failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def run_scaling_command(args: argparse.Namespace) -> int:
+    """``bench --scaling``: measure, print the three tables, write ``--json``."""
+    from ._scaling import ScalingConfig, quick_config, render_scaling, run_scaling
+
+    given = [option for name, option in _NOT_WITH_SCALING if getattr(args, name, None)]
+    if given:
+        print(
+            f"bench: {', '.join(given)} cannot be used with --scaling, which measures its own "
+            "tables (no cases to compare, chart or load); run them without --scaling",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    settings: dict[str, Any] = {
+        "sweeps": args.sweep if args.sweep is not None else SWEEPS,
+        "default_workers": args.workers,
+        "workdir": args.workdir,
+        "log": None if args.quiet else log,
+    }
+    if args.rounds is not None:
+        settings["rounds"] = args.rounds
+    config = quick_config(**settings) if args.quick else ScalingConfig(**settings)
+    try:
+        report = run_scaling(config)
+    except BenchError as exc:
+        print(f"bench: the scaling benchmark failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(render_scaling(report))
+    if args.json is not None:
+        try:
+            args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        except OSError as exc:
+            print(f"bench: cannot write the results to {args.json}: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"JSON written to {args.json}", file=sys.stderr)
+    return EXIT_OK

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._errors import BenchError
+from .._errors import BenchError, NotRunningError
 from ._aria2 import Aria2, resolve_aria2
 from ._cases import CASES, PROGRAM, CaseContext
 from ._report import CaseResult, MemoryProbe, WorkloadResult, build_report
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from .._storage.azurite import AzuriteProcess, BlobEndpoint
     from ._program import ProgramGateway
 
-__all__ = ["Bench", "BenchConfig", "BenchError"]
+__all__ = ["Bench", "BenchConfig", "BenchError", "fresh_folder", "verify_output"]
 
 _MEMPROBE_TIMEOUT = 600.0
 _HASH_CHUNK = 1 << 20
@@ -73,7 +73,8 @@ class BenchConfig:
     download_program: str | None = None
 
 
-def _verify(dest: Path, dataset: Dataset) -> None:
+def verify_output(dest: Path, dataset: Dataset) -> None:
+    """``dest`` holds exactly the workload's files, each of its size and SHA-256; else BenchError."""
     expected = {f.relpath: f for f in dataset.manifest.files}
     found = {p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()}
     if found != set(expected):
@@ -91,7 +92,8 @@ def _verify(dest: Path, dataset: Dataset) -> None:
             raise BenchError(msg)
 
 
-def _fresh(folder: Path) -> Path:
+def fresh_folder(folder: Path) -> Path:
+    """``folder``, emptied (created if missing)."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     return folder
@@ -183,6 +185,27 @@ class Bench:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
 
+    @property
+    def endpoint(self) -> BlobEndpoint:
+        """The running Azurite's endpoint (``bench --scaling`` uploads its own workloads to it)."""
+        if self._endpoint is None:
+            msg = "the benchmark's Azurite is not running: call start() (or use `with`) first"
+            raise NotRunningError(msg)
+        return self._endpoint
+
+    @property
+    def server_pid(self) -> int | None:
+        """Azurite's pid, whose CPU each sample measures; None when not running."""
+        return self._azurite.pid if self._azurite is not None else None
+
+    @property
+    def workdir(self) -> Path:
+        """Where outputs are written while the benchmark runs."""
+        if self._workdir is None:
+            msg = "the benchmark has no work folder until start() (or `with`) is called"
+            raise NotRunningError(msg)
+        return self._workdir
+
     def __enter__(self) -> Self:
         return self.start()
 
@@ -266,13 +289,13 @@ class Bench:
     ) -> None:
         assert self._workdir is not None
         case = CASES[case_name]
-        dest = _fresh(self._workdir / "out" / case_name)
+        dest = fresh_folder(self._workdir / "out" / case_name)
         ctx = CaseContext(dataset, dest, self.config.workers, server_pid, self.aria2, self._program)
         label = f"{dataset.workload.name} round {round_no}/{self.config.rounds} {case_name}"
         try:
             sample = case.run(ctx)
             if case.writes:
-                _verify(dest, dataset)
+                verify_output(dest, dataset)
         except Exception as exc:
             if case_name == "aria2c":
                 # An external tool that breaks is reported, not allowed to sink the run.
@@ -296,7 +319,7 @@ class Bench:
 
     def _memory_probe(self, dataset: Dataset) -> MemoryProbe | None:
         assert self._workdir is not None
-        dest = _fresh(self._workdir / "out" / "memprobe")
+        dest = fresh_folder(self._workdir / "out" / "memprobe")
         job = {
             "manifest": dataset.manifest.to_xml(),
             "dest": str(dest),
@@ -314,7 +337,7 @@ class Bench:
             if proc.returncode != 0:
                 msg = f"memory probe exited {proc.returncode}: {proc.stderr.strip()[-500:]}"
                 raise BenchError(msg)
-            _verify(dest, dataset)
+            verify_output(dest, dataset)
             data = json.loads(proc.stdout.strip().splitlines()[-1])
         except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
             msg = f"memory probe failed: {exc}"

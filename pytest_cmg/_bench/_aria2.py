@@ -55,7 +55,7 @@ class Aria2:
         return env
 
     def command(self, folder: Path, name: str, url: str) -> list[str]:
-        """performance.md's ``aria2c -x 8 -s 8`` line; ``--no-conf`` keeps ~/.aria2 out of it."""
+        """The pre-project measurements' ``aria2c -x 8 -s 8`` line; ``--no-conf`` keeps ~/.aria2 out."""
         return [
             str(self.exe),
             "--no-conf",

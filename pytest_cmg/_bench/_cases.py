@@ -1,4 +1,4 @@
-"""The cases measured on each workload, each timed the way performance.md timed it.
+"""The cases measured on each workload, each timed the way the pre-project measurements timed it.
 
 Python clients are timed from the creation of their client or session to the last byte or hash
 (imports and interpreter start-up excluded); aria2c and a ``--download-program`` on the wall
@@ -41,7 +41,8 @@ __all__ = [
 ]
 
 _CHUNK = 1 << 20
-#: performance.md's SDK figures: download_blob(max_concurrency=8), and 8 threads for many files.
+#: The pre-project measurements' SDK figures: download_blob(max_concurrency=8), and 8 threads for
+#: many files.
 SDK_CONCURRENCY = 8
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: The case of ``--download-program``, measured only when a program is given.

@@ -1,8 +1,8 @@
 """``--compare``: is this run more than a margin worse than a baseline run or the targets?
 
 Only figures measured in one run are compared (ratios of medians, and the core's peak memory),
-never absolute MB/s across runs: performance.md found this kind of machine too noisy for that.
-A ratio breaches when it is more than ``margin`` (a fraction) below the baseline's; the peak
+never absolute MB/s across runs: the pre-project measurements found this kind of machine too
+noisy for that. A ratio breaches when it is more than ``margin`` (a fraction) below the baseline's; the peak
 memory when it is more than ``margin`` above. Figures missing on either side are listed as
 skipped, not failed (aria2c may be unavailable on one machine, a run may have no
 ``--download-program``); so are a program's ratios when the baseline measured another program.

@@ -38,7 +38,8 @@ __all__ = [
 ]
 
 FORMAT = 1
-#: Throughput is in decimal megabytes per second, as curl, aria2 and performance.md print it.
+#: Throughput is in decimal megabytes per second, as curl, aria2 and the pre-project measurements
+#: print it.
 MB = 1_000_000
 MIB = 1 << 20
 PEAK_METRIC = "core peak MiB"

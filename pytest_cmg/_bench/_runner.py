@@ -1,8 +1,8 @@
 """One benchmark run: an in-memory Azurite, each workload uploaded once, cases in shuffled rounds.
 
 Per round every case of a workload runs once, in an order shuffled with the round number as seed
-(performance.md's method), so all cases see the same machine state; each run writes into a fresh
-folder, verified after it (sizes and SHA-256), neither step timed.
+(the pre-project measurements' method), so all cases see the same machine state; each run writes
+into a fresh folder, verified after it (sizes and SHA-256), neither step timed.
 
 Outputs of many-file workloads are deleted only after the workload's last round, not between
 runs. On this machine kind's ext4 (no journal), creating a file right after thousands were deleted

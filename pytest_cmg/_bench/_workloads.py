@@ -1,7 +1,7 @@
 """The workloads of the benchmark and the blobs behind them.
 
-Sizes follow performance.md: one 256 MiB blob (uploaded in 8 MiB blocks), 200 x 1 MiB and
-2000 x 16 KiB. ``--quick`` shrinks each to seconds so the machinery can be tested in CI.
+Sizes follow the pre-project measurements: one 256 MiB blob (uploaded in 8 MiB blocks), 200 x 1 MiB
+and 2000 x 16 KiB. ``--quick`` shrinks each to seconds so the machinery can be tested in CI.
 
 Each workload's container is laid out as a cloud DP's (``<PackageID>.1/<relpath>`` and the
 URL-less manifest blob, ``clouddp.py``), so the fake CMG of ``--download-program`` serves it as

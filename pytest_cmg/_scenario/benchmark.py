@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .._bench._rawget import get_all
+from .._bench.baselines import get_all
 from .._errors import BenchError
 
 if TYPE_CHECKING:

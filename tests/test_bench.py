@@ -359,7 +359,7 @@ def test_raw_verified_hashes_and_writes_every_byte_and_fails_loudly_on_a_wrong_o
         get_all_verified(urls, paths, digests, workers=1)
 
 
-def test_workloads_parse_and_match_performance_md_sizes():
+def test_workloads_parse_and_have_the_documented_sizes():
     assert parse_workloads("k16, big,k16") == ("k16", "big")
     with pytest.raises(ValueError, match="unknown workload"):
         parse_workloads("")
@@ -382,7 +382,7 @@ def test_aria2_missing_is_a_reason_not_an_error(tmp_path, monkeypatch):
     assert reason.startswith("not available: `apt-get` is not available")
 
 
-def test_aria2_command_is_performance_md_s():
+def test_aria2_command_is_the_documented_one():
     # The command line is built without running aria2c, so no binary is needed to check it.
     found = Aria2(Path("/opt/aria2/bin/aria2c"), (), "1.36.0", "test")
     argv = found.command(cache_dir(), "blob", "http://127.0.0.1:1/x")

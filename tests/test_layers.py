@@ -20,11 +20,7 @@ MAP = PACKAGE.parent / "docs" / "architecture.md"
 _ROW = re.compile(r"^\| `(?P<room>[\w.]+)` \|(?P<cells>.*)\|\s*$")
 #: Known violations being removed, as (file, imported module) -> why it is still there. The test
 #: fails as soon as one of them is gone, so its entry is deleted with the fix, never forgotten.
-PENDING = {
-    ("pytest_cmg/_scenario/benchmark.py", "pytest_cmg._bench._rawget"): (
-        "the benchmark scenarios' raw-GET baseline has no public seam in _bench yet"
-    ),
-}
+PENDING: dict[tuple[str, str], str] = {}
 
 
 def allowed_imports(text: str) -> dict[str, set[str]]:

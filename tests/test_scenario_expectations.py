@@ -29,8 +29,8 @@ import pytest
 # Imported before any inner session, as in test_plugin.py: pytester's in-process runs drop
 # modules first imported inside them, and cryptography's bindings reject re-imported classes.
 import pytest_cmg._gateway.server
-import pytest_cmg._net.proxy  # noqa: F401
-import pytest_cmg._storage.clouddp
+import pytest_cmg._net.proxy
+import pytest_cmg._storage.clouddp  # noqa: F401
 from pytest_cmg._client.cache import ClientCache
 from pytest_cmg._client.engine import CMGClient
 from pytest_cmg._errors import ContentError, ExpectationFailed, ScenarioError

@@ -86,8 +86,8 @@ _API: dict[str, str] = {
     "TaskSequenceEngine": "._client.engine",
     "TaskSequenceResult": "._client.engine",
     "VirtualTime": "._client.retry",
-    "load_scenario": "._scenario.model",
-    "load_scenarios": "._scenario.model",
+    "load_scenario": "._scenario.load",
+    "load_scenarios": "._scenario.load",
 }
 
 __all__ = sorted(_API)  # noqa: PLE0605 - derived from _API, the one list
@@ -155,9 +155,9 @@ if TYPE_CHECKING:
     from ._protocol.settings import CmgSettings as CmgSettings
     from ._protocol.settings import DeploymentSettings as DeploymentSettings
     from ._protocol.settings import DownloadMode as DownloadMode
+    from ._scenario.load import load_scenario as load_scenario
+    from ._scenario.load import load_scenarios as load_scenarios
     from ._scenario.model import Scenario as Scenario
-    from ._scenario.model import load_scenario as load_scenario
-    from ._scenario.model import load_scenarios as load_scenarios
     from ._storage.azurite import AzuriteProcess as AzuriteProcess
     from ._storage.azurite import ExternalStorage as ExternalStorage
     from ._storage.clouddp import CloudDP as CloudDP

@@ -323,7 +323,7 @@ def _read_scenario(path: Path, command: str) -> Scenario | None:
     also the file's fault, not a crash: one line naming the file and the rule, never a
     traceback. Both are exit 2 (bad usage) for the caller.
     """
-    from ._scenario.model import load_scenario
+    from ._scenario.load import load_scenario
 
     try:
         return load_scenario(path)

@@ -276,7 +276,7 @@ def test_whatever_escapes_the_scenario_loader_is_one_line_and_exit_2(
     def load_scenario(path, **kwargs):
         raise error
 
-    monkeypatch.setattr("pytest_cmg._scenario.model.load_scenario", load_scenario)
+    monkeypatch.setattr("pytest_cmg._scenario.load.load_scenario", load_scenario)
     assert main(["serve", str(scenario)]) == 2
     out, err = capsys.readouterr()
     assert out == ""

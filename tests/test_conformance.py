@@ -20,8 +20,9 @@ import pytest
 # inside them, and cryptography's Rust bindings then reject the re-imported curve classes.
 import pytest_cmg._gateway.server
 import pytest_cmg._storage.clouddp  # noqa: F401
-from pytest_cmg._scenario.model import APPLICABILITY, load_scenario
+from pytest_cmg._scenario.load import load_scenario
 from pytest_cmg._scenario.runner import with_download_program
+from pytest_cmg._scenario.vocabulary import APPLICABILITY
 from pytest_cmg._util.cachedir import CACHE_ENV, cache_dir
 
 if TYPE_CHECKING:

@@ -41,7 +41,7 @@ def test_readme_timeline_example_is_a_passing_scenario_file():
 
 
 def test_the_tutorial_scenarios_are_valid_files(tmp_path):
-    from pytest_cmg._scenario.model import load_scenarios
+    from pytest_cmg._scenario.load import load_scenarios
 
     tutorial = (ROOT / "docs" / "tutorial.md").read_text(encoding="utf-8")
     blocks = [b for b in re.findall(r"```yaml\n(.*?)```", tutorial, flags=re.S) if b.startswith("scenario:")]

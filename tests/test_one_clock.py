@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from pytest_cmg._client.log import SmstsLog
-from pytest_cmg._scenario.model import load_scenario
+from pytest_cmg._scenario.load import load_scenario
 from pytest_cmg._scenario.runner import check_expectations, run_scenario
 
 SCENARIO = (

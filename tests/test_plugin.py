@@ -11,7 +11,7 @@ import pytest
 # inside them, and cryptography's Rust bindings then reject the re-imported curve classes.
 import pytest_cmg._gateway.server
 import pytest_cmg._storage.clouddp  # noqa: F401
-from pytest_cmg._scenario.model import SCENARIO as MODEL
+from pytest_cmg._scenario.language import SCENARIO as MODEL
 from pytest_cmg._util.cachedir import CACHE_ENV, cache_dir
 
 TS_KEYS = ", ".join(MODEL.fields["task_sequence"].spec.fields)

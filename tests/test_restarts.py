@@ -19,7 +19,7 @@ from pytest_cmg._client.boot import BootError, BootHost, BootSpec
 from pytest_cmg._client.engine import CMGConnection, Setup
 from pytest_cmg._client.tsenv import TSENV_FILE, SetupState, TsEnv, TsEnvError
 from pytest_cmg._scenario import runner
-from pytest_cmg._scenario.model import load_scenarios
+from pytest_cmg._scenario.load import load_scenarios
 from pytest_cmg._scenario.runner import check_expectations, run_scenario
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import yaml
 
 from pytest_cmg._errors import ScenarioError, ScenarioProblem
-from pytest_cmg._scenario.model import Scenario, load_scenario, load_scenarios
+from pytest_cmg._scenario.load import load_scenario, load_scenarios
 from pytest_cmg._scenario.spec import Bounds, Count, Duration, Spec, Validation, parse_duration
+
+if TYPE_CHECKING:
+    from pytest_cmg._scenario.model import Scenario
 
 BASE = """\
 scenario: upgrade

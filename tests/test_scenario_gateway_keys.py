@@ -20,12 +20,8 @@ from pytest_cmg._errors import ScenarioError, ScenarioProblem
 from pytest_cmg._gateway.tls import CLIENT_CA_NAME, PARTNER_CA_NAME
 from pytest_cmg._protocol.manifest import ContentManifest, ManifestFile
 from pytest_cmg._scenario.content import generate_package
-from pytest_cmg._scenario.model import (
-    DistributionPointSpec,
-    Scenario,
-    load_scenario,
-    load_scenarios,
-)
+from pytest_cmg._scenario.load import load_scenario, load_scenarios
+from pytest_cmg._scenario.model import DistributionPointSpec, Scenario
 from pytest_cmg._scenario.runner import CLIENT_ID, build_world, check_expectations, run_scenario
 
 if TYPE_CHECKING:

@@ -17,7 +17,9 @@ from pytest_cmg._errors import PytestCmgError, ScenarioError, ScenarioProblem
 from pytest_cmg._scenario import content
 from pytest_cmg._scenario import spec as spec_module
 from pytest_cmg._scenario.content import generate_package
-from pytest_cmg._scenario.model import SCENARIO, PackageSpec, Scenario, load_scenario
+from pytest_cmg._scenario.language import SCENARIO
+from pytest_cmg._scenario.load import load_scenario
+from pytest_cmg._scenario.model import PackageSpec, Scenario
 from pytest_cmg._scenario.spec import (
     Bool,
     Bounds,

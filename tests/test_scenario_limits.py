@@ -29,7 +29,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pytest_cmg._errors import ScenarioError, ScenarioProblem
-from pytest_cmg._scenario.model import PackageSpec, Scenario, load_scenario, load_scenarios
+from pytest_cmg._scenario.load import load_scenario, load_scenarios
+from pytest_cmg._scenario.model import PackageSpec, Scenario
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "scenarios/ipu/on-demand-token-software-center.cmg.yaml"

@@ -13,7 +13,8 @@ from urllib.parse import unquote
 import pytest
 
 from pytest_cmg._scenario.content import generate_package
-from pytest_cmg._scenario.model import TimelineEvent, load_scenario
+from pytest_cmg._scenario.load import load_scenario
+from pytest_cmg._scenario.model import TimelineEvent
 from pytest_cmg._scenario.runner import (
     build_world,
     check_expectations,

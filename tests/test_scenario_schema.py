@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 import yaml
 
-from pytest_cmg._scenario.model import SCENARIO
+from pytest_cmg._scenario.language import SCENARIO
 from pytest_cmg._scenario.reference import example_of, reference_rows, render_reference
 from pytest_cmg._scenario.schema import render_schema, scenario_schema
 from pytest_cmg._scenario.spec import Validation

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from pytest_cmg._errors import ScenarioError
 from pytest_cmg._scenario.assemble import SHIPPED
-from pytest_cmg._scenario.model import load_scenario
+from pytest_cmg._scenario.load import load_scenario
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -6,7 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pytest_cmg._client.log import SmstsLog
-from pytest_cmg._scenario.model import load_scenario
+from pytest_cmg._scenario.load import load_scenario
 from pytest_cmg._scenario.runner import check_expectations, run_scenario
 
 SCENARIO = (

@@ -25,7 +25,7 @@ from .._client.acp import ABORT_CODE, ALLOW_TOKEN_AUTH, DOWNLOAD_PROGRAM
 from .._errors import ExpectationFailed, PytestCmgError, ScenarioError, ScenarioProblem
 from .benchmark import report_lines, throughput_properties
 from .limits import nearest, shown
-from .model import Scenario, load_scenarios
+from .load import load_scenarios
 from .runner import check_expectations, not_applicable, not_judged, run_scenario
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from _pytest._code.code import TerminalRepr
 
     from .._harness import Harness
+    from .model import Scenario
 
 __all__ = [
     "BUILTIN_MARKERS",

@@ -8,8 +8,8 @@ example: the field's own, or one made from its spec (a test checks each one vali
 from __future__ import annotations
 
 from . import limits
+from .language import SCENARIO
 from .limits import human_size
-from .model import SCENARIO
 from .spec import Choice, Field, ListOf, Record, Spec
 
 __all__ = ["example_of", "reference_rows", "render_reference"]

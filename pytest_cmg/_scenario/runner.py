@@ -295,7 +295,7 @@ def not_applicable(scenario: Scenario) -> str | None:
     Read from the file's ``requires`` alone: an item is never called not applicable because it
     failed.
     """
-    from .model import APPLICABILITY
+    from .vocabulary import APPLICABILITY
 
     if not scenario.requires:
         return None

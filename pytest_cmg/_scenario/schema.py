@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .model import CATALOG_PACKAGE, FRAGMENT, SCENARIO, SCENARIO_WITH_INCLUDE
+from .language import CATALOG_PACKAGE, FRAGMENT, SCENARIO, SCENARIO_WITH_INCLUDE
 
 __all__ = ["SCHEMA_ID", "render_schema", "scenario_schema"]
 

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from ._harness import Harness
     from ._protocol.settings import ClientSettings, DeploymentSettings
     from ._scenario.model import Scenario
-    from ._scenario.runner import World
+    from ._scenario.world import World
 
 __all__ = ["main"]
 
@@ -214,7 +214,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _serve_until_stopped(args: argparse.Namespace, stopper: _StopSignal) -> int:
     from ._harness import Harness
-    from ._scenario.runner import CLIENT_ID, build_world
+    from ._scenario.world import CLIENT_ID, build_world
 
     if args.azurite == "external" and not args.connection_string:
         print("--azurite=external needs --connection-string", file=sys.stderr)

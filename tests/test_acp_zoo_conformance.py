@@ -10,7 +10,7 @@ passes every applicable scenario (tests/test_conformance_reference.py), which is
 failure here the member's bug, not the scenario's.
 
 What kills a member is mostly not a line of the files but the rules every program is held to
-(``runner._check_program``): it delivers (a fallback rescue is its failure), it exits 0 only
+(``expectations._check_program``): it delivers (a fallback rescue is its failure), it exits 0 only
 with verified content, it leaves nothing when it fails, it waits a Retry-After; and, for every
 downloader, no secret in smsts.log and no torn file under a package file's name.
 """

@@ -485,7 +485,7 @@ def test_a_scenario_setting_acp_variables_must_declare_it(pytester: pytest.Pytes
     assert declared.ret == pytest.ExitCode.OK
 
 
-# --- the rules every program is held to, whatever the file says (runner._check_program) -------
+# --- the rules every program is held to, whatever the file says (expectations._check_program) -------
 
 
 def program_run(
@@ -564,7 +564,7 @@ def test_the_programs_output_is_in_smsts_log_and_a_secret_in_it_fails_the_item(
 
 
 def test_a_retry_sooner_than_retry_after_is_reported_only_inside_the_programs_run() -> None:
-    from pytest_cmg._scenario.runner import _early_retries
+    from pytest_cmg._scenario.expectations import _early_retries
     from pytest_cmg.faults import ProxiedRequest
 
     def asked(number: int, at: float, status: int, wait: str | None = None) -> ProxiedRequest:

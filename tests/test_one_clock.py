@@ -10,8 +10,9 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from pytest_cmg._client.log import SmstsLog
+from pytest_cmg._scenario.expectations import check_expectations
 from pytest_cmg._scenario.load import load_scenario
-from pytest_cmg._scenario.runner import check_expectations, run_scenario
+from pytest_cmg._scenario.runner import run_scenario
 
 SCENARIO = (
     Path(__file__).parent.parent

@@ -260,7 +260,7 @@ def test_each_name_is_something_users_receive():
             assert re.search(rf"\b{name}\b", str(annotations[param])), (name, where)
         elif kind == "raises":
             assert issubclass(value, PytestCmgError), name
-            importlib.import_module("pytest_cmg._scenario.runner")  # ExpectationFailed's subclass
+            importlib.import_module("pytest_cmg._scenario.expectations")  # ExpectationFailed's subclass
             family = {value, *_subclasses(value)}
             assert name == "PytestCmgError" or {c.__name__ for c in family} & created, (
                 f"{name} (or a subclass) is created nowhere"

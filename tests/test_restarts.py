@@ -19,8 +19,9 @@ from pytest_cmg._client.boot import BootError, BootHost, BootSpec
 from pytest_cmg._client.engine import CMGConnection, Setup
 from pytest_cmg._client.tsenv import TSENV_FILE, SetupState, TsEnv, TsEnvError
 from pytest_cmg._scenario import runner
+from pytest_cmg._scenario.expectations import check_expectations
 from pytest_cmg._scenario.load import load_scenarios
-from pytest_cmg._scenario.runner import check_expectations, run_scenario
+from pytest_cmg._scenario.runner import run_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 KB = 1000

@@ -33,10 +33,10 @@ from pytest_cmg._scenario.benchmark import (
     terminal_summary,
     throughput_properties,
 )
+from pytest_cmg._scenario.expectations import ScenarioRun, check_expectations
 from pytest_cmg._scenario.items import ScenarioFailed
 from pytest_cmg._scenario.load import load_scenario
 from pytest_cmg._scenario.model import BenchmarkSpec
-from pytest_cmg._scenario.runner import ScenarioRun, check_expectations
 from pytest_cmg._scenario.spec import Bounds
 from pytest_cmg._util.cachedir import CACHE_ENV, cache_dir
 

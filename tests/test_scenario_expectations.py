@@ -36,12 +36,14 @@ from pytest_cmg._client.engine import CMGClient
 from pytest_cmg._errors import ContentError, ExpectationFailed, ScenarioError
 from pytest_cmg._gateway.faults import FaultPlan, GatewayFault
 from pytest_cmg._scenario.content import generate_package, package_file_names
+from pytest_cmg._scenario.expectations import ScenarioRun, check_expectations
 from pytest_cmg._scenario.items import ScenarioFailed
 from pytest_cmg._scenario.load import load_scenario, load_scenarios
 from pytest_cmg._scenario.model import PackageSpec, TimelineEvent
-from pytest_cmg._scenario.runner import ScenarioRun, check_expectations, run_scenario, seed_cache
+from pytest_cmg._scenario.runner import run_scenario
 from pytest_cmg._scenario.timeline import ScenarioTime, Timeline, TimelineFault, storage_faults
 from pytest_cmg._scenario.vocabulary import EXPECT
+from pytest_cmg._scenario.world import seed_cache
 from pytest_cmg._util.cachedir import CACHE_ENV, cache_dir
 from pytest_cmg.faults import ProxiedRequest, reset_after
 

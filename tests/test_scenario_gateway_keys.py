@@ -20,9 +20,11 @@ from pytest_cmg._errors import ScenarioError, ScenarioProblem
 from pytest_cmg._gateway.tls import CLIENT_CA_NAME, PARTNER_CA_NAME
 from pytest_cmg._protocol.manifest import ContentManifest, ManifestFile
 from pytest_cmg._scenario.content import generate_package
+from pytest_cmg._scenario.expectations import check_expectations
 from pytest_cmg._scenario.load import load_scenario, load_scenarios
 from pytest_cmg._scenario.model import DistributionPointSpec, Scenario
-from pytest_cmg._scenario.runner import CLIENT_ID, build_world, check_expectations, run_scenario
+from pytest_cmg._scenario.runner import run_scenario
+from pytest_cmg._scenario.world import CLIENT_ID, build_world
 
 if TYPE_CHECKING:
     from pathlib import Path

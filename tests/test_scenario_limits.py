@@ -703,7 +703,7 @@ def test_the_folder_is_removed_when_the_block_fails() -> None:
 
 def test_an_on_premises_manifest_hashes_content_on_disk(tmp_path: Path) -> None:
     from pytest_cmg._scenario.content import generate_package
-    from pytest_cmg._scenario.runner import _local_manifest
+    from pytest_cmg._scenario.world import _local_manifest
 
     spec = package(10_000, files=3, kind="driver")
     in_memory = _local_manifest("PS100012", 1, generate_package(spec, 5))
@@ -724,7 +724,8 @@ def test_scenarios_whose_content_is_generated_on_disk_pass_end_to_end(
     # Every package goes to disk: uploaded from its file (cloud DP), or hashed from it (a
     # package only an on-premises DP holds); the client verifies what storage serves.
     from pytest_cmg._scenario import content
-    from pytest_cmg._scenario.runner import check_expectations, run_scenario
+    from pytest_cmg._scenario.expectations import check_expectations
+    from pytest_cmg._scenario.runner import run_scenario
 
     folders: list[Path] = []
     generate = content.generate_package

@@ -13,16 +13,16 @@ from urllib.parse import unquote
 import pytest
 
 from pytest_cmg._scenario.content import generate_package
-from pytest_cmg._scenario.load import load_scenario
-from pytest_cmg._scenario.model import TimelineEvent
-from pytest_cmg._scenario.runner import (
-    build_world,
+from pytest_cmg._scenario.expectations import (
     check_expectations,
     closest_lines,
-    run_scenario,
     storage_bytes_by_package,
 )
+from pytest_cmg._scenario.load import load_scenario
+from pytest_cmg._scenario.model import TimelineEvent
+from pytest_cmg._scenario.runner import run_scenario
 from pytest_cmg._scenario.timeline import ScenarioTime, Timeline, TimelineLog, storage_faults
+from pytest_cmg._scenario.world import build_world
 from pytest_cmg.faults import ProxiedRequest
 
 if TYPE_CHECKING:

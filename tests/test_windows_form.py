@@ -6,8 +6,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from pytest_cmg._client.log import SmstsLog
+from pytest_cmg._scenario.expectations import check_expectations
 from pytest_cmg._scenario.load import load_scenario
-from pytest_cmg._scenario.runner import check_expectations, run_scenario
+from pytest_cmg._scenario.runner import run_scenario
 
 SCENARIO = (
     Path(__file__).parent.parent

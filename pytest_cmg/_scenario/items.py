@@ -24,9 +24,10 @@ import pytest
 from .._client.acp import ABORT_CODE, ALLOW_TOKEN_AUTH, DOWNLOAD_PROGRAM
 from .._errors import ExpectationFailed, PytestCmgError, ScenarioError, ScenarioProblem
 from .benchmark import report_lines, throughput_properties
+from .expectations import check_expectations
 from .limits import nearest, shown
 from .load import load_scenarios
-from .runner import check_expectations, not_applicable, not_judged, run_scenario
+from .runner import not_applicable, not_judged, run_scenario
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator

@@ -16,7 +16,7 @@ __all__ = ["example_of", "reference_rows", "render_reference"]
 
 _INTRO = """# Scenario file reference
 
-Generated from the scenario language's own definition (`pytest_cmg/_scenario/model.py`) by
+Generated from the scenario language's own definition (`pytest_cmg/_scenario/language.py`) by
 `python -m pytest_cmg._scenario.reference`; do not edit by hand. The same definition generates
 the JSON Schema `docs/scenario.schema.json` (`python -m pytest_cmg._scenario.schema`), for
 editors: `# yaml-language-server: $schema=../../docs/scenario.schema.json` on a file's first line.

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, get_args
 
 from .._client.cache import DEFAULT_CACHE_MB
-from .._client.engine import (
+from .._client.sequence import (
     DOWNLOAD_PACKAGE_CONTENT,
     STEP_ACTIONS,
     Condition,

@@ -25,8 +25,8 @@ _API: dict[str, str] = {
     "AzureADTenant": "._gateway.tokens",
     "AzuriteProcess": "._storage.azurite",
     "BlobEndpoint": "._storage.endpoint",
-    "CMGClient": "._client.engine",
-    "CMGConnection": "._client.engine",
+    "CMGClient": "._client.cmg",
+    "CMGConnection": "._client.cmg",
     "CacheEntry": "._client.cache",
     "CacheSpaceError": "._client.cache",
     "ClientCache": "._client.cache",
@@ -34,8 +34,8 @@ _API: dict[str, str] = {
     "CloudDP": "._storage.clouddp",
     "CmgSettings": "._protocol.settings",
     "CmgSite": "._gateway.site",
-    "Condition": "._client.engine",
-    "ContentDestination": "._client.engine",
+    "Condition": "._client.sequence",
+    "ContentDestination": "._client.sequence",
     "ContentError": "._errors",
     "ContentLocationReply": "._protocol.location",
     "ContentLocationRequest": "._protocol.location",
@@ -61,11 +61,11 @@ _API: dict[str, str] = {
     "NotRunningError": "._errors",
     "OnPremDP": "._protocol.location",
     "PackageSource": "._storage.clouddp",
-    "PackageTransfer": "._client.engine",
+    "PackageTransfer": "._client.sequence",
     "ProgramProvider": "._client.acp",
     "ProviderLocation": "._client.acp",
     "ProviderRequest": "._client.acp",
-    "ProviderRun": "._client.engine",
+    "ProviderRun": "._client.sequence",
     "ProviderToken": "._client.acp",
     "ProvisioningError": "._errors",
     "PytestCmgError": "._errors",
@@ -75,16 +75,16 @@ _API: dict[str, str] = {
     "ScenarioError": "._errors",
     "ScenarioProblem": "._errors",
     "ServiceStartError": "._errors",
-    "Setup": "._client.engine",
+    "Setup": "._client.sequence",
     "SiteRequest": "._gateway.exchange",
     "SiteResponse": "._gateway.exchange",
     "SmstsLog": "._client.log",
     "SpaceReport": "._client.cache",
-    "Step": "._client.engine",
-    "TaskSequence": "._client.engine",
+    "Step": "._client.sequence",
+    "TaskSequence": "._client.sequence",
     "TaskSequenceCache": "._client.tscache",
     "TaskSequenceEngine": "._client.engine",
-    "TaskSequenceResult": "._client.engine",
+    "TaskSequenceResult": "._client.sequence",
     "VirtualTime": "._client.retry",
     "load_scenario": "._scenario.load",
     "load_scenarios": "._scenario.load",
@@ -107,22 +107,22 @@ if TYPE_CHECKING:
     from ._client.cache import Eviction as Eviction
     from ._client.cache import Lease as Lease
     from ._client.cache import SpaceReport as SpaceReport
+    from ._client.cmg import CMGClient as CMGClient
+    from ._client.cmg import CMGConnection as CMGConnection
     from ._client.download import DownloadCore as DownloadCore
     from ._client.download import DownloadStats as DownloadStats
-    from ._client.engine import CMGClient as CMGClient
-    from ._client.engine import CMGConnection as CMGConnection
-    from ._client.engine import Condition as Condition
-    from ._client.engine import ContentDestination as ContentDestination
-    from ._client.engine import PackageTransfer as PackageTransfer
-    from ._client.engine import ProviderRun as ProviderRun
-    from ._client.engine import Setup as Setup
-    from ._client.engine import Step as Step
-    from ._client.engine import TaskSequence as TaskSequence
     from ._client.engine import TaskSequenceEngine as TaskSequenceEngine
-    from ._client.engine import TaskSequenceResult as TaskSequenceResult
     from ._client.log import SmstsLog as SmstsLog
     from ._client.retry import RetryPolicy as RetryPolicy
     from ._client.retry import VirtualTime as VirtualTime
+    from ._client.sequence import Condition as Condition
+    from ._client.sequence import ContentDestination as ContentDestination
+    from ._client.sequence import PackageTransfer as PackageTransfer
+    from ._client.sequence import ProviderRun as ProviderRun
+    from ._client.sequence import Setup as Setup
+    from ._client.sequence import Step as Step
+    from ._client.sequence import TaskSequence as TaskSequence
+    from ._client.sequence import TaskSequenceResult as TaskSequenceResult
     from ._client.tscache import TaskSequenceCache as TaskSequenceCache
     from ._errors import ContentError as ContentError
     from ._errors import ExpectationFailed as ExpectationFailed

@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._errors import ContentError, PytestCmgError
-from .engine import PackageTransfer, ProviderRun, TaskSequenceResult
 from .log import INFO, SmstsLog, wall_clock
 from .retry import RetryPolicy
+from .sequence import PackageTransfer, ProviderRun, TaskSequenceResult
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -45,7 +45,8 @@ if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
 
     from .._protocol.settings import ClientSettings, DeploymentSettings
-    from .engine import CMGConnection, TaskSequence
+    from .cmg import CMGConnection
+    from .sequence import TaskSequence
 
 __all__ = ["MAX_BOOTS", "BootError", "BootHost", "BootSpec", "StepLog"]
 

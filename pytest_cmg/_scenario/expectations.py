@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from .._client.cache import ClientCache
-    from .._client.engine import TaskSequenceResult
+    from .._client.sequence import TaskSequenceResult
     from .._gateway.requestlog import LoggedRequest
     from .._net.proxy import ProxiedRequest
     from .._protocol.manifest import ContentManifest

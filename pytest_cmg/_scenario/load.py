@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from .._client.engine import Condition, Setup, Step, TaskSequence
+from .._client.sequence import Condition, Setup, Step, TaskSequence
 from .._errors import ScenarioError, ScenarioProblem
 from .._protocol.settings import ClientSettings, CmgSettings, DeploymentSettings
 from .assemble import Assembler, CasePlan, compose_file, find_fixtures, plan_cases

@@ -10,7 +10,7 @@ from .spec import Validation
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from .._client.engine import TaskSequence
+    from .._client.sequence import TaskSequence
     from .._protocol.settings import ClientSettings, CmgSettings, DeploymentSettings
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 from typing import TYPE_CHECKING, Any, get_args
 
-from .._client.engine import DOWNLOAD_PACKAGE_CONTENT, ContentDestination, custom_path_parts
+from .._client.sequence import DOWNLOAD_PACKAGE_CONTENT, ContentDestination, custom_path_parts
 from .._net.faults import FaultKind
 from .._protocol.paths import Endpoint
 from .._protocol.settings import NO_NEW_CLASSIC_CLOUD_DP_SINCE, CmgSettings

@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from .._client.boot import BootSpec
-    from .._client.engine import TaskSequenceEngine, TaskSequenceResult
+    from .._client.engine import TaskSequenceEngine
+    from .._client.sequence import TaskSequenceResult
     from .._harness import Harness
     from .._protocol.manifest import ContentManifest, ManifestFile
     from .model import Scenario

@@ -7,7 +7,7 @@ benchmark, gateway and storage faults and restarts; :mod:`.language` assembles t
 
 from __future__ import annotations
 
-from .._client.engine import STEP_ACTIONS, ContentDestination, Setup
+from .._client.sequence import STEP_ACTIONS, ContentDestination, Setup
 from .._gateway.faults import PACKAGE_HASH_FAULTS
 from .._protocol.paths import Endpoint
 from .limits import MAX_PACKAGE_BYTES, MAX_PACKAGE_FILES

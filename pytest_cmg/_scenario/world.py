@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from .._client.cache import ClientCache
-    from .._client.engine import CMGConnection
+    from .._client.cmg import CMGConnection
     from .._gateway.server import FakeCMG
     from .._harness import Harness
     from .._net.pki import Credentials

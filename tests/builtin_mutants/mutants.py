@@ -123,7 +123,7 @@ MUTANTS = (
         "sas-not-renewed",
         "[an expired SAS is not renewed] the download core gets no renewer: storage's 403 is "
         "final, no fresh manifest is fetched",
-        "_client/engine.py",
+        "_client/_fetch.py",
         (
             (
                 "stats = self.core.download(manifest, staged, renew=_Renewer(self.client, record))",
@@ -211,7 +211,7 @@ MUTANTS = (
         "package-hash-from-manifest",
         "[the package hash is taken from the manifest] the computed package hash is compared "
         "with the manifest's own Hash attribute instead of the location reply's",
-        "_client/engine.py",
+        "_client/_fetch.py",
         (
             (
                 "if not self._hashes_match(reply, computed):",

@@ -317,10 +317,13 @@ def test_faults_that_never_fired_fail_at_their_lines_with_the_reason(
         assert f"  {failure.line:>4} | {lines[failure.line - 1]}" in failure.detail
         assert "(or optional: true on the entry, if the run may end without it)" in failure.detail
     detail = {k: f.detail for k, f in by_entry.items()}
-    assert (
-        "  actual:   never fired: no storage request matched it: it waited for storage request "
-        "#3 for a blob whose name contains 'sources/install.wim', and the run made 1 such "
-        "request(s) (2 storage request(s) in all)" in detail["faults[0]"]
+    # The other file's request may never be made: the flipped byte fails the package, and the
+    # core stops starting files, sometimes before the second one started (seen under CI load).
+    assert re.search(
+        r"  actual:   never fired: no storage request matched it: it waited for storage request "
+        r"#3 for a blob whose name contains 'sources/install\.wim', and the run made 1 such "
+        r"request\(s\) \([12] storage request\(s\) in all\)",
+        detail["faults[0]"],
     )
     assert "faults=reset_after(1048576)@faults[1]" in detail["faults[1]"]  # the proxy's log
     # The two files start in parallel: the storage request number of install.wim varies.

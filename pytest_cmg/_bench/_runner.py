@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._errors import BenchError, NotRunningError
+from .._util.service import Service
 from ._aria2 import Aria2, resolve_aria2
 from ._cases import CASES, PROGRAM, CaseContext
 from ._report import CaseResult, MemoryProbe, WorkloadResult, build_report
@@ -45,7 +46,6 @@ from ._workloads import FULL, QUICK, Dataset, delete, upload
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from types import TracebackType
     from typing import Self
 
     from .._storage.azurite import AzuriteProcess, BlobEndpoint
@@ -99,7 +99,7 @@ def fresh_folder(folder: Path) -> Path:
     return folder
 
 
-class Bench:
+class Bench(Service):
     """Start with :meth:`start` (or ``with``), then :meth:`run_workload` per workload."""
 
     def __init__(self, config: BenchConfig) -> None:
@@ -205,17 +205,6 @@ class Bench:
             msg = "the benchmark has no work folder until start() (or `with`) is called"
             raise NotRunningError(msg)
         return self._workdir
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # --- measuring ----------------------------------------------------------------------
 

@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .._errors import NotRunningError
+from .._util.service import Service
 from .frontdoor import FrontDoor, FrontDoorLimits
 from .site import CmgSite
 from .tls import GatewayTLS
 
-if TYPE_CHECKING:
-    from types import TracebackType
-
 __all__ = ["FakeCMG"]
 
 
-class FakeCMG(CmgSite):
+class FakeCMG(CmgSite, Service):
     """A content-enabled CMG in front of a :class:`~pytest_cmg.CloudDP`, served over HTTPS.
 
     Takes :class:`~pytest_cmg._gateway.site.CmgSite`'s keywords (``cloud_dp``, ``clock``,
@@ -69,17 +67,6 @@ class FakeCMG(CmgSite):
             self._tempdir.cleanup()
             self._tempdir = None
             self._workdir = None
-
-    def __enter__(self) -> FakeCMG:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # --- what clients need -------------------------------------------------------------------
 

@@ -418,3 +418,55 @@ def test_the_client_resumes_a_killed_package_download_through_the_gateway(
     kept = [p for p in cache.rglob("*") if p.is_file() and p.name != "install.wim"]
     files = [p.read_text(errors="replace") for p in kept]
     assert_no_secret(log, *files, secrets=(token,))
+
+
+def test_a_checkpoint_skipped_while_one_was_written_is_journaled_when_that_one_ends(
+    tmp_path, monkeypatch
+):
+    # The core writes one checkpoint at a time and skips any that comes due meanwhile. When the
+    # body then stops (a stall, a power cut), the skipped bytes must still reach the journal:
+    # the checkpoint thread journals the latest hashed offset once the slow one has ended.
+    import threading
+
+    from pytest_cmg._client._job import Checkpoints, Job, Run
+    from pytest_cmg._protocol.manifest import ContentManifest, ManifestFile
+
+    data = random.Random(13).randbytes(4 * MiB)
+    item = ManifestFile(RELPATH, len(data), hashlib.sha256(data).hexdigest(), "http://unused/")
+    manifest = ContentManifest("PS1000K2", 1, (item,))
+    core = DownloadCore(journal_bytes=MiB, journal_seconds=0.0)
+    checkpoints = Checkpoints()
+    run = Run(
+        core, manifest, tmp_path, str(tmp_path), None, False, checkpoints, {str(tmp_path)},
+        threading.Lock(), {},
+    )  # fmt: skip
+    release = threading.Event()
+    written: list[int] = []
+    real_write = _journal.write
+
+    def slow_write(path, record, *, durable=True):
+        # The first checkpoint is slow: the one due at 2 MiB finds it still being written.
+        if not written:
+            assert release.wait(10), "the test never released the first checkpoint"
+        real_write(path, record, durable=durable)
+        written.append(record.offset)
+
+    monkeypatch.setattr(_journal, "write", slow_write)
+    job = Job(run, item)
+    buf = memoryview(bytearray(MiB))
+    assert job.open(buf) == 0
+    job.etag = '"0x1"'
+    for offset in (0, MiB):
+        view = memoryview(data)[offset : offset + MiB]
+        job.write(view, offset)
+        job.hash(view)
+    # The body stops at 2 MiB: nothing more is hashed. The first checkpoint may end now.
+    release.set()
+    job.quiesce()
+    checkpoints.close()
+    record = _journal.read(job.journal)
+    assert record is not None
+    assert written == [MiB, 2 * MiB]
+    assert record.offset == 2 * MiB == job.hashed
+    job.abandon(keep=True)
+    core.close()

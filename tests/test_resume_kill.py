@@ -470,3 +470,69 @@ def test_a_checkpoint_skipped_while_one_was_written_is_journaled_when_that_one_e
     assert record.offset == 2 * MiB == job.hashed
     job.abandon(keep=True)
     core.close()
+
+
+def test_a_client_that_went_away_during_a_stall_is_sent_nothing_more(tmp_path):
+    # A power cut kills the boot while storage holds its body at a stall: the killed process's
+    # socket closes cleanly (FIN, it had read every byte), and a send after that still lands in
+    # the kernel. The proxy must see the close and stop, or it counts bytes nobody received,
+    # and a resumed download could never be shown to fetch each byte once.
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from pytest_cmg.faults import FaultProxy, stall_after
+
+    body = random.Random(14).randbytes(MiB)
+    held_at = 256 * 1024
+
+    class Blob(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    upstream = ThreadingHTTPServer(("127.0.0.1", 0), Blob)
+    upstream.daemon_threads = True
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    received = threading.Event()
+    closed = threading.Event()
+    client: socket.socket | None = None
+
+    def reader(sock: socket.socket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < held_at:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return
+            data += chunk
+        received.set()
+
+    def hold(seconds: float) -> None:
+        # The stall: the client reads all it was sent, then "loses power" (its socket closes).
+        assert received.wait(10), "the client never read the bytes sent before the stall"
+        assert client is not None
+        client.close()
+        closed.set()
+
+    proxy = FaultProxy(f"http://127.0.0.1:{upstream.server_address[1]}", sleep=hold).start()
+    try:
+        proxy.add(stall_after(held_at, 0.0), path="blob.bin")
+        client = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+        client.sendall(b"GET /c/blob.bin HTTP/1.1\r\nHost: storage\r\n\r\n")
+        thread = threading.Thread(target=reader, args=(client,), daemon=True)
+        thread.start()
+        thread.join(10)
+        assert closed.wait(10)
+        assert proxy.wait_idle(10)
+        [request] = proxy.log
+        assert request.body_bytes == held_at, "bytes were counted after the client went away"
+        assert request.outcome == "client_gone"
+    finally:
+        proxy.stop()
+        upstream.shutdown()
+        upstream.server_close()

@@ -331,3 +331,42 @@ def test_a_log_line_torn_by_a_power_cut_is_dropped(tmp_path: Path) -> None:
     assert [m for _, m, _, _ in SmstsLog.read(log)] == ["whole"]
     _drop_torn_tail(log)  # a whole log is left as it is
     assert log.read_bytes() == whole
+
+
+# --- a power cut in the middle of a download ----------------------------------------------------
+
+POWER_CUT = ROOT / "scenarios/ipu/power-cut-mid-download-resumes-from-the-journal.cmg.yaml"
+
+
+def test_a_mid_download_cut_is_armed_where_the_download_core_hashes() -> None:
+    # The core hashes (and journals) a body only where a receive buffer ends: the stalls a cut
+    # is armed as must fall there, or no journal could ever equal what storage sent.
+    from pytest_cmg._client._window import CHUNK
+    from pytest_cmg._scenario.timeline import CUT_CHANCES, CUT_STEP, cut_offsets
+
+    assert CUT_STEP == CHUNK
+    mib = 1 << 20
+    assert cut_offsets(2 * mib) == [2 * mib, 3 * mib, 4 * mib][:CUT_CHANCES]
+    # An offset inside a buffer still marks when the entry fired; the cut falls after it.
+    assert cut_offsets(2 * mib + 1) == [2 * mib + 1, 3 * mib, 4 * mib, 5 * mib][: CUT_CHANCES + 1]
+
+
+def test_without_a_journal_the_boot_after_a_mid_download_cut_fetches_the_file_again(
+    cmg_harness: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The negative twin of the power-cut scenario: with the download core's journal off, the
+    cut lands at the last armed stall and the next boot starts the file over, so storage serves
+    more than its size, and the scenario's own expectations say so."""
+    from pytest_cmg._scenario.expectations import storage_bytes_by_package
+    from pytest_cmg._scenario.timeline import cut_offsets
+
+    resumed = next(s for s in load_scenarios(POWER_CUT) if s.case_id == "resumed")
+    monkeypatch.setattr(runner, "RESTART_JOURNAL_BYTES", 0)
+    monkeypatch.setattr(runner, "_JOURNAL_WAIT", 0.2)  # no journal will come: do not wait long
+    run = run_scenario(resumed, cmg_harness, tmp_path / "work")  # type: ignore[arg-type]
+    assert run.result.succeeded and run.result.reboots == 1
+    cut_at = cut_offsets(2 << 20)[-1]
+    assert storage_bytes_by_package(run.storage or [])["PS100012"] == cut_at + (8 << 20)
+    assert not any("from an earlier run's journal" in m for m in run.smsts)
+    failed = sorted(f.expectation for f in check_expectations(resumed, run))
+    assert failed == ["expect.log[1]", "expect.storage_bytes.PS100012"]

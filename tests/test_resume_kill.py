@@ -418,3 +418,121 @@ def test_the_client_resumes_a_killed_package_download_through_the_gateway(
     kept = [p for p in cache.rglob("*") if p.is_file() and p.name != "install.wim"]
     files = [p.read_text(errors="replace") for p in kept]
     assert_no_secret(log, *files, secrets=(token,))
+
+
+def test_a_checkpoint_skipped_while_one_was_written_is_journaled_when_that_one_ends(
+    tmp_path, monkeypatch
+):
+    # The core writes one checkpoint at a time and skips any that comes due meanwhile. When the
+    # body then stops (a stall, a power cut), the skipped bytes must still reach the journal:
+    # the checkpoint thread journals the latest hashed offset once the slow one has ended.
+    import threading
+
+    from pytest_cmg._client._job import Checkpoints, Job, Run
+    from pytest_cmg._protocol.manifest import ContentManifest, ManifestFile
+
+    data = random.Random(13).randbytes(4 * MiB)
+    item = ManifestFile(RELPATH, len(data), hashlib.sha256(data).hexdigest(), "http://unused/")
+    manifest = ContentManifest("PS1000K2", 1, (item,))
+    core = DownloadCore(journal_bytes=MiB, journal_seconds=0.0)
+    checkpoints = Checkpoints()
+    run = Run(
+        core, manifest, tmp_path, str(tmp_path), None, False, checkpoints, {str(tmp_path)},
+        threading.Lock(), {},
+    )  # fmt: skip
+    release = threading.Event()
+    written: list[int] = []
+    real_write = _journal.write
+
+    def slow_write(path, record, *, durable=True):
+        # The first checkpoint is slow: the one due at 2 MiB finds it still being written.
+        if not written:
+            assert release.wait(10), "the test never released the first checkpoint"
+        real_write(path, record, durable=durable)
+        written.append(record.offset)
+
+    monkeypatch.setattr(_journal, "write", slow_write)
+    job = Job(run, item)
+    buf = memoryview(bytearray(MiB))
+    assert job.open(buf) == 0
+    job.etag = '"0x1"'
+    for offset in (0, MiB):
+        view = memoryview(data)[offset : offset + MiB]
+        job.write(view, offset)
+        job.hash(view)
+    # The body stops at 2 MiB: nothing more is hashed. The first checkpoint may end now.
+    release.set()
+    job.quiesce()
+    checkpoints.close()
+    record = _journal.read(job.journal)
+    assert record is not None
+    assert written == [MiB, 2 * MiB]
+    assert record.offset == 2 * MiB == job.hashed
+    job.abandon(keep=True)
+    core.close()
+
+
+def test_a_client_that_went_away_during_a_stall_is_sent_nothing_more(tmp_path):
+    # A power cut kills the boot while storage holds its body at a stall: the killed process's
+    # socket closes cleanly (FIN, it had read every byte), and a send after that still lands in
+    # the kernel. The proxy must see the close and stop, or it counts bytes nobody received,
+    # and a resumed download could never be shown to fetch each byte once.
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from pytest_cmg.faults import FaultProxy, stall_after
+
+    body = random.Random(14).randbytes(MiB)
+    held_at = 256 * 1024
+
+    class Blob(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    upstream = ThreadingHTTPServer(("127.0.0.1", 0), Blob)
+    upstream.daemon_threads = True
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    received = threading.Event()
+    closed = threading.Event()
+    client: socket.socket | None = None
+
+    def reader(sock: socket.socket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < held_at:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return
+            data += chunk
+        received.set()
+
+    def hold(seconds: float) -> None:
+        # The stall: the client reads all it was sent, then "loses power" (its socket closes).
+        assert received.wait(10), "the client never read the bytes sent before the stall"
+        assert client is not None
+        client.close()
+        closed.set()
+
+    proxy = FaultProxy(f"http://127.0.0.1:{upstream.server_address[1]}", sleep=hold).start()
+    try:
+        proxy.add(stall_after(held_at, 0.0), path="blob.bin")
+        client = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+        client.sendall(b"GET /c/blob.bin HTTP/1.1\r\nHost: storage\r\n\r\n")
+        thread = threading.Thread(target=reader, args=(client,), daemon=True)
+        thread.start()
+        thread.join(10)
+        assert closed.wait(10)
+        assert proxy.wait_idle(10)
+        [request] = proxy.log
+        assert request.body_bytes == held_at, "bytes were counted after the client went away"
+        assert request.outcome == "client_gone"
+    finally:
+        proxy.stop()
+        upstream.shutdown()
+        upstream.server_close()

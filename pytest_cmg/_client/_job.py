@@ -58,6 +58,10 @@ class Job:
         # Checkpoints: at most one in flight; the job waits for it before truncating or closing.
         self._idle = threading.Condition(self.lock)
         self._pending = False
+        #: A checkpoint came due while one was being written: when that one ends, the checkpoint
+        #: thread journals the latest hashed offset too, so a body that stops right there (a
+        #: stall, a power cut) still has its last bytes journaled. Set under ``lock``.
+        self._trailing = False
         self.journaled = False
         #: Bytes came from an earlier run's ``.part`` (a mismatch may be the disk's fault).
         self.taken_over = False
@@ -166,15 +170,25 @@ class Job:
         if (
             self._journal_ok
             and self.hashed - self._checkpointed >= core.journal_bytes
-            and not self._pending
             and self.etag
         ):
+            if self._pending:
+                self._skip_checkpoint()
+                return
             now = time.monotonic()
             if now - self._checkpoint_time >= core.journal_seconds:
                 self._checkpointed, self._checkpoint_time = self.hashed, now
                 with self.lock:
                     self._pending = True
                 self.run.checkpoints.submit(self, self.hashed, self.etag)
+
+    def _skip_checkpoint(self) -> None:
+        # The rare path: a checkpoint is due while the previous one is still being written.
+        # Under the lock, so the checkpoint thread either sees the flag or has already ended
+        # (then the next chunk checkpoints as usual).
+        with self.lock:
+            if self._pending:
+                self._trailing = True
 
     # -- checkpoints (run on the checkpoint thread) --
 
@@ -197,9 +211,29 @@ class Job:
             self._journal_ok = False
             self.run.core.on_event(f"{item.relpath}: cannot write the resume journal ({exc})")
         finally:
-            with self._idle:
-                self._pending = False
-                self._idle.notify_all()
+            trailing = self._trail(offset)
+            if trailing is not None:
+                self.run.checkpoints.submit(self, trailing, etag)
+
+    def _trail(self, offset: int) -> int | None:
+        """End the checkpoint of ``offset``: the offset of a trailing one to submit now (the job
+        stays pending), or None (the job is idle again).
+
+        Any offset the hashing thread has reached may be journaled: its bytes were written
+        before they were hashed, the next checkpoint's fdatasync flushes them before its
+        journal is written, and a resume re-hashes the prefix from disk (:meth:`_take_over`).
+        """
+        with self._idle:
+            # ``hashed`` is the hashing thread's; reading it here gives one value it held.
+            latest = self.hashed
+            if self._trailing and self._journal_ok and latest > offset:
+                self._trailing = False
+                self._checkpointed, self._checkpoint_time = latest, time.monotonic()
+                return latest
+            self._trailing = False
+            self._pending = False
+            self._idle.notify_all()
+            return None
 
     def quiesce(self) -> None:
         """Wait for the checkpoint in flight, if any (before truncating or closing the file)."""

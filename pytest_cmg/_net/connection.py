@@ -369,8 +369,15 @@ class Connection:
         pos = 0
 
         def events_at(pos: int) -> Literal["reset", "close"] | None:
+            held = False
             while stalls and stalls[0][0] <= pos:
                 self.proxy._sleep(stalls.pop(0)[1])
+                held = True
+            if held and self._client_left():
+                # A client that went away while the body was held (a killed process, a power
+                # cut) is sent nothing more: those bytes would count as served, unreceived.
+                msg = f"the client closed the connection during a stall at body byte {pos}"
+                raise _ClientGoneError(msg)
             if cut is not None and cut[0] <= pos:
                 self._cut(rec, cut[1])
                 return cut[1]
@@ -434,6 +441,15 @@ class Connection:
                 return
 
     # -- client side -----------------------------------------------------------------------
+
+    def _client_left(self) -> bool:
+        """Whether the client has closed its end (EOF or an error waiting), input left unread."""
+        try:
+            readable, _, _ = select.select([self.client], [], [], 0)
+            # Readable: EOF, an error, or the next request's bytes (a client that is still there).
+            return bool(readable) and self.client.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):  # ValueError: the socket was closed here (stop())
+            return True
 
     def _to_client(self, data: bytes | bytearray) -> None:
         try:

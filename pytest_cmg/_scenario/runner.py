@@ -25,7 +25,7 @@ from .._client.log import SmstsLog
 from .._errors import ExpectationFailed, ScenarioError, ScenarioProblem
 from .benchmark import BenchmarkRound, collect_rounds, hashlib_seconds, raw_seconds
 from .expectations import ScenarioRun
-from .timeline import CUT_SLACK, ScenarioTime, Timeline, TimelineLog
+from .timeline import ScenarioTime, Timeline, TimelineLog
 from .world import CLIENT_ID, World, build_world, seed_cache
 
 if TYPE_CHECKING:
@@ -122,19 +122,23 @@ def run_scenario(
     timeline: Timeline | None = None
 
     def stalled(seconds: float) -> None:
-        # A mid-download restart is armed as a stall: when storage has sent its bytes, the power
-        # of the boot is cut there, once the boot's journal has caught up (a checkpoint apart).
+        # A mid-download restart is armed as stalls: the power of the boot is cut at the first
+        # one where its journal records every byte storage has sent of the file, so the next
+        # boot fetches exactly the rest (docs/emulation.md, "Restarts"). Bytes flow on to the
+        # next stall until then; at the last one the power is cut whatever the journal says.
+        # Another downloader keeps its own state, or none: its power is cut at after_bytes.
         if host is not None and timeline is not None and proxy is not None:
             due = timeline.cut_due(proxy.log)
-            if due is not None:
-                event, sent = due
-                after = int(event.params["after_bytes"])
-                last = sent >= after + CUT_SLACK
-                # Bytes flow to the next stall until the journal has caught up; at the last
-                # stall the power is cut whatever the journal says.
-                if _journal_caught_up(workdir, event.params["file"], after, last) or last:
-                    timeline.cut(event)
-                    host.power_cut()
+            if due is not None and (
+                due.last
+                or download_program is not None
+                or (
+                    due.aligned
+                    and _journal_reaches(workdir, due.event.params["file"], due.start + due.sent)
+                )
+            ):
+                timeline.cut(due.event)
+                host.power_cut()
         watch.stalled(seconds)
 
     try:
@@ -311,10 +315,11 @@ def _run_again(scenario: Scenario, world: World, folder: Path) -> TaskSequenceRe
 #: Checkpoint spacing of a restarting scenario's download core: a power cut loses at most this
 #: much of a file (the core's default, 8 MiB a second at most, would lose all of a small one).
 RESTART_JOURNAL_BYTES = 256 * 1024
-#: Wall-clock bounds on waiting for a boot's journal before a mid-download power cut: at each
-#: of the armed stalls, and at the last one.
-_JOURNAL_GLANCE = 0.2
+#: Wall-clock bound on waiting, at a stall armed for a mid-download power cut, for the boot to
+#: hash what storage sent and journal it (a few ms unloaded; a loaded machine takes longer).
 _JOURNAL_WAIT = 5.0
+#: How often the journal is read meanwhile.
+_JOURNAL_POLL = 0.005
 
 
 def _cache_mb(scenario: Scenario) -> int:
@@ -342,25 +347,26 @@ def _boot_spec(scenario: Scenario, world: World, folder: Path, time: ScenarioTim
     )
 
 
-def _journal_caught_up(folder: Path, file: str, sent: int, last: bool) -> bool:
-    """Whether a download journal under ``folder`` records ``file`` to within one checkpoint of
-    ``sent`` bytes, waiting a little (longer at the ``last`` chance) for its checkpoint."""
+def _journal_reaches(folder: Path, file: str, offset: int) -> bool:
+    """Whether a download journal under ``folder`` records exactly ``offset`` bytes of ``file``,
+    waiting at most :data:`_JOURNAL_WAIT` for its checkpoint (nothing to record at offset 0)."""
     import json
     import time as wall
 
-    deadline = wall.monotonic() + (_JOURNAL_WAIT if last else _JOURNAL_GLANCE)
-    while wall.monotonic() < deadline:
+    if offset == 0:
+        return True
+    deadline = wall.monotonic() + _JOURNAL_WAIT
+    while True:
         for path in folder.rglob("*.part.journal"):
             try:
                 record = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
-                continue
-            if file in str(record.get("relpath", "")) and (
-                int(record.get("offset", 0)) >= sent - RESTART_JOURNAL_BYTES
-            ):
+                continue  # replaced while read: the next look sees the new record
+            if file in str(record.get("relpath", "")) and int(record.get("offset", 0)) == offset:
                 return True
-        wall.sleep(0.02)
-    return False
+        if wall.monotonic() >= deadline:
+            return False
+        wall.sleep(_JOURNAL_POLL)
 
 
 def _engine(

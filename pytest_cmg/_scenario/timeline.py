@@ -50,13 +50,40 @@ __all__ = [
 _AT_OFFSET = ("reset_after", "close_after", "stall_after", "flip_byte")
 
 #: The zero-length stalls a mid-download restart is armed as: they mark, in the fault proxy,
-#: the moment storage has sent ``after_bytes`` of the file, then every ``CUT_STEP`` bytes up to
-#: ``CUT_SLACK`` more. The power is cut at the first of them where the boot's journal has caught
-#: up (the runner looks): the download core skips a checkpoint while the previous one is being
-#: written, so a body held at exactly ``after_bytes`` may never see its last checkpoint.
+#: the moment storage has sent ``after_bytes`` of the file's body, then the next
+#: ``CUT_CHANCES`` multiples of ``CUT_STEP`` body bytes. ``CUT_STEP`` is the download core's
+#: receive buffer (``CHUNK``; tests/test_restarts.py checks they agree): the core fills a whole
+#: buffer before it writes and hashes it, so its journal can hold exactly what storage has sent
+#: only where a buffer ends. The runner cuts the power at the first of those stalls where the
+#: journal does, and at the last one whatever the journal says.
 _CUT_STALL = 0.0
-CUT_STEP = 64 * 1024
-CUT_SLACK = 1536 * 1024
+CUT_STEP = 1 << 20
+CUT_CHANCES = 3
+
+
+def cut_offsets(after: int) -> list[int]:
+    """The body offsets a mid-download restart after ``after`` bytes stalls at, in order."""
+    first = -(-after // CUT_STEP) * CUT_STEP
+    aligned = [first + n * CUT_STEP for n in range(CUT_CHANCES)]
+    return aligned if first == after else [after, *aligned]
+
+
+@dataclass(frozen=True)
+class DueCut:
+    """A mid-download ``restart`` entry whose request storage is now holding at a stall."""
+
+    event: TimelineEvent
+    #: The first byte of the file that request asked for (its ``Range``; 0 without one).
+    start: int
+    #: Body bytes storage has sent in answer to it.
+    sent: int
+    #: The last stall armed for the entry: the power is cut there in any case.
+    last: bool
+
+    @property
+    def aligned(self) -> bool:
+        """Whether the body is held where a receive buffer of the download core ends."""
+        return self.sent % CUT_STEP == 0
 
 
 class ScenarioTime:
@@ -136,10 +163,8 @@ def stalls_for_cut(params: dict[str, Any]) -> list[Fault]:
     """The faults a mid-download ``restart`` entry is armed as (see :data:`_CUT_STALL`)."""
     from .._net import faults as fp
 
-    start = int(params["after_bytes"])
     return [
-        fp.stall_after(offset, _CUT_STALL)
-        for offset in range(start, start + CUT_SLACK + 1, CUT_STEP)
+        fp.stall_after(offset, _CUT_STALL) for offset in cut_offsets(int(params["after_bytes"]))
     ]
 
 
@@ -282,9 +307,9 @@ class Timeline:
         else:
             self.time.pass_time(float(params["clock"]))
 
-    def cut_due(self, storage: list[ProxiedRequest]) -> tuple[TimelineEvent, int] | None:
-        """The mid-download ``restart`` entry storage has now sent ``after_bytes`` for, and the
-        body bytes sent; None when none is due. :meth:`cut` marks it done.
+    def cut_due(self, storage: list[ProxiedRequest]) -> DueCut | None:
+        """The mid-download ``restart`` entry storage has now sent ``after_bytes`` for, with
+        where its request stands; None when none is due. :meth:`cut` marks it done.
 
         Called from the fault proxy's stall hook, while the armed stalls hold the body.
         """
@@ -295,12 +320,15 @@ class Timeline:
                 if event.where in self._cut:
                     continue
             tag = f"@{event.where}"
-            sent = max(
-                (r.body_bytes for r in storage if any(n.endswith(tag) for n in r.faults)),
-                default=0,
-            )
-            if sent >= int(event.params["after_bytes"]):
-                return event, sent
+            # The stalls are armed for one request (times=1): the one that carries the tag.
+            hit = [r for r in storage if any(n.endswith(tag) for n in r.faults)]
+            if not hit:
+                continue
+            request = max(hit, key=lambda r: r.body_bytes)
+            after = int(event.params["after_bytes"])
+            if request.body_bytes >= after:
+                last = request.body_bytes >= cut_offsets(after)[-1]
+                return DueCut(event, _range_start(request.range), request.body_bytes, last)
         return None
 
     def cut(self, event: TimelineEvent) -> None:
@@ -386,6 +414,14 @@ class Timeline:
         ]
         lines += [f"   never  {e.where}: {e.describe()}" for e in self.unfired()]
         return lines
+
+
+def _range_start(value: str | None) -> int:
+    """The first byte a ``Range`` value (``bytes=N-`` or ``bytes=N-M``) asks for; 0 without."""
+    if not value or "=" not in value:
+        return 0
+    first = value.split("=", 1)[1].split("-", 1)[0].strip()
+    return int(first) if first.isdigit() else 0
 
 
 def _storage_miss(event: TimelineEvent, storage: list[ProxiedRequest]) -> str:

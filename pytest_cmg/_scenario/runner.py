@@ -25,6 +25,7 @@ from .._client.log import SmstsLog
 from .._errors import ExpectationFailed, ScenarioError, ScenarioProblem
 from .benchmark import BenchmarkRound, collect_rounds, hashlib_seconds, raw_seconds
 from .expectations import ScenarioRun
+from .model import RestartMidDownload, StorageFaultEntry
 from .timeline import CUT_SLACK, ScenarioTime, Timeline, TimelineLog
 from .world import CLIENT_ID, World, build_world, seed_cache
 
@@ -128,11 +129,11 @@ def run_scenario(
             due = timeline.cut_due(proxy.log)
             if due is not None:
                 event, sent = due
-                after = int(event.params["after_bytes"])
+                after = event.after_bytes
                 last = sent >= after + CUT_SLACK
                 # Bytes flow to the next stall until the journal has caught up; at the last
                 # stall the power is cut whatever the journal says.
-                if _journal_caught_up(workdir, event.params["file"], after, last) or last:
+                if _journal_caught_up(workdir, event.file, after, last) or last:
                     timeline.cut(event)
                     host.power_cut()
         watch.stalled(seconds)
@@ -454,7 +455,7 @@ def _no_storage_faults(scenario: Scenario, url: str) -> None:
     """Refuse, before anything runs, a scenario whose storage faults cannot be injected."""
     for event in scenario.timeline:
         # A mid-download restart is armed as storage stalls: it needs the proxy as much.
-        if event.kind == "storage" or (event.kind == "restart" and event.params.get("file")):
+        if isinstance(event, StorageFaultEntry | RestartMidDownload):
             path, line = scenario.location(event.where)
             rule = (
                 f"{event.where}: storage faults need plain-http storage behind the fault proxy, "

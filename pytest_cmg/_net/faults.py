@@ -115,7 +115,7 @@ class Fault:
         A fault at a body offset acts when the body reaches it (a cut, a stall), or for a flipped
         byte when that byte is sent; the others act on every request they hit.
         """
-        if self.kind not in _AT_OFFSET:
+        if not any(w.kind == self.kind and w.type == "offset" for w in VOCABULARY):
             return True
         return body_bytes > self.offset if self.kind == "flip_byte" else body_bytes >= self.offset
 
@@ -262,8 +262,12 @@ class FaultWord:
         return (self.key, *(arg.key for arg in self.args))
 
     def asked(self, values: Mapping[str, Any]) -> bool:
-        """Whether ``values`` (a script's keys and values, None for not given) ask for it."""
-        return values.get(self.key) not in (None, False)
+        """Whether ``values`` (a script's keys and values, None for not given) ask for it.
+
+        A flag asks when true; any other value when given, 0 included (``reset_after: 0``).
+        """
+        value = values.get(self.key)
+        return value is True if self.type == "flag" else value is not None
 
     def build(self, values: Mapping[str, Any]) -> Fault:
         """The fault ``values`` ask for; ``ValueError`` (from :class:`Fault`) names a bad one."""
@@ -346,15 +350,11 @@ VOCABULARY: tuple[FaultWord, ...] = (
     ),
 )
 
-#: The kinds that act at a body offset: they can hit a request and still do nothing, when its
-#: body ends before the offset (a reset after 30 MiB of a 20 MiB file).
-_AT_OFFSET = frozenset(word.kind for word in VOCABULARY if word.type == "offset")
 
-
-def faults_from(values: Mapping[str, Any], words: Iterable[FaultWord] = VOCABULARY) -> list[Fault]:
+def faults_from(values: Mapping[str, Any]) -> list[Fault]:
     """The faults a script's ``values`` (its keys, None for not given) ask for, in table order.
 
     Several combine on the same request. ``ValueError`` (from :class:`Fault`) names a value the
     proxy cannot act on (``throttle: 0``).
     """
-    return [word.build(values) for word in words if word.asked(values)]
+    return [word.build(values) for word in VOCABULARY if word.asked(values)]

@@ -206,6 +206,8 @@ class Timeline:
             self.fired.append((self.time.now, event))
         if isinstance(event, GatewayFaultEntry):
             fault = event.fault
+            # The gateway arms a fault of its own from these: the one it returns is the one
+            # ``FaultPlan.fired`` is asked about (by identity).
             settings = {
                 f.name: getattr(fault, f.name) for f in fields(fault) if f.name != "endpoint"
             }

@@ -779,3 +779,27 @@ def test_path_filter_numbers_only_the_requests_for_that_blob(store, proxy, sessi
     assert [r.faults for r in proxy.log][4] == ("respond(503)",)
     with pytest.raises(ValueError, match="path must not be empty"):
         proxy.add(respond(503), path="")
+
+
+def test_every_fault_kind_has_one_word_in_the_vocabulary():
+    """A scenario can script every fault the proxy knows: the table names each kind once."""
+    from typing import get_args
+
+    from pytest_cmg._net.faults import VOCABULARY, FaultKind
+
+    kinds = [word.kind for word in VOCABULARY]
+    assert sorted(kinds) == sorted(get_args(FaultKind))
+
+
+@pytest.mark.parametrize(
+    ("fault", "body", "acted"),
+    [
+        (reset_after(100), 99, False),
+        (reset_after(100), 100, True),  # the cut happens once the offset is reached
+        (flip_byte(100), 100, False),  # byte 100 is the 101st: it was never sent
+        (flip_byte(100), 101, True),
+        (respond(503), 0, True),  # no offset: it acts on every request it hits
+    ],
+)
+def test_a_fault_at_an_offset_acts_only_once_the_body_reaches_it(fault, body, acted):
+    assert fault.acted(body) is acted

@@ -129,9 +129,10 @@ NOT_EXPORTED = {
     "ContentStore": "a Protocol: the three methods of CloudDP the gateway reads; users pass a CloudDP",
     "NodeRuntime": "AzuriteProcess finds Node.js itself; the parameter is for this repo's tests",
     # Scenario's parts: the scenario language's model, documented by docs/scenarios.md (what a
-    # file may say), not as Python types; issue 14 reshapes them into typed objects.
+    # file may say), not as Python types.
     "BenchmarkSpec": "a part of Scenario (the scenario language's model)",
     "DistributionPointSpec": "a part of Scenario (the scenario language's model)",
+    "Expectations": "a part of Scenario (the scenario language's model)",
     "MarkerUse": "a part of Scenario (the scenario language's model)",
     "PackageSpec": "a part of Scenario (the scenario language's model)",
     "TimelineEvent": "a part of Scenario (the scenario language's model)",

@@ -24,7 +24,7 @@ import pytest
 
 from pytest_cmg._scenario.expectations import check_expectations
 from pytest_cmg._scenario.load import load_scenarios
-from pytest_cmg._scenario.model import Scenario, TimelineEvent
+from pytest_cmg._scenario.model import Restart, Scenario
 from pytest_cmg._scenario.runner import run_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,13 +51,7 @@ def _step_for(path: Path, index: int, steps: int) -> int:
 
 
 def with_power_cut(scenario: Scenario, step: int) -> Scenario:
-    cut = TimelineEvent(
-        where=f"faults[{len(scenario.timeline)}]",
-        kind="restart",
-        params={},
-        before_step=step,
-        optional=True,
-    )
+    cut = Restart(where=f"faults[{len(scenario.timeline)}]", before_step=step, optional=True)
     return dataclasses.replace(scenario, timeline=(*scenario.timeline, cut), restart_takes=0.0)
 
 

@@ -231,11 +231,11 @@ def test_a_power_cut_at_any_step_boundary_gives_the_run_of_a_machine_that_stayed
     the power is cut before any of its steps; only time and the resume lines differ."""
     import dataclasses
 
-    from pytest_cmg._scenario.model import TimelineEvent
+    from pytest_cmg._scenario.model import Restart
 
     path = ROOT / "scenarios/ipu/on-demand-token-software-center.cmg.yaml"
     (scenario,) = load_scenarios(path)
-    cut = TimelineEvent(where="faults[0]", kind="restart", params={}, before_step=step)
+    cut = Restart(where="faults[0]", before_step=step)
     restarted = dataclasses.replace(scenario, timeline=(cut,))
     assert restarted.restarts and not scenario.restarts
     run = run_scenario(restarted, cmg_harness, tmp_path / "work")  # type: ignore[arg-type]

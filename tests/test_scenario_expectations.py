@@ -35,13 +35,14 @@ from pytest_cmg._client.cache import ClientCache
 from pytest_cmg._client.engine import CMGClient
 from pytest_cmg._errors import ContentError, ExpectationFailed, ScenarioError
 from pytest_cmg._gateway.faults import FaultPlan, GatewayFault
+from pytest_cmg._net.faults import faults_from
 from pytest_cmg._scenario.content import generate_package, package_file_names
 from pytest_cmg._scenario.expectations import ScenarioRun, check_expectations
 from pytest_cmg._scenario.items import ScenarioFailed
 from pytest_cmg._scenario.load import load_scenario, load_scenarios
-from pytest_cmg._scenario.model import PackageSpec, TimelineEvent
+from pytest_cmg._scenario.model import PackageSpec, StorageFaultEntry
 from pytest_cmg._scenario.runner import run_scenario
-from pytest_cmg._scenario.timeline import ScenarioTime, Timeline, TimelineFault, storage_faults
+from pytest_cmg._scenario.timeline import ScenarioTime, Timeline, TimelineFault
 from pytest_cmg._scenario.vocabulary import EXPECT
 from pytest_cmg._scenario.world import seed_cache
 from pytest_cmg._util.cachedir import CACHE_ENV, cache_dir
@@ -428,8 +429,8 @@ def _proxied(number: int, faults: tuple[str, ...], body: int) -> ProxiedRequest:
     ],
 )
 def test_a_storage_fault_fired_only_if_it_acted(params: dict[str, object], body: int, acted: bool) -> None:
-    event = TimelineEvent("faults[0]", "storage", {"request": 1, "times": 1, **params})
-    names = tuple(TimelineFault.of(f, "faults[0]").name for f in storage_faults(event.params))
+    event = StorageFaultEntry(where="faults[0]", request=1, faults=tuple(faults_from(params)))
+    names = tuple(TimelineFault.of(f, "faults[0]").name for f in event.faults)
     time = ScenarioTime(START)
     timeline = Timeline((event,), None, None, time)  # type: ignore[arg-type]
     timeline.fired.append((0.0, event))
@@ -485,7 +486,8 @@ def test_a_storage_file_that_names_no_file_is_a_collection_problem(tmp_path: Pat
 )
 def test_a_storage_file_may_be_any_part_of_a_blob_name(tmp_path: Path, file: str) -> None:
     path = write(tmp_path, scenario_text(faults=storage_fault(file)))
-    assert load_scenario(path).timeline[0].params["file"] == file
+    (entry,) = load_scenario(path).timeline
+    assert isinstance(entry, StorageFaultEntry) and entry.file == file
 
 
 def test_a_package_that_is_not_on_the_cloud_dp_has_no_blob(tmp_path: Path) -> None:
@@ -745,7 +747,7 @@ def test_the_package_hash_fault_needs_the_location_endpoint_at_collection(tmp_pa
 def test_the_renamed_throttling_scenario_says_what_it_expects() -> None:
     scenario = load_scenario(shipped("failures/cmg-throttled-location-fails-the-step.cmg.yaml"))
     assert "fails the step" in scenario.name
-    assert scenario.expect["outcome"] == "failure"
+    assert scenario.expect.outcome == "failure"
     assert not (ROOT / "scenarios/failures/cmg-throttled-then-recovers.cmg.yaml").exists()
 
 
@@ -754,7 +756,7 @@ def test_every_storage_retry_scenario_forbids_the_sas_signature_in_the_log() -> 
     for path in sorted((ROOT / "scenarios").rglob("*.cmg.yaml")):
         for scenario in load_scenarios(path):
             if any(e.kind == "storage" for e in scenario.timeline) and "sig=" not in (
-                scenario.expect.get("absent_log") or []
+                scenario.expect.absent_log or ()
             ):
                 missing.append(f"{path.relative_to(ROOT)}::{scenario.item_name}")
     assert missing == []

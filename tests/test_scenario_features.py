@@ -14,7 +14,10 @@ import pytest
 import yaml
 
 from pytest_cmg._errors import ScenarioError, ScenarioProblem
+from pytest_cmg._gateway.faults import GatewayFault
+from pytest_cmg._net.faults import delay, reset_after
 from pytest_cmg._scenario.load import load_scenario, load_scenarios
+from pytest_cmg._scenario.model import ClockJump, GatewayFaultEntry, ServiceEvent, StorageFaultEntry
 from pytest_cmg._scenario.spec import Bounds, Count, Duration, Spec, Validation, parse_duration
 
 if TYPE_CHECKING:
@@ -372,16 +375,16 @@ def test_cases_set_values_and_override_expectations(tmp_path: Path) -> None:
     path = write(tmp_path, "c.cmg.yaml", CASES)
     old, japanese = load_scenarios(path)
     assert (old.case_id, old.cmg.site_version) == ("1906", 1906)
-    assert old.expect["outcome"] == "failure"
-    assert old.expect["exit_code"] == "0x80040102"
-    assert old.expect["cache"] == []
+    assert old.expect.outcome == "failure"
+    assert old.expect.exit_code == "0x80040102"
+    assert old.expect.cache == ()
     assert old.location("expect.outcome") == (path, line_of(path, "outcome: failure"))
     assert [(m.name, m.kwargs) for m in old.markers] == [
         ("xfail", {"reason": "known gap", "strict": True})
     ]
     assert old.item_where == "cases[0]"
     assert old.line(old.item_where) == line_of(path, 'id: "1906"')
-    assert japanese.expect["outcome"] == "success"
+    assert japanese.expect.outcome == "success"
     assert japanese.packages[0].locale == "ja_JP"
     assert japanese.task_sequence.variables == {"OSDLanguage": "ja-JP"}
     assert japanese.markers == ()
@@ -527,13 +530,14 @@ def test_timeline_events_are_read(tmp_path: Path) -> None:
     scenario = load_scenario(write(tmp_path, "f.cmg.yaml", FAULTS))
     gateway, storage, service, clock = scenario.timeline
     assert (gateway.kind, gateway.before_step, gateway.at) == ("gateway", None, None)
-    assert gateway.params["endpoint"] == "manifest"
-    assert (gateway.params["status"], gateway.params["retry_after"]) == (503, "5")
-    assert storage.kind == "storage"
-    assert (storage.params["request"], storage.params["times"]) == (2, 3)
-    assert (storage.params["reset_after"], storage.params["delay"]) == (300 * 1024, 2.0)
-    assert (service.kind, service.params["service"], service.before_step) == ("service", "stop", 1)
-    assert (clock.kind, clock.params["clock"], clock.at) == ("clock", 9 * 3600.0, 30.0)
+    assert isinstance(gateway, GatewayFaultEntry)
+    assert gateway.fault == GatewayFault(endpoint="manifest", request=1, status=503, retry_after="5")
+    assert isinstance(storage, StorageFaultEntry) and storage.kind == "storage"
+    assert (storage.request, storage.times, storage.file) == (2, 3, None)
+    assert storage.faults == (reset_after(300 * 1024), delay(2.0))
+    assert isinstance(service, ServiceEvent) and isinstance(clock, ClockJump)
+    assert (service.kind, service.service, service.before_step) == ("service", "stop", 1)
+    assert (clock.kind, clock.seconds, clock.at) == ("clock", 9 * 3600.0, 30.0)
     assert clock.describe() == "clock +32400s (at 30s)"
     assert service.describe() == "service stop (before step 1)"
 
@@ -626,13 +630,12 @@ def test_new_expectations_are_read(tmp_path: Path) -> None:
         '  absent_log: ["sig="]\n'
     )
     expect = load_scenario(write(tmp_path, "e.cmg.yaml", text)).expect
-    assert expect["storage_bytes"] == {"PS100012": Bounds(65536, 65536)}
-    assert expect["storage_requests"] == Bounds(2, None)
-    assert expect["retries"] == Bounds(0, 0)
-    assert expect["elapsed"] == Bounds(None, 60.0)
-    assert expect["requests"]["manifest"] == Bounds(None, 2)
-    assert expect["requests"]["sts"] == Bounds(0, 0)
-    assert expect["absent_log"] == ["sig="]
+    assert expect.storage_bytes == {"PS100012": Bounds(65536, 65536)}
+    assert expect.storage_requests == Bounds(2, None)
+    assert expect.retries == Bounds(0, 0)
+    assert expect.elapsed == Bounds(None, 60.0)
+    assert expect.requests == {"location": Bounds(1, 1), "manifest": Bounds(None, 2), "sts": Bounds(0, 0)}
+    assert expect.absent_log == ("sig=",)
 
 
 @pytest.mark.parametrize(

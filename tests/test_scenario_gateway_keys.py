@@ -100,7 +100,7 @@ def test_defaults_change_nothing(tmp_path: Path) -> None:
     assert scenario.crl_reachable is True
     assert (scenario.auth, scenario.certificate, scenario.tenant) == ("token", "valid", "enabled")
     assert scenario.distribution_points == ()
-    assert scenario.expect["egress_bytes"] is None
+    assert scenario.expect.egress_bytes is None
 
 
 def test_every_key_is_carried_through(tmp_path: Path) -> None:
@@ -136,7 +136,7 @@ task_sequence:""",
         DistributionPointSpec("dp01.contoso.com", "LOCAL", False, ("PS100012",)),
         DistributionPointSpec("DP02.fabrikam.com", "SUBNET", True, ("PS100013", "PS100012")),
     )
-    bounds = scenario.expect["egress_bytes"]
+    bounds = scenario.expect.egress_bytes
     assert (bounds.at_least, bounds.at_most) == (64 * 1024, 1024 * 1024)
 
 

@@ -180,16 +180,15 @@ def test_example_settings(example: Scenario) -> None:
 
 def test_example_expectations(example: Scenario) -> None:
     expect = example.expect
-    assert expect["outcome"] == "success"
-    assert expect["exit_code"] == "0x00000000"
-    assert expect["cache"] == ["PS100012.3", "PS100013.1"]
-    assert expect["downloaded"] == ["PS100012", "PS100013"]
-    requests = {k: v for k, v in expect["requests"].items() if v is not None}
-    assert requests == {"location": Bounds(2, 2), "manifest": Bounds(2, 2)}
-    assert expect["log"][0] == "_SMSTSDownloadOnDemand=true"
-    assert expect["log"][2] == r"Hash verification succeeded for content PS100012\.3"
-    assert len(expect["log"]) == 5
-    assert expect["gateway_log"] == [r"Issued manifest for PS100012\.3"]
+    assert expect.outcome == "success"
+    assert expect.exit_code == "0x00000000"
+    assert expect.cache == ("PS100012.3", "PS100013.1")
+    assert expect.downloaded == ("PS100012", "PS100013")
+    assert expect.requests == {"location": Bounds(2, 2), "manifest": Bounds(2, 2)}
+    assert expect.log is not None and expect.log[0] == "_SMSTSDownloadOnDemand=true"
+    assert expect.log[2] == r"Hash verification succeeded for content PS100012\.3"
+    assert len(expect.log) == 5
+    assert expect.gateway_log == (r"Issued manifest for PS100012\.3",)
 
 
 def test_example_lines_point_into_the_file(example: Scenario) -> None:
@@ -677,8 +676,8 @@ def test_failure_with_nonzero_exit_code_is_fine(tmp_path: Path) -> None:
         ('exit_code: "0x00000000"', 'exit_code: "0x80040102"'),
     )
     scenario = load_scenario(write(tmp_path, text))
-    assert scenario.expect["outcome"] == "failure"
-    assert scenario.expect["exit_code"] == "0x80040102"
+    assert scenario.expect.outcome == "failure"
+    assert scenario.expect.exit_code == "0x80040102"
 
 
 def test_more_files_than_bytes(tmp_path: Path) -> None:
@@ -831,7 +830,7 @@ def test_string_values_keep_the_text_as_written(
     except ScenarioError as error:
         assert written in error.problems[0].rule, str(error)
     else:
-        values = {scenario.expect["exit_code"], scenario.task_sequence.name}
+        values = {scenario.expect.exit_code, scenario.task_sequence.name}
         assert written in values
 
 

@@ -6,12 +6,15 @@ The pure parts run without services; the last tests run scenarios on the session
 
 from __future__ import annotations
 
+from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 import pytest
 
+from pytest_cmg._gateway.faults import GatewayFault
+from pytest_cmg._net.faults import delay, faults_from, reset_after
 from pytest_cmg._scenario.content import generate_package
 from pytest_cmg._scenario.expectations import (
     check_expectations,
@@ -19,9 +22,9 @@ from pytest_cmg._scenario.expectations import (
     storage_bytes_by_package,
 )
 from pytest_cmg._scenario.load import load_scenario
-from pytest_cmg._scenario.model import TimelineEvent
+from pytest_cmg._scenario.model import ClockJump, GatewayFaultEntry, ServiceEvent, StorageFaultEntry
 from pytest_cmg._scenario.runner import run_scenario
-from pytest_cmg._scenario.timeline import ScenarioTime, Timeline, TimelineLog, storage_faults
+from pytest_cmg._scenario.timeline import ScenarioTime, Timeline, TimelineLog
 from pytest_cmg._scenario.world import build_world
 from pytest_cmg.faults import ProxiedRequest
 
@@ -111,17 +114,17 @@ class _Proxy:
 
 def test_the_timeline_fires_each_event_at_its_moment() -> None:
     events = (
-        TimelineEvent("faults[0]", "gateway", {"endpoint": "manifest", "request": 1, "times": 1, "status": 503, "retry_after": "5", "delay": None, "drop": False}),
-        TimelineEvent("faults[1]", "storage", {"request": 2, "times": 3, "reset_after": 1000, "delay": 2.0, "file": "install.wim"}),
-        TimelineEvent("faults[2]", "service", {"service": "stop", "clock": None}, before_step=1),
-        TimelineEvent("faults[3]", "clock", {"service": None, "clock": 3600.0}, at=30.0),
-        TimelineEvent("faults[4]", "service", {"service": "start", "clock": None}, at=7200.0),
+        GatewayFaultEntry(where="faults[0]", fault=GatewayFault("manifest", request=1, status=503, retry_after="5")),
+        StorageFaultEntry(where="faults[1]", request=2, times=3, file="install.wim", faults=(delay(2.0), reset_after(1000))),
+        ServiceEvent(where="faults[2]", service="stop", before_step=1),
+        ClockJump(where="faults[3]", seconds=3600.0, at=30.0),
+        ServiceEvent(where="faults[4]", service="start", at=7200.0),
     )
     gateway, proxy, time = _Gateway(), _Proxy(), ScenarioTime(START)
     timeline = Timeline(events, gateway, proxy, time)  # type: ignore[arg-type]
     timeline.start()
     assert gateway.calls == [
-        ("fail", "manifest", {"request": 1, "times": 1, "status": 503, "retry_after": "5", "delay": 0.0, "drop": False})
+        ("fail", "manifest", {f.name: getattr(events[0].fault, f.name) for f in fields(GatewayFault) if f.name != "endpoint"})
     ]
     # Each proxy fault names the entry that scripted it: how an entry that never fired is found.
     assert proxy.added == [("delay(2)@faults[1]", 2, 3), ("reset_after(1000)@faults[1]", 2, 3)]
@@ -140,9 +143,10 @@ def test_the_timeline_fires_each_event_at_its_moment() -> None:
 
 
 def test_storage_entries_become_proxy_faults() -> None:
-    names = [f.name for f in storage_faults({"respond": 503, "retry_after": "3", "error_code": "ServerBusy", "stall_after": 10, "stall_for": 400.0, "throttle": 1024, "flip_byte": 7, "close_after": 99, "ignore_range": True, "close_before_headers": False})]
-    assert names == ["ignore_range()", "respond(503)", "throttle(1024)", "stall_after(10, 400)", "flip_byte(7)", "close_after(99)"]
-    (respond,) = list(storage_faults({"respond": 503, "error_code": "ServerBusy"}))
+    names = [f.name for f in faults_from({"respond": 503, "retry_after": "3", "error_code": "ServerBusy", "stall_after": 10, "stall_for": 400.0, "throttle": 1024, "flip_byte": 7, "close_after": 99, "ignore_range": True, "close_before_headers": False})]
+    # In the vocabulary's order; a flag given false asks for nothing.
+    assert names == ["close_after(99)", "stall_after(10, 400)", "throttle(1024)", "flip_byte(7)", "respond(503)", "ignore_range()"]
+    (respond,) = list(faults_from({"respond": 503, "error_code": "ServerBusy"}))
     assert dict(respond.headers)["x-ms-error-code"] == "ServerBusy"
     assert b"<Code>ServerBusy</Code>" in respond.body
 

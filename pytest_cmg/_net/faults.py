@@ -10,18 +10,25 @@ byte, never a framing byte, and ``reset_after(n)`` cuts after n payload bytes. `
 sleeps ``slice / rate`` before each slice, so the real rate is slightly below the configured one
 (send time is not subtracted); with a fake sleep the requested total is exactly
 ``body_length / rate``.
+
+:data:`VOCABULARY` is the table a script (a scenario's ``storage`` entry) asks for faults by: per
+kind, the key naming it, the values it takes and their types, and how they become a
+:class:`Fault`. The scenario language, its rules and its timeline derive from it, so a fault
+added here (and applied in :mod:`pytest_cmg._net.connection`) is usable in a scenario file with
+no other edit (docs/architecture.md, "Where a change goes").
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable, Mapping
 
-# Plan is for the proxy's own modules; these are the names pytest_cmg.faults makes public.
+# Plan is for the proxy's own modules and VOCABULARY for scripts (the scenario language); these
+# are the names pytest_cmg.faults makes public.
 __all__ = [
     "Fault",
     "FaultKind",
@@ -101,6 +108,16 @@ class Fault:
         if self.kind == "respond":
             return f"respond({self.status})"
         return f"{self.kind}()"
+
+    def acted(self, body_bytes: int) -> bool:
+        """Whether this fault acted on a request it hit whose body ran to ``body_bytes``.
+
+        A fault at a body offset acts when the body reaches it (a cut, a stall), or for a flipped
+        byte when that byte is sent; the others act on every request they hit.
+        """
+        if not any(w.kind == self.kind and w.type == "offset" for w in VOCABULARY):
+            return True
+        return body_bytes > self.offset if self.kind == "flip_byte" else body_bytes >= self.offset
 
 
 def reset_after(n: int) -> Fault:
@@ -196,3 +213,148 @@ class Plan:
         plan.stalls.sort()
         plan.flips = sorted(set(plan.flips))
         return plan
+
+
+#: What a script's value for a fault is: a response-body ``offset`` (bytes, counted from 0), a
+#: ``rate`` (bytes per second), ``seconds``, an HTTP ``status`` (200-599), free ``text`` (a
+#: header value), or a ``flag`` (true asks for the fault; it takes no value).
+ValueType = Literal["offset", "rate", "seconds", "status", "text", "flag"]
+
+
+@dataclass(frozen=True)
+class FaultArg:
+    """A further value a fault takes, under a key of its own (``stall_for`` of ``stall_after``)."""
+
+    key: str
+    type: ValueType
+    doc: str
+    #: False: the fault works without it (a ``respond`` without ``retry_after``).
+    required: bool = True
+    #: A value for the reference's examples; empty: one is made from the type.
+    example: str = ""
+
+
+@dataclass(frozen=True)
+class FaultWord:
+    """One word of the vocabulary: how a script asks for one kind of :class:`Fault`.
+
+    ``key`` names the fault in a script (``reset_after: 300KiB``) and its value is of ``type``;
+    ``args`` are the further keys it takes. ``make`` builds the fault from the key's value (none
+    for a ``flag``) and then each arg's value (None when a script leaves an optional one out).
+    """
+
+    kind: FaultKind
+    type: ValueType
+    doc: str
+    make: Callable[..., Fault]
+    args: tuple[FaultArg, ...] = ()
+    example: str = ""
+    #: The key naming the fault in a script; empty: the kind's own name.
+    name: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.name or self.kind
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every key of this word: its own, then its args'."""
+        return (self.key, *(arg.key for arg in self.args))
+
+    def asked(self, values: Mapping[str, Any]) -> bool:
+        """Whether ``values`` (a script's keys and values, None for not given) ask for it.
+
+        A flag asks when true; any other value when given, 0 included (``reset_after: 0``).
+        """
+        value = values.get(self.key)
+        return value is True if self.type == "flag" else value is not None
+
+    def build(self, values: Mapping[str, Any]) -> Fault:
+        """The fault ``values`` ask for; ``ValueError`` (from :class:`Fault`) names a bad one."""
+        first = () if self.type == "flag" else (values[self.key],)
+        return self.make(*first, *(values.get(arg.key) for arg in self.args))
+
+
+def _answer(status: int, retry_after: str | None, error_code: str | None) -> Fault:
+    """``respond`` as a script asks for it: with a ``Retry-After``, and with an error document and
+    its ``x-ms-error-code`` header, as Azure Storage answers an error."""
+    headers: dict[str, str] = {}
+    body = b""
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    if error_code is not None:
+        headers["x-ms-error-code"] = str(error_code)
+        headers["Content-Type"] = "application/xml"
+        body = (
+            '<?xml version="1.0" encoding="utf-8"?><Error><Code>'
+            f"{error_code}</Code><Message>scripted by the scenario</Message></Error>"
+        ).encode()
+    return respond(status, headers=headers, body=body)
+
+
+#: The storage faults a script can ask for, in the order they are documented (and built, when
+#: one entry asks for several: they combine on the same request).
+VOCABULARY: tuple[FaultWord, ...] = (
+    FaultWord("reset_after", "offset", "TCP reset after this many body bytes.", reset_after),
+    FaultWord("close_after", "offset", "Clean close after this many body bytes.", close_after),
+    FaultWord(
+        "stall_after",
+        "offset",
+        "Stop sending after this many body bytes (see stall_for).",
+        stall_after,
+        args=(
+            FaultArg(
+                "stall_for",
+                "seconds",
+                "How long a stall lasts, on virtual time (passes at once, counts in elapsed).",
+            ),
+        ),
+    ),
+    FaultWord(
+        "throttle",
+        "rate",
+        "Bytes per second the body is paced at, on virtual time.",
+        throttle,
+        example="1MiB",
+    ),
+    FaultWord("delay", "seconds", "Wait (virtual) before the answer's head.", delay),
+    FaultWord("flip_byte", "offset", "Flip the body byte at this offset (0-based).", flip_byte),
+    FaultWord(
+        "close_before_headers",
+        "flag",
+        "Close the connection without a single answer byte.",
+        close_before_headers,
+    ),
+    FaultWord(
+        "respond",
+        "status",
+        "Answer this status instead of forwarding the request.",
+        _answer,
+        args=(
+            FaultArg("retry_after", "text", "`Retry-After` header of `respond`.", required=False),
+            FaultArg(
+                "error_code",
+                "text",
+                "`x-ms-error-code` header of `respond`, e.g. ServerBusy.",
+                required=False,
+                example="ServerBusy",
+            ),
+        ),
+        example="503",
+    ),
+    FaultWord(
+        "ignore_range",
+        "flag",
+        "Forward without `Range`: storage answers 200, full body.",
+        ignore_range,
+    ),
+)
+
+
+def faults_from(values: Mapping[str, Any]) -> list[Fault]:
+    """The faults a script's ``values`` (its keys, None for not given) ask for, in table order.
+
+    Several combine on the same request. ``ValueError`` (from :class:`Fault`) names a value the
+    proxy cannot act on (``throttle: 0``).
+    """
+    return [word.build(values) for word in VOCABULARY if word.asked(values)]

@@ -16,6 +16,7 @@ from urllib.parse import unquote
 from .._errors import ExpectationFailed
 from .._protocol import codes
 from .._protocol.paths import Endpoint
+from .model import GatewayFaultEntry, StorageFaultEntry
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from .._net.proxy import ProxiedRequest
     from .._protocol.manifest import ContentManifest
     from .benchmark import Throughput
-    from .model import Scenario
+    from .model import Expectations, Scenario
     from .spec import Bounds
 
 _RETRY_LINE = re.compile(r"retry \d+")
@@ -213,7 +214,7 @@ def check_expectations(scenario: Scenario, run: ScenarioRun) -> list[Expectation
     timeline = _excerpt("  timeline", run.timeline) if run.timeline else ""
 
     outcome = "success" if result.succeeded else "failure"
-    if outcome != expect["outcome"]:
+    if outcome != expect.outcome:
         why = f"failure 0x{result.exit_code:08X}"
         if result.failed_step:
             why += f" at step {result.failed_step!r}"
@@ -221,27 +222,27 @@ def check_expectations(scenario: Scenario, run: ScenarioRun) -> list[Expectation
             why += f": {result.error}"
         fail(
             "expect.outcome",
-            expect["outcome"],
+            expect.outcome,
             why if outcome == "failure" else outcome,
             smsts,
             requests,
             gateway_log,
             timeline,
         )
-    if expect["exit_code"] is not None and int(expect["exit_code"], 16) != result.exit_code:
-        fail("expect.exit_code", expect["exit_code"], f"0x{result.exit_code:08X}", smsts, timeline)
+    if expect.exit_code is not None and int(expect.exit_code, 16) != result.exit_code:
+        fail("expect.exit_code", expect.exit_code, f"0x{result.exit_code:08X}", smsts, timeline)
 
     keys, bad = _verified_entries(run)
     if bad:
         fail("expect", "every cache entry matches its manifest", "; ".join(bad))
-    if expect["cache"] is not None and sorted(expect["cache"]) != sorted(keys):
+    if expect.cache is not None and sorted(expect.cache) != sorted(keys):
         fail(
             "expect.cache",
-            ", ".join(sorted(expect["cache"])) or "(empty)",
+            ", ".join(sorted(expect.cache)) or "(empty)",
             ", ".join(sorted(keys)) or "(empty)",
             smsts,
         )
-    wanted_ts = expect.get("ts_cache")
+    wanted_ts = expect.ts_cache
     if wanted_ts is not None and sorted(wanted_ts) != sorted(result.ts_cache):
         fail(
             "expect.ts_cache",
@@ -257,18 +258,18 @@ def check_expectations(scenario: Scenario, run: ScenarioRun) -> list[Expectation
             ", ".join(p.name for p in leftovers),
         )
 
-    if expect["downloaded"] is not None:
+    if expect.downloaded is not None:
         read = sorted({t.package_id for t in result.transfers if t.bytes > 0})
-        if sorted(expect["downloaded"]) != read:
+        if sorted(expect.downloaded) != read:
             fail(
                 "expect.downloaded",
-                ", ".join(sorted(expect["downloaded"])) or "(none)",
+                ", ".join(sorted(expect.downloaded)) or "(none)",
                 ", ".join(read) or "(none)",
                 requests,
             )
 
     for endpoint in Endpoint.ALL:
-        wanted: Bounds | None = (expect["requests"] or {}).get(endpoint)
+        wanted = expect.requests.get(endpoint)
         if wanted is None:
             continue
         got = [r for r in run.requests if r.endpoint == endpoint]
@@ -281,12 +282,12 @@ def check_expectations(scenario: Scenario, run: ScenarioRun) -> list[Expectation
                 requests if got else "",
             )
 
-    for key, lines, title in (
-        ("log", run.smsts, "smsts.log"),
-        ("gateway_log", run.gateway_log, "gateway log"),
+    for key, patterns, lines, title in (
+        ("log", expect.log, run.smsts, "smsts.log"),
+        ("gateway_log", expect.gateway_log, run.gateway_log, "gateway log"),
     ):
-        for index, pattern in enumerate(expect[key] or []):
-            if pattern is None or any(re.search(pattern, line) for line in lines):
+        for index, pattern in enumerate(patterns or ()):
+            if any(re.search(pattern, line) for line in lines):
                 continue
             close = closest_lines(pattern, lines)
             fail(
@@ -298,12 +299,12 @@ def check_expectations(scenario: Scenario, run: ScenarioRun) -> list[Expectation
                 if close
                 else _excerpt(f"  {title}", lines),
             )
-    for key, lines, title in (
-        ("absent_log", run.smsts, "smsts.log"),
-        ("absent_gateway_log", run.gateway_log, "gateway log"),
+    for key, patterns, lines, title in (
+        ("absent_log", expect.absent_log, run.smsts, "smsts.log"),
+        ("absent_gateway_log", expect.absent_gateway_log, run.gateway_log, "gateway log"),
     ):
-        for index, pattern in enumerate(expect[key] or []):
-            found = [line for line in lines if pattern is not None and re.search(pattern, line)]
+        for index, pattern in enumerate(patterns or ()):
+            found = [line for line in lines if re.search(pattern, line)]
             if found:
                 fail(
                     f"expect.{key}[{index}]",
@@ -328,34 +329,34 @@ def check_expectations(scenario: Scenario, run: ScenarioRun) -> list[Expectation
     _check_storage(expect, run, fail)
     _check_faults_fired(scenario, run, fail, timeline)
 
-    if expect["egress_bytes"] is not None and not expect["egress_bytes"].holds(run.egress_bytes):
+    if expect.egress_bytes is not None and not expect.egress_bytes.holds(run.egress_bytes):
         egress_lines = [line for line in run.gateway_log if "gress" in line]
         fail(
             "expect.egress_bytes",
-            f"{_bounds(expect['egress_bytes'], _size)} of egress",
+            f"{_bounds(expect.egress_bytes, _size)} of egress",
             _size(run.egress_bytes)
             + (" (measured)" if scenario.cmg.measure_egress else " (manifest sizes)"),
             _excerpt("  egress lines in the gateway log", egress_lines) if egress_lines else "",
         )
-    if expect["retries"] is not None and not expect["retries"].holds(len(run.waits)):
+    if expect.retries is not None and not expect.retries.holds(len(run.waits)):
         retry_lines = [line for line in run.smsts if _RETRY_LINE.search(line)]
         fail(
             "expect.retries",
-            f"{_bounds(expect['retries'])} retries",
+            f"{_bounds(expect.retries)} retries",
             f"{len(run.waits)} (waits: {', '.join(f'{w:g}s' for w in run.waits) or 'none'})",
             _excerpt("  retry lines in smsts.log", retry_lines),
         )
-    if expect["restarts"] is not None and not expect["restarts"].holds(run.result.reboots):
+    if expect.restarts is not None and not expect.restarts.holds(run.result.reboots):
         fail(
             "expect.restarts",
-            f"{_bounds(expect['restarts'])} restart(s) of the computer",
+            f"{_bounds(expect.restarts)} restart(s) of the computer",
             f"{run.result.reboots}",
             _excerpt("  boots", run.boots) if run.boots else "  (every boot ran in-process)",
         )
-    if expect["elapsed"] is not None and not expect["elapsed"].holds(run.elapsed):
+    if expect.elapsed is not None and not expect.elapsed.holds(run.elapsed):
         fail(
             "expect.elapsed",
-            f"{_bounds(expect['elapsed'], lambda s: f'{s:g}s')} of virtual time",
+            f"{_bounds(expect.elapsed, lambda s: f'{s:g}s')} of virtual time",
             f"{run.elapsed:g}s (retry waits {sum(run.waits):g}s)",
             timeline,
         )
@@ -364,9 +365,9 @@ def check_expectations(scenario: Scenario, run: ScenarioRun) -> list[Expectation
     return sorted(failures, key=lambda f: (str(f.path) != str(scenario.path), str(f.path), f.line))
 
 
-def _check_storage(expect: dict[str, Any], run: ScenarioRun, fail: Any) -> None:  # noqa: ANN401
-    wants_bytes = expect["storage_bytes"] or {}
-    if (wants_bytes or expect["storage_requests"] is not None) and run.storage is None:
+def _check_storage(expect: Expectations, run: ScenarioRun, fail: Any) -> None:  # noqa: ANN401
+    wants_bytes = expect.storage_bytes or {}
+    if (wants_bytes or expect.storage_requests is not None) and run.storage is None:
         fail(
             "expect.storage_bytes" if wants_bytes else "expect.storage_requests",
             "storage seen through the fault proxy",
@@ -386,7 +387,7 @@ def _check_storage(expect: dict[str, Any], run: ScenarioRun, fail: Any) -> None:
                     f"  storage requests for {package_id}", _storage_lines(storage, package_id)
                 ),
             )
-    wanted_requests = expect["storage_requests"]
+    wanted_requests = expect.storage_requests
     if wanted_requests is not None and not wanted_requests.holds(len(storage)):
         fail(
             "expect.storage_requests",
@@ -548,11 +549,11 @@ def _check_faults_fired(
         if event is None or event.optional:
             continue
         context = [timeline]
-        if event.kind == "storage" and storage:
+        if isinstance(event, StorageFaultEntry) and storage:
             context.append(_excerpt("  storage requests", _storage_lines(storage)))
-        elif event.kind == "gateway":
+        elif isinstance(event, GatewayFaultEntry):
             context.append(_excerpt("  gateway requests", [r.summary() for r in run.requests]))
-        fault = event.kind in ("gateway", "storage")
+        fault = isinstance(event, GatewayFaultEntry | StorageFaultEntry)
         fail(
             where,
             f"this {event.kind} {'fault fires' if fault else 'entry happens'} in the run: "
@@ -582,7 +583,7 @@ def _check_throughput(scenario: Scenario, run: ScenarioRun, fail: Any) -> None: 
         )
         for t in run.result.transfers
     ]
-    for package_id, wanted in (scenario.expect.get("throughput") or {}).items():
+    for package_id, wanted in (scenario.expect.throughput or {}).items():
         if wanted is None:
             continue
         figure = run.throughput.get(package_id)

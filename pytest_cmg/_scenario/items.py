@@ -182,7 +182,7 @@ class ScenarioItem(pytest.Item):
             self.add_report_section("call", "cmg", section)
             if run.throughput:
                 # Before the expectations are judged: the figures are reported pass or fail.
-                floors = self.scenario.expect.get("throughput") or {}
+                floors = dict(self.scenario.expect.throughput or {})
                 figures = list(run.throughput.values())
                 self.user_properties.extend(throughput_properties(figures, floors))
                 self.add_report_section("call", "cmg throughput", report_lines(figures, floors))

@@ -15,16 +15,25 @@ from typing import TYPE_CHECKING, Any
 
 from .._client.sequence import Condition, Setup, Step, TaskSequence
 from .._errors import ScenarioError, ScenarioProblem
+from .._gateway.faults import GatewayFault
+from .._net.faults import faults_from
 from .._protocol.settings import ClientSettings, CmgSettings, DeploymentSettings
 from .assemble import Assembler, CasePlan, compose_file, find_fixtures, plan_cases
 from .language import CATALOG_PACKAGE, FRAGMENT, SCENARIO
 from .limits import MAX_CASE_VALUES, clip
 from .model import (
     BenchmarkSpec,
+    ClockJump,
     DistributionPointSpec,
+    Expectations,
+    GatewayFaultEntry,
     MarkerUse,
     PackageSpec,
+    Restart,
+    RestartMidDownload,
     Scenario,
+    ServiceEvent,
+    StorageFaultEntry,
     TimelineEvent,
 )
 from .rules import cross_check
@@ -181,25 +190,7 @@ def _build(path: Path, data: dict[str, Any], v: Validation, plan: CasePlan | Non
         # What ``-m benchmark`` / ``-m "not benchmark"`` select on, without the file saying it.
         markers.append(MarkerUse("benchmark", (), {}, "benchmark"))
     steps = {s["name"]: i for i, s in reversed(list(enumerate(ts["steps"])))}
-    timeline = tuple(
-        TimelineEvent(
-            where=f"faults[{i}]",
-            kind=next(k for k in TIMELINE_KINDS if f[k] is not None),
-            params=(
-                f["gateway"]
-                if f["gateway"] is not None
-                else f["storage"]
-                if f["storage"] is not None
-                else f["restart"]
-                if f["restart"] is not None
-                else {"service": f["service"], "clock": f["clock"]}
-            ),
-            before_step=steps.get(f["before_step"]) if f["before_step"] is not None else None,
-            at=f["at"],
-            optional=bool(f["optional"]),
-        )
-        for i, f in enumerate(data["faults"] or [])
-    )
+    timeline = tuple(_event(f, f"faults[{i}]", steps) for i, f in enumerate(data["faults"] or []))
     return Scenario(
         path=path,
         name=data["scenario"],
@@ -229,7 +220,7 @@ def _build(path: Path, data: dict[str, Any], v: Validation, plan: CasePlan | Non
         deployment=DeploymentSettings(
             allow_internet=ts["allow_internet"], download_mode=ts["download"]
         ),
-        expect=data["expect"],
+        expect=_expectations(data["expect"]),
         lines=v.lines,
         files=v.files,
         case_id=plan.id if plan else None,
@@ -265,6 +256,71 @@ def _build(path: Path, data: dict[str, Any], v: Validation, plan: CasePlan | Non
         builtin_expect=tuple(
             dict.fromkeys(k for k in data["builtin_expect"] or [] if k is not None)
         ),
+    )
+
+
+def _event(entry: dict[str, Any], where: str, steps: dict[str, int]) -> TimelineEvent:
+    """The typed event of one ``faults`` entry (its kind is the one key of TIMELINE_KINDS given)."""
+    when: dict[str, Any] = {
+        "where": where,
+        "before_step": steps.get(entry["before_step"])
+        if entry["before_step"] is not None
+        else None,
+        "at": entry["at"],
+        "optional": bool(entry["optional"]),
+    }
+    kind = next(k for k in TIMELINE_KINDS if entry[k] is not None)
+    if kind in ("gateway", "storage"):
+        values: dict[str, Any] = entry[kind]
+        # As the file gave them (then defaults), for reports: what a reader looks for.
+        settings = tuple((k, v) for k, v in values.items() if v not in (None, False))
+        if kind == "storage":
+            return StorageFaultEntry(
+                **when,
+                request=values["request"],
+                times=values["times"],
+                file=values["file"],
+                faults=tuple(faults_from(values)),
+                settings=settings,
+            )
+        given = {k: v for k, v in values.items() if v is not None}
+        return GatewayFaultEntry(**when, fault=GatewayFault(**given), settings=settings)
+    if kind == "restart":
+        restart = entry["restart"]
+        if restart["file"] is not None:
+            return RestartMidDownload(
+                **when, file=restart["file"], after_bytes=restart["after_bytes"]
+            )
+        return Restart(**when)
+    if kind == "service":
+        return ServiceEvent(**when, service=entry["service"])
+    return ClockJump(**when, seconds=float(entry["clock"]))
+
+
+def _expectations(expect: dict[str, Any]) -> Expectations:
+    """``expect`` as validated by the language, typed (lists become tuples)."""
+
+    def strings(key: str) -> tuple[str, ...] | None:
+        return None if expect[key] is None else tuple(expect[key])
+
+    return Expectations(
+        outcome=expect["outcome"],
+        exit_code=expect["exit_code"],
+        cache=strings("cache"),
+        downloaded=strings("downloaded"),
+        requests={k: v for k, v in (expect["requests"] or {}).items() if v is not None},
+        log=strings("log"),
+        gateway_log=strings("gateway_log"),
+        absent_log=strings("absent_log"),
+        absent_gateway_log=strings("absent_gateway_log"),
+        storage_bytes=expect["storage_bytes"],
+        storage_requests=expect["storage_requests"],
+        egress_bytes=expect["egress_bytes"],
+        retries=expect["retries"],
+        restarts=expect["restarts"],
+        elapsed=expect["elapsed"],
+        ts_cache=strings("ts_cache"),
+        throughput=expect["throughput"],
     )
 
 

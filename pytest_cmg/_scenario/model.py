@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .spec import Validation
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from pathlib import Path
 
     from .._client.sequence import TaskSequence
+    from .._gateway.faults import GatewayFault
+    from .._net.faults import Fault
     from .._protocol.settings import ClientSettings, CmgSettings, DeploymentSettings
+    from .spec import Bounds
 
 
 @dataclass(frozen=True)
@@ -55,35 +59,137 @@ class MarkerUse:
     where: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TimelineEvent:
-    """One ``faults`` entry: what happens and when (before the run, before a step, at a time)."""
+    """One ``faults`` entry: what happens (a subclass per kind) and when (before the run,
+    before a step, at a virtual time)."""
 
+    #: The entry's kind, as the file names it: ``gateway``, ``storage``, ``service``, ``clock``,
+    #: ``restart``.
+    kind: ClassVar[str]
     where: str
-    kind: str
-    params: dict[str, Any]
     before_step: int | None = None
     at: float | None = None
     #: ``optional: true``: the run may end without it happening.
     optional: bool = False
 
+    def what(self) -> str:
+        """What happens, for the timeline report and failure messages."""
+        raise NotImplementedError
+
     def describe(self) -> str:
-        if self.kind in ("gateway", "storage"):
-            given = {k: v for k, v in self.params.items() if v not in (None, False)}
-            what = f"{self.kind} " + ", ".join(f"{k}={v}" for k, v in given.items())
-        elif self.kind == "service":
-            what = f"service {self.params['service']}"
-        elif self.kind == "restart":
-            what = "restart"
-            if self.params.get("file") is not None:
-                what += f" after {self.params['after_bytes']} bytes of {self.params['file']}"
-        else:
-            what = f"clock +{self.params['clock']:g}s"
+        what = self.what()
         if self.before_step is not None:
             return f"{what} (before step {self.before_step})"
         if self.at is not None:
             return f"{what} (at {self.at:g}s)"
         return what
+
+
+def _settings(kind: str, settings: tuple[tuple[str, Any], ...]) -> str:
+    return f"{kind} " + ", ".join(f"{k}={v}" for k, v in settings)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatewayFaultEntry(TimelineEvent):
+    """A ``gateway`` entry: the fault armed on the fake CMG (``FakeCMG.fail``)."""
+
+    kind: ClassVar[str] = "gateway"
+    fault: GatewayFault
+    #: The keys given a value, in the file's order (then defaults): how reports show the entry.
+    settings: tuple[tuple[str, Any], ...] = ()
+
+    def what(self) -> str:
+        return _settings(self.kind, self.settings)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StorageFaultEntry(TimelineEvent):
+    """A ``storage`` entry: the fault proxy faults it scripts, and which requests they hit."""
+
+    kind: ClassVar[str] = "storage"
+    #: The 1-based storage request number (of ``file``'s requests, if given); None: the next.
+    request: int | None = None
+    times: int = 1
+    #: Only requests for blobs whose name contains this.
+    file: str | None = None
+    #: Built from the entry by the fault vocabulary (``_net.faults.VOCABULARY``); they combine
+    #: on the same request.
+    faults: tuple[Fault, ...] = ()
+    #: The keys given a value, in the file's order (then defaults): how reports show the entry.
+    settings: tuple[tuple[str, Any], ...] = ()
+
+    def what(self) -> str:
+        return _settings(self.kind, self.settings)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceEvent(TimelineEvent):
+    """A ``service`` entry: the CMG service stops (every request answered 503) or starts."""
+
+    kind: ClassVar[str] = "service"
+    service: str
+
+    def what(self) -> str:
+        return f"service {self.service}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClockJump(TimelineEvent):
+    """A ``clock`` entry: the site's clock and virtual time move forward."""
+
+    kind: ClassVar[str] = "clock"
+    seconds: float
+
+    def what(self) -> str:
+        return f"clock +{self.seconds:g}s"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Restart(TimelineEvent):
+    """A ``restart`` entry: the power of the running boot is cut (``before_step`` or ``at``)."""
+
+    kind: ClassVar[str] = "restart"
+
+    def what(self) -> str:
+        return "restart"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RestartMidDownload(Restart):
+    """A ``restart`` entry with ``file`` and ``after_bytes``: the power is cut once storage has
+    sent ``after_bytes`` of a blob whose name contains ``file``."""
+
+    file: str
+    after_bytes: int
+
+    def what(self) -> str:
+        return f"restart after {self.after_bytes} bytes of {self.file}"
+
+
+@dataclass(frozen=True)
+class Expectations:
+    """``expect``: what must hold after the run, one field per key of the language (the
+    ``EXPECT`` record, in its order), with the values it validated; None: not asked."""
+
+    outcome: str
+    exit_code: str | None = None
+    cache: tuple[str, ...] | None = None
+    downloaded: tuple[str, ...] | None = None
+    #: Gateway request counts, by endpoint (only the endpoints the file names).
+    requests: Mapping[str, Bounds] = field(default_factory=dict)
+    log: tuple[str, ...] | None = None
+    gateway_log: tuple[str, ...] | None = None
+    absent_log: tuple[str, ...] | None = None
+    absent_gateway_log: tuple[str, ...] | None = None
+    storage_bytes: Mapping[str, Bounds] | None = None
+    storage_requests: Bounds | None = None
+    egress_bytes: Bounds | None = None
+    retries: Bounds | None = None
+    restarts: Bounds | None = None
+    elapsed: Bounds | None = None
+    ts_cache: tuple[str, ...] | None = None
+    throughput: Mapping[str, Bounds] | None = None
 
 
 @dataclass(frozen=True)
@@ -103,7 +209,7 @@ class Scenario:
     task_sequence: TaskSequence
     launch: str
     deployment: DeploymentSettings
-    expect: dict[str, Any]
+    expect: Expectations
     lines: dict[str, int] = field(default_factory=dict)
     #: Paths whose line is in another file (an included world, a catalog entry).
     files: dict[str, Path] = field(default_factory=dict)
@@ -140,7 +246,7 @@ class Scenario:
     @property
     def restarts(self) -> bool:
         """Whether the computer restarts in the run: then every boot is a process of its own."""
-        return self.task_sequence.restarts or any(e.kind == "restart" for e in self.timeline)
+        return self.task_sequence.restarts or any(isinstance(e, Restart) for e in self.timeline)
 
     @property
     def item_name(self) -> str:

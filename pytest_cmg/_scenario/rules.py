@@ -7,10 +7,10 @@ settings they act on. :func:`cross_check` records each problem on the :class:`.V
 from __future__ import annotations
 
 import difflib
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Any
 
 from .._client.sequence import DOWNLOAD_PACKAGE_CONTENT, ContentDestination, custom_path_parts
-from .._net.faults import FaultKind
+from .._net.faults import VOCABULARY
 from .._protocol.paths import Endpoint
 from .._protocol.settings import NO_NEW_CLASSIC_CLOUD_DP_SINCE, CmgSettings
 from .content import package_file_names
@@ -501,17 +501,34 @@ def _check_fault(
             problem(f"{where}.gateway.retry_after", "retry_after goes with a status")
     storage = event.get("storage")
     if isinstance(storage, dict):
-        # The fault proxy's vocabulary, spelled once (FaultKind).
-        effects = get_args(FaultKind)
-        if not any(storage.get(k) not in (None, False) for k in effects):
-            problem(
-                f"{where}.storage",
-                "this storage fault does nothing",
-                f"give one of {', '.join(effects)}",
-            )
-        if (storage.get("stall_after") is None) != (storage.get("stall_for") is None):
-            key = "stall_for" if storage.get("stall_after") is None else "stall_after"
-            problem(f"{where}.storage.{key}", "stall_after and stall_for go together")
-        for key in ("retry_after", "error_code"):
-            if storage.get(key) is not None and storage.get("respond") is None:
-                problem(f"{where}.storage.{key}", f"{key} goes with respond")
+        _check_storage_fault(storage, f"{where}.storage", problem)
+
+
+def _check_storage_fault(storage: dict[str, Any], where: str, problem: Callable[..., None]) -> None:
+    """A ``storage`` entry against the fault proxy's vocabulary (``VOCABULARY``), spelled once:
+    it asks for a fault, each fault's values go together, and the proxy can act on them."""
+    if not any(word.asked(storage) for word in VOCABULARY):
+        keys = ", ".join(word.key for word in VOCABULARY)
+        problem(where, "this storage fault does nothing", f"give one of {keys}")
+    for word in VOCABULARY:
+        asked = word.asked(storage)
+        complete = True
+        for arg in word.args:
+            if storage.get(arg.key) is None:
+                if asked and arg.required:
+                    complete = False
+                    problem(f"{where}.{word.key}", f"{word.key} and {arg.key} go together")
+            elif not asked:
+                rule = (
+                    f"{word.key} and {arg.key} go together"
+                    if arg.required
+                    else f"{arg.key} goes with {word.key}"
+                )
+                problem(f"{where}.{arg.key}", rule)
+        if asked and complete:
+            try:
+                word.build(storage)
+            except ValueError as error:
+                # The proxy's own check (a rate of 0, a header value with a line break): at
+                # collection, at its line, rather than as a crash in the middle of the run.
+                problem(f"{where}.{word.key}", str(error), "give a value the fault can act on")

@@ -25,6 +25,7 @@ from .._client.log import SmstsLog
 from .._errors import ExpectationFailed, ScenarioError, ScenarioProblem
 from .benchmark import BenchmarkRound, collect_rounds, hashlib_seconds, raw_seconds
 from .expectations import ScenarioRun
+from .model import RestartMidDownload, StorageFaultEntry
 from .timeline import ScenarioTime, Timeline, TimelineLog
 from .world import CLIENT_ID, World, build_world, seed_cache
 
@@ -134,7 +135,7 @@ def run_scenario(
                 or download_program is not None
                 or (
                     due.aligned
-                    and _journal_reaches(workdir, due.event.params["file"], due.start + due.sent)
+                    and _journal_reaches(workdir, due.event.file, due.start + due.sent)
                 )
             ):
                 timeline.cut(due.event)
@@ -460,7 +461,7 @@ def _no_storage_faults(scenario: Scenario, url: str) -> None:
     """Refuse, before anything runs, a scenario whose storage faults cannot be injected."""
     for event in scenario.timeline:
         # A mid-download restart is armed as storage stalls: it needs the proxy as much.
-        if event.kind == "storage" or (event.kind == "restart" and event.params.get("file")):
+        if isinstance(event, StorageFaultEntry | RestartMidDownload):
             path, line = scenario.location(event.where)
             rule = (
                 f"{event.where}: storage faults need plain-http storage behind the fault proxy, "

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 import threading
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
@@ -26,9 +26,17 @@ from urllib.parse import unquote
 from .._client.boot import StepLog
 from .._client.retry import RetryPolicy
 from .._net.faults import Fault
+from .model import (
+    ClockJump,
+    GatewayFaultEntry,
+    Restart,
+    RestartMidDownload,
+    ServiceEvent,
+    StorageFaultEntry,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from .._gateway.faults import GatewayFault
     from .._gateway.requestlog import LoggedRequest
@@ -42,12 +50,7 @@ __all__ = [
     "Timeline",
     "TimelineFault",
     "TimelineLog",
-    "storage_faults",
 ]
-
-#: Faults that act at a body offset: they can hit a request and still do nothing, when its
-#: body ends before the offset (a reset after 30 MiB of a 20 MiB file).
-_AT_OFFSET = ("reset_after", "close_after", "stall_after", "flip_byte")
 
 #: The zero-length stalls a mid-download restart is armed as: they mark, in the fault proxy,
 #: the moment storage has sent ``after_bytes`` of the file's body, then the next
@@ -72,7 +75,7 @@ def cut_offsets(after: int) -> list[int]:
 class DueCut:
     """A mid-download ``restart`` entry whose request storage is now holding at a stall."""
 
-    event: TimelineEvent
+    event: RestartMidDownload
     #: The first byte of the file that request asked for (its ``Range``; 0 without one).
     start: int
     #: Body bytes storage has sent in answer to it.
@@ -159,51 +162,13 @@ class TimelineLog(StepLog):
     """
 
 
-def stalls_for_cut(params: dict[str, Any]) -> list[Fault]:
+def stalls_for_cut(event: RestartMidDownload) -> list[Fault]:
     """The faults a mid-download ``restart`` entry is armed as (see :data:`_CUT_STALL`)."""
     from .._net import faults as fp
 
     return [
-        fp.stall_after(offset, _CUT_STALL) for offset in cut_offsets(int(params["after_bytes"]))
+        fp.stall_after(offset, _CUT_STALL) for offset in cut_offsets(event.after_bytes)
     ]
-
-
-def storage_faults(params: dict[str, Any]) -> list[Fault]:
-    """The fault proxy faults of one ``storage`` entry (several combine on the same request)."""
-    from .._net import faults as fp
-
-    faults: list[Fault] = []
-    if params.get("delay") is not None:
-        faults.append(fp.delay(params["delay"]))
-    if params.get("close_before_headers"):
-        faults.append(fp.close_before_headers())
-    if params.get("ignore_range"):
-        faults.append(fp.ignore_range())
-    if params.get("respond") is not None:
-        headers = {}
-        body = b""
-        if params.get("retry_after") is not None:
-            headers["Retry-After"] = str(params["retry_after"])
-        if params.get("error_code") is not None:
-            code = str(params["error_code"])
-            headers["x-ms-error-code"] = code
-            headers["Content-Type"] = "application/xml"
-            body = (
-                '<?xml version="1.0" encoding="utf-8"?><Error><Code>'
-                f"{code}</Code><Message>scripted by the scenario</Message></Error>"
-            ).encode()
-        faults.append(fp.respond(int(params["respond"]), headers=headers, body=body))
-    if params.get("throttle") is not None:
-        faults.append(fp.throttle(int(params["throttle"])))
-    if params.get("stall_after") is not None:
-        faults.append(fp.stall_after(int(params["stall_after"]), float(params["stall_for"])))
-    if params.get("flip_byte") is not None:
-        faults.append(fp.flip_byte(int(params["flip_byte"])))
-    if params.get("reset_after") is not None:
-        faults.append(fp.reset_after(int(params["reset_after"])))
-    if params.get("close_after") is not None:
-        faults.append(fp.close_after(int(params["close_after"])))
-    return faults
 
 
 @dataclass(frozen=True)
@@ -264,14 +229,17 @@ class Timeline:
     def fire(self, event: TimelineEvent) -> None:
         with self._lock:
             self.fired.append((self.time.now, event))
-        params = event.params
-        if event.kind == "gateway":
-            fault = {k: v for k, v in params.items() if k != "endpoint" and v is not None}
-            fault.setdefault("delay", 0.0)
-            armed = self.gateway.fail(params.get("endpoint"), **fault)
+        if isinstance(event, GatewayFaultEntry):
+            fault = event.fault
+            # The gateway arms a fault of its own from these: the one it returns is the one
+            # ``FaultPlan.fired`` is asked about (by identity).
+            settings = {
+                f.name: getattr(fault, f.name) for f in fields(fault) if f.name != "endpoint"
+            }
+            armed = self.gateway.fail(fault.endpoint, **settings)
             with self._lock:
                 self.armed[event.where] = armed
-        elif event.kind == "storage":
+        elif isinstance(event, StorageFaultEntry):
             if self.proxy is None:
                 # The runner refuses such a scenario before it starts (a ScenarioError with
                 # its file and line): reaching this is a bug, not a scenario mistake.
@@ -279,33 +247,31 @@ class Timeline:
                     f"{event.where}: storage faults need plain-http storage behind the fault proxy"
                 )
                 raise AssertionError(msg)
-            for scripted in storage_faults(params):
+            for scripted in event.faults:
                 self.proxy.add(
                     TimelineFault.of(scripted, event.where),
-                    request=params.get("request"),
-                    times=params.get("times", 1),
-                    path=params.get("file"),
+                    request=event.request,
+                    times=event.times,
+                    path=event.file,
                 )
-        elif event.kind == "restart":
-            if params.get("file") is not None:
-                if self.proxy is None:
-                    # Refused before the run like storage faults: reaching this is a bug.
-                    msg = f"{event.where}: a mid-download restart needs the fault proxy"
-                    raise AssertionError(msg)
-                # Cut when storage has sent after_bytes of the file (:meth:`cut_due`).
-                for stall in stalls_for_cut(params):
-                    self.proxy.add(
-                        TimelineFault.of(stall, event.where), times=1, path=params["file"]
-                    )
-            elif self.power_cut is not None:
+        elif isinstance(event, RestartMidDownload):
+            if self.proxy is None:
+                # Refused before the run like storage faults: reaching this is a bug.
+                msg = f"{event.where}: a mid-download restart needs the fault proxy"
+                raise AssertionError(msg)
+            # Cut when storage has sent after_bytes of the file (:meth:`cut_due`).
+            for stall in stalls_for_cut(event):
+                self.proxy.add(TimelineFault.of(stall, event.where), times=1, path=event.file)
+        elif isinstance(event, Restart):
+            if self.power_cut is not None:
                 self.power_cut()
-        elif event.kind == "service":
-            if params["service"] == "stop":
+        elif isinstance(event, ServiceEvent):
+            if event.service == "stop":
                 self.gateway.stop_service(f"stopped by the scenario ({event.where})")
             else:
                 self.gateway.start_service()
-        else:
-            self.time.pass_time(float(params["clock"]))
+        elif isinstance(event, ClockJump):
+            self.time.pass_time(event.seconds)
 
     def cut_due(self, storage: list[ProxiedRequest]) -> DueCut | None:
         """The mid-download ``restart`` entry storage has now sent ``after_bytes`` for, with
@@ -314,7 +280,7 @@ class Timeline:
         Called from the fault proxy's stall hook, while the armed stalls hold the body.
         """
         for event in self.events:
-            if event.kind != "restart" or event.params.get("file") is None:
+            if not isinstance(event, RestartMidDownload):
                 continue
             with self._lock:
                 if event.where in self._cut:
@@ -325,7 +291,7 @@ class Timeline:
             if not hit:
                 continue
             request = max(hit, key=lambda r: r.body_bytes)
-            after = int(event.params["after_bytes"])
+            after = event.after_bytes
             if request.body_bytes >= after:
                 last = request.body_bytes >= cut_offsets(after)[-1]
                 return DueCut(event, _range_start(request.range), request.body_bytes, last)
@@ -358,21 +324,18 @@ class Timeline:
         for event in self.events:
             if not self.has_fired(event):
                 out.append((event, self._never_armed(event, steps)))
-            elif event.kind == "gateway":
+            elif isinstance(event, GatewayFaultEntry):
                 why = self._gateway_miss(event, requests)
                 if why:
                     out.append((event, why))
-            elif event.kind == "storage" and storage is not None:
-                why = _storage_miss(event, storage)
+            elif isinstance(event, StorageFaultEntry) and storage is not None:
+                why = _storage_miss(event.where, event.file, event.request, event.faults, storage)
                 if why:
                     out.append((event, why))
-            elif event.kind == "restart" and event.params.get("file") and storage is not None:
-                params = {
-                    "file": event.params["file"],
-                    "stall_after": event.params["after_bytes"],
-                    "stall_for": _CUT_STALL,
-                }
-                why = _storage_miss(replace(event, params=params), storage)
+            elif isinstance(event, RestartMidDownload) and storage is not None:
+                # Its first stall (at after_bytes) is the one that must act.
+                first = stalls_for_cut(event)[:1]
+                why = _storage_miss(event.where, event.file, None, first, storage)
                 if why:
                     out.append((event, why))
         return out
@@ -387,15 +350,15 @@ class Timeline:
             "was never armed"
         )
 
-    def _gateway_miss(self, event: TimelineEvent, requests: list[LoggedRequest]) -> str:
+    def _gateway_miss(self, event: GatewayFaultEntry, requests: list[LoggedRequest]) -> str:
         armed = self.armed.get(event.where)
         faults = getattr(self.gateway, "faults", None)
         if armed is None or faults is None or faults.fired(armed):
             return ""
-        endpoint = event.params.get("endpoint")
+        endpoint = event.fault.endpoint
         asked = [r for r in requests if endpoint is None or r.endpoint == endpoint]
         what = f"{endpoint} request(s)" if endpoint else "request(s)"
-        number = event.params.get("request")
+        number = event.fault.request
         wanted = f"{endpoint or 'any'} request #{number}" if number else f"the next {what}"
         return f"it waited for {wanted}, and the gateway logged {len(asked)} {what} in the run"
 
@@ -424,14 +387,20 @@ def _range_start(value: str | None) -> int:
     return int(first) if first.isdigit() else 0
 
 
-def _storage_miss(event: TimelineEvent, storage: list[ProxiedRequest]) -> str:
-    """Why an armed storage entry never fired or never acted; empty when it did."""
-    tag = f"@{event.where}"
+def _storage_miss(
+    where: str,
+    file: str | None,
+    number: int | None,
+    faults: Sequence[Fault],
+    storage: list[ProxiedRequest],
+) -> str:
+    """Why an armed storage entry never fired or never acted; empty when it did.
+
+    ``where``, ``file`` and ``number`` are the entry's, ``faults`` what it armed on the proxy.
+    """
+    tag = f"@{where}"
     hit = [r for r in storage if any(name.endswith(tag) for name in r.faults)]
-    params = event.params
     if not hit:
-        file = params.get("file")
-        number = params.get("request")
         asked = [r for r in storage if file is None or file in unquote(r.path)]
         which = f"storage request #{number}" if number else "the next storage request"
         blobs = f" for a blob whose name contains {file!r}" if file else ""
@@ -440,24 +409,13 @@ def _storage_miss(event: TimelineEvent, storage: list[ProxiedRequest]) -> str:
             f"{len(asked)} such request(s)"
             + (f" ({len(storage)} storage request(s) in all)" if file else "")
         )
-    for fault in storage_faults(params):
-        if fault.kind not in _AT_OFFSET:
-            continue
+    for fault in faults:
         # A cut or a stall acts when the body reaches its offset; a flipped byte must be sent.
-        reached = [
-            r
-            for r in hit
-            if f"{fault.name}{tag}" in r.faults
-            and (
-                r.body_bytes > fault.offset
-                if fault.kind == "flip_byte"
-                else r.body_bytes >= fault.offset
-            )
-        ]
-        if not reached:
-            bodies = ", ".join(f"#{r.number}: {r.body_bytes} body bytes" for r in hit[:5])
-            return (
-                f"{fault.name} hit {len(hit)} request(s) but never acted: none reached body "
-                f"byte {fault.offset} ({bodies}); give a smaller offset, or name a larger file"
-            )
+        if any(f"{fault.name}{tag}" in r.faults and fault.acted(r.body_bytes) for r in hit):
+            continue
+        bodies = ", ".join(f"#{r.number}: {r.body_bytes} body bytes" for r in hit[:5])
+        return (
+            f"{fault.name} hit {len(hit)} request(s) but never acted: none reached body "
+            f"byte {fault.offset} ({bodies}); give a smaller offset, or name a larger file"
+        )
     return ""

@@ -7,8 +7,11 @@ benchmark, gateway and storage faults and restarts; :mod:`.language` assembles t
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .._client.sequence import STEP_ACTIONS, ContentDestination, Setup
 from .._gateway.faults import PACKAGE_HASH_FAULTS
+from .._net.faults import VOCABULARY, FaultWord, ValueType
 from .._protocol.paths import Endpoint
 from .limits import MAX_PACKAGE_BYTES, MAX_PACKAGE_FILES
 from .spec import (
@@ -25,8 +28,12 @@ from .spec import (
     Record,
     Regex,
     Size,
+    Spec,
     Str,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
 
 PACKAGE_ID = Str(
     pattern=r"[A-Z0-9]{3}[0-9A-F]{5}",
@@ -556,6 +563,31 @@ GATEWAY_FAULT = Record(
     },
 )
 
+#: How each type of value of the fault vocabulary (:data:`~.._net.faults.VOCABULARY`) is
+#: written in a scenario.
+_VALUE_SPECS: dict[ValueType, Callable[[], Spec]] = {
+    "offset": Size,
+    "rate": Size,
+    "seconds": Duration,
+    "status": lambda: Int(minimum=200, maximum=599),
+    "text": Str,
+    "flag": Bool,
+}
+
+
+def storage_fault_fields(words: Iterable[FaultWord] = VOCABULARY) -> dict[str, Field]:
+    """The keys of a ``storage`` entry that ask for faults: each word's, then its args', in the
+    vocabulary's order. A flag defaults to false, any other value to not given."""
+    fields: dict[str, Field] = {}
+    for word in words:
+        typed = [(word.key, word.type, word.doc, word.example)]
+        typed += [(arg.key, arg.type, arg.doc, arg.example) for arg in word.args]
+        for key, kind, doc, example in typed:
+            default = False if kind == "flag" else None
+            fields[key] = Field(_VALUE_SPECS[kind](), default=default, doc=doc, example=example)
+    return fields
+
+
 STORAGE_FAULT = Record(
     doc="A scripted storage fault, injected by the fault proxy in front of Azurite.",
     fields={
@@ -579,45 +611,7 @@ STORAGE_FAULT = Record(
             ),
             example="install.wim",
         ),
-        "reset_after": Field(Size(), default=None, doc="TCP reset after this many body bytes."),
-        "close_after": Field(Size(), default=None, doc="Clean close after this many body bytes."),
-        "stall_after": Field(
-            Size(), default=None, doc="Stop sending after this many body bytes (see stall_for)."
-        ),
-        "stall_for": Field(
-            Duration(),
-            default=None,
-            doc="How long a stall lasts, on virtual time (passes at once, counts in elapsed).",
-        ),
-        "throttle": Field(
-            Size(),
-            default=None,
-            doc="Bytes per second the body is paced at, on virtual time.",
-            example="1MiB",
-        ),
-        "delay": Field(Duration(), default=None, doc="Wait (virtual) before the answer's head."),
-        "flip_byte": Field(
-            Size(), default=None, doc="Flip the body byte at this offset (0-based)."
-        ),
-        "close_before_headers": Field(
-            Bool(), default=False, doc="Close the connection without a single answer byte."
-        ),
-        "respond": Field(
-            Int(minimum=200, maximum=599),
-            default=None,
-            doc="Answer this status instead of forwarding the request.",
-            example="503",
-        ),
-        "retry_after": Field(Str(), default=None, doc="`Retry-After` header of `respond`."),
-        "error_code": Field(
-            Str(),
-            default=None,
-            doc="`x-ms-error-code` header of `respond`, e.g. ServerBusy.",
-            example="ServerBusy",
-        ),
-        "ignore_range": Field(
-            Bool(), default=False, doc="Forward without `Range`: storage answers 200, full body."
-        ),
+        **storage_fault_fields(),
     },
 )
 

@@ -81,6 +81,7 @@ _API: dict[str, str] = {
     "SmstsLog": "._client.log",
     "SpaceReport": "._client.cache",
     "Step": "._client.sequence",
+    "StepEvent": "._client.engine",
     "TaskSequence": "._client.sequence",
     "TaskSequenceCache": "._client.tscache",
     "TaskSequenceEngine": "._client.engine",
@@ -111,6 +112,7 @@ if TYPE_CHECKING:
     from ._client.cmg import CMGConnection as CMGConnection
     from ._client.download import DownloadCore as DownloadCore
     from ._client.download import DownloadStats as DownloadStats
+    from ._client.engine import StepEvent as StepEvent
     from ._client.engine import TaskSequenceEngine as TaskSequenceEngine
     from ._client.log import SmstsLog as SmstsLog
     from ._client.retry import RetryPolicy as RetryPolicy

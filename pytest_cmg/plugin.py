@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from _pytest.terminal import TerminalReporter
 
     from ._client.acp import ContentProvider
-    from ._client.engine import TaskSequenceEngine
+    from ._client.engine import StepEvent, TaskSequenceEngine
     from ._client.retry import VirtualTime
     from ._gateway.server import FakeCMG
     from ._net.proxy import FaultProxy
@@ -397,13 +397,15 @@ def cmg_client(
     """A factory of client engines connected to ``cmg`` with a cache under ``tmp_path``.
 
     ``cmg_client(settings=ClientSettings(...), deployment=DeploymentSettings(...),
-    cache_mb=5120, name="client", auth="token" | "certificate" | "azure_ad", provider=None)``
+    cache_mb=5120, name="client", auth="token" | "certificate" | "azure_ad", provider=None,
+    on_step=None)``
     returns a ready :class:`TaskSequenceEngine`; ``auth="certificate"`` uses mutual TLS with a
     client certificate from the gateway's client CA, ``auth="azure_ad"`` an Azure AD device token
     of ``cmg.tenant`` that the engine exchanges at CCM_STS for a CCM token. ``provider`` is a
     :class:`ContentProvider` each package is handed to before the built-in download (as an
-    alternate content provider). With HTTPS storage the engines trust its CA, and name it to
-    providers.
+    alternate content provider). ``on_step`` is the engine's step hook: it is called with a
+    :class:`StepEvent` at each step's start and end. With HTTPS storage the engines trust its
+    CA, and name it to providers.
     """
     from ._client.factory import AUTH_KINDS, build_engine, connection_for
     from ._storage.clouddp import CloudDP
@@ -418,6 +420,7 @@ def cmg_client(
         name: str = "client",
         auth: str = "token",
         provider: ContentProvider | None = None,
+        on_step: Callable[[StepEvent], None] | None = None,
     ) -> TaskSequenceEngine:
         if auth not in AUTH_KINDS:
             msg = f"cmg_client(auth={auth!r}): choose one of {', '.join(map(repr, AUTH_KINDS))}"
@@ -435,6 +438,7 @@ def cmg_client(
             storage_ca_file=storage_ca,
             site_version=cmg.settings.site_version,
             provider=provider,
+            on_step=on_step,
         )
         engines.append(engine)
         return engine

@@ -112,6 +112,7 @@ RECEIVED: dict[str, tuple[str, str]] = {
     "SmstsLog": ("takes", "TaskSequenceEngine.__init__.log"),
     "SpaceReport": ("returns", "ClientCache.make_room"),
     "Step": ("returns", "TaskSequence.steps"),
+    "StepEvent": ("takes", "TaskSequenceEngine.__init__.on_step"),
     "TaskSequence": ("takes", "TaskSequenceEngine.run.sequence"),
     "TaskSequenceCache": ("returns", "TaskSequenceEngine.ts_cache"),
     "TaskSequenceEngine": ("fixture", "cmg_client"),

@@ -370,3 +370,114 @@ def test_without_a_journal_the_boot_after_a_mid_download_cut_fetches_the_file_ag
     assert not any("from an earlier run's journal" in m for m in run.smsts)
     failed = sorted(f.expectation for f in check_expectations(resumed, run))
     assert failed == ["expect.log[1]", "expect.storage_bytes.PS100012"]
+
+
+# --- the engine's step hook (StepEvent) -----------------------------------------------------------
+
+
+def _starts_and_ends(events: list[object]) -> list[tuple[object, ...]]:
+    from pytest_cmg import StepEvent
+
+    assert all(isinstance(e, StepEvent) for e in events)
+    return [(e.index, e.name, e.phase, e.outcome, e.exit_code) for e in events]  # type: ignore[attr-defined]
+
+
+def _hook_sequence(*rest: Step) -> TaskSequence:
+    """The step hook tests' sequence: its first boot runs a step, skips one (its condition is
+    false) and restarts; ``rest`` follows."""
+    from pytest_cmg import Condition
+
+    french = Condition("OSDLanguage", "equals", "fr-FR")
+    first = (
+        Step("Check readiness", "run_command_line"),
+        Step("French only", "run_command_line", conditions=(french,)),
+        Step("Restart", "restart_computer"),
+    )
+    return TaskSequence(
+        "PS100020",
+        "Upgrade",
+        (*first, *rest),
+        variables={"OSDLanguage": "it-IT"},
+        package_versions={"PS100012": 1},
+    )
+
+
+#: What the hook hears in the first boot of :func:`_hook_sequence`.
+FIRST_BOOT_EVENTS = [
+    (0, "Check readiness", "start", None, 0),
+    (0, "Check readiness", "end", "succeeded", 0),
+    (1, "French only", "start", None, 0),
+    (1, "French only", "end", "skipped", 0),
+    (2, "Restart", "start", None, 0),
+    (2, "Restart", "end", "succeeded", 0),
+]
+
+
+def test_the_step_hook_hears_each_step_start_and_end_in_process(
+    cmg, cmg_client, os_package
+) -> None:
+    """A skipped step starts (before its condition is evaluated) and ends "skipped"; a step that
+    fails ends "failed" with its code; a Restart Computer step ends before the restart."""
+    events: list[object] = []
+    sequence = _hook_sequence(
+        Step("Upgrade", "upgrade_os", "PS100012"),
+        Step("Drivers", "apply_driver_package", "PS100099"),
+        Step("Never", "run_command_line"),
+    )
+    assert cmg_client(on_step=events.append).run(sequence).restart == "restart_computer"
+    assert _starts_and_ends(events) == FIRST_BOOT_EVENTS
+    events.clear()
+    resumed = cmg_client(on_step=events.append).resume()
+    assert resumed is not None and resumed.exit_code == 0x80040102  # PS100099 is nowhere
+    assert _starts_and_ends(events) == [
+        (3, "Upgrade", "start", None, 0),
+        (3, "Upgrade", "end", "succeeded", 0),
+        (4, "Drivers", "start", None, 0),
+        (4, "Drivers", "end", "failed", 0x80040102),
+    ]
+
+
+def test_the_step_hook_hears_every_boot_in_the_parent_in_order(
+    cmg, cloud_dp, os_package, tmp_path: Path
+) -> None:
+    """Each boot process sends its step events to the parent's hook; Setup's step ends in the
+    boot where Setup hands the machine back, and a boot that only restarts hears nothing."""
+    from pytest_cmg import VirtualTime
+    from pytest_cmg._client.factory import connection_for
+
+    endpoint = cloud_dp.endpoint
+    storage_ca = endpoint.ca_cert if endpoint.url.startswith("https:") else None
+    sequence = _hook_sequence(
+        Step("Upgrade", "upgrade_os", "PS100012", setup=Setup(2, "success", 0)),
+        Step("After", "run_command_line"),
+    )
+    time = VirtualTime()
+    events: list[object] = []
+    boots: list[int] = []
+
+    def hear(event: object) -> None:
+        events.append(event)
+        boots.append(len(host.pids))
+
+    host = BootHost(
+        clock=time.clock, sleep=time.sleep, pass_time=time.pass_time, on_step=hear, timeout=300
+    )
+    spec = BootSpec(
+        connection_for(cmg, "GUID:hook"),
+        tmp_path / "client",
+        sequence,
+        "software_center",
+        100,
+        storage_ca_file=storage_ca,
+    )
+    result = host.run(spec)
+    assert (result.exit_code, result.reboots) == (0, 3)
+    assert host.boots == ["boot 1: restart_computer", "boot 2: setup", "boot 3: setup", "boot 4: ended"]
+    assert _starts_and_ends(events) == [
+        *FIRST_BOOT_EVENTS,
+        (3, "Upgrade", "start", None, 0),
+        (3, "Upgrade", "end", "succeeded", 0),
+        (4, "After", "start", None, 0),
+        (4, "After", "end", "succeeded", 0),
+    ]
+    assert boots == [1, 1, 1, 1, 1, 1, 2, 4, 4, 4]

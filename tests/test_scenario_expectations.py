@@ -33,6 +33,7 @@ import pytest_cmg._net.proxy
 import pytest_cmg._storage.clouddp  # noqa: F401
 from pytest_cmg._client.cache import ClientCache
 from pytest_cmg._client.engine import CMGClient
+from pytest_cmg._client.retry import VirtualTime
 from pytest_cmg._errors import ContentError, ExpectationFailed, ScenarioError
 from pytest_cmg._gateway.faults import FaultPlan, GatewayFault
 from pytest_cmg._net.faults import faults_from
@@ -42,7 +43,7 @@ from pytest_cmg._scenario.items import ScenarioFailed
 from pytest_cmg._scenario.load import load_scenario, load_scenarios
 from pytest_cmg._scenario.model import PackageSpec, StorageFaultEntry
 from pytest_cmg._scenario.runner import run_scenario
-from pytest_cmg._scenario.timeline import ScenarioTime, Timeline, TimelineFault
+from pytest_cmg._scenario.timeline import Timeline, TimelineFault
 from pytest_cmg._scenario.vocabulary import EXPECT
 from pytest_cmg._scenario.world import seed_cache
 from pytest_cmg._util.cachedir import CACHE_ENV, cache_dir
@@ -431,7 +432,7 @@ def _proxied(number: int, faults: tuple[str, ...], body: int) -> ProxiedRequest:
 def test_a_storage_fault_fired_only_if_it_acted(params: dict[str, object], body: int, acted: bool) -> None:
     event = StorageFaultEntry(where="faults[0]", request=1, faults=tuple(faults_from(params)))
     names = tuple(TimelineFault.of(f, "faults[0]").name for f in event.faults)
-    time = ScenarioTime(START)
+    time = VirtualTime(START)
     timeline = Timeline((event,), None, None, time)  # type: ignore[arg-type]
     timeline.fired.append((0.0, event))
     missed = timeline.missed([], [_proxied(1, names, body)])

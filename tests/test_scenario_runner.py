@@ -7,12 +7,12 @@ The pure parts run without services; the last tests run scenarios on the session
 from __future__ import annotations
 
 from dataclasses import fields
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
-import pytest
-
+from pytest_cmg._client.engine import StepEvent
+from pytest_cmg._client.retry import VirtualTime
 from pytest_cmg._gateway.faults import GatewayFault
 from pytest_cmg._net.faults import delay, faults_from, reset_after
 from pytest_cmg._scenario.content import generate_package
@@ -24,7 +24,7 @@ from pytest_cmg._scenario.expectations import (
 from pytest_cmg._scenario.load import load_scenario
 from pytest_cmg._scenario.model import ClockJump, GatewayFaultEntry, ServiceEvent, StorageFaultEntry
 from pytest_cmg._scenario.runner import run_scenario
-from pytest_cmg._scenario.timeline import ScenarioTime, Timeline, TimelineLog
+from pytest_cmg._scenario.timeline import Timeline
 from pytest_cmg._scenario.world import build_world
 from pytest_cmg.faults import ProxiedRequest
 
@@ -35,53 +35,21 @@ START = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 
 
 # --------------------------------------------------------------------------------------------
-# virtual time and the site clock
+# the timeline on the engine's step hook (virtual time itself: tests/test_virtual_time.py)
 # --------------------------------------------------------------------------------------------
 
 
-def test_scenario_time_records_waits_and_moves_the_site_clock() -> None:
-    time = ScenarioTime(START)
-    clock = time.site_clock()
-    assert clock.now() == START
-    time.sleep(15)
-    time.pass_time(2.5)  # a stall: time passes, but it is not a retry wait
-    assert time.clock() == 17.5
-    assert time.waits == [15]
-    assert clock.now() == START + timedelta(seconds=17.5)
-
-
-def test_actions_due_at_a_time_fire_once_when_time_reaches_them() -> None:
-    time = ScenarioTime(START)
-    fired: list[tuple[str, float]] = []
-    time.at(10, lambda: fired.append(("ten", time.now)))
-    time.at(0, lambda: fired.append(("now", time.now)))  # already due: at once
-    assert fired == [("now", 0.0)]
-    time.pass_time(9.9)
-    assert fired == [("now", 0.0)]
-    time.sleep(0.2)
-    time.sleep(50)
-    assert fired == [("now", 0.0), ("ten", pytest.approx(10.1))]
-
-
-def test_the_retry_policy_is_seeded_so_backoff_repeats() -> None:
-    first = ScenarioTime(START, seed=7).policy()
-    second = ScenarioTime(START, seed=7).policy()
-    other = ScenarioTime(START, seed=8).policy()
-    waits = [first.backoff(n) for n in (1, 2, 3)]
-    assert waits == [second.backoff(n) for n in (1, 2, 3)]
-    assert waits != [other.backoff(n) for n in (1, 2, 3)]
-
-
-def test_the_timeline_log_reports_each_step_start(tmp_path: Path) -> None:
-    seen: list[int] = []
-    log = TimelineLog(tmp_path / "smsts.log", seen.append)
-    log.info("TSManager", "Start executing an instruction. Instruction name: A. Instruction pointer: 0")
-    log.info("TSManager", "Resolving local content for PS100012:1")
-    log.info("Other", "Start executing an instruction. Instruction name: B. Instruction pointer: 1")
-    log.info("TSManager", "Start executing an instruction. Instruction name: C. Instruction pointer: 12")
-    assert seen == [0, 12]
-    assert len(log.messages) == 4
-    assert "Instruction pointer: 12" in (tmp_path / "smsts.log").read_text(encoding="utf-8")
+def test_the_timeline_hears_the_start_of_each_step_not_its_end() -> None:
+    timeline = Timeline((), None, None, VirtualTime(START))  # type: ignore[arg-type]
+    started: list[int] = []
+    timeline.before_step = started.append  # type: ignore[method-assign]
+    timeline.on_step(StepEvent(0, "A", "start"))
+    timeline.on_step(StepEvent(0, "A", "end", "succeeded"))
+    timeline.on_step(StepEvent(1, "B", "start"))
+    timeline.on_step(StepEvent(1, "B", "end", "skipped"))
+    timeline.on_step(StepEvent(2, "C", "start"))
+    timeline.on_step(StepEvent(2, "C", "end", "failed", 0x80091007))
+    assert started == [0, 1, 2]
 
 
 class _Gateway:
@@ -120,7 +88,7 @@ def test_the_timeline_fires_each_event_at_its_moment() -> None:
         ClockJump(where="faults[3]", seconds=3600.0, at=30.0),
         ServiceEvent(where="faults[4]", service="start", at=7200.0),
     )
-    gateway, proxy, time = _Gateway(), _Proxy(), ScenarioTime(START)
+    gateway, proxy, time = _Gateway(), _Proxy(), VirtualTime(START)
     timeline = Timeline(events, gateway, proxy, time)  # type: ignore[arg-type]
     timeline.start()
     assert gateway.calls == [

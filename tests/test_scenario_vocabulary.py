@@ -23,12 +23,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pytest_cmg
+from pytest_cmg._client.retry import VirtualTime
 from pytest_cmg._errors import ScenarioError
 from pytest_cmg._net.faults import VOCABULARY, FaultWord, faults_from
 from pytest_cmg._scenario.load import load_scenario
 from pytest_cmg._scenario.model import Expectations, StorageFaultEntry
 from pytest_cmg._scenario.spec import Bounds
-from pytest_cmg._scenario.timeline import ScenarioTime, Timeline
+from pytest_cmg._scenario.timeline import Timeline
 from pytest_cmg._scenario.vocabulary import EXPECT, STORAGE_FAULT, storage_fault_fields
 
 HEAD = """\
@@ -53,7 +54,9 @@ class _Proxy:
     def __init__(self) -> None:
         self.added: list[tuple[str, int | None, int, str | None]] = []
 
-    def add(self, fault: Any, *, request: int | None = None, times: int = 1, path: str | None = None) -> None:
+    def add(
+        self, fault: Any, *, request: int | None = None, times: int = 1, path: str | None = None
+    ) -> None:
         self.added.append((fault.name, request, times, path))
 
 
@@ -83,19 +86,27 @@ def test_the_storage_entry_keys_are_the_vocabulary_s() -> None:
 
 
 @pytest.mark.parametrize("word", VOCABULARY, ids=[word.key for word in VOCABULARY])
-def test_every_word_is_accepted_by_the_language_and_reaches_the_proxy(tmp_path: Path, word: FaultWord) -> None:
-    text = HEAD + f"faults:\n  - storage: {{request: 2, {_entry(word)}}}\nexpect:\n  outcome: success\n"
+def test_every_word_is_accepted_by_the_language_and_reaches_the_proxy(
+    tmp_path: Path, word: FaultWord
+) -> None:
+    text = (
+        HEAD
+        + f"faults:\n  - storage: {{request: 2, {_entry(word)}}}\nexpect:\n  outcome: success\n"
+    )
     (event,) = load_scenario(write(tmp_path, text)).timeline
     assert isinstance(event, StorageFaultEntry)
     (fault,) = event.faults
     assert fault.kind == word.kind
     proxy = _Proxy()
-    Timeline((event,), None, proxy, ScenarioTime(START)).start()  # type: ignore[arg-type]
+    Timeline((event,), None, proxy, VirtualTime(START)).start()  # type: ignore[arg-type]
     assert proxy.added == [(f"{fault.name}@faults[0]", 2, 1, None)]
 
 
 def test_a_value_the_proxy_refuses_is_a_problem_at_its_line(tmp_path: Path) -> None:
-    text = HEAD + "faults:\n  - storage: {request: 1,\n      throttle: 0}\nexpect:\n  outcome: success\n"
+    text = (
+        HEAD
+        + "faults:\n  - storage: {request: 1,\n      throttle: 0}\nexpect:\n  outcome: success\n"
+    )
     with pytest.raises(ScenarioError) as info:
         load_scenario(write(tmp_path, text))
     (problem,) = info.value.problems
@@ -104,7 +115,10 @@ def test_a_value_the_proxy_refuses_is_a_problem_at_its_line(tmp_path: Path) -> N
 
 
 def test_values_that_go_together_follow_the_vocabulary(tmp_path: Path) -> None:
-    text = HEAD + "faults:\n  - storage: {request: 1, stall_for: 5s, error_code: ServerBusy}\nexpect:\n  outcome: success\n"
+    text = (
+        HEAD
+        + "faults:\n  - storage: {request: 1, stall_for: 5s, error_code: ServerBusy}\nexpect:\n  outcome: success\n"
+    )
     with pytest.raises(ScenarioError) as info:
         load_scenario(write(tmp_path, text))
     rules = sorted(p.rule for p in info.value.problems)
@@ -137,7 +151,8 @@ vocabulary.VOCABULARY = (
 import pytest_cmg
 from pytest_cmg._errors import ScenarioError
 from pytest_cmg._scenario.load import load_scenario
-from pytest_cmg._scenario.timeline import ScenarioTime, Timeline
+from pytest_cmg._client.retry import VirtualTime
+from pytest_cmg._scenario.timeline import Timeline
 
 class Proxy:
     def __init__(self):
@@ -147,7 +162,7 @@ class Proxy:
 
 (event,) = load_scenario(Path(sys.argv[1])).timeline
 proxy = Proxy()
-Timeline((event,), None, proxy, ScenarioTime(datetime.now(UTC))).start()
+Timeline((event,), None, proxy, VirtualTime(datetime.now(UTC))).start()
 try:
     load_scenario(Path(sys.argv[2]))
     refused = []
@@ -157,12 +172,19 @@ print(json.dumps({"added": proxy.added, "refused": refused}))
 """
 
 
-def test_a_word_added_to_the_table_is_usable_in_a_scenario_with_no_other_edit(tmp_path: Path) -> None:
+def test_a_word_added_to_the_table_is_usable_in_a_scenario_with_no_other_edit(
+    tmp_path: Path,
+) -> None:
     tail = "expect:\n  outcome: success\n"
     good = tmp_path / "good.cmg.yaml"
-    good.write_text(HEAD + "faults:\n  - storage: {request: 1, busy: true, busy_for: '7'}\n" + tail, encoding="utf-8")
+    good.write_text(
+        HEAD + "faults:\n  - storage: {request: 1, busy: true, busy_for: '7'}\n" + tail,
+        encoding="utf-8",
+    )
     bad = tmp_path / "bad.cmg.yaml"
-    bad.write_text(HEAD + "faults:\n  - storage: {request: 1, busy: true}\n" + tail, encoding="utf-8")
+    bad.write_text(
+        HEAD + "faults:\n  - storage: {request: 1, busy: true}\n" + tail, encoding="utf-8"
+    )
     script = tmp_path / "new_word.py"
     script.write_text(textwrap.dedent(_NEW_WORD), encoding="utf-8")
     # This checkout's package, as the test process imports it (not an installed copy).
@@ -201,7 +223,11 @@ def test_an_unknown_expect_key_is_refused_at_its_line(tmp_path: Path) -> None:
     assert problem.hint.startswith("did you mean 'retries'?")
 
 
-_PATTERN = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789 =", min_size=1, max_size=12).map(str.strip).filter(bool)
+_PATTERN = (
+    st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789 =", min_size=1, max_size=12)
+    .map(str.strip)
+    .filter(bool)
+)
 _COUNT = st.integers(min_value=0, max_value=50)
 
 
@@ -269,9 +295,13 @@ def _expect(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
     return "\n".join(lines) + "\n", want
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(case=_expect())
-def test_loaded_expectations_round_trip_the_yaml_values(tmp_path: Path, case: tuple[str, dict[str, Any]]) -> None:
+def test_loaded_expectations_round_trip_the_yaml_values(
+    tmp_path: Path, case: tuple[str, dict[str, Any]]
+) -> None:
     text, want = case
     expect = load_scenario(write(tmp_path, HEAD + text)).expect
     defaults = Expectations(outcome=want["outcome"])

@@ -127,6 +127,7 @@ def _resume(self: TaskSequenceEngine, state: TsEnv) -> TaskSequenceResult:
         error = ContentError(
             setup.code, f"Windows Setup rolled back the upgrade with 0x{setup.code:08X}"
         )
+        self._step_event(setup.step, step.name, "end", "failed", setup.code)
         return self._fail(step.name, error, steps_run)
     self.log.info(
         "SetupComplete",
@@ -138,4 +139,5 @@ def _resume(self: TaskSequenceEngine, state: TsEnv) -> TaskSequenceResult:
         ts,
         f"Successfully completed the action ({step.name}) with the exit win32 code 0",
     )
+    self._step_event(setup.step, step.name, "end", "succeeded")
     return self._steps(sequence, setup.step + 1, steps_run)

@@ -10,7 +10,9 @@ What stays in the parent, the machine's "outside world", is served to the boot o
 
 * the clock and the waits (``clock``, ``sleep``, ``pass_time``), so retry waits, token lifetimes
   and the log's times stay on one virtual time across boots;
-* the step hook (``before_step``), so timeline entries at a step boundary fire in the parent.
+* the engine's step hook (``on_step``: each :class:`~.engine.StepEvent` is sent to the parent,
+  which calls its own hook and answers when it returns), so timeline entries at a step boundary
+  fire in the parent, before the boot goes on.
 
 :class:`BootHost` starts the boots one after the other, passes the time a restart takes between
 them, and can cut the power (:meth:`BootHost.power_cut`: the boot is killed by its pid, and
@@ -23,19 +25,17 @@ import contextlib
 import multiprocessing
 import os
 import random
-import re
 import signal
 import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, replace
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._errors import ContentError, PytestCmgError
-from .log import INFO, SmstsLog, wall_clock
-from .retry import RetryPolicy
+from .log import SmstsLog, wall_clock
+from .retry import RetryPolicy, SiteClock
 from .sequence import PackageTransfer, ProviderRun, TaskSequenceResult
 
 if TYPE_CHECKING:
@@ -46,41 +46,17 @@ if TYPE_CHECKING:
 
     from .._protocol.settings import ClientSettings, DeploymentSettings
     from .cmg import CMGConnection
+    from .engine import StepEvent
     from .sequence import TaskSequence
 
-__all__ = ["MAX_BOOTS", "BootError", "BootHost", "BootSpec", "StepLog"]
+__all__ = ["MAX_BOOTS", "BootError", "BootHost", "BootSpec"]
 
 #: Boots of one run at most: Setup's restarts and Restart Computer steps are few; a loop is a bug.
 MAX_BOOTS = 32
-#: The step boundary the engine logs (the product's wording): where ``before_step`` fires.
-_STEP_START = re.compile(r"^Start executing an instruction\. .*Instruction pointer: (\d+)$")
 
 
 class BootError(PytestCmgError):
     """A boot process failed, hung, or the boots never ended."""
-
-
-class StepLog(SmstsLog):
-    """smsts.log that calls ``on_step(index)`` when the engine is about to start a step.
-
-    The engine logs ``Start executing an instruction. ... Instruction pointer: N`` just before
-    each step: the one step boundary it shows, so timeline entries fire there without the engine
-    knowing about scenarios.
-    """
-
-    def __init__(
-        self,
-        path: Path,
-        on_step: Callable[[int], None],
-        clock: Callable[[], datetime] = wall_clock,
-    ) -> None:
-        super().__init__(path, clock)
-        self._on_step = on_step
-
-    def write(self, component: str, message: str, level: int = INFO) -> None:
-        super().write(component, message, level)
-        if component == "TSManager" and (match := _STEP_START.match(message)):
-            self._on_step(int(match[1]))
 
 
 @dataclass(frozen=True)
@@ -136,8 +112,8 @@ class _Remote:
     def sleep(self, seconds: float) -> None:
         self.call("sleep", seconds)
 
-    def before_step(self, index: int) -> None:
-        self.call("before_step", index)
+    def on_step(self, event: StepEvent) -> None:
+        self.call("on_step", event)
 
 
 def _boot(spec: BootSpec, conn: Connection) -> None:
@@ -147,12 +123,10 @@ def _boot(spec: BootSpec, conn: Connection) -> None:
 
     remote = _Remote(conn)
     try:
-        start = spec.start
-
-        def clock() -> datetime:
-            return wall_clock() if start is None else start + timedelta(seconds=remote.clock())
-
-        log = StepLog(spec.log_file, remote.before_step, clock)
+        clock: Callable[[], datetime] = (
+            wall_clock if spec.start is None else SiteClock(spec.start, remote.clock).now
+        )
+        log = SmstsLog(spec.log_file, clock)
         retry = RetryPolicy(sleep=remote.sleep, clock=remote.clock, rng=random.Random(spec.seed))
         extra: dict[str, Any] = {}
         if spec.site_version is not None:
@@ -171,6 +145,7 @@ def _boot(spec: BootSpec, conn: Connection) -> None:
             journal_bytes=spec.journal_bytes,
             journal_seconds=spec.journal_seconds,
             fsync=spec.fsync,
+            on_step=remote.on_step,
             **extra,
         )
         engine.persist = True
@@ -245,12 +220,17 @@ def _from_wire(wire: dict[str, Any]) -> TaskSequenceResult:
     return result
 
 
+def _ignore(event: StepEvent) -> None:
+    """No hook in the parent: the boot's step events are answered and dropped."""
+
+
 class BootHost:
     """Runs the boots of one computer, each a process, and serves them the parent's time.
 
-    ``clock``/``sleep``/``pass_time`` are the parent's virtual time, ``before_step`` the
-    timeline's step hook; ``restart_takes`` the virtual seconds a restart takes. ``timeout`` is
-    the wall-clock bound of one boot.
+    ``clock``/``sleep``/``pass_time`` are the parent's virtual time, ``on_step`` the engine's
+    step hook, called in the parent for every step event of every boot (a scenario's timeline);
+    ``restart_takes`` the virtual seconds a restart takes. ``timeout`` is the wall-clock bound
+    of one boot.
     """
 
     def __init__(
@@ -259,14 +239,14 @@ class BootHost:
         clock: Callable[[], float],
         sleep: Callable[[float], None],
         pass_time: Callable[[float], None],
-        before_step: Callable[[int], None] = lambda index: None,
+        on_step: Callable[[StepEvent], None] | None = None,
         restart_takes: float = 120.0,
         timeout: float = 600.0,
     ) -> None:
         self._calls: dict[str, Callable[..., Any]] = {
             "clock": clock,
             "sleep": sleep,
-            "before_step": before_step,
+            "on_step": on_step if on_step is not None else _ignore,
         }
         self.pass_time = pass_time
         self.restart_takes = restart_takes

@@ -39,7 +39,8 @@ are functions it takes as methods: restarts (``_restarts.py``), the content prov
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 from .._errors import ContentError
 from .._protocol import codes
@@ -99,6 +100,7 @@ __all__ = [
     "ProviderRun",
     "Setup",
     "Step",
+    "StepEvent",
     "TaskSequence",
     "TaskSequenceEngine",
     "TaskSequenceResult",
@@ -138,6 +140,34 @@ DATA_PATH = "_SMSTSMDataPath"
 #: A drive prefix of a Windows path (``C:``), mapped to the emulated system drive.
 
 
+StepPhase = Literal["start", "end"]
+StepOutcome = Literal["succeeded", "failed", "skipped"]
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """A step boundary of a running task sequence: what the engine's step hook (``on_step``)
+    receives.
+
+    ``start`` comes just before the step, before its condition is evaluated (where the engine
+    logs ``Start executing an instruction``), so a step that is then skipped starts too.
+    ``end`` comes when the step is over, with its ``outcome``: ``"succeeded"``, ``"failed"``
+    (``exit_code`` is its error, e.g. ``0x80091007`` for a hash mismatch) or ``"skipped"`` (its
+    condition was false; exit code 0). Each step that starts ends once, except that a boot cut
+    off mid-step by a power cut never ends it (the next boot starts it again), and a step that
+    hands over to Windows Setup ends in the boot where Setup hands the machine back. A Restart
+    Computer step ends (succeeded) before the computer restarts.
+    """
+
+    #: The step's place in the task sequence, from 0 (the product's instruction pointer).
+    index: int
+    name: str
+    phase: StepPhase
+    #: At ``end``: how the step ended; None at ``start``.
+    outcome: StepOutcome | None = None
+    exit_code: int = 0
+
+
 def _drive_of(cache_root: Path) -> Path:
     """The system drive of a client cache: ``C:`` holds ``C:\\Windows\\ccmcache``.
 
@@ -167,6 +197,7 @@ class TaskSequenceEngine:
         provider: ContentProvider | None = None,
         download_program_timeout: float = DEFAULT_TIMEOUT,
         storage_ca_file: Path | None = None,
+        on_step: Callable[[StepEvent], None] | None = None,
     ) -> None:
         """``ts_cache`` is the task sequence cache (default: ``_SMSTaskSequence`` beside the
         client cache, made on first use); ``system_drive`` is the folder custom download paths
@@ -177,6 +208,9 @@ class TaskSequenceEngine:
         when a task sequence sets that variable, its program is used instead.
         ``download_program_timeout`` is the seconds that program may run before its process
         group is killed; ``storage_ca_file`` the private CA of HTTPS storage, named to providers.
+        ``on_step`` is called at each step's start and end (:class:`StepEvent`), in the thread
+        running the sequence, which waits for it: a scenario's timeline fires its ``before_step``
+        entries there.
         """
         self.client = client
         #: The site's version, as the client knows it from policy; it gates launch contexts.
@@ -212,6 +246,8 @@ class TaskSequenceEngine:
         self.persist = False
         #: Restarts of the running sequence so far.
         self.reboots = 0
+        #: The step hook (see ``__init__``); may be set or replaced before a run.
+        self.on_step = on_step
 
     def close(self) -> None:
         self.release_content()
@@ -380,6 +416,7 @@ class TaskSequenceEngine:
                 f"Start executing an instruction. Instruction name: {step.name}. "
                 f"Instruction pointer: {index}",
             )
+            self._step_event(index, step.name, "start")
             failing = next((c for c in step.conditions if not c.holds(self.variables)), None)
             if failing is not None:
                 self.log.info(
@@ -387,10 +424,12 @@ class TaskSequenceEngine:
                     f"The condition for the action ({step.name}) is evaluated to be false "
                     f"({failing})",
                 )
+                self._step_event(index, step.name, "end", "skipped")
                 continue
             if step.action == RESTART_COMPUTER:
                 steps_run.append(step.name)
                 self.log.info(ts, f"The action ({step.name}) initiated a reboot request")
+                self._step_event(index, step.name, "end", "succeeded")
                 return self._restart(sequence, index + 1, steps_run, RESTART_COMPUTER)
             try:
                 for number, package_id in enumerate(step.packages, start=1):
@@ -398,6 +437,7 @@ class TaskSequenceEngine:
                         step, package_id, sequence.version_of(package_id), on_demand, number
                     )
             except ContentError as error:
+                self._step_event(index, step.name, "end", "failed", error.hresult)
                 return self._fail(step.name, error, steps_run)
             if step.setup is not None:
                 self.log.info(
@@ -414,10 +454,23 @@ class TaskSequenceEngine:
             self.log.info(
                 ts, f"Successfully completed the action ({step.name}) with the exit win32 code 0"
             )
+            self._step_event(index, step.name, "end", "succeeded")
         self.log.info(ts, "Task sequence completed 0x00000000")
         return TaskSequenceResult(
             0, steps_run, list(self.transfers), provider_runs=list(self.provider_runs)
         )
+
+    def _step_event(
+        self,
+        index: int,
+        name: str,
+        phase: StepPhase,
+        outcome: StepOutcome | None = None,
+        exit_code: int = 0,
+    ) -> None:
+        """Tell the step hook, if there is one (also called from ``_restarts.py``)."""
+        if self.on_step is not None:
+            self.on_step(StepEvent(index, name, phase, outcome, exit_code))
 
     # --- restarts (_restarts.py) ---------------------------------------------------------------
 

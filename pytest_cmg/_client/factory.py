@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from .._protocol.settings import ClientSettings, DeploymentSettings
     from .acp import ContentProvider
+    from .engine import StepEvent
     from .retry import RetryPolicy
 
 __all__ = ["AUTH_KINDS", "CredentialIssuer", "build_engine", "connection_for"]
@@ -110,6 +111,7 @@ def build_engine(
     fsync: bool = False,
     journal_bytes: int | None = None,
     journal_seconds: float | None = None,
+    on_step: Callable[[StepEvent], None] | None = None,
 ) -> TaskSequenceEngine:
     """A client engine for ``connection``, with its log and cache under ``folder``.
 
@@ -117,7 +119,8 @@ def build_engine(
     ``cache_mb`` MB. ``retry`` is the download core's policy (a ``VirtualTime`` policy makes its
     waits virtual); ``storage_ca_file`` the private CA of HTTPS storage, trusted by the core and
     named to content providers; ``on_progress``, ``fsync``, ``journal_bytes`` and
-    ``journal_seconds`` are the core's (None: its defaults).
+    ``journal_seconds`` are the core's (None: its defaults); ``on_step`` the engine's step hook
+    (``TaskSequenceEngine.on_step``).
     """
     log = log if log is not None else SmstsLog(folder / "smsts.log")
     # C:\Windows\ccmcache, with ``folder`` as C: (the engine's system drive; winpath).
@@ -144,4 +147,5 @@ def build_engine(
         site_version=site_version,
         provider=provider,
         storage_ca_file=storage_ca_file,
+        on_step=on_step,
     )

@@ -12,13 +12,16 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["RetryPolicy", "VirtualTime", "is_transient_status", "parse_retry_after"]
+    from .._protocol.clock import Clock
+
+__all__ = ["RetryPolicy", "SiteClock", "VirtualTime", "is_transient_status", "parse_retry_after"]
 
 _TRANSIENT_4XX = frozenset({408, 429})
 _FATAL_5XX = frozenset({501, 505})
@@ -77,15 +80,28 @@ class RetryPolicy:
 
 
 class VirtualTime:
-    """A clock and sleep for tests: sleeping only moves this clock forward and records the wait.
+    """Virtual seconds for tests and scenarios: nothing sleeps, time moves only when told to.
 
-    The harness gives its clients one, so a retry storm costs no wall time and every wait can be
-    asserted on (``waits``).
+    Every wait of a client on it (``sleep``: the download core's backoff, the task sequence's
+    retry delay) is recorded in ``waits`` and moves the clock; other time passes with
+    :meth:`pass_time` (a stall, a throttled body, a clock jump), and :meth:`at` schedules an
+    action for when the clock reaches a time. So a retry storm costs no wall time and every wait
+    can be asserted on. The plugin's ``cmg_time`` and each scenario run have one
+    (docs/emulation.md, "Scenario runs: time, clocks and storage accounting").
+
+    :param start: the date virtual second 0 stands for (what :meth:`site_clock` reads from);
+        the wall clock when it is made, by default.
+    :param seed: seeds the jitter of every :meth:`policy`, so backoff waits repeat run after
+        run; None (the default) draws it from the OS, as an unseeded ``random.Random`` does.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, start: datetime | None = None, *, seed: int | None = None) -> None:
+        self.start = start if start is not None else datetime.now(UTC)
+        self.seed = seed
         self.now = 0.0
+        #: Retry waits (``sleep``), in the order they happened.
         self.waits: list[float] = []
+        self._due: list[tuple[float, Callable[[], None]]] = []
         self._lock = threading.Lock()
 
     def clock(self) -> float:
@@ -93,10 +109,50 @@ class VirtualTime:
             return self.now
 
     def sleep(self, seconds: float) -> None:
+        """A retry wait: recorded, then time passes."""
         with self._lock:
             self.waits.append(seconds)
+        self.pass_time(seconds)
+
+    def pass_time(self, seconds: float) -> None:
+        """Time passes; the actions now due run, once each, in the order they were scheduled."""
+        with self._lock:
             self.now += max(0.0, seconds)
+            due = [action for when, action in self._due if when <= self.now]
+            self._due = [(when, action) for when, action in self._due if when > self.now]
+        # Outside the lock: an action may read the clock or pass time itself (a clock jump).
+        for action in due:
+            action()
+
+    def at(self, when: float, action: Callable[[], None]) -> None:
+        """Run ``action`` when virtual time reaches ``when`` seconds (at once if it has)."""
+        with self._lock:
+            if when > self.now:
+                self._due.append((when, action))
+                return
+        action()
 
     def policy(self, **bounds: Any) -> RetryPolicy:  # noqa: ANN401 - RetryPolicy's own fields
-        """A :class:`RetryPolicy` that waits on this virtual time."""
-        return RetryPolicy(sleep=self.sleep, clock=self.clock, **bounds)
+        """A :class:`RetryPolicy` that waits on this virtual time, its jitter seeded by ``seed``."""
+        return RetryPolicy(
+            sleep=self.sleep, clock=self.clock, rng=random.Random(self.seed), **bounds
+        )
+
+    def site_clock(self) -> Clock:
+        """A date clock on this time: ``start`` plus the virtual seconds passed (a scenario's
+        site clock, which token lifetimes follow)."""
+        return SiteClock(self.start, self.clock)
+
+
+@dataclass(frozen=True)
+class SiteClock:
+    """``start`` plus the seconds ``seconds()`` reads: a date clock on virtual time.
+
+    A boot process builds one on the parent's clock, read over a pipe (``boot.py``).
+    """
+
+    start: datetime
+    seconds: Callable[[], float]
+
+    def now(self) -> datetime:
+        return self.start + timedelta(seconds=self.seconds())

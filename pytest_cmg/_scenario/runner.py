@@ -22,11 +22,12 @@ from .._client.acp import ALLOW_TOKEN_AUTH, DOWNLOAD_PROGRAM, TOKEN_AUTH_FOR_ACP
 from .._client.boot import BootHost
 from .._client.cache import ClientCache
 from .._client.log import SmstsLog
+from .._client.retry import VirtualTime
 from .._errors import ExpectationFailed, ScenarioError, ScenarioProblem
 from .benchmark import BenchmarkRound, collect_rounds, hashlib_seconds, raw_seconds
 from .expectations import ScenarioRun
 from .model import RestartMidDownload, StorageFaultEntry
-from .timeline import ScenarioTime, Timeline, TimelineLog
+from .timeline import Timeline
 from .world import CLIENT_ID, World, build_world, seed_cache
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from .._client.boot import BootSpec
-    from .._client.engine import TaskSequenceEngine
+    from .._client.engine import StepEvent, TaskSequenceEngine
     from .._client.sequence import TaskSequenceResult
     from .._harness import Harness
     from .._protocol.manifest import ContentManifest, ManifestFile
@@ -111,7 +112,7 @@ def run_scenario(
         scenario = with_download_program(scenario, download_program)
     world = build_world(scenario, harness)
     gateway = world.gateway
-    time = ScenarioTime(datetime.now(UTC), seed=scenario.seed)
+    time = VirtualTime(datetime.now(UTC), seed=scenario.seed)
     authority = gateway.authority
     # Only this run's secrets: a session's gateway has handed out thousands, and each one is a
     # pattern every log line is searched for.
@@ -161,7 +162,7 @@ def run_scenario(
                 clock=time.clock,
                 sleep=time.sleep,
                 pass_time=time.pass_time,
-                before_step=timeline.before_step,
+                on_step=timeline.on_step,
                 restart_takes=scenario.restart_takes,
             )
             timeline.power_cut = host.power_cut
@@ -181,8 +182,8 @@ def run_scenario(
         else:
             # Every line carries the scenario's virtual time (docs/emulation.md, "Windows form
             # and one clock"): a 15 s retry delay is 15 s between two lines.
-            log = TimelineLog(workdir / "smsts.log", timeline.before_step, time.site_clock().now)
-            engine = _engine(scenario, world, workdir, log, time)
+            log = SmstsLog(workdir / "smsts.log", time.site_clock().now)
+            engine = _engine(scenario, world, workdir, log, time, timeline.on_step)
             cache = engine.cache
             watch.cache = cache
             workers = engine.core.workers
@@ -304,7 +305,7 @@ def _baseline_seconds(
 
 def _run_again(scenario: Scenario, world: World, folder: Path) -> TaskSequenceResult:
     """The task sequence once more on a fresh cache: a benchmark round after the first."""
-    time = ScenarioTime(datetime.now(UTC), seed=scenario.seed)
+    time = VirtualTime(datetime.now(UTC), seed=scenario.seed)
     log = SmstsLog(folder / "smsts.log", time.site_clock().now)
     engine = _engine(scenario, world, folder, log, time)
     try:
@@ -327,7 +328,7 @@ def _cache_mb(scenario: Scenario) -> int:
     return max(1, scenario.cache_size // 2**20)
 
 
-def _boot_spec(scenario: Scenario, world: World, folder: Path, time: ScenarioTime) -> BootSpec:
+def _boot_spec(scenario: Scenario, world: World, folder: Path, time: VirtualTime) -> BootSpec:
     """What each boot of the scenario's client is built from (as :func:`_engine` builds it)."""
     from .._client.boot import BootSpec
 
@@ -371,9 +372,15 @@ def _journal_reaches(folder: Path, file: str, offset: int) -> bool:
 
 
 def _engine(
-    scenario: Scenario, world: World, folder: Path, log: SmstsLog, time: ScenarioTime
+    scenario: Scenario,
+    world: World,
+    folder: Path,
+    log: SmstsLog,
+    time: VirtualTime,
+    on_step: Callable[[StepEvent], None] | None = None,
 ) -> TaskSequenceEngine:
-    """The scenario's client: its cache under ``folder``, retries on ``time``'s virtual clock."""
+    """The scenario's client: its cache under ``folder``, retries on ``time``'s virtual clock,
+    ``on_step`` its step hook (the timeline's)."""
     from .._client.factory import build_engine
 
     return build_engine(
@@ -388,6 +395,7 @@ def _engine(
         # HTTPS storage as the core does.
         storage_ca_file=world.storage_ca_cert,
         site_version=scenario.cmg.site_version,
+        on_step=on_step,
     )
 
 

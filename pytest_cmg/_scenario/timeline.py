@@ -1,30 +1,29 @@
-"""A scenario's timeline at run time: virtual time, the site's clock, and the events it fires.
+"""A scenario's timeline at run time: the events it fires, on the run's virtual time.
 
-Time in a scenario is virtual. It moves only when something waits: the download core's backoff
+Time in a scenario is virtual (one :class:`~pytest_cmg._client.retry.VirtualTime` per run, seeded
+with the scenario's seed). It moves only when something waits: the download core's backoff
 and the task sequence's retry delay (``sleep``), the fault proxy's stalls, throttling and delays
 (``pass_time``), and clock jumps. So a run with a 400 s stall and three retries costs no wall
 time, and ``expect.elapsed`` reads the same on every machine. Parallel transfers add their waits
 up, since each one is charged as it happens.
 
-Two clocks follow from it (docs/emulation.md, "Scenario timeline"):
+Two clocks follow from it (docs/emulation.md, "Scenario runs: time, clocks and storage
+accounting"):
 
-* the **site clock** (token lifetimes: the CCM token, content access tokens) is the wall clock at
-  the start of the run plus virtual time, so a ``clock: 9h`` jump expires an 8-hour token;
+* the **site clock** (token lifetimes: the CCM token, content access tokens;
+  ``VirtualTime.site_clock``) is the wall clock at the start of the run plus virtual time, so a
+  ``clock: 9h`` jump expires an 8-hour token;
 * **storage** keeps the wall clock (Azurite checks SAS times itself), so SAS expiry is scripted
   with ``gateway.sas_ttl``, never by a jump.
 """
 
 from __future__ import annotations
 
-import random
 import threading
 from dataclasses import dataclass, field, fields
-from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
-from .._client.boot import StepLog
-from .._client.retry import RetryPolicy
 from .._net.faults import Fault
 from .model import (
     ClockJump,
@@ -38,19 +37,15 @@ from .model import (
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
+    from .._client.engine import StepEvent
+    from .._client.retry import VirtualTime
     from .._gateway.faults import GatewayFault
     from .._gateway.requestlog import LoggedRequest
     from .._gateway.server import FakeCMG
     from .._net.proxy import FaultProxy, ProxiedRequest
     from .model import TimelineEvent
 
-__all__ = [
-    "ScenarioTime",
-    "SiteClock",
-    "Timeline",
-    "TimelineFault",
-    "TimelineLog",
-]
+__all__ = ["DueCut", "Timeline", "TimelineFault"]
 
 #: The zero-length stalls a mid-download restart is armed as: they mark, in the fault proxy,
 #: the moment storage has sent ``after_bytes`` of the file's body, then the next
@@ -87,79 +82,6 @@ class DueCut:
     def aligned(self) -> bool:
         """Whether the body is held where a receive buffer of the download core ends."""
         return self.sent % CUT_STEP == 0
-
-
-class ScenarioTime:
-    """Virtual seconds since the start of a run, with actions due at a time.
-
-    It offers what :class:`~pytest_cmg._client.retry.VirtualTime` offers (``clock``, ``sleep``,
-    ``waits``, ``policy``), so the engine runs on it unchanged.
-    """
-
-    def __init__(self, start: datetime, *, seed: int = 0) -> None:
-        self.start = start
-        self.now = 0.0
-        #: Retry waits (``sleep``), in the order they happened.
-        self.waits: list[float] = []
-        self._seed = seed
-        self._due: list[tuple[float, Callable[[], None]]] = []
-        self._lock = threading.Lock()
-
-    def clock(self) -> float:
-        with self._lock:
-            return self.now
-
-    def sleep(self, seconds: float) -> None:
-        """A retry wait: recorded, then time passes."""
-        with self._lock:
-            self.waits.append(seconds)
-        self.pass_time(seconds)
-
-    def pass_time(self, seconds: float) -> None:
-        """Time passes (a stall, a throttled body, a jump); actions now due run, once each."""
-        with self._lock:
-            self.now += max(0.0, seconds)
-            due = [action for when, action in self._due if when <= self.now]
-            self._due = [(when, action) for when, action in self._due if when > self.now]
-        for action in due:
-            action()
-
-    def at(self, when: float, action: Callable[[], None]) -> None:
-        """Run ``action`` when virtual time reaches ``when`` (at once if it has)."""
-        with self._lock:
-            if when > self.now:
-                self._due.append((when, action))
-                return
-        action()
-
-    def policy(self, **bounds: Any) -> RetryPolicy:  # noqa: ANN401 - RetryPolicy's own fields
-        """A retry policy on this time, with jitter seeded so waits repeat run after run."""
-        return RetryPolicy(
-            sleep=self.sleep, clock=self.clock, rng=random.Random(self._seed), **bounds
-        )
-
-    def site_clock(self) -> SiteClock:
-        return SiteClock(self)
-
-
-@dataclass(frozen=True)
-class SiteClock:
-    """The site's clock during a run: wall time at the start plus virtual time."""
-
-    time: ScenarioTime
-
-    def now(self) -> datetime:
-        return self.time.start + timedelta(seconds=self.time.clock())
-
-
-class TimelineLog(StepLog):
-    """smsts.log that tells the timeline when a step is about to start.
-
-    The engine logs ``Start executing an instruction. ... Instruction pointer: N`` (the product's
-    wording) just before each step, before its condition is evaluated: the one step boundary it
-    shows, so ``before_step`` events fire there without the engine knowing about scenarios. A
-    boot process logs through the same class's base (``_client/boot.py``).
-    """
 
 
 def stalls_for_cut(event: RestartMidDownload) -> list[Fault]:
@@ -199,7 +121,7 @@ class Timeline:
     events: tuple[TimelineEvent, ...]
     gateway: FakeCMG
     proxy: FaultProxy | None
-    time: ScenarioTime
+    time: VirtualTime
     #: ``(virtual seconds, event)`` for every event that fired, in order.
     fired: list[tuple[float, TimelineEvent]] = field(default_factory=list)
     #: The gateway fault each fired ``gateway`` entry armed, by the entry's ``where``.
@@ -217,7 +139,14 @@ class Timeline:
             elif event.at is not None:
                 self.time.at(event.at, lambda e=event: self.fire(e))  # type: ignore[misc]
 
+    def on_step(self, event: StepEvent) -> None:
+        """The engine's step hook (``TaskSequenceEngine.on_step``): a step is about to start."""
+        if event.phase == "start":
+            self.before_step(event.index)
+
     def before_step(self, index: int) -> None:
+        """Fire the entries due before the ``index``-th step, each once (a step started again
+        after a power cut fires nothing more)."""
         for event in self.events:
             if event.before_step == index and not self.has_fired(event):
                 self.fire(event)

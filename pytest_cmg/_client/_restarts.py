@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from .._errors import ContentError
 from . import tsenv
 from .sequence import PackageTransfer, ProviderRun, TaskSequence, TaskSequenceResult
-from .tscache import WORKING_DIRECTORY
+from .tscache import PACKAGES_FOLDER, WORKING_DIRECTORY
 from .tsenv import SetupState, TsEnv
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ def _resume(self: TaskSequenceEngine, state: TsEnv) -> TaskSequenceResult:
     steps_run = list(state.steps_run)
     if state.ccm_token:
         self.client.restore_ccm_token(state.ccm_token)
-    if (self.system_drive / WORKING_DIRECTORY / "Packages").is_dir():
+    if (self.system_drive / WORKING_DIRECTORY / PACKAGES_FOLDER).is_dir():
         _ = self.ts_cache  # the working directory's content is this run's again
     how = "a restart" if state.restarting else "an unexpected restart (power cut)"
     self.log.info(

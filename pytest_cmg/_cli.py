@@ -109,8 +109,11 @@ def _parser() -> argparse.ArgumentParser:
     client.add_argument(
         "--cache",
         type=Path,
-        default=Path("ccmcache"),
-        help="client cache folder (default ./ccmcache)",
+        # The client's C:\Windows\ccmcache with the working folder as C: (winpath), as the
+        # scenario runner lays out a client's work folder.
+        default=Path("Windows") / "ccmcache",
+        help="client cache folder (default ./Windows/ccmcache, which the client names "
+        "C:\\Windows\\ccmcache: the folder holding Windows/ is its C:)",
     )
     client.add_argument("--log", type=Path, default=Path("smsts.log"), help="smsts.log path")
     client.add_argument("--no-progress", action="store_true", help="never draw a progress bar")

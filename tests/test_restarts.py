@@ -472,7 +472,12 @@ def test_the_step_hook_hears_every_boot_in_the_parent_in_order(
     )
     result = host.run(spec)
     assert (result.exit_code, result.reboots) == (0, 3)
-    assert host.boots == ["boot 1: restart_computer", "boot 2: setup", "boot 3: setup", "boot 4: ended"]
+    assert host.boots == [
+        "boot 1: restart_computer",
+        "boot 2: setup",
+        "boot 3: setup",
+        "boot 4: ended",
+    ]
     assert _starts_and_ends(events) == [
         *FIRST_BOOT_EVENTS,
         (3, "Upgrade", "start", None, 0),
@@ -481,3 +486,120 @@ def test_the_step_hook_hears_every_boot_in_the_parent_in_order(
         (4, "After", "end", "succeeded", 0),
     ]
     assert boots == [1, 1, 1, 1, 1, 1, 2, 4, 4, 4]
+
+
+# --- Restart Computer's restart_to: Windows PE or the installed OS (engineer B) --------------------
+
+
+def test_a_restart_out_of_windows_pe_goes_on_in_the_full_os_and_back(
+    cmg, cmg_client, os_package
+) -> None:
+    sequence = TaskSequence(
+        "PS100020",
+        "Deploy",
+        (
+            Step("Apply the OS", "upgrade_os", "PS100012"),
+            Step("Restart", "restart_computer"),
+            Step("Check in the full OS", "run_command_line", "PS100012"),
+            Step("Back to Windows PE", "restart_computer", restart_to="winpe"),
+            Step("Check in Windows PE", "run_command_line", "PS100012"),
+        ),
+        boot_image=True,
+    )
+    first = cmg_client()
+    assert first.run(sequence, launch="boot_media").restart == "restart_computer"
+    assert first.variables["_SMSTSInWinPE"] == "TRUE"
+    assert first.variables["_SMSTSLaunchMode"] == "UFD+FORMAT"
+    working = first.system_drive / "_SMSTaskSequence"
+    # The next boot's place is persisted: the default restarts to the installed OS.
+    saved = tsenv.load(working)
+    assert saved is not None and saved.in_windows_pe is False and saved.launch == "boot_media"
+
+    second = cmg_client()
+    assert second.resume().restart == "restart_computer"
+    assert second.variables["_SMSTSInWinPE"] == "FALSE"
+    assert second.variables["_SMSTSMDataPath"] == "C:\\_SMSTaskSequence"
+    assert second.variables["_SMSTSLaunchMode"] == "UFD+FORMAT"  # how it started, still
+    # In the full OS the content went to the client cache, which Windows PE does not have.
+    assert [e.key for e in second.cache.entries()] == ["PS100012.1"]
+    assert second.variables["_SMSTSLastContentDownloadLocation"] == (
+        "C:\\Windows\\ccmcache\\PS100012.1"
+    )
+    saved = tsenv.load(working)
+    assert saved is not None and saved.in_windows_pe is True
+
+    third = cmg_client()
+    resumed = third.resume()
+    assert resumed is not None and resumed.succeeded, resumed.error
+    assert third.variables["_SMSTSInWinPE"] == "TRUE"
+    # Back in Windows PE: the client cache is not looked at; the package comes over the CMG
+    # into the task sequence working directory.
+    assert third.variables["_SMSTSLastContentDownloadLocation"] == (
+        "C:\\_SMSTaskSequence\\Packages\\PS100012"
+    )
+    assert resumed.reboots == 2
+    assert cmg.log.count("location") == 3
+
+
+def test_a_restart_to_the_installed_os_before_one_was_applied_fails_the_step(
+    cmg, cmg_client, os_package
+) -> None:
+    sequence = TaskSequence(
+        "PS100020",
+        "Deploy",
+        (Step("Partition", "run_command_line"), Step("Restart", "restart_computer")),
+        boot_image=True,
+    )
+    engine = cmg_client()
+    result = engine.run(sequence, launch="boot_media")
+    assert (result.restart, result.exit_code, result.failed_step) == (None, 0x80004005, "Restart")
+    assert result.steps_run == ["Partition"] and result.reboots == 0
+    assert tsenv.load(engine.system_drive / "_SMSTaskSequence") is None
+    # From Software Center there is an installed OS: the same restart is a restart.
+    assert cmg_client().run(sequence).restart == "restart_computer"
+
+
+def test_restart_to_winpe_needs_a_boot_image_and_a_restart_step() -> None:
+    with pytest.raises(ValueError, match="restart_to belongs to restart_computer steps"):
+        Step("Check", "run_command_line", restart_to="os")
+    with pytest.raises(ValueError, match="restart_to must be one of winpe, os"):
+        Step("Restart", "restart_computer", restart_to="bios")
+    with pytest.raises(ValueError, match="has none: set boot_image=True"):
+        TaskSequence("PS100020", "Upgrade", (Step("R", "restart_computer", restart_to="winpe"),))
+
+
+@pytest.mark.parametrize(
+    ("extra", "step", "line", "rule"),
+    [
+        ("", ", restart_to: winpe", 7, "restart_to: winpe restarts to the boot image"),
+        ("", ", restart_to: bios", 7, "restart_to"),
+    ],
+)
+def test_the_language_checks_restart_to_at_its_line(
+    tmp_path: Path, extra: str, step: str, line: int, rule: str
+) -> None:
+    from pytest_cmg._errors import ScenarioError
+
+    path = tmp_path / "restarts.cmg.yaml"
+    path.write_text(RESTARTING.format(extra=extra, step=step), encoding="utf-8")
+    with pytest.raises(ScenarioError) as caught:
+        load_scenarios(path, fixtures=ROOT / "pytest_cmg" / "shipped")
+    assert rule in str(caught.value)
+    assert f"restarts.cmg.yaml:{line}:" in str(caught.value)
+    # On another step than restart_computer: refused at that step's line.
+    other = RESTARTING.format(extra="", step="").replace(
+        "action: run_command_line}", "action: run_command_line, restart_to: os}"
+    )
+    path.write_text(other, encoding="utf-8")
+    with pytest.raises(ScenarioError) as caught:
+        load_scenarios(path, fixtures=ROOT / "pytest_cmg" / "shipped")
+    assert "restarts.cmg.yaml:6: restart_to belongs to restart_computer steps" in str(caught.value)
+    # With a boot image, winpe is a valid choice.
+    path.write_text(
+        RESTARTING.format(extra="", step=", restart_to: winpe").replace(
+            "task_sequence:\n", "task_sequence:\n  boot_image: true\n"
+        ),
+        encoding="utf-8",
+    )
+    [scenario] = load_scenarios(path, fixtures=ROOT / "pytest_cmg" / "shipped")
+    assert scenario.task_sequence.steps[1].restart_to == "winpe"

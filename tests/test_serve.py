@@ -335,12 +335,17 @@ def test_client_downloads_packages_and_summarises_in_json(served, tmp_path):
         assert package_hash(files) == package["hash"]
     assert "\r" not in result.stderr  # no progress bar when stderr is not a terminal
     # Where things are on the client, in its own form (docs/emulation.md, "Windows form"):
-    # the cache folder (./ccmcache) is below the system drive, the working directory.
+    # the default cache folder (./Windows/ccmcache) is C:\Windows\ccmcache, the working
+    # directory standing for C:.
     assert summary["client_paths"] == {
-        "client_cache": "C:\\ccmcache",
+        "client_cache": "C:\\Windows\\ccmcache",
         "_SMSTSMDataPath": "C:\\_SMSTaskSequence",
-        "_SMSTSLastContentDownloadLocation": "C:\\ccmcache\\PS100013.1",
+        "_SMSTSLastContentDownloadLocation": "C:\\Windows\\ccmcache\\PS100013.1",
     }
+    assert Path(summary["cache"]) == (tmp_path / "Windows" / "ccmcache").resolve()
+    # What reads as the client's own output names no path of this machine.
+    assert str(tmp_path) not in json.dumps(summary["client_paths"])
+    assert str(tmp_path) not in (tmp_path / "smsts.log").read_text()
 
 
 def test_client_over_mutual_tls_and_a_scenario_task_sequence(served, tmp_path):

@@ -104,6 +104,54 @@ def test_ts_cache_does_not_delete_content_someone_holds(tmp_path):
     assert ts.remove(entry)
 
 
+def test_ts_cache_folders_are_named_after_the_package_with_the_version_beside_them(tmp_path):
+    ts = TaskSequenceCache(tmp_path / "_SMSTaskSequence")
+    entry = put(ts, "PS100012", 10 * KB, version=3)
+    # The product's folder: _SMSTaskSequence\Packages\PS100012, no version in its name.
+    assert entry.path == ts.root / "PS100012"
+    assert sorted(p.name for p in ts.root.iterdir() if not p.name.startswith(".")) == ["PS100012"]
+    assert ts.version_in("PS100012") == 3 and entry.key == "PS100012.3"
+    assert ts.lookup("PS100012", 3) == entry
+    assert ts.lookup("PS100012", 2) is None  # the folder holds version 3, not 2
+    # Another object on the same folder (the next boot) reads the same version.
+    again = TaskSequenceCache(tmp_path / "_SMSTaskSequence")
+    assert [e.key for e in again.entries()] == ["PS100012.3"]
+    lease = again.acquire("PS100012", 3)
+    assert lease is not None and lease.entry.path == entry.path
+    lease.release()
+    assert again.acquire("PS100012", 2) is None
+    # A folder nobody recorded (not this cache's doing) is not content.
+    (ts.root / "PS1000FF").mkdir()
+    assert keys(ts) == ["PS100012.3"]
+
+
+def test_a_new_version_replaces_the_package_folder_whole(tmp_path):
+    ts = TaskSequenceCache(tmp_path / "_SMSTaskSequence", lock_timeout=0.1)
+    with ts.staging("PS100012", 1) as staged:
+        (staged / "old-only.bin").write_bytes(b"1" * 100)
+        (staged / "both.bin").write_bytes(b"1" * 100)
+        old = ts.commit(staged, "PS100012", 1)
+    # Version 2 cannot replace version 1 while a step holds version 1.
+    lease = ts.acquire("PS100012", 1)
+    assert lease is not None
+    with ts.staging("PS100012", 2) as staged:
+        (staged / "both.bin").write_bytes(b"2" * 200)
+        with pytest.raises(ContentError) as caught:
+            ts.commit(staged, "PS100012", 2)
+        assert caught.value.hresult == CACHE_IN_USE
+        assert ts.lookup("PS100012", 1) == old and (old.path / "old-only.bin").is_file()
+        lease.release()
+        new = ts.commit(staged, "PS100012", 2)
+    # Never mixed: only version 2's files, and only version 2 is found.
+    assert new.path == old.path
+    assert sorted(p.name for p in new.path.iterdir()) == ["both.bin"]
+    assert (new.path / "both.bin").read_bytes() == b"2" * 200
+    assert keys(ts) == ["PS100012.2"] and ts.lookup("PS100012", 1) is None
+    assert ts.remove(old) is False  # version 1 is gone; version 2 stays
+    assert keys(ts) == ["PS100012.2"]
+    assert [e.key for e in ts.clear()] == ["PS100012.2"] and ts.version_in("PS100012") is None
+
+
 # --- unit: pins and releases in the client cache -------------------------------------------------
 
 
@@ -231,7 +279,7 @@ def test_windows_pe_deletes_content_after_its_step_without_persist(cmg, cmg_clie
     assert "CacheManager: ADD new cache entry" not in text
     assert text.count("the step that used it is done (SMSTSPersistContent is not set)") == 2
     location = engine.variables["_SMSTSLastContentDownloadLocation"]
-    assert location == "C:\\_SMSTaskSequence\\Packages\\PS100012.1"
+    assert location == "C:\\_SMSTaskSequence\\Packages\\PS100012"
 
 
 def test_windows_pe_keeps_content_for_the_run_with_persist(cmg, cmg_client, os_package):

@@ -1,5 +1,6 @@
 """Restarts of a running task sequence: the state saved at a restart (``tsenv.py``) and the
-run resumed from it, with Windows Setup's outcome after an Upgrade Operating System step.
+run resumed from it, with Windows Setup's outcome after an Upgrade Operating System step, and
+where a Restart Computer step restarts to (Windows PE or the installed operating system).
 Functions of :class:`~pytest_cmg._client.engine.TaskSequenceEngine` (its methods).
 """
 
@@ -9,9 +10,17 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from .._errors import ContentError
+from .._protocol.settings import LaunchContext
 from . import tsenv
-from .sequence import PackageTransfer, ProviderRun, TaskSequence, TaskSequenceResult
-from .tscache import WORKING_DIRECTORY
+from .sequence import (
+    RESTART_COMPUTER,
+    PackageTransfer,
+    ProviderRun,
+    RestartTo,
+    TaskSequence,
+    TaskSequenceResult,
+)
+from .tscache import PACKAGES_FOLDER, WORKING_DIRECTORY
 from .tsenv import SetupState, TsEnv
 
 if TYPE_CHECKING:
@@ -25,6 +34,27 @@ SETUP_ROLLBACK = "_SMSTSSetupRollback"
 #: Where Upgrade Operating System leaves the scripts Setup runs at its end (Microsoft Learn:
 #: Upgrade Operating System step; docs/emulation.md, "Restarts").
 _POST_UPGRADE = "C:\\Windows\\SMSTSPostUpgrade"
+#: TRUE while the step runs in Windows PE, FALSE in the full OS (Microsoft Learn: Task sequence
+#: variables); set at the start of the sequence and again at the start of every boot.
+IN_WINPE = "_SMSTSInWinPE"
+#: How the sequence was started (Microsoft Learn: Task sequence variables: SMS for the
+#: client, PXE, UFD+FORMAT for USB media made on a current Windows, CD, DVD, HD). [G] Boot
+#: media is USB media here (the media kind is not modelled); the value never changes in a run.
+LAUNCH_MODE = "_SMSTSLaunchMode"
+_LAUNCH_MODES = {
+    LaunchContext.SOFTWARE_CENTER: "SMS",
+    LaunchContext.BOOT_MEDIA: "UFD+FORMAT",
+    LaunchContext.PXE: "PXE",
+}
+#: E_FAIL: a restart to an installed operating system the disk does not have (emulation: the
+#: product publishes no code for it).
+_NO_INSTALLED_OS = 0x80004005
+
+
+def _environment(self: TaskSequenceEngine) -> None:
+    """Set the variables that say where the sequence runs (at its start)."""
+    self._set(LAUNCH_MODE, _LAUNCH_MODES.get(self.launch, "SMS"))
+    self._set(IN_WINPE, "TRUE" if self.in_windows_pe else "FALSE")
 
 
 def _state(
@@ -43,6 +73,7 @@ def _state(
         kept=sorted(self._kept),
         reboots=self.reboots,
         ccm_token=self.client.cached_ccm_token,
+        in_windows_pe=self.in_windows_pe,
     )
 
 
@@ -84,11 +115,60 @@ def _restart(
     )
 
 
+def _restart_computer(
+    self: TaskSequenceEngine, sequence: TaskSequence, index: int, steps_run: list[str]
+) -> TaskSequenceResult:
+    """The Restart Computer step at ``index``: restart to what it says, or fail.
+
+    [G] A sequence started in Windows PE (boot media, PXE) is taken to run on a computer
+    with no operating system of its own (bare metal), so restarting to "the currently installed
+    default operating system" before an Upgrade Operating System step ran in the sequence
+    fails the step (docs/emulation.md, "Restarts").
+    """
+    ts = "TSManager"
+    step = sequence.steps[index]
+    to_pe = step.restart_to == RestartTo.WINPE
+    if (
+        not to_pe
+        and self.launch in LaunchContext.IN_WINDOWS_PE
+        and not sequence.applied_os(steps_run)
+    ):
+        reason = (
+            f"the task sequence started in Windows PE from {self.launch} and has applied no "
+            "operating system yet, so there is none to restart to"
+        )
+        self.log.error(
+            ts,
+            f"The action ({step.name}) cannot restart to the currently installed default "
+            f"operating system: {reason}",
+        )
+        error = ContentError(
+            _NO_INSTALLED_OS,
+            f"step {step.name!r} restarts to the installed operating system, but {reason}: "
+            "apply an operating system first, or restart to the boot image (restart_to: winpe)",
+        )
+        self._step_event(index, step.name, "end", "failed", error.hresult)
+        return self._fail(step.name, error, steps_run)
+    steps_run.append(step.name)
+    self.log.info(ts, f"The action ({step.name}) initiated a reboot request")
+    self._step_event(index, step.name, "end", "succeeded")
+    where = (
+        "the boot image assigned to this task sequence (Windows PE)"
+        if to_pe
+        else "the currently installed default operating system"
+    )
+    self.log.info(ts, f"The computer restarts to {where}")
+    # Where the next boot runs: saved with the state (tsenv), read back by _resume.
+    self.in_windows_pe = to_pe
+    return self._restart(sequence, index + 1, steps_run, RESTART_COMPUTER)
+
+
 def _resume(self: TaskSequenceEngine, state: TsEnv) -> TaskSequenceResult:
     """The next boot: read the state back and continue where the last boot stopped."""
     ts = "TSManager"
     sequence = TaskSequence.from_dict(state.sequence)
     self.launch = state.launch
+    self.in_windows_pe = state.in_windows_pe
     self.variables = dict(state.variables)
     self.transfers = [PackageTransfer(**t) for t in state.transfers]
     self.provider_runs = [
@@ -100,7 +180,7 @@ def _resume(self: TaskSequenceEngine, state: TsEnv) -> TaskSequenceResult:
     steps_run = list(state.steps_run)
     if state.ccm_token:
         self.client.restore_ccm_token(state.ccm_token)
-    if (self.system_drive / WORKING_DIRECTORY / "Packages").is_dir():
+    if (self.system_drive / WORKING_DIRECTORY / PACKAGES_FOLDER).is_dir():
         _ = self.ts_cache  # the working directory's content is this run's again
     how = "a restart" if state.restarting else "an unexpected restart (power cut)"
     self.log.info(
@@ -108,6 +188,13 @@ def _resume(self: TaskSequenceEngine, state: TsEnv) -> TaskSequenceResult:
         f"Resuming task sequence {sequence.name} ({sequence.package_id}) after {how}: "
         f"restart {self.reboots}, instruction pointer {state.next_step}",
     )
+    self.log.info(
+        ts,
+        "The computer started in Windows PE (the boot image)"
+        if self.in_windows_pe
+        else "The computer started in the full operating system",
+    )
+    self._set(IN_WINPE, "TRUE" if self.in_windows_pe else "FALSE")
     setup = state.setup
     if setup is None:
         return self._steps(sequence, state.next_step, steps_run)

@@ -216,6 +216,9 @@ class TaskSequenceEngine:
         #: The site's version, as the client knows it from policy; it gates launch contexts.
         self.site_version = site_version
         self.launch = LaunchContext.SOFTWARE_CENTER
+        #: Whether this boot runs in Windows PE (``_SMSTSInWinPE``): from the launch at the
+        #: start, then where each restart went (a Restart Computer step's ``restart_to``).
+        self.in_windows_pe = False
         self.cache = cache
         self.log = log
         self.deployment = deployment or DeploymentSettings()
@@ -370,6 +373,7 @@ class TaskSequenceEngine:
             ts, f"Starting task sequence {sequence.name} ({sequence.package_id}) from {launch}"
         )
         self.launch = launch
+        self.in_windows_pe = launch in LaunchContext.IN_WINDOWS_PE
         refusal = launch_refusal(self.site_version, launch, boot_image=sequence.boot_image)
         if refusal:
             self.log.error(ts, f"This task sequence cannot run from {launch}: {refusal}")
@@ -384,6 +388,7 @@ class TaskSequenceEngine:
         on_demand = self.deployment.download_mode == DownloadMode.ON_DEMAND
         self._set("_SMSTSDownloadOnDemand", "true" if on_demand else "false")
         self._set(DATA_PATH, self.windows(self.system_drive / WORKING_DIRECTORY))
+        self._environment()
         if not on_demand:
             # "Download all content locally before starting": every referenced package, before
             # the first step, whatever the steps' conditions (docs/emulation.md, "Settings and
@@ -427,10 +432,7 @@ class TaskSequenceEngine:
                 self._step_event(index, step.name, "end", "skipped")
                 continue
             if step.action == RESTART_COMPUTER:
-                steps_run.append(step.name)
-                self.log.info(ts, f"The action ({step.name}) initiated a reboot request")
-                self._step_event(index, step.name, "end", "succeeded")
-                return self._restart(sequence, index + 1, steps_run, RESTART_COMPUTER)
+                return self._restart_computer(sequence, index, steps_run)
             try:
                 for number, package_id in enumerate(step.packages, start=1):
                     self._step_content(
@@ -477,7 +479,9 @@ class TaskSequenceEngine:
     _state = _restarts._state
     _save = _restarts._save
     _restart = _restarts._restart
+    _restart_computer = _restarts._restart_computer
     _resume = _restarts._resume
+    _environment = _restarts._environment
 
     def _step_content(
         self, step: Step, package_id: str, version: int, on_demand: bool, number: int
@@ -532,7 +536,7 @@ class TaskSequenceEngine:
         destination = step.destination if step.action == DOWNLOAD_PACKAGE_CONTENT else None
         if destination in (ContentDestination.TS_CACHE, ContentDestination.CUSTOM):
             return self.ts_cache
-        if self.launch in LaunchContext.IN_WINDOWS_PE:
+        if self.in_windows_pe:
             if destination == ContentDestination.CLIENT_CACHE and not quiet:
                 self.log.info(
                     "TSManager",
@@ -669,7 +673,7 @@ class TaskSequenceEngine:
         self._set(LAST_LOCATION, self.windows(entry.path))
 
     def _default_store(self) -> ClientCache:
-        in_pe = self.launch in LaunchContext.IN_WINDOWS_PE
+        in_pe = self.in_windows_pe
         return self.ts_cache if in_pe else self.cache
 
     def resolve(
@@ -693,7 +697,7 @@ class TaskSequenceEngine:
         cm = "CacheManager"
         self.log.info("TSManager", f"Resolving local content for {package_id}:{version}")
         self.log.info(cm, f"Getting cached content information for {package_id}.{version}")
-        in_pe = self.launch in LaunchContext.IN_WINDOWS_PE
+        in_pe = self.in_windows_pe
         if in_pe:
             # No ccmexec in Windows PE: the product logs this and goes on to locate the content
             # (and there is no client cache to look in, or to download to).

@@ -46,6 +46,17 @@ STEP_ACTIONS = (
 )
 
 
+class RestartTo:
+    """Restart Computer's "Specify what to run after restart" (Microsoft Learn: Task sequence
+    steps, "Restart Computer"; docs/emulation.md, "Restarts")."""
+
+    #: "The boot image assigned to this task sequence": the next boot runs in Windows PE.
+    WINPE = "winpe"
+    #: "The currently installed default operating system" (the step's default).
+    OS = "os"
+    ALL = (WINPE, OS)
+
+
 class ContentDestination:
     """Download Package Content's "Place into the following location" (Microsoft Learn: Task
     sequence steps, "Download Package Content"; docs/emulation.md, "Task sequence content
@@ -157,6 +168,9 @@ class Step:
     #: Upgrade Operating System only: Windows Setup's restarts and result. ``None``: the
     #: upgrade is simulated without restarts (the step ends when its content was used).
     setup: Setup | None = None
+    #: Restart Computer only: what the computer restarts to (:class:`RestartTo`); ``None`` is
+    #: the step's default, the installed operating system.
+    restart_to: str | None = None
 
     @property
     def packages(self) -> tuple[str, ...]:
@@ -185,6 +199,10 @@ class Step:
             problems.append(f"setup belongs to {UPGRADE_OS} steps")
         if self.action == RESTART_COMPUTER and self.packages:
             problems.append(f"a {RESTART_COMPUTER} step uses no package")
+        if self.restart_to is not None and self.action != RESTART_COMPUTER:
+            problems.append(f"restart_to belongs to {RESTART_COMPUTER} steps")
+        if self.restart_to is not None and self.restart_to not in RestartTo.ALL:
+            problems.append(f"restart_to must be one of {', '.join(RestartTo.ALL)}")
         if problems:
             msg = f"step {self.name!r}: " + "; ".join(problems)
             raise ValueError(msg)
@@ -208,8 +226,24 @@ class TaskSequence:
     #: Task sequence variables set before the first step (collection or device variables).
     variables: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        back_to_pe = [s.name for s in self.steps if s.restart_to == RestartTo.WINPE]
+        if back_to_pe and not self.boot_image:
+            msg = (
+                f"task sequence {self.package_id}: step {back_to_pe[0]!r} restarts to the boot "
+                "image assigned to this task sequence, and it has none: set boot_image=True, or "
+                f"restart to the installed operating system (restart_to={RestartTo.OS!r})"
+            )
+            raise ValueError(msg)
+
     def version_of(self, package_id: str) -> int:
         return self.package_versions.get(package_id, 1)
+
+    def applied_os(self, steps_run: list[str]) -> bool:
+        """Whether an operating system was applied (an Upgrade Operating System step ran to
+        its end) among ``steps_run``, the names of the steps run so far."""
+        done = set(steps_run)
+        return any(s.action == UPGRADE_OS and s.name in done for s in self.steps)
 
     @property
     def restarts(self) -> bool:

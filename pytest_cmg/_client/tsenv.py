@@ -5,7 +5,8 @@ instruction) in ``_SMSTaskSequence\\TSEnv.dat`` on the system drive while the co
 and TSManager reads it back on the next boot to continue (docs/emulation.md, "Restarts"). The
 emulation keeps the same facts as JSON in ``<system drive>/_SMSTaskSequence/tsenv.json``:
 
-* the sequence and the index of the next step, the launch context, the variables;
+* the sequence and the index of the next step, the launch context, whether the next boot runs
+  in Windows PE (a Restart Computer step's "restart to" chose it), the variables;
 * what the run did so far (steps run, transfers, content provider runs, the reboot count);
 * the content bookkeeping (client cache entries it downloaded and pinned, task sequence cache
   content kept for the run); the packages themselves stay where they are on disk;
@@ -36,7 +37,8 @@ __all__ = ["TSENV_FILE", "SetupState", "TsEnv", "TsEnvError", "load", "remove", 
 
 #: The state file in the task sequence working directory (the product's is TSEnv.dat).
 TSENV_FILE = "tsenv.json"
-_FORMAT = 1
+#: 2: ``in_windows_pe`` (a state without it cannot say where the next boot runs).
+_FORMAT = 2
 #: What a SAS URL or a content access token carries, and what must never reach the disk here.
 _SIGNATURE = "sig="
 
@@ -79,6 +81,9 @@ class TsEnv:
     #: Why the last boot ended: ``restart_computer``, ``setup`` or ``""`` (cut at a step).
     restarting: str = ""
     setup: SetupState | None = None
+    #: Whether the next boot runs in Windows PE (the boot image) rather than the installed OS:
+    #: where the last boot ran, unless a Restart Computer step chose the other.
+    in_windows_pe: bool = False
     #: Azure AD clients only: the CCM token from CCM_STS and when it expires (ISO 8601, UTC).
     ccm_token: str | None = None
     ccm_token_expires: str | None = None

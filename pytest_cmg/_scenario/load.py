@@ -169,6 +169,7 @@ def _build(path: Path, data: dict[str, Any], v: Validation, plan: CasePlan | Non
                     if s["setup"] is not None
                     else None
                 ),
+                restart_to=s["restart_to"],
             )
             for s in ts["steps"]
         ),

@@ -9,7 +9,13 @@ from __future__ import annotations
 import difflib
 from typing import TYPE_CHECKING, Any
 
-from .._client.sequence import DOWNLOAD_PACKAGE_CONTENT, ContentDestination, custom_path_parts
+from .._client.sequence import (
+    DOWNLOAD_PACKAGE_CONTENT,
+    RESTART_COMPUTER,
+    ContentDestination,
+    RestartTo,
+    custom_path_parts,
+)
 from .._net.faults import VOCABULARY
 from .._protocol.paths import Endpoint
 from .._protocol.settings import NO_NEW_CLASSIC_CLOUD_DP_SINCE, CmgSettings
@@ -124,6 +130,7 @@ def cross_check(data: dict[str, Any], v: Validation) -> None:
                     f"given: {', '.join(given) or 'none'}",
                 )
         _check_content_options(step, f"task_sequence.steps[{index}]", problem)
+        _check_restart_options(step, f"task_sequence.steps[{index}]", sequence, problem)
         if step.get("package") is not None and step["package"] not in declared:
             problem(
                 f"task_sequence.steps[{index}].package",
@@ -447,6 +454,29 @@ def _check_content_options(step: dict[str, Any], where: str, problem: Callable[.
             custom_path_parts(path)
         except ValueError as error:
             problem(f"{where}.path", str(error))
+
+
+def _check_restart_options(
+    step: dict[str, Any], where: str, sequence: dict[str, Any], problem: Callable[..., None]
+) -> None:
+    """Restart Computer's ``restart_to``: the rules of :class:`Step` and
+    :class:`TaskSequence`, at their lines."""
+    restart_to = step.get("restart_to")
+    if restart_to is None:
+        return
+    if step.get("action") != RESTART_COMPUTER:
+        problem(
+            f"{where}.restart_to",
+            f"restart_to belongs to {RESTART_COMPUTER} steps",
+            f"remove it, or make the step's action {RESTART_COMPUTER}",
+        )
+    elif restart_to == RestartTo.WINPE and sequence.get("boot_image") is not True:
+        problem(
+            f"{where}.restart_to",
+            "restart_to: winpe restarts to the boot image assigned to this task sequence, "
+            "and it has none (task_sequence.boot_image is not true)",
+            "set task_sequence.boot_image: true, or restart_to: os",
+        )
 
 
 def _check_fault(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .._client.sequence import STEP_ACTIONS, ContentDestination, Setup
+from .._client.sequence import STEP_ACTIONS, ContentDestination, RestartTo, Setup
 from .._gateway.faults import PACKAGE_HASH_FAULTS
 from .._net.faults import VOCABULARY, FaultWord, ValueType
 from .._protocol.paths import Endpoint
@@ -286,6 +286,19 @@ STEP = Record(
             default=None,
             fill=False,
             example="{restarts: 2, result: rollback, code: 0xC1900101}",
+        ),
+        # Restart Computer's "Specify what to run after restart" (Microsoft Learn: Task
+        # sequence steps, "Restart Computer"; docs/emulation.md, "Restarts").
+        "restart_to": Field(
+            Choice(choices=RestartTo.ALL),
+            default=None,
+            doc=(
+                "restart_computer only: what the computer restarts to: `os` (the currently "
+                "installed default operating system; the default) or `winpe` (the boot image "
+                "assigned to this task sequence: needs `boot_image: true`). The next boot runs "
+                "in Windows PE or not accordingly (_SMSTSInWinPE). From boot media or PXE, `os` "
+                "before an upgrade_os step ran fails the step (no operating system yet)."
+            ),
         ),
     }
 )

@@ -38,12 +38,13 @@ from .._client.acp import (
     read_folder,
 )
 from .._errors import PytestCmgError
+from .._util.service import Service
 from ._cases import Sample, server_cpu_seconds
 from ._workloads import VERSION, package_id
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from types import FrameType, TracebackType
+    from types import FrameType
     from typing import Any, Self
 
     from .._client.engine import CMGClient
@@ -98,7 +99,7 @@ def check_program(text: str) -> str:
     return text
 
 
-class _ExitClock:
+class _ExitClock(Service):
     """When a child of this process exited, from SIGCHLD, over a ``with`` block.
 
     The handler runs in the main thread, which waits in ``ProgramProvider``'s polling sleep:
@@ -114,18 +115,12 @@ class _ExitClock:
     def _note(self, signum: int, frame: FrameType | None) -> None:
         self._times.append(time.perf_counter())
 
-    def __enter__(self) -> Self:
+    def start(self) -> None:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGCHLD, self._note)
             self._installed = True
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
         if self._installed:
             # None: the previous handler was not set from Python; the default is what it was.
             previous = signal.SIG_DFL if self._previous is None else self._previous
@@ -137,7 +132,7 @@ class _ExitClock:
         return self._times[-1] if self._times else None
 
 
-class ProgramGateway:
+class ProgramGateway(Service):
     """A fake CMG serving the workloads to a download program, and the program's runs.
 
     :meth:`start` starts the gateway (a site at the version from which token-authentication
@@ -204,17 +199,6 @@ class ProgramGateway:
         if self._cmg is not None:
             self._cmg.stop()
             self._cmg = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # --- one run -------------------------------------------------------------------------
 

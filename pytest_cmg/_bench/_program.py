@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from types import FrameType
     from typing import Any, Self
 
-    from .._client.engine import CMGClient
+    from .._client.cmg import CMGClient
     from .._gateway.server import FakeCMG
     from .._storage.azurite import BlobEndpoint
     from .._storage.clouddp import CloudDP
@@ -149,7 +149,8 @@ class ProgramGateway(Service):
         self._dp: CloudDP | None = None
 
     def start(self) -> Self:
-        from .._client.engine import CMGClient, CMGConnection
+        from .._client.cmg import CMGClient
+        from .._client.factory import connection_for
         from .._client.log import SmstsLog
         from .._gateway.server import FakeCMG
         from .._protocol.settings import CmgSettings
@@ -160,14 +161,8 @@ class ProgramGateway(Service):
         self._cmg = cmg
         # SMSTSAllowTokenAuthURLForACP=true is honoured from 2203: the site says it is one.
         cmg.configure(settings=CmgSettings(site_version=TOKEN_AUTH_FOR_ACP_SINCE))
-        connection = CMGConnection(
-            cmg_url=cmg.url,
-            ca_cert=cmg.ca_pem,
-            site_code=cmg.site_code,
-            mp_role_id=cmg.role_id,
-            client_id=_CLIENT_ID,
-            token=cmg.issue_token(_CLIENT_ID),
-        )
+        # A token client, as the engine is when it runs a program with token authentication.
+        connection = connection_for(cmg, _CLIENT_ID, "token")
         self._client = CMGClient(connection, SmstsLog(self.workdir / "smsts.log"))
         return self
 
@@ -206,7 +201,7 @@ class ProgramGateway(Service):
         """The engine's request for the workload's package (``TaskSequenceEngine._provide``
         with ``SMSTSAllowTokenAuthURLForACP=true``): a location request through the gateway,
         and every record offered, the cloud one with what fetching its manifest takes."""
-        from .._client.engine import offered_location
+        from .._client.cmg import offered_location
 
         assert self._client is not None
         client = self._client

@@ -12,7 +12,7 @@ on one in-memory Azurite, so every ratio compares figures taken under the same l
 * **gateway**: content-location requests followed by a manifest GET, through a real
   :class:`~pytest_cmg._gateway.server.FakeCMG` over HTTPS on loopback (in a process of its own,
   :mod:`._gatewayproc`) with token authentication, from 1, 10 and 50 concurrent clients. Each
-  client is a thread with its own :class:`~pytest_cmg._client.engine.CMGClient` (its own
+  client is a thread with its own :class:`~pytest_cmg._client.cmg.CMGClient` (its own
   ``requests`` session), built by :func:`~pytest_cmg._client.factory.connection_for` as every
   client of this project is: the protocol path users get, not a hand-made request.
 
@@ -63,7 +63,7 @@ from ._workloads import (
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from .._client.engine import CMGClient
+    from .._client.cmg import CMGClient
     from .._storage.azurite import BlobEndpoint
 
 __all__ = [
@@ -520,7 +520,7 @@ class _Scaling:
     def gateway_round(
         self, remote: _RemoteGateway, client_ids: Sequence[str], label: str
     ) -> _GatewayRound:
-        from .._client.engine import CMGClient
+        from .._client.cmg import CMGClient
         from .._client.factory import connection_for
         from .._client.log import SmstsLog
 

@@ -57,6 +57,7 @@ from ._workloads import (
     Workload,
     delete,
     package_id,
+    parse_names,
     upload,
 )
 
@@ -164,13 +165,7 @@ def quick_config(**overrides: Any) -> ScalingConfig:  # noqa: ANN401 - ScalingCo
 
 def parse_sweeps(text: str) -> tuple[str, ...]:
     """``"workers,gateway"`` -> ``("workers", "gateway")``; ``ValueError`` naming the unknown."""
-    names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
-    unknown = [n for n in names if n not in SWEEPS]
-    if not names or unknown:
-        shown = ", ".join(unknown) if unknown else "(none)"
-        msg = f"unknown sweep {shown}; choose among {', '.join(SWEEPS)} (comma-separated)"
-        raise ValueError(msg)
-    return names
+    return parse_names(text, SWEEPS, "sweep")
 
 
 # --- summaries: a point with no measurement is an error, not a zero ----------------------------

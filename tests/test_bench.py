@@ -293,13 +293,21 @@ def test_bad_baselines_and_options_are_usage_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="has no 'ratios' section"):
         load_baseline(str(tmp_path / "other.json"))
     assert run_cli("--compare", str(tmp_path / "missing.json"))[0] == EXIT_USAGE
-    for args in (["--workloads", "big,huge"], ["--margin", "1.5"], ["--rounds", "0"]):
+    for args in (
+        ["--workloads", "big,huge"],
+        ["--margin", "1.5"],
+        ["--rounds", "0"],
+        ["--workers", "0"],
+    ):
         with pytest.raises(SystemExit) as exit_info:
             main(["bench", *args])
         assert exit_info.value.code == EXIT_USAGE
     err = capsys.readouterr().err
     assert "unknown workload huge; choose among big, m1, k16" in err
     assert "the margin must be a fraction between 0 and 1" in err
+    assert "the number of rounds must be a whole number >= 1, not '0'" in err
+    # Each count option names itself: --workers 0 is not a wrong number of rounds.
+    assert "--workers: the number of workers must be a whole number >= 1, not '0'" in err
 
 
 class _Blobs(http.server.BaseHTTPRequestHandler):

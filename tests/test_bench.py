@@ -418,6 +418,27 @@ def test_aria2_missing_is_a_reason_not_an_error(tmp_path, monkeypatch):
     assert reason.startswith("not available: `apt-get` is not available")
 
 
+def test_a_cache_folder_with_a_broken_marker_is_passed_over_not_a_crash(tmp_path, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no aria2c on PATH
+    for name, marker in (("aria2-1.37.0", '{"exe": "usr/bin/aria2c", '), ("aria2-1.36.0", "[]")):
+        folder = tmp_path / "cache" / name
+        (folder / "usr" / "bin").mkdir(parents=True)
+        (folder / "usr" / "bin" / "aria2c").write_text("#!/bin/sh\n")
+        (folder / ".pytest-cmg-complete").write_text(marker)
+    assert resolve_aria2("cached").startswith(
+        "not available: aria2c is not on PATH nor provisioned"
+    )
+    # A whole marker beside them is still found.
+    good = tmp_path / "cache" / "aria2-1.35.0"
+    (good / "usr" / "bin").mkdir(parents=True)
+    (good / "usr" / "bin" / "aria2c").write_text("#!/bin/sh\n")
+    marker = {"exe": "usr/bin/aria2c", "lib_dirs": [], "version": "1.35.0"}
+    (good / ".pytest-cmg-complete").write_text(json.dumps(marker))
+    found = resolve_aria2("cached")
+    assert isinstance(found, Aria2) and found.version == "1.35.0"
+
+
 def test_aria2_command_is_the_documented_one():
     # The command line is built without running aria2c, so no binary is needed to check it.
     found = Aria2(Path("/opt/aria2/bin/aria2c"), (), "1.36.0", "test")

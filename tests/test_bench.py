@@ -439,6 +439,17 @@ def test_a_cache_folder_with_a_broken_marker_is_passed_over_not_a_crash(tmp_path
     assert isinstance(found, Aria2) and found.version == "1.35.0"
 
 
+def test_a_work_folder_that_cannot_be_made_is_a_bench_failure(tmp_path, capsys):
+    taken = tmp_path / "a-file"
+    taken.write_text("not a folder")
+    argv = ["--workdir", str(taken / "out"), "--aria2", "never", "--quick", "--workloads", "k16"]
+    # Refused before Azurite starts: a BenchError (exit 3) saying the fix, not an OSError.
+    assert run_cli(*argv)[0] == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert f"the benchmark's work folder cannot be made in {taken / 'out'}" in err
+    assert "pass a writable folder (--workdir)" in err
+
+
 def test_aria2_command_is_the_documented_one():
     # The command line is built without running aria2c, so no binary is needed to check it.
     found = Aria2(Path("/opt/aria2/bin/aria2c"), (), "1.36.0", "test")

@@ -2,8 +2,9 @@
 
 Exit codes: 0 measured (and within the margin of ``--compare``), 1 a compared figure breached
 the margin, 2 bad usage (unknown workload, unreadable baseline, no matplotlib for ``--chart``, a
-``--download-program`` that cannot be run), 3 the benchmark itself failed (Azurite did not start,
-a case failed or wrote wrong bytes, the download program exited non-zero or delivered wrong files).
+``--download-program`` that cannot be run), 3 the benchmark itself failed (its work folder could
+not be made, Azurite did not start, a case failed or wrote wrong bytes, the download program
+exited non-zero or delivered wrong files).
 """
 
 from __future__ import annotations

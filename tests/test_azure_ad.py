@@ -29,7 +29,9 @@ from pytest_cmg._gateway.tokens import (
     AAD_CLOCK_SKEW,
     AAD_RESOURCE,
     INVALID_TOKEN,
+    AzureADDirectory,
     AzureADTenant,
+    TokenRejected,
     is_azure_ad_token,
 )
 from pytest_cmg._protocol import codes
@@ -40,7 +42,9 @@ from pytest_cmg._protocol.paths import aad_auth_info_path, sts_path
 CLIENT = "GUID:aad-client"
 PACKAGE = "PS100041"
 PAYLOAD = {"drivers/net.inf": b"[Version]\r\n" * 100, "drivers/net.sys": b"\x00" * 8192}
-ONE_STEP = TaskSequence(PACKAGE, "Azure AD", (Step("Apply drivers", "apply_driver_package", PACKAGE),))
+ONE_STEP = TaskSequence(
+    PACKAGE, "Azure AD", (Step("Apply drivers", "apply_driver_package", PACKAGE),)
+)
 
 
 @pytest.fixture
@@ -168,11 +172,15 @@ def test_aad_auth_info_answers_only_onboarded_enabled_tenants(web, cmg):
     assert info.get("TenantID") == cmg.tenant.tenant_id
     assert info.get("AADCLIENTAPPID") == cmg.tenant.client_app_id
     assert info.get("AADRESOURCEURI") == AAD_RESOURCE
-    unknown = web.get(cmg.url + aad_auth_info_path(AzureADTenant(clock=cmg.clock).tenant_id), timeout=10)
+    unknown = web.get(
+        cmg.url + aad_auth_info_path(AzureADTenant(clock=cmg.clock).tenant_id), timeout=10
+    )
     assert unknown.status_code == 404
     assert unknown.content == b""
     cmg.azure_ad.disable(cmg.tenant.tenant_id)
-    assert web.get(cmg.url + aad_auth_info_path(cmg.tenant.tenant_id), timeout=10).status_code == 404
+    assert (
+        web.get(cmg.url + aad_auth_info_path(cmg.tenant.tenant_id), timeout=10).status_code == 404
+    )
     missing = web.get(cmg.url + "/CCM_Proxy_ServerAuth/AADAuthInfo", timeout=10)
     assert missing.status_code == 400
     assert [e.endpoint for e in cmg.log.entries] == ["aad_info"] * 4
@@ -219,11 +227,16 @@ def _tampered_claims(gateway):
 
 
 REFUSED = {
-    "wrong_audience": (lambda g: g.issue_aad_token(CLIENT, audience="https://graph.microsoft.com"), "IDX10214"),
+    "wrong_audience": (
+        lambda g: g.issue_aad_token(CLIENT, audience="https://graph.microsoft.com"),
+        "IDX10214",
+    ),
     "disabled_tenant": (_disabled_tenant, "is disabled for this site"),
     "unknown_tenant": (_unknown_tenant, "is not onboarded to this site"),
     "expired": (
-        lambda g: g.issue_aad_token(CLIENT, not_before=_hours_ago(2), lifetime=dt.timedelta(hours=1)),
+        lambda g: g.issue_aad_token(
+            CLIENT, not_before=_hours_ago(2), lifetime=dt.timedelta(hours=1)
+        ),
         "IDX10223: Lifetime validation failed. The token is expired.",
     ),
     "nbf_in_the_future": (
@@ -293,7 +306,9 @@ def test_rotated_keys_validate_until_retired(web, cmg, distributed):
     assert locate(web, cmg, after).status_code == 200
 
 
-def test_engine_with_a_refused_azure_ad_token_fails_with_no_location(cmg, distributed, tmp_path, cmg_time):
+def test_engine_with_a_refused_azure_ad_token_fails_with_no_location(
+    cmg, distributed, tmp_path, cmg_time
+):
     cmg.azure_ad.disable(cmg.tenant.tenant_id)
     engine = aad_engine(cmg, tmp_path, cmg_time, cmg.issue_aad_token(CLIENT))
     try:
@@ -304,8 +319,9 @@ def test_engine_with_a_refused_azure_ad_token_fails_with_no_location(cmg, distri
     assert "CCM token request answered 401" in str(result.error)
     assert cmg.log.count("location") == 0
     assert cmg.log.count("manifest") == 0
-    assert "ClientIDManagerStartup: Failed to get CCM token. StatusCode=401 StatusText=CMGService_Invalid_Token" in (
-        engine.log.messages
+    assert (
+        "ClientIDManagerStartup: Failed to get CCM token. StatusCode=401 StatusText=CMGService_Invalid_Token"
+        in (engine.log.messages)
     )
 
 
@@ -315,3 +331,20 @@ def test_connection_needs_one_way_to_authenticate(cmg):
     aad = CMGConnection(cmg.url, cmg.ca_pem, cmg.site_code, cmg.role_id, CLIENT, aad_token="x")
     assert aad.location_url.endswith("/ccm_system_tokenauth/request")
     assert aad.sts_url == cmg.url + sts_path(cmg.role_id)
+
+
+@pytest.mark.parametrize(
+    ("token", "reason"),
+    [
+        ("a.b", "IDX12741: JWT must have three segments (2 segments, not 3)"),
+        ("a.b.c.d", "IDX12741: JWT must have three segments (4 segments, not 3)"),
+        ("!!!!.@@@@.####", "IDX12729: Unable to decode the token (JWT header"),
+    ],
+)
+def test_a_token_that_is_no_jwt_is_refused_in_identitymodel_words(token, reason):
+    # The site's verifier words the same refusals its own way (tests/test_protocol.py); the
+    # Azure AD one must keep Microsoft.IdentityModel's codes for its half of them.
+    directory = AzureADDirectory(clock=FakeClock())
+    with pytest.raises(TokenRejected) as refused:
+        directory.verify(token)
+    assert refused.value.reason.startswith(reason)

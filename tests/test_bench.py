@@ -29,7 +29,7 @@ from pytest_cmg._bench._aria2 import Aria2, resolve_aria2
 from pytest_cmg._bench._cases import Sample
 from pytest_cmg._bench._compare import compare, load_baseline
 from pytest_cmg._bench._main import EXIT_BREACHED, EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from pytest_cmg._bench._rawget import get_all_verified
+from pytest_cmg._bench._rawget import get_all, get_all_verified
 from pytest_cmg._bench._report import (
     PEAK_METRIC,
     CaseResult,
@@ -41,6 +41,7 @@ from pytest_cmg._bench._report import (
 )
 from pytest_cmg._bench._workloads import FULL, QUICK, Workload, parse_workloads
 from pytest_cmg._cli import main
+from pytest_cmg._errors import BenchError
 from pytest_cmg._util.cachedir import CACHE_ENV, cache_dir
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -293,13 +294,21 @@ def test_bad_baselines_and_options_are_usage_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="has no 'ratios' section"):
         load_baseline(str(tmp_path / "other.json"))
     assert run_cli("--compare", str(tmp_path / "missing.json"))[0] == EXIT_USAGE
-    for args in (["--workloads", "big,huge"], ["--margin", "1.5"], ["--rounds", "0"]):
+    for args in (
+        ["--workloads", "big,huge"],
+        ["--margin", "1.5"],
+        ["--rounds", "0"],
+        ["--workers", "0"],
+    ):
         with pytest.raises(SystemExit) as exit_info:
             main(["bench", *args])
         assert exit_info.value.code == EXIT_USAGE
     err = capsys.readouterr().err
     assert "unknown workload huge; choose among big, m1, k16" in err
     assert "the margin must be a fraction between 0 and 1" in err
+    assert "the number of rounds must be a whole number >= 1, not '0'" in err
+    # Each count option names itself: --workers 0 is not a wrong number of rounds.
+    assert "--workers: the number of workers must be a whole number >= 1, not '0'" in err
 
 
 class _Blobs(http.server.BaseHTTPRequestHandler):
@@ -309,7 +318,14 @@ class _Blobs(http.server.BaseHTTPRequestHandler):
     bodies: ClassVar[dict[str, bytes]] = {}
 
     def do_GET(self):
-        body = self.bodies[self.path.split("?", 1)[0]]
+        body = self.bodies.get(self.path.split("?", 1)[0])
+        if body is None:
+            missing = b"<Error><Code>BlobNotFound</Code></Error>"
+            self.send_response(404)
+            self.send_header("Content-Length", str(len(missing)))
+            self.end_headers()
+            self.wfile.write(missing)
+            return
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -349,14 +365,34 @@ def test_raw_verified_hashes_and_writes_every_byte_and_fails_loudly_on_a_wrong_o
     wrong = bytearray(good["/f1"])
     wrong[(1 << 20) + 5] ^= 0x01
     bodies["/f1"] = bytes(wrong)
-    with pytest.raises(RuntimeError, match=r"SHA-256 of .*f1 is [0-9a-f]{64}, expected"):
+    # A BenchError (also the RuntimeError it was): what it is, where, the rule and the fix.
+    with pytest.raises(BenchError, match=r"SHA-256 of .*f1 is [0-9a-f]{64}, expected") as info:
         get_all_verified(urls, paths, digests, workers=2)
+    assert "a verified ceiling times only bytes that hash to the manifest's digest" in str(
+        info.value
+    )
+    assert "upload the workload again and rerun" in str(info.value)
     bodies["/f1"] = good["/f1"]
     wrong = bytearray(good["/big"])
     wrong[(8 << 20) + 1] ^= 0x80
     bodies["/big"] = bytes(wrong)
-    with pytest.raises(RuntimeError, match=r"raw-verified: SHA-256 of .*big is [0-9a-f]{64}, "):
+    with pytest.raises(BenchError, match=r"raw-verified: SHA-256 of .*big is [0-9a-f]{64}, "):
         get_all_verified(urls, paths, digests, workers=1)
+
+
+def test_a_ceiling_that_gets_no_200_is_a_bench_error_naming_the_blob_not_its_sas(blob_server):
+    url, bodies = blob_server
+    bodies["/c/there"] = b"x" * 100
+    urls = [f"{url}/c/there?sig=SECRET", f"{url}/c/gone?sig=SECRET"]
+    # The raw ceiling as benchmark scenarios use it (get_all), outside any benchmark run that
+    # would wrap the error: what reaches the user must be of the pytest-cmg tree.
+    with pytest.raises(BenchError) as info:
+        get_all(urls, workers=1, label="raw baseline")
+    message = str(info.value)
+    assert message.startswith("raw baseline GET answered 404 for /c/gone: b'<Error><Code>Blob")
+    assert "a ceiling times only 200 answers" in message
+    assert "check that the blob exists and its URL's SAS is valid" in message
+    assert "SECRET" not in message
 
 
 def test_workloads_parse_and_have_the_documented_sizes():
@@ -380,6 +416,38 @@ def test_aria2_missing_is_a_reason_not_an_error(tmp_path, monkeypatch):
     assert "--with-aria2" in reason
     reason = resolve_aria2("auto")
     assert reason.startswith("not available: `apt-get` is not available")
+
+
+def test_a_cache_folder_with_a_broken_marker_is_passed_over_not_a_crash(tmp_path, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no aria2c on PATH
+    for name, marker in (("aria2-1.37.0", '{"exe": "usr/bin/aria2c", '), ("aria2-1.36.0", "[]")):
+        folder = tmp_path / "cache" / name
+        (folder / "usr" / "bin").mkdir(parents=True)
+        (folder / "usr" / "bin" / "aria2c").write_text("#!/bin/sh\n")
+        (folder / ".pytest-cmg-complete").write_text(marker)
+    assert resolve_aria2("cached").startswith(
+        "not available: aria2c is not on PATH nor provisioned"
+    )
+    # A whole marker beside them is still found.
+    good = tmp_path / "cache" / "aria2-1.35.0"
+    (good / "usr" / "bin").mkdir(parents=True)
+    (good / "usr" / "bin" / "aria2c").write_text("#!/bin/sh\n")
+    marker = {"exe": "usr/bin/aria2c", "lib_dirs": [], "version": "1.35.0"}
+    (good / ".pytest-cmg-complete").write_text(json.dumps(marker))
+    found = resolve_aria2("cached")
+    assert isinstance(found, Aria2) and found.version == "1.35.0"
+
+
+def test_a_work_folder_that_cannot_be_made_is_a_bench_failure(tmp_path, capsys):
+    taken = tmp_path / "a-file"
+    taken.write_text("not a folder")
+    argv = ["--workdir", str(taken / "out"), "--aria2", "never", "--quick", "--workloads", "k16"]
+    # Refused before Azurite starts: a BenchError (exit 3) saying the fix, not an OSError.
+    assert run_cli(*argv)[0] == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert f"the benchmark's work folder cannot be made in {taken / 'out'}" in err
+    assert "pass a writable folder (--workdir)" in err
 
 
 def test_aria2_command_is_the_documented_one():

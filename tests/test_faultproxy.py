@@ -803,3 +803,22 @@ def test_every_fault_kind_has_one_word_in_the_vocabulary():
 )
 def test_a_fault_at_an_offset_acts_only_once_the_body_reaches_it(fault, body, acted):
     assert fault.acted(body) is acted
+
+
+def test_a_record_snapshot_copies_every_field_and_stays_as_it_was():
+    from dataclasses import fields
+
+    from pytest_cmg._net.proxy import ProxiedRequest, Record
+
+    # One list of fields for both: snapshot() copies by ProxiedRequest's field names.
+    assert [f.name for f in fields(Record)] == [f.name for f in fields(ProxiedRequest)]
+    record = Record(
+        3, 1, "GET", "/c/b", "bytes=0-9", ("reset",), True, 206, 10, "complete", 5.0, "2"
+    )
+    snapshot = record.snapshot()
+    assert snapshot == ProxiedRequest(
+        3, 1, "GET", "/c/b", "bytes=0-9", ("reset",), True, 206, 10, "complete", 5.0, "2"
+    )
+    record.body_bytes += 5
+    record.outcome = "reset"
+    assert (snapshot.body_bytes, snapshot.outcome) == (10, "complete")

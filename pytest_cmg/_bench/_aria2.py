@@ -123,11 +123,18 @@ def find_aria2() -> Aria2 | str:
         marker = folder / _MARKER
         if not marker.is_file():
             continue
-        info = json.loads(marker.read_text(encoding="utf-8"))
-        exe = folder / info["exe"]
-        if exe.is_file():
+        try:
+            info = json.loads(marker.read_text(encoding="utf-8"))
+            exe = folder / info["exe"]
             libs = tuple(folder / d for d in info["lib_dirs"])
-            return Aria2(exe, libs, str(info["version"]), f"cache {folder}")
+            version = str(info["version"])
+        except (OSError, ValueError, KeyError, TypeError):
+            # A marker cut short or edited by hand: not a provisioned aria2, whose marker is
+            # written whole before its folder is renamed into place. Passed over, as a folder
+            # without one is, rather than a JSON error out of the benchmark.
+            continue
+        if exe.is_file():
+            return Aria2(exe, libs, version, f"cache {folder}")
     return f"aria2c is not on PATH nor provisioned in {cache_dir()}"
 
 

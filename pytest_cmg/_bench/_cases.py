@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .._util.service import Service
 from ._rawget import get_all, get_all_verified
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from types import TracebackType
     from typing import BinaryIO
 
     from ._aria2 import Aria2
@@ -73,7 +73,7 @@ class Sample:
     server_cpu_seconds: float | None
 
 
-class Meter:
+class Meter(Service):
     """Wall clock, this process's CPU and the server's CPU over a ``with`` block."""
 
     def __init__(self, server_pid: int | None) -> None:
@@ -84,18 +84,14 @@ class Meter:
         #: Set by a case whose work happens in a child process (its wait4 rusage).
         self.child_cpu: float | None = None
 
-    def __enter__(self) -> Meter:
+    def start(self) -> None:
+        """Read the clocks: the block's run is measured from here."""
         self._server = server_cpu_seconds(self.server_pid)
         self._cpu = time.process_time()
         self._wall = time.perf_counter()
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
+        """Read the clocks again and keep the difference as :attr:`sample`."""
         wall = time.perf_counter() - self._wall
         cpu = time.process_time() - self._cpu
         server_now = server_cpu_seconds(self.server_pid)

@@ -2,8 +2,9 @@
 
 Exit codes: 0 measured (and within the margin of ``--compare``), 1 a compared figure breached
 the margin, 2 bad usage (unknown workload, unreadable baseline, no matplotlib for ``--chart``, a
-``--download-program`` that cannot be run), 3 the benchmark itself failed (Azurite did not start,
-a case failed or wrote wrong bytes, the download program exited non-zero or delivered wrong files).
+``--download-program`` that cannot be run), 3 the benchmark itself failed (its work folder could
+not be made, Azurite did not start, a case failed or wrote wrong bytes, the download program
+exited non-zero or delivered wrong files).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "add_bench_parser",
     "check_margin",
     "check_rounds",
+    "check_workers",
     "run_bench",
     "run_scaling_command",
 ]
@@ -56,15 +58,26 @@ def check_margin(text: str) -> float:
     return margin
 
 
-def check_rounds(text: str) -> int:
+def _count(text: str, what: str) -> int:
+    """A whole number >= 1; ``ValueError`` naming ``what`` otherwise."""
     try:
-        rounds = int(text)
+        count = int(text)
     except ValueError:
-        rounds = 0
-    if rounds < 1:
-        msg = f"the number of rounds must be a whole number >= 1, not {text!r}"
+        count = 0
+    if count < 1:
+        msg = f"the number of {what} must be a whole number >= 1, not {text!r}"
         raise ValueError(msg)
-    return rounds
+    return count
+
+
+def check_rounds(text: str) -> int:
+    """``--rounds``: a whole number >= 1; ``ValueError`` otherwise."""
+    return _count(text, "rounds")
+
+
+def check_workers(text: str) -> int:
+    """``--workers``: a whole number >= 1; ``ValueError`` otherwise."""
+    return _count(text, "workers")
 
 
 def _argtype(check: Callable[[str], T]) -> Callable[[str], T]:
@@ -131,7 +144,7 @@ def add_bench_parser(
     )
     bench.add_argument(
         "--workers",
-        type=_argtype(check_rounds),
+        type=_argtype(check_workers),
         default=8,
         help="DownloadCore(workers=N), also the raw ceiling's connections for many files (default 8)",
     )
@@ -185,6 +198,11 @@ def add_bench_parser(
     )
     bench.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     return bench
+
+
+def _progress(line: str) -> None:
+    """A progress line on stderr, at once (``--quiet`` passes none)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def _write_outputs(report: dict[str, Any], args: argparse.Namespace) -> None:
@@ -261,9 +279,6 @@ def run_bench(args: argparse.Namespace) -> int:
 def _measure(args: argparse.Namespace) -> dict[str, Any] | int:
     from ._runner import Bench, BenchConfig, BenchError
 
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else DEFAULT_ROUNDS)
     config = BenchConfig(
         workloads=tuple(args.workloads),
@@ -273,7 +288,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any] | int:
         aria2=args.aria2,
         memory=not args.no_memory,
         workdir=args.workdir,
-        log=None if args.quiet else log,
+        log=None if args.quiet else _progress,
         download_program=args.download_program,
     )
     try:
@@ -298,14 +313,11 @@ def run_scaling_command(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
 
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
     settings: dict[str, Any] = {
         "sweeps": args.sweep if args.sweep is not None else SWEEPS,
         "default_workers": args.workers,
         "workdir": args.workdir,
-        "log": None if args.quiet else log,
+        "log": None if args.quiet else _progress,
     }
     if args.rounds is not None:
         settings["rounds"] = args.rounds

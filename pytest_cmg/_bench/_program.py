@@ -38,15 +38,16 @@ from .._client.acp import (
     read_folder,
 )
 from .._errors import PytestCmgError
+from .._util.service import Service
 from ._cases import Sample, server_cpu_seconds
 from ._workloads import VERSION, package_id
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from types import FrameType, TracebackType
+    from types import FrameType
     from typing import Any, Self
 
-    from .._client.engine import CMGClient
+    from .._client.cmg import CMGClient
     from .._gateway.server import FakeCMG
     from .._storage.azurite import BlobEndpoint
     from .._storage.clouddp import CloudDP
@@ -98,7 +99,7 @@ def check_program(text: str) -> str:
     return text
 
 
-class _ExitClock:
+class _ExitClock(Service):
     """When a child of this process exited, from SIGCHLD, over a ``with`` block.
 
     The handler runs in the main thread, which waits in ``ProgramProvider``'s polling sleep:
@@ -114,18 +115,12 @@ class _ExitClock:
     def _note(self, signum: int, frame: FrameType | None) -> None:
         self._times.append(time.perf_counter())
 
-    def __enter__(self) -> Self:
+    def start(self) -> None:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGCHLD, self._note)
             self._installed = True
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
         if self._installed:
             # None: the previous handler was not set from Python; the default is what it was.
             previous = signal.SIG_DFL if self._previous is None else self._previous
@@ -137,7 +132,7 @@ class _ExitClock:
         return self._times[-1] if self._times else None
 
 
-class ProgramGateway:
+class ProgramGateway(Service):
     """A fake CMG serving the workloads to a download program, and the program's runs.
 
     :meth:`start` starts the gateway (a site at the version from which token-authentication
@@ -154,7 +149,8 @@ class ProgramGateway:
         self._dp: CloudDP | None = None
 
     def start(self) -> Self:
-        from .._client.engine import CMGClient, CMGConnection
+        from .._client.cmg import CMGClient
+        from .._client.factory import connection_for
         from .._client.log import SmstsLog
         from .._gateway.server import FakeCMG
         from .._protocol.settings import CmgSettings
@@ -165,14 +161,8 @@ class ProgramGateway:
         self._cmg = cmg
         # SMSTSAllowTokenAuthURLForACP=true is honoured from 2203: the site says it is one.
         cmg.configure(settings=CmgSettings(site_version=TOKEN_AUTH_FOR_ACP_SINCE))
-        connection = CMGConnection(
-            cmg_url=cmg.url,
-            ca_cert=cmg.ca_pem,
-            site_code=cmg.site_code,
-            mp_role_id=cmg.role_id,
-            client_id=_CLIENT_ID,
-            token=cmg.issue_token(_CLIENT_ID),
-        )
+        # A token client, as the engine is when it runs a program with token authentication.
+        connection = connection_for(cmg, _CLIENT_ID, "token")
         self._client = CMGClient(connection, SmstsLog(self.workdir / "smsts.log"))
         return self
 
@@ -205,24 +195,13 @@ class ProgramGateway:
             self._cmg.stop()
             self._cmg = None
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     # --- one run -------------------------------------------------------------------------
 
     def request(self, dataset: Dataset, destination: Path) -> ProviderRequest:
         """The engine's request for the workload's package (``TaskSequenceEngine._provide``
         with ``SMSTSAllowTokenAuthURLForACP=true``): a location request through the gateway,
         and every record offered, the cloud one with what fetching its manifest takes."""
-        from .._client.engine import offered_location
+        from .._client.cmg import offered_location
 
         assert self._client is not None
         client = self._client

@@ -29,6 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from .._errors import BenchError
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from pathlib import Path
@@ -48,8 +50,9 @@ def get_all(
 ) -> int:
     """GET every URL (all on one host) on up to ``workers`` kept-alive connections; return bytes.
 
-    Raises ``RuntimeError`` (naming ``label``) for an answer other than 200: a baseline that read
-    error bodies would flatter whatever it is compared with.
+    Raises :class:`~pytest_cmg._errors.BenchError` (a ``RuntimeError``; naming ``label``) for an
+    answer other than 200: a baseline that read error bodies would flatter whatever it is
+    compared with.
     """
 
     def fetch(conn: http.client.HTTPConnection, index: int, target: str, buf: memoryview) -> int:
@@ -70,8 +73,8 @@ def get_all_verified(
     """As :func:`get_all`, and every body is hashed and written to its path; return bytes.
 
     ``paths[i]`` (its folder must exist) receives the body of ``urls[i]``, whose SHA-256 must be
-    ``sha256s[i]`` (lower-case hex): ``RuntimeError`` naming ``label`` and the path otherwise, so
-    a ceiling that skipped or mangled bytes cannot pass for fast.
+    ``sha256s[i]`` (lower-case hex): :class:`~pytest_cmg._errors.BenchError` naming ``label``
+    and the path otherwise, so a ceiling that skipped or mangled bytes cannot pass for fast.
     """
     if not len(urls) == len(paths) == len(sha256s):
         msg = f"{label}: {len(urls)} URLs, {len(paths)} paths and {len(sha256s)} digests"
@@ -96,9 +99,11 @@ def get_all_verified(
         if digest.hexdigest() != sha256s[index]:
             msg = (
                 f"{label}: SHA-256 of {paths[index]} is {digest.hexdigest()}, "
-                f"expected {sha256s[index]}"
+                f"expected {sha256s[index]}: a verified ceiling times only bytes that hash "
+                "to the manifest's digest; the blob changed under the benchmark or storage "
+                "answered other bytes, so upload the workload again and rerun"
             )
-            raise RuntimeError(msg)
+            raise BenchError(msg)
         return total
 
     return _loop(urls, workers, ca_file, fetch)
@@ -195,8 +200,13 @@ def _get(conn: http.client.HTTPConnection, target: str, label: str) -> http.clie
     response = conn.getresponse()
     if response.status != 200:
         body = response.read()[:200]
-        msg = f"{label} GET answered {response.status}: {body!r}"
-        raise RuntimeError(msg)
+        # The path only: the query holds the SAS signature, which no message repeats.
+        msg = (
+            f"{label} GET answered {response.status} for {target.split('?', 1)[0]}: {body!r}; "
+            "a ceiling times only 200 answers (an error body read fast would flatter what it "
+            "is compared with): check that the blob exists and its URL's SAS is valid"
+        )
+        raise BenchError(msg)
     return response
 
 

@@ -137,12 +137,20 @@ class Bench(Service):
         else:
             self.aria2_reason = found
             self._say(f"aria2c {found}")
-        if self.config.workdir is None:
-            self._workdir = Path(tempfile.mkdtemp(prefix="pytest-cmg-bench-"))
-            self._own_workdir = True
-        else:
-            self._workdir = self.config.workdir
-            self._workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            if self.config.workdir is None:
+                self._workdir = Path(tempfile.mkdtemp(prefix="pytest-cmg-bench-"))
+                self._own_workdir = True
+            else:
+                self.config.workdir.mkdir(parents=True, exist_ok=True)
+                self._workdir = self.config.workdir
+        except OSError as exc:
+            where = self.config.workdir or tempfile.gettempdir()
+            msg = (
+                f"the benchmark's work folder cannot be made in {where} ({exc}): every case "
+                "writes its output there; pass a writable folder (--workdir)"
+            )
+            raise BenchError(msg) from exc
         azurite = AzuriteProcess()
         try:
             self._endpoint = azurite.start()

@@ -12,7 +12,7 @@ on one in-memory Azurite, so every ratio compares figures taken under the same l
 * **gateway**: content-location requests followed by a manifest GET, through a real
   :class:`~pytest_cmg._gateway.server.FakeCMG` over HTTPS on loopback (in a process of its own,
   :mod:`._gatewayproc`) with token authentication, from 1, 10 and 50 concurrent clients. Each
-  client is a thread with its own :class:`~pytest_cmg._client.engine.CMGClient` (its own
+  client is a thread with its own :class:`~pytest_cmg._client.cmg.CMGClient` (its own
   ``requests`` session), built by :func:`~pytest_cmg._client.factory.connection_for` as every
   client of this project is: the protocol path users get, not a hand-made request.
 
@@ -57,13 +57,14 @@ from ._workloads import (
     Workload,
     delete,
     package_id,
+    parse_names,
     upload,
 )
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from .._client.engine import CMGClient
+    from .._client.cmg import CMGClient
     from .._storage.azurite import BlobEndpoint
 
 __all__ = [
@@ -164,13 +165,7 @@ def quick_config(**overrides: Any) -> ScalingConfig:  # noqa: ANN401 - ScalingCo
 
 def parse_sweeps(text: str) -> tuple[str, ...]:
     """``"workers,gateway"`` -> ``("workers", "gateway")``; ``ValueError`` naming the unknown."""
-    names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
-    unknown = [n for n in names if n not in SWEEPS]
-    if not names or unknown:
-        shown = ", ".join(unknown) if unknown else "(none)"
-        msg = f"unknown sweep {shown}; choose among {', '.join(SWEEPS)} (comma-separated)"
-        raise ValueError(msg)
-    return names
+    return parse_names(text, SWEEPS, "sweep")
 
 
 # --- summaries: a point with no measurement is an error, not a zero ----------------------------
@@ -520,7 +515,7 @@ class _Scaling:
     def gateway_round(
         self, remote: _RemoteGateway, client_ids: Sequence[str], label: str
     ) -> _GatewayRound:
-        from .._client.engine import CMGClient
+        from .._client.cmg import CMGClient
         from .._client.factory import connection_for
         from .._client.log import SmstsLog
 

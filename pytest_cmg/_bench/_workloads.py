@@ -21,6 +21,8 @@ from urllib.parse import quote
 from .._protocol.manifest import ContentManifest, ManifestFile
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from .._storage.azurite import BlobEndpoint
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "Workload",
     "delete",
     "package_id",
+    "parse_names",
     "parse_workloads",
     "upload",
 ]
@@ -81,15 +84,23 @@ QUICK: dict[str, Workload] = {
 }
 
 
-def parse_workloads(text: str) -> tuple[str, ...]:
-    """``"big,k16"`` -> ``("big", "k16")``; ``ValueError`` naming the unknown ones."""
+def parse_names(text: str, choices: Iterable[str], kind: str) -> tuple[str, ...]:
+    """A comma-separated list of ``kind`` names among ``choices``, each once, in the order
+    given: ``"big,k16,big"`` -> ``("big", "k16")``; ``ValueError`` naming the unknown ones (the
+    command's option parser and the plugin's ``UsageError`` put the option's name before it)."""
+    allowed = tuple(choices)
     names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
-    unknown = [n for n in names if n not in FULL]
+    unknown = [n for n in names if n not in allowed]
     if not names or unknown:
         shown = ", ".join(unknown) if unknown else "(none)"
-        msg = f"unknown workload {shown}; choose among {', '.join(FULL)}"
+        msg = f"unknown {kind} {shown}; choose among {', '.join(allowed)} (comma-separated)"
         raise ValueError(msg)
     return names
+
+
+def parse_workloads(text: str) -> tuple[str, ...]:
+    """``"big,k16"`` -> ``("big", "k16")``; ``ValueError`` naming the unknown ones."""
+    return parse_names(text, FULL, "workload")
 
 
 @dataclass(frozen=True)

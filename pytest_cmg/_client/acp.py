@@ -39,6 +39,7 @@ from typing import IO, TYPE_CHECKING, Protocol, runtime_checkable
 
 from .._errors import PytestCmgError
 from .._protocol.location import CALG_SHA_256
+from .._util.tree import walk_entries
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -479,34 +480,34 @@ def read_folder(folder: Path) -> FolderContent:
     """
     files: dict[str, tuple[int, str]] = {}
     refused: list[str] = []
-    pending = [(os.fspath(folder), "")]
-    while pending:
-        path, prefix = pending.pop()
-        with os.scandir(path) as entries:
-            for entry in entries:
-                relpath = prefix + entry.name
-                try:
-                    relpath.encode("utf-8")
-                except UnicodeEncodeError:
-                    refused.append(relpath.encode("utf-8", "backslashreplace").decode("utf-8"))
-                    continue
-                if entry.is_dir(follow_symlinks=False):
-                    pending.append((entry.path, relpath + "/"))
-                    continue
-                if not entry.is_file(follow_symlinks=False):
-                    refused.append(relpath)
-                    continue
-                try:
-                    # O_NONBLOCK: a FIFO swapped in after the scan must not block the engine.
-                    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-                    fd = os.open(entry.path, flags)
-                except OSError:
-                    refused.append(relpath)
-                    continue
-                with os.fdopen(fd, "rb") as handle:
-                    if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-                        refused.append(relpath)
-                        continue
-                    digest = hashlib.file_digest(handle, "sha256")
-                    files[relpath] = (handle.tell(), digest.hexdigest())
+    # A folder whose name is not UTF-8 is not entered: it is refused whole, as one name.
+    for entry, relpath in walk_entries(folder, descend=_is_utf8):
+        if not _is_utf8(relpath):
+            refused.append(relpath.encode("utf-8", "backslashreplace").decode("utf-8"))
+            continue
+        if not entry.is_file(follow_symlinks=False):
+            refused.append(relpath)
+            continue
+        try:
+            # O_NONBLOCK: a FIFO swapped in after the scan must not block the engine.
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+            fd = os.open(entry.path, flags)
+        except OSError:
+            refused.append(relpath)
+            continue
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                refused.append(relpath)
+                continue
+            digest = hashlib.file_digest(handle, "sha256")
+            files[relpath] = (handle.tell(), digest.hexdigest())
     return FolderContent(files, sorted(refused))
+
+
+def _is_utf8(relpath: str) -> bool:
+    """Whether a name can be written as UTF-8 (one read from disk may hold lone surrogates)."""
+    try:
+        relpath.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -73,6 +73,7 @@ from .._protocol import codes
 from .._util.filelock import try_lock as _try_lock
 from .._util.filelock import unlock as _unlock
 from .._util.filelock import wait_lock
+from .._util.tree import walk_entries
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping
@@ -633,22 +634,14 @@ class ClientCache:
         wanted = {posixpath.normpath(relpath) for relpath in verified}
         removed: list[str] = []
         found: set[str] = set()
-        # scandir's entries know their type without a stat per file (packages of many files).
-        folders = [(os.fspath(staged), "")]
-        while folders:
-            folder, prefix = folders.pop()
-            with os.scandir(folder) as entries:
-                for entry in entries:
-                    relpath = prefix + entry.name
-                    if entry.is_dir(follow_symlinks=False):
-                        folders.append((entry.path, relpath + "/"))
-                    elif relpath in wanted and entry.is_file(follow_symlinks=False):
-                        found.add(relpath)
-                    else:
-                        # A link (to a file or a folder) or a file the download did not verify.
-                        with suppress(FileNotFoundError):
-                            os.unlink(entry.path)  # noqa: PTH108
-                        removed.append(relpath)
+        for entry, relpath in walk_entries(staged):
+            if relpath in wanted and entry.is_file(follow_symlinks=False):
+                found.add(relpath)
+            else:
+                # A link (to a file or a folder) or a file the download did not verify.
+                with suppress(FileNotFoundError):
+                    os.unlink(entry.path)  # noqa: PTH108
+                removed.append(relpath)
         missing = sorted(wanted - found)
         if missing:
             raise ContentError(

@@ -265,14 +265,7 @@ class CMGClient:
         token = record.access_token
         if token is None:
             raise ContentError(codes.BAD_HTTP_STATUS, "cloud location record has no access token")
-        params = {
-            "tid": token.tid,
-            "iss": token.iss,
-            "alg": token.alg,
-            "st": token.st,
-            "et": token.et,
-        }
-        return f"{record.url}&{urlencode(params)}"
+        return f"{record.url}&{urlencode(token.params())}"
 
     def manifest(self, record: LocationRecord) -> ContentManifest:
         """GET the content manifest a cloud location record leads to."""

@@ -218,6 +218,17 @@ def _split_jwt(token: str) -> _Jwt:
     return _Jwt(header, claims, decoded[2], f"{parts[0]}.{parts[1]}".encode("ascii"))
 
 
+def _jwt_or_rejected(token: str, *, not_three: str, not_decodable: str) -> _Jwt:
+    """:func:`_split_jwt`, its refusal a :class:`TokenRejected` in the verifier's own words:
+    ``not_three`` when the token does not have three segments, else ``not_decodable``, each a
+    template whose ``{detail}`` is the rule the token broke."""
+    try:
+        return _split_jwt(token)
+    except _NotJwt as bad:
+        template = not_three if bad.segments else not_decodable
+        raise TokenRejected(template.format(detail=bad.detail)) from bad
+
+
 def _numeric_date(claims: Mapping[str, Any], name: str, default: float | None) -> float:
     """Claim ``name`` as a NumericDate (RFC 7519 section 2: a JSON number of seconds).
 
@@ -350,15 +361,11 @@ class SiteAuthority:
         return claims
 
     def _verify_jwt(self, token: str) -> dict[str, Any]:
-        try:
-            jwt = _split_jwt(token)
-        except _NotJwt as bad:
-            reason = (
-                f"token is not a three-part JWT ({bad.detail})"
-                if bad.segments
-                else f"token is not decodable ({bad.detail})"
-            )
-            raise TokenRejected(reason) from bad
+        jwt = _jwt_or_rejected(
+            token,
+            not_three="token is not a three-part JWT ({detail})",
+            not_decodable="token is not decodable ({detail})",
+        )
         header, claims, signature = jwt.header, jwt.claims, jwt.signature
         if not isinstance(header, dict) or header.get("alg") != "RS256":
             reason = f"token alg {header.get('alg') if isinstance(header, dict) else None!r} is not RS256"
@@ -646,15 +653,11 @@ class AzureADDirectory:
 
     def verify(self, token: str) -> dict[str, Any]:
         """Return the claims of a valid device token, or raise :class:`TokenRejected`."""
-        try:
-            jwt = _split_jwt(token)
-        except _NotJwt as bad:
-            reason = (
-                f"IDX12741: JWT must have three segments ({bad.detail})"
-                if bad.segments
-                else f"IDX12729: Unable to decode the token ({bad.detail})"
-            )
-            raise TokenRejected(reason) from bad
+        jwt = _jwt_or_rejected(
+            token,
+            not_three="IDX12741: JWT must have three segments ({detail})",
+            not_decodable="IDX12729: Unable to decode the token ({detail})",
+        )
         header, claims, signature = jwt.header, jwt.claims, jwt.signature
         if not isinstance(header, dict) or not isinstance(claims, dict):
             reason = "IDX12729: Unable to decode the token (header or payload is not an object)"

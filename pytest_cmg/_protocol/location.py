@@ -151,6 +151,11 @@ class AccessToken:
     et: str
     signature: str
 
+    def params(self) -> dict[str, str]:
+        """``tid iss alg st et`` by name: the manifest request's parameters and the location
+        reply's ``AccessToken`` attributes, everything but the signature."""
+        return {"tid": self.tid, "iss": self.iss, "alg": self.alg, "st": self.st, "et": self.et}
+
 
 #: The manifest request's query parameters, in the order clients send them.
 MANIFEST_PARAMS = ("pid", "cid", "tid", "iss", "alg", "st", "et")
@@ -369,16 +374,7 @@ class ContentLocationReply:
             ET.SubElement(node, "Locality").text = record.locality
             if record.access_token is not None:
                 token = record.access_token
-                ET.SubElement(
-                    node,
-                    "AccessToken",
-                    tid=token.tid,
-                    iss=token.iss,
-                    alg=token.alg,
-                    st=token.st,
-                    et=token.et,
-                    Signature=token.signature,
-                )
+                ET.SubElement(node, "AccessToken", token.params(), Signature=token.signature)
         ET.SubElement(root, "RelatedContentIDs")
         return ET.tostring(root, encoding="unicode")
 

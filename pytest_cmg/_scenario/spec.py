@@ -201,6 +201,14 @@ class Spec:
         """A valid value, as YAML text, for the reference's examples."""
         raise NotImplementedError
 
+    def _is_a(self, node: yaml.Node, kind: type[yaml.Node], where: str, v: Validation) -> bool:
+        """Whether ``node`` is a list or mapping node of ``kind``; if not, the problem is noted
+        (what it must be, as :meth:`describe` says) and the caller reads no further."""
+        if isinstance(node, kind):
+            return True
+        v.problem(node, f"{_where(where)} must be {self.describe()}")
+        return False
+
     def _scalar_of(self, node: yaml.Node, where: str, v: Validation) -> Any:  # noqa: ANN401
         if not isinstance(node, yaml.ScalarNode):
             v.problem(
@@ -589,7 +597,9 @@ class Count(Spec):
         if not self.exact:
             # The scalar as written (a number here, unquoted), cut short like any echoed value.
             given = (
-                clip(str(node.value), SHOWN_CHARS) if isinstance(node, yaml.ScalarNode) else "a list"
+                clip(str(node.value), SHOWN_CHARS)
+                if isinstance(node, yaml.ScalarNode)
+                else "a list"
             )
             v.problem(
                 node,
@@ -652,8 +662,7 @@ class ListOf(Spec):
         return f"a list of {self.item.describe()}"
 
     def _check(self, node: yaml.Node, where: str, v: Validation) -> Any:  # noqa: ANN401
-        if not isinstance(node, yaml.SequenceNode):
-            v.problem(node, f"{_where(where)} must be {self.describe()}")
+        if not self._is_a(node, yaml.SequenceNode, where, v):
             return None
         if len(node.value) < self.min_items:
             v.problem(node, f"{where} needs at least {self.min_items} item(s)")
@@ -681,8 +690,7 @@ class MapOf(Spec):
         return f"a mapping of {self.key.describe()} to {self.value.describe()}"
 
     def _check(self, node: yaml.Node, where: str, v: Validation) -> Any:  # noqa: ANN401
-        if not isinstance(node, yaml.MappingNode):
-            v.problem(node, f"{_where(where)} must be {self.describe()}")
+        if not self._is_a(node, yaml.MappingNode, where, v):
             return None
         out = {}
         seen: set[str] = set()
@@ -867,8 +875,7 @@ class Record(Spec):
         return dataclasses.replace(self, fields=fields, required_unless=None)
 
     def _check(self, node: yaml.Node, where: str, v: Validation) -> Any:  # noqa: ANN401
-        if not isinstance(node, yaml.MappingNode):
-            v.problem(node, f"{_where(where)} must be {self.describe()}")
+        if not self._is_a(node, yaml.MappingNode, where, v):
             return None
         prefix = f"{where}." if where else ""
         out: dict[str, Any] = {}

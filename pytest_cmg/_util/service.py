@@ -1,6 +1,8 @@
 """``with service:``: start on entry, stop on exit, for every service with start() and stop().
 
-The fault proxy and the storage backends each wrote the same two methods; they inherit them here.
+The fault proxy, the storage backends, the gateway and the benchmark's parts (its runner, the
+download program's gateway, the meter of a timed run, the clock of a child's exit) each wrote
+the same two methods; they inherit them here.
 """
 
 from __future__ import annotations

@@ -179,7 +179,9 @@ def test_an_included_file_that_is_not_utf8_is_reported_at_its_own_line(
 # --------------------------------------------------------------------------------------------
 
 
-def size_problem(tmp_path: Path, size: str, *, files: str = "files: 4") -> tuple[ScenarioProblem, str]:
+def size_problem(
+    tmp_path: Path, size: str, *, files: str = "files: 4"
+) -> tuple[ScenarioProblem, str]:
     text = mutate(EXAMPLE_TEXT, "    files: 4\n    size: 24MiB", f"    {files}\n    size: {size}")
     path = tmp_path / "s.cmg.yaml"
     path.write_text(text, encoding="utf-8")
@@ -444,10 +446,48 @@ def test_arbitrary_bytes_give_a_scenario_error(scratch: Path, data: bytes) -> No
 
 
 _SNIPPETS = (
-    ": ", "- ", "[", "]", "{", "}", "&a ", "*a", "!!int ", "!!binary ", "!custom ", "? ", "|\n",
-    ">\n", "'", '"', "#", "%YAML 1.1\n", "---\n", "...\n", "\t", "\n", "  ", "\x00", "\x1b",
-    "\ufeff", "\u2028", "\xe9", "1e400", "9" * 40, "0x" + "f" * 30, "2001-02-30", "~", "null",
-    "yes", ".inf", "-.nan", "10TiB", "8GiB", "99999999999d", "<<: *a\n", "\\x",
+    ": ",
+    "- ",
+    "[",
+    "]",
+    "{",
+    "}",
+    "&a ",
+    "*a",
+    "!!int ",
+    "!!binary ",
+    "!custom ",
+    "? ",
+    "|\n",
+    ">\n",
+    "'",
+    '"',
+    "#",
+    "%YAML 1.1\n",
+    "---\n",
+    "...\n",
+    "\t",
+    "\n",
+    "  ",
+    "\x00",
+    "\x1b",
+    "\ufeff",
+    "\u2028",
+    "\xe9",
+    "1e400",
+    "9" * 40,
+    "0x" + "f" * 30,
+    "2001-02-30",
+    "~",
+    "null",
+    "yes",
+    ".inf",
+    "-.nan",
+    "10TiB",
+    "8GiB",
+    "99999999999d",
+    "<<: *a\n",
+    "\\x",
 )
 
 
@@ -469,7 +509,9 @@ def mutated_example(draw: st.DrawFn) -> bytes:
 
 @PROPERTY
 @given(mutated_example())
-def test_a_mutated_scenario_gives_a_scenario_or_a_scenario_error(scratch: Path, data: bytes) -> None:
+def test_a_mutated_scenario_gives_a_scenario_or_a_scenario_error(
+    scratch: Path, data: bytes
+) -> None:
     check_any_outcome(scratch, data)
 
 
@@ -531,7 +573,9 @@ def example_with_values(draw: st.DrawFn) -> bytes:
 
 @PROPERTY
 @given(example_with_values())
-def test_any_value_anywhere_gives_a_scenario_or_a_scenario_error(scratch: Path, data: bytes) -> None:
+def test_any_value_anywhere_gives_a_scenario_or_a_scenario_error(
+    scratch: Path, data: bytes
+) -> None:
     check_any_outcome(scratch, data)
 
 
@@ -582,9 +626,21 @@ def test_serve_prints_the_problems_and_exits_2(tmp_path: Path) -> None:
     text = mutate(EXAMPLE_TEXT, "seed: 1910", "seed: 1910  # caf\u00e9")
     path.write_bytes(text.encode("latin-1"))
     done = subprocess.run(
-        [sys.executable, "-m", "pytest_cmg", "serve", str(path), "--azurite", "external",
-         "--connection-string", "UseDevelopmentStorage=true"],
-        capture_output=True, text=True, timeout=120, check=False,
+        [
+            sys.executable,
+            "-m",
+            "pytest_cmg",
+            "serve",
+            str(path),
+            "--azurite",
+            "external",
+            "--connection-string",
+            "UseDevelopmentStorage=true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert done.returncode == 2, done.stderr
     assert f"{path}:{line_of(text, 'seed: 1910')}: byte 0xe9 at column 18" in done.stderr
@@ -743,3 +799,25 @@ def test_scenarios_whose_content_is_generated_on_disk_pass_end_to_end(
     assert check_expectations(scenario, run) == []
     assert folders
     assert not any(folder.exists() for folder in folders)
+
+
+@pytest.mark.parametrize(
+    ("count", "text"),
+    [
+        (12, "12B"),
+        (1536, "1.5KiB"),
+        (8 << 30, "8GiB"),
+        (300 * (1 << 20) + 1, "300MiB"),
+        ((1 << 20) - 1, "1023.999KiB"),  # thousandths, as the float formatting wrote them
+        (10**400, ""),
+    ],
+)
+def test_human_size_writes_any_integer(count: int, text: str) -> None:
+    from pytest_cmg._scenario.limits import human_size
+
+    written = human_size(count)
+    if text:
+        assert written == text
+    else:
+        # Past a float's range: still written, with every digit of the whole GiB count.
+        assert written.startswith(str(count // (1 << 30))) and written.endswith("GiB")

@@ -142,7 +142,11 @@ def human_size(count: int) -> str:
     """``count`` bytes as the language writes sizes: ``8GiB``, ``300MiB``, ``1.5KiB``, ``12B``."""
     for unit, scale in (("GiB", _GiB), ("MiB", _MiB), ("KiB", _KiB)):
         if count >= scale:
-            return f"{count / scale:.3f}".rstrip("0").rstrip(".") + unit
+            # Integer arithmetic, rounded to thousandths: a size can be any YAML integer, and
+            # ``count / scale`` overflows a float past about 10**308 (a problem message naming a
+            # 400-digit size must still be written).
+            whole, thousandths = divmod((count * 1000 + scale // 2) // scale, 1000)
+            return f"{whole}.{thousandths:03d}".rstrip("0").rstrip(".") + unit
     return f"{count}B"
 
 

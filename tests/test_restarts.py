@@ -269,6 +269,19 @@ expect:
     [
         ("faults: [{restart: {file: install.wim}}]", "", 3, "names the file and the bytes"),
         ("faults: [{restart: {}}]", "", 3, "a restart needs a moment"),
+        (
+            "faults: [{restart: {file: install.wmi, after_bytes: 1KiB}}]",
+            "",
+            3,
+            "restart file 'install.wmi' names no blob",
+        ),
+        (
+            # small-ipu-world's PS100012 is 1 MiB, most of it install.wim: no cut at 1 MiB.
+            "faults: [{restart: {file: install.wim, after_bytes: 1MiB}}]",
+            "",
+            3,
+            "the download ends before the cut",
+        ),
         ("", ", package: PS100012", 7, "a restart_computer step uses no package"),
         ("", ", setup: {restarts: 1}", 7, "setup belongs to upgrade_os steps"),
         ("benchmark: {baseline: hashlib}", "", 7, "this step restarts the computer"),
@@ -603,3 +616,38 @@ def test_the_language_checks_restart_to_at_its_line(
     )
     [scenario] = load_scenarios(path, fixtures=ROOT / "pytest_cmg" / "shipped")
     assert scenario.task_sequence.steps[1].restart_to == "winpe"
+
+
+SMALL_FILE_CUT = """\
+scenario: a power cut inside a file smaller than one receive buffer
+include: [worlds/small-ipu-world]
+packages:
+  - {id: PS100012, files: 1, size: 512KiB}
+faults:
+  - restart: {file: install.wim, after_bytes: 100KiB}
+expect:
+  outcome: success
+  restarts: 1
+  # The body is held at 100 KiB, inside the core's first 1 MiB buffer: nothing of it was
+  # hashed, so nothing was journaled, and the next boot fetches the whole file again.
+  storage_bytes: {PS100012: 612KiB}
+  absent_log: ["from an earlier run's journal"]
+"""
+
+
+def test_a_cut_inside_a_file_smaller_than_a_buffer_happens_and_fetches_the_file_again(
+    cmg_harness: object, tmp_path: Path
+) -> None:
+    """No stall at a buffer end falls inside a 512 KiB file: the power is cut at after_bytes
+    itself, not never (the cut's offsets are clipped to the file's size)."""
+    from pytest_cmg._scenario.timeline import cut_offsets
+
+    mib = 1 << 20
+    assert cut_offsets(100 * 1024, 512 * 1024) == [100 * 1024]
+    assert cut_offsets(100 * 1024, 3 * mib) == [100 * 1024, mib, 2 * mib]
+    path = tmp_path / "small.cmg.yaml"
+    path.write_text(SMALL_FILE_CUT, encoding="utf-8")
+    (scenario,) = load_scenarios(path, fixtures=ROOT / "pytest_cmg" / "shipped")
+    run = run_scenario(scenario, cmg_harness, tmp_path / "work")  # type: ignore[arg-type]
+    assert [str(f) for f in check_expectations(scenario, run)] == []
+    assert run.boots == ["boot 1: power cut", "boot 2: ended"]

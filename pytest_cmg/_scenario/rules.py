@@ -30,6 +30,7 @@ from .limits import (
     largest_file,
     nearest,
     shown,
+    split_sizes,
 )
 from .model import PackageSpec
 
@@ -251,22 +252,27 @@ def _check_cache_seed(
 def _check_fault_files(
     data: dict[str, Any], packages: list[dict[str, Any]], problem: Callable[..., None]
 ) -> None:
-    """Each storage fault's ``file`` against the blob names of the packages on the cloud DP.
+    """Each storage fault's and mid-download restart's ``file`` against the blob names of the
+    packages on the cloud DP, and a restart's ``after_bytes`` against the sizes of those files.
 
-    A ``file`` that names no blob makes a fault that can never fire; found here, before any
-    content is generated, from the file names alone (:func:`~.content.package_file_names`).
+    A ``file`` that names no blob makes a fault that can never fire, and a restart after as many
+    bytes as the file has, or more, would never cut the power; found here, before any content
+    is generated, from the file names and sizes alone (:func:`~.content.package_file_names`,
+    :func:`~.limits.split_sizes`, as :func:`~.content.generate_package` draws them).
     """
     faults = [
-        (index, event["storage"]["file"])
+        (index, kind, event[kind]["file"])
         for index, event in enumerate(data.get("faults") or [])
         if isinstance(event, dict)
-        and isinstance(event.get("storage"), dict)
-        and event["storage"].get("file") is not None
+        for kind in ("storage", "restart")
+        if isinstance(event.get(kind), dict) and isinstance(event[kind].get("file"), str)
     ]
     seed = data.get("seed")
     if not faults or seed is None:
         return
     blobs: list[str] = []
+    #: Blob name -> its size in bytes, where the package's size is known.
+    sizes: dict[str, int] = {}
     for package in packages:
         if not package.get("on_cloud_dp", True):
             continue
@@ -284,9 +290,15 @@ def _check_fault_files(
             locale=package["locale"],
         )
         prefix = f"{spec.id}.{spec.version}/"
-        blobs += [prefix + name for name in package_file_names(spec, seed)]
-    for index, file in faults:
+        names = [prefix + name for name in package_file_names(spec, seed)]
+        blobs += names
+        if isinstance(package.get("size"), int) and package["size"] >= spec.files:
+            share = OS_UPGRADE_MAIN_SHARE if spec.type == "os_upgrade" else None
+            sizes.update(zip(names, split_sizes(package["size"], spec.files, share), strict=True))
+    for index, kind, file in faults:
         if any(file in blob for blob in blobs):
+            if kind == "restart":
+                _check_restart_bytes(data["faults"][index]["restart"], index, file, sizes, problem)
             continue
         # Suggested as written most often: a base name, a path in the package, a blob name,
         # or a whole package (``PS100012.3/``).
@@ -305,11 +317,34 @@ def _check_fault_files(
         )
         hint = f"nearest: {', '.join(repr(n) for n in near)}; " if near else ""
         problem(
-            f"faults[{index}].storage.file",
-            f"storage fault file {shown(file)} names no blob of the packages on the cloud DP "
+            f"faults[{index}].{kind}.file",
+            f"{'storage fault' if kind == 'storage' else 'restart'} file {shown(file)} names no "
+            "blob of the packages on the cloud DP "
             f"({len(blobs)} file(s)): it must be part of a blob name <PackageID>.<version>/<path>",
             f"{hint}file names come from the seed, the package's type, file count and locale",
         )
+
+
+def _check_restart_bytes(
+    restart: dict[str, Any],
+    index: int,
+    file: str,
+    sizes: dict[str, int],
+    problem: Callable[..., None],
+) -> None:
+    """A mid-download restart's ``after_bytes`` against the smallest file its ``file`` names:
+    storage must send that many bytes of it, and more, before the power can be cut."""
+    after = restart.get("after_bytes")
+    named = [size for blob, size in sizes.items() if file in blob]
+    if not isinstance(after, int) or not named or after < min(named):
+        return
+    smallest = min(named)
+    problem(
+        f"faults[{index}].restart.after_bytes",
+        f"the power is cut after {human_size(after)} of {shown(file)}, but that file has "
+        f"{human_size(smallest)} ({smallest} bytes): the download ends before the cut",
+        f"give after_bytes below {smallest}, or name a larger file",
+    )
 
 
 def _check_largest_file(package: dict[str, Any], where: str, problem: Callable[..., None]) -> None:

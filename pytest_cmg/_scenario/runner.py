@@ -134,10 +134,7 @@ def run_scenario(
             if due is not None and (
                 due.last
                 or download_program is not None
-                or (
-                    due.aligned
-                    and _journal_reaches(workdir, due.event.file, due.start + due.sent)
-                )
+                or (due.aligned and _journal_reaches(workdir, due.event.file, due.start + due.sent))
             ):
                 timeline.cut(due.event)
                 host.power_cut()
@@ -154,7 +151,12 @@ def run_scenario(
         # Token lifetimes follow the scenario's clock for this run only; the session's gateway
         # gets its wall clock back in ``finally``.
         authority.clock = time.site_clock()
-        timeline = Timeline(scenario.timeline, gateway, proxy, time)
+        sizes = {
+            f"{m.package_id}.{m.version}/{f.relpath}": f.size
+            for m in world.manifests.values()
+            for f in m.files
+        }
+        timeline = Timeline(scenario.timeline, gateway, proxy, time, file_sizes=sizes)
         workers = 1
         if scenario.restarts:
             # Every boot a process of its own: nothing in memory survives a restart.

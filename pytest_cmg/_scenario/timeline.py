@@ -59,11 +59,20 @@ CUT_STEP = 1 << 20
 CUT_CHANCES = 3
 
 
-def cut_offsets(after: int) -> list[int]:
-    """The body offsets a mid-download restart after ``after`` bytes stalls at, in order."""
+def cut_offsets(after: int, size: int | None = None) -> list[int]:
+    """The body offsets a mid-download restart after ``after`` bytes stalls at, in order.
+
+    With the file's ``size``, only offsets inside the body: a stall at or past its end never
+    holds it, so a file that ends before the next buffer end is cut at ``after`` itself (the
+    language refuses an ``after`` that is not inside the file). The journal cannot equal an
+    offset inside a buffer, so that cut is not byte-exact: the next boot fetches again what the
+    journal did not hold (all of a file smaller than one buffer).
+    """
     first = -(-after // CUT_STEP) * CUT_STEP
     aligned = [first + n * CUT_STEP for n in range(CUT_CHANCES)]
-    return aligned if first == after else [after, *aligned]
+    offsets = aligned if first == after else [after, *aligned]
+    inside = [o for o in offsets if size is None or o < size]
+    return inside or offsets[:1]
 
 
 @dataclass(frozen=True)
@@ -84,13 +93,11 @@ class DueCut:
         return self.sent % CUT_STEP == 0
 
 
-def stalls_for_cut(event: RestartMidDownload) -> list[Fault]:
+def stalls_for_cut(event: RestartMidDownload, size: int | None = None) -> list[Fault]:
     """The faults a mid-download ``restart`` entry is armed as (see :data:`_CUT_STALL`)."""
     from .._net import faults as fp
 
-    return [
-        fp.stall_after(offset, _CUT_STALL) for offset in cut_offsets(event.after_bytes)
-    ]
+    return [fp.stall_after(offset, _CUT_STALL) for offset in cut_offsets(event.after_bytes, size)]
 
 
 @dataclass(frozen=True)
@@ -128,8 +135,19 @@ class Timeline:
     armed: dict[str, GatewayFault] = field(default_factory=dict)
     #: Cuts the power of the running boot (``BootHost.power_cut``): a ``restart`` entry.
     power_cut: Callable[[], None] | None = None
+    #: Blob name (``<PackageID>.<version>/<path>``) -> size in bytes, of the run's content: where
+    #: a mid-download restart's stalls may fall.
+    file_sizes: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _cut: set[str] = field(default_factory=set)
+    #: The offset of each mid-download restart's last armed stall, by the entry's ``where``.
+    _last_stall: dict[str, int] = field(default_factory=dict)
+
+    def size_of(self, file: str) -> int | None:
+        """The size of the smallest blob whose name contains ``file``, None if none does (the
+        fault proxy matches ``file`` the same way)."""
+        sizes = [size for blob, size in self.file_sizes.items() if file in blob]
+        return min(sizes) if sizes else None
 
     def start(self) -> None:
         """Arm what fires before the run, and schedule what fires at a time."""
@@ -189,7 +207,10 @@ class Timeline:
                 msg = f"{event.where}: a mid-download restart needs the fault proxy"
                 raise AssertionError(msg)
             # Cut when storage has sent after_bytes of the file (:meth:`cut_due`).
-            for stall in stalls_for_cut(event):
+            stalls = stalls_for_cut(event, self.size_of(event.file))
+            with self._lock:
+                self._last_stall[event.where] = stalls[-1].offset
+            for stall in stalls:
                 self.proxy.add(TimelineFault.of(stall, event.where), times=1, path=event.file)
         elif isinstance(event, Restart):
             if self.power_cut is not None:
@@ -222,7 +243,9 @@ class Timeline:
             request = max(hit, key=lambda r: r.body_bytes)
             after = event.after_bytes
             if request.body_bytes >= after:
-                last = request.body_bytes >= cut_offsets(after)[-1]
+                with self._lock:
+                    last_stall = self._last_stall.get(event.where, cut_offsets(after)[-1])
+                last = request.body_bytes >= last_stall
                 return DueCut(event, _range_start(request.range), request.body_bytes, last)
         return None
 

@@ -169,6 +169,7 @@ def _resume(self: TaskSequenceEngine, state: TsEnv) -> TaskSequenceResult:
     sequence = TaskSequence.from_dict(state.sequence)
     self.launch = state.launch
     self.in_windows_pe = state.in_windows_pe
+    self._sequence_content = sequence.content()
     self.variables = dict(state.variables)
     self.transfers = [PackageTransfer(**t) for t in state.transfers]
     self.provider_runs = [

@@ -610,10 +610,14 @@ class ClientCache:
         verified at every moment; a partial download belongs under another name."""
         return self.root / self.key(package_id, version), self.provider_folder(package_id, version)
 
-    def discard_staging(self, package_id: str, version: int) -> None:
-        """Remove what a failed download left in staging (after its last try)."""
+    def discard_staging(self, package_id: str, version: int) -> bool:
+        """Remove what a failed or interrupted download left in staging (after its last try);
+        True if there was something."""
+        folder = self.root / _STAGING / self.key(package_id, version)
         with self._download_guard(package_id, version):
-            shutil.rmtree(self.root / _STAGING / self.key(package_id, version), ignore_errors=True)
+            there = folder.exists()
+            shutil.rmtree(folder, ignore_errors=True)
+        return there
 
     def _download_guard(self, package_id: str, version: int) -> AbstractContextManager[None]:
         """:meth:`download_lock`, unless the calling thread already holds it (no deadlock)."""

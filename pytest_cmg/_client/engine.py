@@ -238,6 +238,8 @@ class TaskSequenceEngine:
         self._downloaded: set[str] = set()
         self._pinned: set[str] = set()
         self._kept: set[str] = set()
+        #: Every (package ID, version) the running sequence uses (set when it starts or resumes).
+        self._sequence_content: set[tuple[str, int]] = set()
         self.provider = provider
         self.download_program_timeout = download_program_timeout
         self.storage_ca_file = storage_ca_file
@@ -347,6 +349,18 @@ class TaskSequenceEngine:
                     f"Deleting content {entry.key} from the task sequence working directory: "
                     "the task sequence has ended",
                 )
+        # A download a power cut interrupted keeps its journaled prefix in staging for the next
+        # boot; if the sequence ended without finishing it (a later failure, a step that no
+        # longer ran), nothing will: an unverified byte must not outlive the run.
+        for content_id, content_version in sorted(self._sequence_content):
+            if self.cache.lookup(
+                content_id, content_version
+            ) is None and self.cache.discard_staging(content_id, content_version):
+                self.log.info(
+                    cm,
+                    f"Deleting the partly downloaded content {content_id}.{content_version} that an "
+                    "interrupted download left: the task sequence has ended",
+                )
         for key in sorted(self._downloaded - self._pinned):
             package_id, _, version = key.rpartition(".")
             released = self.cache.lookup(package_id, int(version))
@@ -374,6 +388,7 @@ class TaskSequenceEngine:
         )
         self.launch = launch
         self.in_windows_pe = launch in LaunchContext.IN_WINDOWS_PE
+        self._sequence_content = sequence.content()
         refusal = launch_refusal(self.site_version, launch, boot_image=sequence.boot_image)
         if refusal:
             self.log.error(ts, f"This task sequence cannot run from {launch}: {refusal}")

@@ -239,6 +239,10 @@ class TaskSequence:
     def version_of(self, package_id: str) -> int:
         return self.package_versions.get(package_id, 1)
 
+    def content(self) -> set[tuple[str, int]]:
+        """Every ``(package ID, version)`` a step of the sequence uses."""
+        return {(p, self.version_of(p)) for step in self.steps for p in step.packages}
+
     def applied_os(self, steps_run: list[str]) -> bool:
         """Whether an operating system was applied (an Upgrade Operating System step ran to
         its end) among ``steps_run``, the names of the steps run so far."""

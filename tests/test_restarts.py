@@ -7,6 +7,7 @@ scenarios in ``scenarios/ipu/`` tell the stories end to end.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -178,8 +179,11 @@ def test_every_boot_is_a_process_and_no_signature_reaches_the_working_directory(
     run = run_scenario(scenario, cmg_harness, work)  # type: ignore[arg-type]
     assert check_expectations(scenario, run) == []
     assert TSENV_FILE in seen
-    # The Azure AD client's CCM token is kept, as the product caches it: a JWT, not a SAS.
-    assert any(s.ccm_token and s.ccm_token.count(".") == 2 for s in states)
+    assert states
+    # The Azure AD client's CCM token is kept by the client, as the product caches it, beside the
+    # task sequence's state, not in it: a JWT, not a SAS.
+    kept = tsenv.load_ccm_token(work)
+    assert kept is not None and kept.count(".") == 2 and "sig=" not in kept
     (used,) = hosts
     assert len(used.pids) == 3 == len(set(used.pids))
     assert os.getpid() not in used.pids
@@ -651,3 +655,23 @@ def test_a_cut_inside_a_file_smaller_than_a_buffer_happens_and_fetches_the_file_
     run = run_scenario(scenario, cmg_harness, tmp_path / "work")  # type: ignore[arg-type]
     assert [str(f) for f in check_expectations(scenario, run)] == []
     assert run.boots == ["boot 1: power cut", "boot 2: ended"]
+
+
+def test_a_ccm_token_got_in_the_step_a_power_cut_interrupts_is_not_asked_for_again(
+    cmg_harness: object, tmp_path: Path
+) -> None:
+    """The client keeps its CCM token the moment CCM_STS issues it, not at the next step
+    boundary: a power cut in the middle of the download of the step that got it does not make
+    the next boot ask CCM_STS again (the token is still valid)."""
+    from pytest_cmg._scenario.model import RestartMidDownload
+
+    path = ROOT / "scenarios/auth/azure-ad-client-downloads-on-demand.cmg.yaml"
+    (scenario,) = load_scenarios(path)
+    assert scenario.auth == "azure_ad"
+    cut = RestartMidDownload(where="faults[0]", file="install.wim", after_bytes=200 * 1024)
+    restarted = dataclasses.replace(scenario, timeline=(cut,), restart_takes=0.0)
+    run = run_scenario(restarted, cmg_harness, tmp_path / "work")  # type: ignore[arg-type]
+    assert run.result.succeeded and run.result.reboots == 1
+    sts = [r for r in run.requests if r.endpoint == "sts"]
+    assert len(sts) == 1, [r.summary() for r in run.requests]
+    assert tsenv.load_ccm_token(tmp_path / "work") is not None

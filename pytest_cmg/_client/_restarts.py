@@ -72,7 +72,6 @@ def _state(
         pinned=sorted(self._pinned),
         kept=sorted(self._kept),
         reboots=self.reboots,
-        ccm_token=self.client.cached_ccm_token,
         in_windows_pe=self.in_windows_pe,
     )
 
@@ -179,8 +178,9 @@ def _resume(self: TaskSequenceEngine, state: TsEnv) -> TaskSequenceResult:
     self._kept = set(state.kept)
     self.reboots = state.reboots + 1
     steps_run = list(state.steps_run)
-    if state.ccm_token:
-        self.client.restore_ccm_token(state.ccm_token)
+    token = tsenv.load_ccm_token(self.system_drive)
+    if token:
+        self.client.restore_ccm_token(token)
     if (self.system_drive / WORKING_DIRECTORY / PACKAGES_FOLDER).is_dir():
         _ = self.ts_cache  # the working directory's content is this run's again
     how = "a restart" if state.restarting else "an unexpected restart (power cut)"

@@ -117,9 +117,11 @@ class CMGClient:
         self._session.verify = str(connection.ca_cert)
         if connection.client_cert and connection.client_key:
             self._session.cert = (str(connection.client_cert), str(connection.client_key))
-        #: The CCM token obtained for ``connection.aad_token`` (never logged; persisted across
-        #: a restart in the task sequence state, as the product caches its token).
+        #: The CCM token obtained for ``connection.aad_token`` (never logged; kept across a
+        #: restart by ``on_ccm_token``, as the product caches its token).
         self._ccm_token: str | None = None
+        #: Called with each CCM token CCM_STS issues, at once (the engine keeps it on disk).
+        self.on_ccm_token: Callable[[str], None] | None = None
         #: The site's time as the client sees it (a scenario's virtual time in a boot process).
         self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
@@ -166,6 +168,8 @@ class CMGClient:
             return None
         if self._ccm_token is None:
             self._ccm_token = self._exchange_aad_token(conn.aad_token)
+            if self.on_ccm_token is not None:
+                self.on_ccm_token(self._ccm_token)
         return self._ccm_token
 
     def _exchange_aad_token(self, aad_token: str) -> str:

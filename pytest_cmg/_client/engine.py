@@ -232,6 +232,10 @@ class TaskSequenceEngine:
         #: by (in the task sequence cache, entry key).
         self._leases: dict[tuple[bool, str], Lease] = {}
         self.system_drive = system_drive if system_drive is not None else _drive_of(cache.root)
+        # The client keeps each CCM token it gets the moment it gets it: a power cut in the
+        # step that got it must not lose it (tsenv.CCM_TOKEN_FILE says why).
+        drive = self.system_drive
+        client.on_ccm_token = lambda token: tsenv.save_ccm_token(drive, token)
         self._ts_cache = ts_cache
         #: Of this run: client cache entries it downloaded (released at its end unless
         #: preserved), those it pinned, and task sequence cache content kept to its end.

@@ -25,15 +25,24 @@ import json
 import os
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 from .._errors import PytestCmgError
 from ._journal import fsync_dir
 
-if TYPE_CHECKING:
-    from pathlib import Path
-
-__all__ = ["TSENV_FILE", "SetupState", "TsEnv", "TsEnvError", "load", "remove", "save"]
+__all__ = [
+    "CCM_TOKEN_FILE",
+    "TSENV_FILE",
+    "SetupState",
+    "TsEnv",
+    "TsEnvError",
+    "load",
+    "load_ccm_token",
+    "remove",
+    "save",
+    "save_ccm_token",
+]
 
 #: The state file in the task sequence working directory (the product's is TSEnv.dat).
 TSENV_FILE = "tsenv.json"
@@ -84,9 +93,6 @@ class TsEnv:
     #: Whether the next boot runs in Windows PE (the boot image) rather than the installed OS:
     #: where the last boot ran, unless a Restart Computer step chose the other.
     in_windows_pe: bool = False
-    #: Azure AD clients only: the CCM token from CCM_STS and when it expires (ISO 8601, UTC).
-    ccm_token: str | None = None
-    ccm_token_expires: str | None = None
 
     def to_json(self) -> str:
         return json.dumps({"format": _FORMAT, **asdict(self)}, indent=1, sort_keys=True)
@@ -121,8 +127,15 @@ def save(working_directory: Path, state: TsEnv) -> Path:
             "TSEnv.dat and ask the CMG again after the restart"
         )
         raise TsEnvError(msg)
-    working_directory.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{TSENV_FILE}.{uuid.uuid4().hex[:8]}")
+    _write_durably(path, text)
+    return path
+
+
+def _write_durably(path: Path, text: str) -> None:
+    """``text`` into ``path``: a temporary file, ``fsync``, rename, ``fsync`` of the folder, so a
+    power cut leaves the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
     try:
         with temporary.open("w", encoding="utf-8") as handle:
             handle.write(text)
@@ -132,8 +145,27 @@ def save(working_directory: Path, state: TsEnv) -> Path:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    fsync_dir(working_directory)
-    return path
+    fsync_dir(path.parent)
+
+
+#: Where the client keeps its CCM token, under the system drive. The product keeps it, encrypted,
+#: in the client's own store ("Cached encrypted token for 'S-1-5-18'"), not in the task
+#: sequence's state: it is written the moment CCM_STS issues it, so a power cut in the middle
+#: of the step that got it does not lose it (docs/emulation.md, "Restarts").
+CCM_TOKEN_FILE = Path("Windows", "CCM", "ccm_token")
+
+
+def save_ccm_token(system_drive: Path, token: str) -> None:
+    """Keep ``token`` where the next boot of this client finds it."""
+    _write_durably(system_drive / CCM_TOKEN_FILE, token)
+
+
+def load_ccm_token(system_drive: Path) -> str | None:
+    """The CCM token this client kept, if any."""
+    try:
+        return (system_drive / CCM_TOKEN_FILE).read_text(encoding="utf-8").strip() or None
+    except FileNotFoundError:
+        return None
 
 
 def load(working_directory: Path) -> TsEnv | None:

@@ -317,3 +317,22 @@ def test_faults_from_asks_for_what_is_given_and_true() -> None:
         "reset_after(0)",
         "ignore_range()",
     ]
+
+
+def test_the_gateway_fault_entry_is_spelled_by_gateway_fault_alone() -> None:
+    """A ``gateway`` entry is built as ``GatewayFault(**entry)`` (``load.py``): its keys are the
+    dataclass's fields, each once, so a field added to ``GatewayFault`` and not to the language
+    (or a key the class does not take) fails here, not in a run."""
+    from dataclasses import MISSING, fields
+
+    from pytest_cmg._gateway.faults import GatewayFault
+    from pytest_cmg._scenario.vocabulary import GATEWAY_FAULT
+
+    by_name = {f.name: f for f in fields(GatewayFault)}
+    assert sorted(GATEWAY_FAULT.fields) == sorted(by_name)
+    for name, spec in GATEWAY_FAULT.fields.items():
+        default = by_name[name].default
+        # The language's "not given" (None, False) is the class's default, or None for a value
+        # the class defaults to something that means the same (delay 0.0).
+        assert default is not MISSING
+        assert spec.default in (default, None), (name, spec.default, default)

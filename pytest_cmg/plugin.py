@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from ._errors import InvalidValueError
 from ._harness import Harness
 from ._storage.azurite import BACKENDS
 
@@ -421,7 +422,7 @@ def cmg_client(
     ) -> TaskSequenceEngine:
         if auth not in AUTH_KINDS:
             msg = f"cmg_client(auth={auth!r}): choose one of {', '.join(map(repr, AUTH_KINDS))}"
-            raise ValueError(msg)
+            raise InvalidValueError(msg)
         # The gateway knows its storage only as a ContentStore; the endpoint is the cloud DP's.
         endpoint = cmg.cloud_dp.endpoint if isinstance(cmg.cloud_dp, CloudDP) else None
         storage_ca = endpoint.ca_cert if endpoint and endpoint.url.startswith("https:") else None

@@ -68,7 +68,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext, supp
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .._errors import ContentError
+from .._errors import ContentError, NotFoundError
 from .._protocol import codes
 from .._util.filelock import try_lock as _try_lock
 from .._util.filelock import unlock as _unlock
@@ -303,7 +303,7 @@ class ClientCache:
         lease = self.acquire(entry.package_id, entry.version)
         if lease is None:
             msg = f"cache entry {entry.key} is no longer in the cache"
-            raise LookupError(msg)
+            raise NotFoundError(msg)
         with lease:
             yield lease
 

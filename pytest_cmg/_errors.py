@@ -84,7 +84,7 @@ class NotFoundError(PytestCmgError, LookupError):
 class CheckFailed(PytestCmgError, AssertionError):
     """An assertion helper of the public API found that what it checks did not hold.
 
-    Raised by ``RequestLog.assert_requested`` and ``assert_not_requested``; the message lists
+    Raised by ``RequestLog.assert_request_made`` and ``assert_no_requests``; the message lists
     what arrived instead. Also an ``AssertionError``, so pytest reports it as a failed check, as
     it did before.
     """

@@ -26,11 +26,21 @@ import pkgutil
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 import pytest_cmg
-from pytest_cmg import NotRunningError, PytestCmgError
+from pytest_cmg import (
+    CheckFailed,
+    InvalidValueError,
+    NotFoundError,
+    NotRunningError,
+    PytestCmgError,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 PACKAGE = Path(pytest_cmg.__file__).parent
 
@@ -336,3 +346,48 @@ def test_no_builtin_exception_escapes_to_a_user():
     )
     stale = sorted(set(BUILTIN_ALLOWED) - used)
     assert not stale, f"BUILTIN_ALLOWED entries that match no raise any more: remove them: {stale}"
+
+
+def _bad_values() -> list[tuple[str, Callable[[], object]]]:
+    from pytest_cmg import ContentLocationRequest, ContentManifest, RequestLog
+    from pytest_cmg.faults import FaultProxy
+
+    return [
+        ("FaultProxy(https upstream)", lambda: FaultProxy("https://127.0.0.1:9")),
+        ("FaultProxy(timeout=0)", lambda: FaultProxy("http://127.0.0.1:9", timeout=0)),
+        ("RequestLog(max_entries=0)", lambda: RequestLog(max_entries=0)),
+        ("ContentManifest.from_xml(other root)", lambda: ContentManifest.from_xml("<x/>")),
+        ("ContentLocationRequest.from_xml(not XML)", lambda: ContentLocationRequest.from_xml("{")),
+    ]
+
+
+@pytest.mark.parametrize("call", _bad_values(), ids=lambda c: c[0])
+def test_a_bad_value_is_an_invalid_value_error_everywhere(
+    call: tuple[str, Callable[[], object]],
+) -> None:
+    # The same misuse, the same type: the tree's class, still caught by `except ValueError`.
+    with pytest.raises(InvalidValueError) as caught:
+        call[1]()
+    assert isinstance(caught.value, ValueError)
+    assert isinstance(caught.value, PytestCmgError)
+
+
+def test_a_missing_cache_entry_is_a_not_found_error(tmp_path: Path) -> None:
+    from pytest_cmg import CacheEntry, ClientCache
+
+    cache = ClientCache(tmp_path / "cache", size_mb=1)
+    gone = CacheEntry("PS100099", 1, tmp_path / "cache" / "PS100099.1")
+    with pytest.raises(NotFoundError, match=r"PS100099\.1") as caught, cache.use(gone):
+        pass
+    assert isinstance(caught.value, LookupError)
+
+
+def test_a_failed_request_log_check_is_check_failed() -> None:
+    from pytest_cmg import RequestLog
+
+    log = RequestLog()
+    with pytest.raises(CheckFailed, match="expected at least 1 request") as caught:
+        log.assert_request_made("location")
+    # pytest shows it as a failed check, as the AssertionError it was before.
+    assert isinstance(caught.value, AssertionError)
+    log.assert_no_requests("location")

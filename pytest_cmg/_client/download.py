@@ -213,8 +213,9 @@ class DownloadCore:
     ) -> None:
         if workers < 1 or range_parts < 1 or range_size < CHUNK or journal_bytes < 0:
             msg = (
-                "workers and range_parts must be >= 1, range_size >= 1 MiB, journal_bytes >= 0 "
-                f"(got {workers}, {range_parts}, {range_size}, {journal_bytes})"
+                f"DownloadCore(workers={workers}, range_parts={range_parts}, "
+                f"range_size={range_size}, journal_bytes={journal_bytes}): give workers and "
+                "range_parts >= 1, range_size >= 1 MiB and journal_bytes >= 0"
             )
             raise InvalidValueError(msg)
         self.workers = workers

@@ -81,7 +81,7 @@ class FaultPlan:
 
     def add(self, fault: GatewayFault) -> None:
         if fault.times < 1:
-            msg = f"{fault.describe()}: times must be at least 1"
+            msg = f"{fault.describe()}: times must be at least 1 (a fault fires once or more)"
             raise InvalidValueError(msg)
         if fault.package_hash is not None and fault.package_hash not in PACKAGE_HASH_FAULTS:
             msg = (

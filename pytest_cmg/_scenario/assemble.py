@@ -14,9 +14,9 @@ Rules (documented in docs/scenarios.md):
   in order: the user's fixtures folders (each ``--cmg-fixtures``, else each line of ini
   ``cmg_fixtures``, in the order given; else the nearest ``fixtures`` folder above the scenario),
   then the worlds and catalogs shipped inside this package (:data:`SHIPPED`). The first folder
-  that has the file wins, so a user's file shadows
-  a shipped one of the same name, also where a shipped world refs it (a later release that
-  ships a new name never changes what an existing include means). ``.yaml`` may be left off.
+  that has the file wins, so a user's file shadows a shipped one of the same name, also where a
+  shipped world refs it (a later release that ships a new name never changes what an existing
+  include means). ``.yaml`` may be left off.
 * ``packages: [{ref: catalog/x, version: 2}]`` takes the package from a catalog file; the keys
   given next to ``ref`` override the catalog's.
 * ``matrix`` and ``cases`` make one scenario per combination, each validated with its values set.

@@ -13,8 +13,10 @@ class added anywhere later is checked too. The rules (pytest_cmg/_errors.py says
 4. No builtin exception escapes to a user: a ``raise`` of a builtin exception class
    (``ValueError``, ``RuntimeError``, ``LookupError``...) stands inside a ``try`` of the same
    function whose handler catches that class or a base of it, or is listed in
-   :data:`BUILTIN_ALLOWED` with why no user sees it. A bad value is an ``InvalidValueError``
-   (also a ``ValueError``), a missing item a ``NotFoundError`` (also a ``LookupError``).
+   :data:`BUILTIN_ALLOWED` with why no user sees it; an abstract method (its body only
+   ``raise NotImplementedError``) is the Python idiom, not an error. A bad value is an
+   ``InvalidValueError`` (also a ``ValueError``), a missing item a ``NotFoundError`` (also a
+   ``LookupError``).
 5. A bad value raises the same type everywhere: a message that
    reads "choose one of", "is not one of" or "must be ..." is an ``InvalidValueError`` (a
    command-line option's a ``pytest.UsageError``).
@@ -217,10 +219,6 @@ BUILTIN_ALLOWED = {
         "the module __getattr__ of the lazy public API: Python's attribute protocol (hasattr, "
         "from pytest_cmg import x) reads exactly AttributeError for an unknown name"
     ),
-    ("pytest_cmg._scenario.spec", "NotImplementedError"): (
-        "the abstract methods of the scenario language's Spec base; every spec of the package "
-        "overrides them and users never subclass it"
-    ),
     ("pytest_cmg._net.connection", "AssertionError"): (
         "the unreachable end of the bounded two-try upstream loop: reaching it is a bug"
     ),
@@ -261,13 +259,29 @@ def _caught_by(handler: ast.ExceptHandler) -> list[type[BaseException]]:
     return [c for n in names if (c := _BUILTIN_EXCEPTIONS.get(ast.unparse(n))) is not None]
 
 
+def _is_abstract(function: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    """A method whose whole body (after its docstring) is ``raise NotImplementedError``: the
+    Python idiom for "a subclass overrides this", not an error anyone meets."""
+    body = function.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    if len(body) != 1 or not isinstance(body[0], ast.Raise) or body[0].exc is None:
+        return False
+    raised = body[0].exc
+    raised = raised.func if isinstance(raised, ast.Call) else raised
+    return ast.unparse(raised) == "NotImplementedError"
+
+
 def unguarded_builtin_raises(tree: ast.AST) -> list[tuple[int, str]]:
     """(line, class name) of each ``raise`` of a builtin exception class no handler of the same
     function catches: the raise is in a ``try`` body (not its handlers, ``else`` or
-    ``finally``) whose ``except`` names the class or a base of it."""
+    ``finally``) whose ``except`` names the class or a base of it. An abstract method
+    (:func:`_is_abstract`) is no such raise."""
     found: list[tuple[int, str]] = []
 
     def visit(node: ast.AST, caught: tuple[type[BaseException], ...]) -> None:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and _is_abstract(node):
+            return
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda | ast.ClassDef):
             caught = ()  # a try around a definition does not guard the body's later calls
         if isinstance(node, ast.Raise) and node.exc is not None:
@@ -321,12 +335,23 @@ def plain():
 
 def ours():
     raise SomethingOfOurs("not a builtin")
+
+class Base:
+    def overridden(self):
+        'Subclasses say.'
+        raise NotImplementedError
+
+    def not_abstract(self, x):
+        if x:
+            raise NotImplementedError  # line 40: a real refusal, not an abstract method
+        return x
 """
     assert unguarded_builtin_raises(ast.parse(source)) == [
         (10, "ValueError"),
         (18, "ValueError"),
         (23, "RuntimeError"),
         (28, "LookupError"),
+        (40, "NotImplementedError"),
     ]
 
 

@@ -442,3 +442,25 @@ def test_every_bad_value_raises_invalid_value_error():
         "a bad value raises InvalidValueError (a command-line option's, pytest.UsageError):\n"
         + "\n".join(wrong)
     )
+
+
+def test_a_public_container_is_a_provisioning_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from pytest_cmg import BlobEndpoint, CloudDP, ProvisioningError
+    from pytest_cmg._storage.endpoint import DEV_ACCOUNT_KEY, DEV_ACCOUNT_NAME
+
+    # The container as Azurite reports one that allows anonymous reads: no service is needed
+    # to see which type CloudDP.create raises for it (tests/test_sas_and_inputs.py does it live).
+    public = SimpleNamespace(
+        create_container=lambda: None,
+        get_container_properties=lambda: SimpleNamespace(public_access="blob"),
+    )
+    monkeypatch.setattr(CloudDP, "_container", property(lambda self: public))
+    endpoint = BlobEndpoint(
+        "http://127.0.0.1:9/devstoreaccount1", DEV_ACCOUNT_NAME, DEV_ACCOUNT_KEY, "external"
+    )
+    with pytest.raises(ProvisioningError, match="allows public access") as caught:
+        CloudDP(endpoint).create()
+    # Still the RuntimeError it was.
+    assert isinstance(caught.value, RuntimeError)

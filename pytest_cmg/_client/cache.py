@@ -302,7 +302,10 @@ class ClientCache:
         """``with cache.use(entry):`` holds ``entry`` (not evictable) for the block."""
         lease = self.acquire(entry.package_id, entry.version)
         if lease is None:
-            msg = f"cache entry {entry.key} is no longer in the cache"
+            msg = (
+                f"ClientCache.use: cache entry {entry.key} is no longer in {self.root} (evicted "
+                "or removed); take a lease with acquire() while it is there, or download it again"
+            )
             raise NotFoundError(msg)
         with lease:
             yield lease

@@ -136,8 +136,9 @@ class CloudDP:
         access = self._container.get_container_properties().public_access
         if access is not None:
             msg = (
-                f"container {self.container!r} allows public access ({access}); cloud DP content "
-                "must be private, or a tampered SAS would still be served"
+                f"CloudDP.create: container {self.container!r} allows public access ({access}); "
+                "cloud DP content must be private, or a tampered SAS would still be served: turn "
+                "the container's public access off, or give CloudDP another container name"
             )
             raise ProvisioningError(msg)
 

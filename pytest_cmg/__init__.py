@@ -29,6 +29,7 @@ _API: dict[str, str] = {
     "CMGConnection": "._client.cmg",
     "CacheEntry": "._client.cache",
     "CacheSpaceError": "._client.cache",
+    "CheckFailed": "._errors",
     "ClientCache": "._client.cache",
     "ClientSettings": "._protocol.settings",
     "CloudDP": "._storage.clouddp",
@@ -54,10 +55,12 @@ _API: dict[str, str] = {
     "GatewayError": "._errors",
     "GatewayFault": "._gateway.faults",
     "Harness": "._harness",
+    "InvalidValueError": "._errors",
     "Lease": "._client.cache",
     "LocationRecord": "._protocol.location",
     "LoggedRequest": "._gateway.requestlog",
     "ManifestFile": "._protocol.manifest",
+    "NotFoundError": "._errors",
     "NotRunningError": "._errors",
     "OnPremDP": "._protocol.location",
     "PackageSource": "._storage.clouddp",
@@ -126,9 +129,12 @@ if TYPE_CHECKING:
     from ._client.sequence import TaskSequence as TaskSequence
     from ._client.sequence import TaskSequenceResult as TaskSequenceResult
     from ._client.tscache import TaskSequenceCache as TaskSequenceCache
+    from ._errors import CheckFailed as CheckFailed
     from ._errors import ContentError as ContentError
     from ._errors import ExpectationFailed as ExpectationFailed
     from ._errors import GatewayError as GatewayError
+    from ._errors import InvalidValueError as InvalidValueError
+    from ._errors import NotFoundError as NotFoundError
     from ._errors import NotRunningError as NotRunningError
     from ._errors import ProvisioningError as ProvisioningError
     from ._errors import PytestCmgError as PytestCmgError

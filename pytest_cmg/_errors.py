@@ -3,7 +3,10 @@
 Every message names the object, the place, the rule broken and, where there is one, the fix::
 
     PytestCmgError
-    ├── ProvisioningError        Node or Azurite could not be made available
+    ├── InvalidValueError        a value given to a call breaks its rule (ValueError)
+    ├── NotFoundError            an item asked for by name or key is not there (LookupError)
+    ├── CheckFailed              an assertion helper's check did not hold (AssertionError)
+    ├── ProvisioningError        Node, Azurite or a private container could not be made available
     ├── ServiceStartError        a service process did not become ready (command + last output)
     ├── NotRunningError          a service was used before start() or after stop() (RuntimeError)
     ├── ScenarioError            a scenario file breaks the language (file, line, rule, nearest key)
@@ -19,11 +22,14 @@ a malformed CCM message, a download restart) derive from ``PytestCmgError`` too,
 escapes is still of this tree; ``tests/test_exception_tree.py`` checks every class in the package.
 The one exception is the CLI's signal stop, a ``BaseException`` as ``KeyboardInterrupt`` is.
 
-A bad argument to a Python call (a negative timeout, an unknown name) raises ``ValueError`` or
-``TypeError``, as Python's own functions do; a mistake in a scenario *file* is a
-``ScenarioError`` with its file and line. Where a type changed, it keeps the old builtin type as
-a second base (say so in its docstring), so that an ``except`` written for the old one still
-catches it.
+A bad argument to a Python call (a negative timeout, an unknown name, a malformed document
+handed to a parser) raises ``InvalidValueError``, which is also the ``ValueError`` Python's own
+functions raise for it; an item asked for that is not there raises ``NotFoundError``, also a
+``LookupError``; a mistake in a scenario *file* is a ``ScenarioError`` with its file and line.
+Where a type changed, it keeps the old builtin type as a second base (say so in its docstring),
+so that an ``except`` written for the old one still catches it. ``tests/test_exception_tree.py``
+walks every module: a ``raise`` of a builtin exception class is allowed only where the same
+function catches it, or on the test's short list, each entry with why no user sees it.
 """
 
 from __future__ import annotations
@@ -37,9 +43,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BenchError",
+    "CheckFailed",
     "ContentError",
     "ExpectationFailed",
     "GatewayError",
+    "InvalidValueError",
+    "NotFoundError",
     "NotRunningError",
     "ProvisioningError",
     "PytestCmgError",
@@ -53,8 +62,41 @@ class PytestCmgError(Exception):
     """Base class of every error raised by pytest-cmg."""
 
 
-class ProvisioningError(PytestCmgError):
-    """Node or the Azurite package could not be found or installed."""
+class InvalidValueError(PytestCmgError, ValueError):
+    """A value given to a pytest-cmg call breaks its rule.
+
+    A bad argument (a negative timeout, an unknown name, a fault on an endpoint the gateway does
+    not serve) or a malformed document handed to a parser (``ContentManifest.from_xml``,
+    ``ContentLocationRequest.from_xml``). Also a ``ValueError``, the type these raised before and
+    the one Python's own functions raise for a bad value, so ``except ValueError`` still works;
+    the package's own readers of untrusted input catch it that way and answer as the product
+    would (a 400, a refused message).
+    """
+
+
+class NotFoundError(PytestCmgError, LookupError):
+    """An item asked for by name or key is not there (a cache entry evicted meanwhile).
+
+    Also a ``LookupError``, the type ``ClientCache.use`` raised before.
+    """
+
+
+class CheckFailed(PytestCmgError, AssertionError):
+    """An assertion helper of the public API found that what it checks did not hold.
+
+    Raised by ``RequestLog.assert_request_made`` and ``assert_no_requests``; the message lists
+    what arrived instead. Also an ``AssertionError``, so pytest reports it as a failed check, as
+    it did before.
+    """
+
+
+class ProvisioningError(PytestCmgError, RuntimeError):
+    """Node, the Azurite package or a private storage container could not be made available.
+
+    Raised when Node or Azurite cannot be found or installed, and by ``CloudDP.create`` when
+    the container allows public access (cloud DP content must be private). Also a
+    ``RuntimeError``, the type ``CloudDP.create`` raised for that before.
+    """
 
 
 class ServiceStartError(PytestCmgError):

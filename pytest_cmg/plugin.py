@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from ._errors import InvalidValueError
 from ._harness import Harness
 from ._storage.azurite import BACKENDS
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from ._storage.clouddp import CloudDP
 
 _HARNESS = pytest.StashKey[Harness]()
+_FIXTURES = pytest.StashKey["tuple[Path, ...] | None"]()
 _DOWNLOAD_PROGRAM = pytest.StashKey[str | None]()
 _CONFORMANCE = pytest.StashKey["Conformance"]()
 CONNECTION_STRING_ENV = "PYTEST_CMG_CONNECTION_STRING"
@@ -80,16 +82,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--cmg-fixtures",
         dest="cmg_fixtures",
+        action="append",
         default=None,
         metavar="DIR",
         help="your folder of shared worlds and package catalogs for scenario include/ref, "
-        "looked in before the ones shipped with pytest-cmg (default: the nearest 'fixtures' "
-        "folder above each scenario)",
+        "looked in before the ones shipped with pytest-cmg; give it again for more folders, "
+        "searched in order (default: ini cmg_fixtures, else the nearest 'fixtures' folder "
+        "above each scenario)",
     )
     parser.addini(
         "cmg_fixtures",
-        "folder of shared scenario worlds and catalogs, relative to the rootdir",
-        default="",
+        "folders of shared scenario worlds and catalogs, one a line, searched in order, "
+        "relative to the rootdir",
+        type="linelist",
+        default=[],
     )
     group.addoption(
         "--cmg-storage-https",
@@ -248,6 +254,7 @@ def pytest_configure(config: pytest.Config) -> None:
         startup_timeout=timeout,
         storage_https=storage_https,
     )
+    config.stash[_FIXTURES] = _fixtures_folders(config)
     _configure_conformance(config)
     # Scenario files put these on their items (``markers: [slow]``); registered here so that
     # --strict-markers accepts them in any project.
@@ -257,6 +264,30 @@ def pytest_configure(config: pytest.Config) -> None:
         from ._bench._items import configure_bench
 
         configure_bench(config)
+
+
+def _fixtures_folders(config: pytest.Config) -> tuple[Path, ...] | None:
+    """The user's fixtures folders in search order, or None for the nearest one per scenario.
+
+    Every ``--cmg-fixtures`` (relative to where pytest runs) replaces the ini's lines
+    (``cmg_fixtures``, relative to the rootdir), as a command-line option overrides its ini
+    value. A folder that does not exist is a usage error now, not a "not found" per scenario.
+    """
+    given = config.getoption("cmg_fixtures")
+    if given:
+        folders = [(config.invocation_params.dir / str(d), "--cmg-fixtures", str(d)) for d in given]
+    else:
+        lines = [str(line) for line in config.getini("cmg_fixtures")]
+        folders = [(config.rootpath / line, "ini cmg_fixtures", line) for line in lines]
+    for folder, source, text in folders:
+        if not folder.is_dir():
+            msg = (
+                f"{source} {text}: no folder {folder}; create it, or give the folder of your "
+                "shared worlds and catalogs (a command-line path is relative to where pytest "
+                "runs, an ini one to the rootdir)"
+            )
+            raise pytest.UsageError(msg)
+    return tuple(folder for folder, _, _ in folders) or None
 
 
 def _configure_conformance(config: pytest.Config) -> None:
@@ -302,19 +333,11 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
         from ._scenario.items import ScenarioFile
 
         config = parent.config
-        # A command-line folder is relative to where pytest runs, an ini one to the rootdir.
-        given = config.getoption("cmg_fixtures")
-        ini = str(config.getini("cmg_fixtures"))
-        fixtures = (
-            config.invocation_params.dir / given
-            if given
-            else (config.rootpath / ini if ini else None)
-        )
         return ScenarioFile.from_parent(
             parent,
             path=file_path,
             harness=lambda: config.stash[_HARNESS],
-            fixtures=fixtures,
+            fixtures=config.stash.get(_FIXTURES, None),
             download_program=config.stash.get(_DOWNLOAD_PROGRAM, None),
         )
     return None
@@ -424,7 +447,7 @@ def cmg_client(
     ) -> TaskSequenceEngine:
         if auth not in AUTH_KINDS:
             msg = f"cmg_client(auth={auth!r}): choose one of {', '.join(map(repr, AUTH_KINDS))}"
-            raise ValueError(msg)
+            raise InvalidValueError(msg)
         # The gateway knows its storage only as a ContentStore; the endpoint is the cloud DP's.
         endpoint = cmg.cloud_dp.endpoint if isinstance(cmg.cloud_dp, CloudDP) else None
         storage_ca = endpoint.ca_cert if endpoint and endpoint.url.startswith("https:") else None

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import pytest
+
 from pytest_cmg._errors import ScenarioError
 from pytest_cmg._scenario.assemble import SHIPPED
 from pytest_cmg._scenario.load import load_scenario
@@ -95,3 +97,71 @@ def test_the_repository_keeps_one_copy_of_each_shipped_file() -> None:
     shipped = {p.relative_to(SHIPPED).as_posix() for p in SHIPPED.rglob("*.y*ml")}
     assert shipped, "the shipped worlds are missing from pytest_cmg/shipped"
     assert not own & shipped, f"in both fixtures/ and pytest_cmg/shipped/: {sorted(own & shipped)}"
+
+
+#: Two user folders: both have worlds/site (only the first's is valid), the second has extra.
+TWO_FOLDERS = {
+    "one/worlds/site.yaml": "cmg:\n  site_version: 1910\n",
+    "two/worlds/site.yaml": "cmg:\n  site_version: 1911\n",
+    "two/worlds/extra.yaml": "seed: 5\n",
+}
+BOTH = USER.replace(
+    "[worlds/small-ipu-world]", "[worlds/small-ipu-world, worlds/site, worlds/extra]"
+)
+
+
+def two_folders(pytester: pytest.Pytester, scenario: str = BOTH) -> None:
+    for relative, text in TWO_FOLDERS.items():
+        write(pytester.path, relative, text)
+    write(pytester.path, "scenarios/s.cmg.yaml", scenario)
+
+
+def test_several_fixtures_folders_are_searched_in_the_order_given(
+    pytester: pytest.Pytester,
+) -> None:
+    two_folders(pytester)
+    first = pytester.runpytest("--collect-only", "-q", "--cmg-fixtures=one", "--cmg-fixtures=two")
+    # worlds/extra is only in the second folder; worlds/site is taken from the first.
+    assert first.ret == pytest.ExitCode.OK, first.stdout.str()
+    first.stdout.fnmatch_lines(["scenarios/s.cmg.yaml::*"])
+    # The other order takes the second folder's (invalid) site world: the order decides.
+    second = pytester.runpytest("--collect-only", "-q", "--cmg-fixtures=two", "--cmg-fixtures=one")
+    assert second.ret == pytest.ExitCode.INTERRUPTED
+    second.stdout.fnmatch_lines(["*two/worlds/site.yaml:2: cmg.site_version 1911 is not one of*"])
+
+
+def test_the_ini_takes_one_fixtures_folder_a_line(pytester: pytest.Pytester) -> None:
+    two_folders(pytester)
+    pytester.makeini("[pytest]\ncmg_fixtures =\n    one\n    two\n")
+    result = pytester.runpytest("--collect-only", "-q")
+    assert result.ret == pytest.ExitCode.OK, result.stdout.str()
+    # The command line replaces the ini's folders, as an option overrides its ini value.
+    only_two = pytester.runpytest("--collect-only", "-q", "--cmg-fixtures=two")
+    assert only_two.ret == pytest.ExitCode.INTERRUPTED
+
+
+def test_a_missing_fixtures_folder_is_a_usage_error_naming_it(pytester: pytest.Pytester) -> None:
+    two_folders(pytester)
+    result = pytester.runpytest(
+        "--collect-only", "-q", "--cmg-fixtures=one", "--cmg-fixtures=nowhere"
+    )
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        [f"*--cmg-fixtures nowhere: no folder {pytester.path / 'nowhere'}*"]
+    )
+    pytester.makeini("[pytest]\ncmg_fixtures =\n    one\n    gone\n")
+    result = pytester.runpytest("--collect-only", "-q")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*ini cmg_fixtures gone: no folder {pytester.path / 'gone'}*"])
+
+
+def test_not_found_lists_every_folder_searched(tmp_path: Path) -> None:
+    for relative, text in TWO_FOLDERS.items():
+        write(tmp_path, relative, text)
+    path = write(tmp_path, "s.cmg.yaml", USER.replace("small-ipu-world", "absent"))
+    with pytest.raises(ScenarioError) as caught:
+        load_scenario(path, fixtures=[tmp_path / "one", tmp_path / "two"])
+    (problem,) = [p for p in caught.value.problems if "absent" in p.rule]
+    searched = problem.rule.split(" in ", 1)[1]
+    assert searched.index("one") < searched.index("two") < searched.index("the shipped folder")
+    assert searched.count("(--cmg-fixtures or ini cmg_fixtures)") == 2

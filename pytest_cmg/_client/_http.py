@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from .._errors import PytestCmgError
+from .._errors import InvalidValueError, PytestCmgError
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -70,7 +70,7 @@ def _origin(scheme: str, netloc: str) -> Origin:
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https") or not parts.hostname:
         msg = f"not an http(s) URL: {parts.scheme}://{parts.netloc}"
-        raise ValueError(msg)
+        raise InvalidValueError(msg)
     port = parts.port or (443 if scheme == "https" else 80)
     return Origin(scheme, parts.hostname, port, netloc.rpartition("@")[2])
 
@@ -80,7 +80,7 @@ def split_url(url: str) -> tuple[Origin, str]:
     scheme, sep, rest = url.partition("://")
     if not sep:
         msg = f"not an http(s) URL: {url.split('?', 1)[0]!r}"
-        raise ValueError(msg)
+        raise InvalidValueError(msg)
     netloc = rest.split("/", 1)[0].split("?", 1)[0]
     # The target is kept exactly as given: re-encoding a SAS would break its signature.
     target = rest[len(netloc) :].partition("#")[0]

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol, runtime_checkable
 
-from .._errors import PytestCmgError
+from .._errors import InvalidValueError, PytestCmgError
 from .._protocol.location import CALG_SHA_256
 from .._util.tree import walk_entries
 
@@ -195,7 +195,7 @@ def parse_abort_code(value: str) -> int:
             f"{ABORT_CODE}={value!r} is not an exit code: give a decimal (7) or hexadecimal "
             "(0x80004004) integer"
         )
-        raise ValueError(msg) from None
+        raise InvalidValueError(msg) from None
 
 
 # --- the INI ---------------------------------------------------------------------------------
@@ -269,7 +269,7 @@ def render_ini(request: ProviderRequest) -> str:
                     f"{INI_NAME} [{name}] {key}: the value holds a line break or NUL, which an "
                     "INI cannot carry; the location reply or settings that gave it are unusable"
                 )
-                raise ValueError(msg)
+                raise InvalidValueError(msg)
             lines.append(f"{key} = {value}")
     return "\n".join(lines) + "\n"
 
@@ -312,13 +312,13 @@ class ProgramProvider:
                 f"{DOWNLOAD_PROGRAM}={program!r} cannot be split into arguments ({error}); "
                 "quote it as a POSIX shell would"
             )
-            raise ValueError(msg) from None
+            raise InvalidValueError(msg) from None
         if not argv:
             msg = f"{DOWNLOAD_PROGRAM} is empty: name the program to run"
-            raise ValueError(msg)
+            raise InvalidValueError(msg)
         if timeout <= 0:
             msg = f"ProgramProvider timeout must be positive seconds, got {timeout!r}"
-            raise ValueError(msg)
+            raise InvalidValueError(msg)
         self.program = program
         self.argv = tuple(argv)
         self.timeout = timeout
@@ -425,14 +425,14 @@ def locate_program(first: str, here: Path) -> str:
                 f"{path} is not an executable file; create it and make it executable "
                 "(chmod +x), or name an interpreter first (python3 /path/acp.py)"
             )
-            raise ValueError(msg)
+            raise InvalidValueError(msg)
         return str(path)
     if shutil.which(first) is None:
         msg = (
             f"{first!r} is not found on PATH; give a path to the program (./acp.sh) or put its "
             "folder on PATH"
         )
-        raise ValueError(msg)
+        raise InvalidValueError(msg)
     return first
 
 

@@ -68,7 +68,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext, supp
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .._errors import ContentError
+from .._errors import ContentError, NotFoundError
 from .._protocol import codes
 from .._util.filelock import try_lock as _try_lock
 from .._util.filelock import unlock as _unlock
@@ -303,8 +303,11 @@ class ClientCache:
         """``with cache.use(entry):`` holds ``entry`` (not evictable) for the block."""
         lease = self.acquire(entry.package_id, entry.version)
         if lease is None:
-            msg = f"cache entry {entry.key} is no longer in the cache"
-            raise LookupError(msg)
+            msg = (
+                f"ClientCache.use: cache entry {entry.key} is no longer in {self.root} (evicted "
+                "or removed); take a lease with acquire() while it is there, or download it again"
+            )
+            raise NotFoundError(msg)
         with lease:
             yield lease
 

@@ -14,7 +14,7 @@ from urllib.parse import urlencode
 
 import requests
 
-from .._errors import ContentError
+from .._errors import ContentError, InvalidValueError
 from .._protocol import codes
 from .._protocol.ccm import (
     CCM_CONTENT_TYPE,
@@ -74,7 +74,7 @@ class CMGConnection:
                 f"client {self.client_id} has neither a token, an Azure AD token nor a client "
                 "certificate and key; give one of them to reach the CMG"
             )
-            raise ValueError(msg)
+            raise InvalidValueError(msg)
 
     @property
     def uses_token_path(self) -> bool:

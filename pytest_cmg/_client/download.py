@@ -117,7 +117,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .._errors import ContentError
+from .._errors import ContentError, InvalidValueError
 from .._protocol import codes
 from . import _journal  # noqa: F401 - tests patch _journal.write through this module
 from ._failures import Budget, Fatal, Restart, SasRefused, Transient
@@ -213,10 +213,11 @@ class DownloadCore:
     ) -> None:
         if workers < 1 or range_parts < 1 or range_size < CHUNK or journal_bytes < 0:
             msg = (
-                "workers and range_parts must be >= 1, range_size >= 1 MiB, journal_bytes >= 0 "
-                f"(got {workers}, {range_parts}, {range_size}, {journal_bytes})"
+                f"DownloadCore(workers={workers}, range_parts={range_parts}, "
+                f"range_size={range_size}, journal_bytes={journal_bytes}): give workers and "
+                "range_parts >= 1, range_size >= 1 MiB and journal_bytes >= 0"
             )
-            raise ValueError(msg)
+            raise InvalidValueError(msg)
         self.workers = workers
         self.timeout = timeout
         self.retry = retry or RetryPolicy()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
+from .._errors import InvalidValueError
 from .._protocol.settings import CURRENT_SITE_VERSION
 from .cache import DEFAULT_CACHE_MB, ClientCache
 from .download import DownloadCore
@@ -76,7 +77,7 @@ def connection_for(
     """
     if auth not in AUTH_KINDS:
         msg = f"auth={auth!r} is not a way to authenticate; choose one of {', '.join(AUTH_KINDS)}"
-        raise ValueError(msg)
+        raise InvalidValueError(msg)
     if auth == "certificate" and credentials is None:
         credentials = gateway.issue_client_certificate(client_id)
     if auth == "azure_ad" and aad_token is None:

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from .._errors import InvalidValueError
 from .._protocol.winpath import disk_path
 
 if TYPE_CHECKING:
@@ -82,7 +83,7 @@ def custom_path_parts(path: str) -> tuple[str, ...]:
     parts = tuple(p for p in _DRIVE.sub("", path.strip()).replace("\\", "/").split("/") if p)
     if not parts or any(p in (".", "..") for p in parts):
         msg = f"custom download path {path!r}: give folders below the system drive, without '..'"
-        raise ValueError(msg)
+        raise InvalidValueError(msg)
     root = Path("/")
     return disk_path("C:\\" + "\\".join(parts), root).relative_to(root).parts
 
@@ -137,7 +138,7 @@ class Setup:
                 f"setup {self}: Windows Setup restarts the computer at least once, ends with "
                 f"one of {', '.join(self.RESULTS)}, and its code is a 32-bit unsigned value"
             )
-            raise ValueError(msg)
+            raise InvalidValueError(msg)
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,7 @@ class Step:
             problems.append(f"restart_to must be one of {', '.join(RestartTo.ALL)}")
         if problems:
             msg = f"step {self.name!r}: " + "; ".join(problems)
-            raise ValueError(msg)
+            raise InvalidValueError(msg)
         if self.path is not None:
             custom_path_parts(self.path)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, fields
 
+from .._errors import InvalidValueError
 from .._protocol.paths import Endpoint
 
 __all__ = ["PACKAGE_HASH_FAULTS", "FaultPlan", "GatewayFault"]
@@ -80,17 +81,17 @@ class FaultPlan:
 
     def add(self, fault: GatewayFault) -> None:
         if fault.times < 1:
-            msg = f"{fault.describe()}: times must be at least 1"
-            raise ValueError(msg)
+            msg = f"{fault.describe()}: times must be at least 1 (a fault fires once or more)"
+            raise InvalidValueError(msg)
         if fault.package_hash is not None and fault.package_hash not in PACKAGE_HASH_FAULTS:
             msg = (
                 f"{fault.describe()}: package_hash must be one of "
                 f"{', '.join(PACKAGE_HASH_FAULTS)}, not {fault.package_hash!r}"
             )
-            raise ValueError(msg)
+            raise InvalidValueError(msg)
         if fault.package_hash is not None and fault.endpoint != Endpoint.LOCATION:
             msg = f"{fault.describe()}: package_hash needs endpoint='location' (the reply carries it)"
-            raise ValueError(msg)
+            raise InvalidValueError(msg)
         with self._lock:
             self._armed.append(_Armed(fault, fault.times))
 

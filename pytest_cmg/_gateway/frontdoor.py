@@ -39,7 +39,7 @@ from urllib.parse import unquote_to_bytes, urlsplit
 
 import h11
 
-from .._errors import PytestCmgError
+from .._errors import InvalidValueError, PytestCmgError
 from .site import SiteRequest, SiteResponse
 
 if TYPE_CHECKING:
@@ -86,11 +86,11 @@ class FrontDoorLimits:
         for name in ("max_connections", "max_header_bytes", "max_headers"):
             if getattr(self, name) < 1:
                 msg = f"FakeCMG({name}={getattr(self, name)}): must be at least 1"
-                raise ValueError(msg)
+                raise InvalidValueError(msg)
         for name in ("handshake_timeout", "header_timeout", "idle_timeout", "body_timeout"):
             if not getattr(self, name) > 0:
                 msg = f"FakeCMG({name}={getattr(self, name)}): a timeout must be above 0 seconds"
-                raise ValueError(msg)
+                raise InvalidValueError(msg)
 
 
 class _ClientFault(PytestCmgError):

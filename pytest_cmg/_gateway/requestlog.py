@@ -14,6 +14,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._errors import CheckFailed, InvalidValueError
+
 __all__ = ["LoggedRequest", "RequestLog", "excerpt"]
 
 #: Entries kept by default: far more than any test or scenario makes, small enough that a
@@ -65,7 +67,7 @@ class RequestLog:
     def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
         if max_entries < 1:
             msg = f"RequestLog(max_entries={max_entries}): keep at least one entry"
-            raise ValueError(msg)
+            raise InvalidValueError(msg)
         self.max_entries = max_entries
         self._entries: deque[LoggedRequest] = deque(maxlen=max_entries)
         self._count = 0
@@ -160,7 +162,7 @@ class RequestLog:
         }
         expected = f"{count if count is not None else 'at least 1'} request(s) matching {wanted}"
         msg = f"expected {expected}, found {len(found)}.\n{self.closest(wanted)}"
-        raise AssertionError(msg)
+        raise CheckFailed(msg)
 
     def assert_no_requests(self, endpoint: str | None = None, **criteria: Any) -> None:  # noqa: ANN401
         """Assert that nothing matching arrived (e.g. a cache hit must not reach the CMG)."""
@@ -171,7 +173,7 @@ class RequestLog:
             msg = (
                 f"expected no request matching {wanted or 'anything'}, found {len(found)}:\n{lines}"
             )
-            raise AssertionError(msg)
+            raise CheckFailed(msg)
 
     def closest(self, wanted: dict[str, Any], limit: int = 5) -> str:
         entries = self.entries

@@ -47,7 +47,7 @@ from collections import deque
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from .._errors import GatewayError, NotRunningError
+from .._errors import GatewayError, InvalidValueError, NotRunningError
 from .._protocol.clock import Clock, SystemClock
 from .._protocol.location import ContentLocationReply, ContentLocationRequest, OnPremDP
 from .._protocol.paths import (
@@ -136,7 +136,7 @@ class CmgSite:
                 f"no server certificate kind {server_certificate!r}; choose one of "
                 f"{', '.join(SERVER_CERTIFICATES)}"
             )
-            raise ValueError(msg)
+            raise InvalidValueError(msg)
         self.server_certificate = server_certificate
         self.cloud_dp = cloud_dp
         self.clock: Clock = clock or SystemClock()
@@ -280,7 +280,7 @@ class CmgSite:
         """Arm a scripted fault (see :class:`GatewayFault` for the keywords) and return it."""
         if endpoint is not None and endpoint not in Endpoint.ALL:
             msg = f"no endpoint {endpoint!r}; choose one of {', '.join(Endpoint.ALL)}"
-            raise ValueError(msg)
+            raise InvalidValueError(msg)
         armed = GatewayFault(endpoint=endpoint, **fault)
         self.faults.add(armed)
         return armed

@@ -32,6 +32,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from .._errors import InvalidValueError
 from .._net.pki import CertificateAuthority, Credentials
 
 if TYPE_CHECKING:
@@ -106,7 +107,7 @@ class GatewayTLS:
                 f"no server certificate kind {server_certificate!r}; choose one of "
                 f"{', '.join(SERVER_CERTIFICATES)}"
             )
-            raise ValueError(msg)
+            raise InvalidValueError(msg)
         folder.mkdir(parents=True, exist_ok=True)
         server_ca = CertificateAuthority("pytest-cmg server CA")
         client_ca = CertificateAuthority(CLIENT_CA_NAME)
@@ -157,7 +158,7 @@ class GatewayTLS:
                 return ca
         choices = ", ".join(repr(ca.name) for ca in self.uploaded_roots)
         msg = f"no uploaded client CA named {name!r}; choose one of {choices}"
-        raise ValueError(msg)
+        raise InvalidValueError(msg)
 
     def crl_path(self, ca: CertificateAuthority) -> Path:
         slug = "".join(c if c.isalnum() else "-" for c in ca.name)

@@ -37,7 +37,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from .._errors import PytestCmgError
+from .._errors import InvalidValueError, PytestCmgError
 from .._protocol.location import SHA256_RSA_OID, AccessToken
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ def _b64url_decode(text: str) -> bytes:
             f"{len(text)} characters that are not unpadded base64url (RFC 7515 section 2: "
             "only A-Z a-z 0-9 - _, no '=' padding, a length never 1 more than a multiple of 4)"
         )
-        raise ValueError(msg)
+        raise InvalidValueError(msg)
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
@@ -151,18 +151,18 @@ def _json_segment(data: bytes, part: str) -> Any:  # noqa: ANN401 - whatever JSO
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         msg = f"JWT {part} is not UTF-8 JSON (RFC 7519 section 7.2): byte {exc.start}"
-        raise ValueError(msg) from exc
+        raise InvalidValueError(msg) from exc
     if _json_too_deep(text, MAX_JSON_DEPTH):
         msg = (
             f"JWT {part} nests JSON more than {MAX_JSON_DEPTH} levels deep; a JWT's "
             "header and claims are flat objects"
         )
-        raise ValueError(msg)
+        raise InvalidValueError(msg)
     try:
         return json.loads(text)
     except ValueError as exc:  # JSONDecodeError, or an integer of over 4,300 digits
         msg = f"JWT {part} is not JSON ({exc})"
-        raise ValueError(msg) from exc
+        raise InvalidValueError(msg) from exc
 
 
 class _NotJwt(PytestCmgError):
@@ -329,7 +329,7 @@ class SiteAuthority:
                 f"bulk registration token lifetime {lifetime} exceeds the maximum of "
                 f"{BULK_TOKEN_MAX_LIFETIME} (10,080 minutes)"
             )
-            raise ValueError(msg)
+            raise InvalidValueError(msg)
         return self.issue_ccm_token(
             str(uuid.uuid4()), lifetime=lifetime, token_type=BULK_REGISTRATION
         )

@@ -24,6 +24,8 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from .._errors import InvalidValueError
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping
 
@@ -76,23 +78,23 @@ class Fault:
     def __post_init__(self) -> None:
         if self.offset < 0:
             msg = f"{self.kind}: the body offset must be >= 0, not {self.offset}"
-            raise ValueError(msg)
+            raise InvalidValueError(msg)
         if not math.isfinite(self.seconds) or self.seconds < 0:
             msg = f"{self.kind}: seconds must be a finite number >= 0, not {self.seconds!r}"
-            raise ValueError(msg)
+            raise InvalidValueError(msg)
         if self.kind == "throttle" and self.rate <= 0:
             msg = f"throttle: bytes_per_second must be > 0, not {self.rate}"
-            raise ValueError(msg)
+            raise InvalidValueError(msg)
         if self.kind == "respond":
             # 1xx would be taken for an interim answer and leave the client waiting for a final one.
             if not 200 <= self.status <= 599:
                 msg = f"respond: status must be a final status 200-599, not {self.status}"
-                raise ValueError(msg)
+                raise InvalidValueError(msg)
             for name, value in self.headers:
                 broken = not name or any(c in name for c in "\r\n:") or "\r" in value
                 if broken or "\n" in value or not (name + value).isascii():
                     msg = f"respond: header {name!r} would break the response head"
-                    raise ValueError(msg)
+                    raise InvalidValueError(msg)
 
     @property
     def name(self) -> str:

@@ -72,7 +72,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
-from .._errors import NotRunningError
+from .._errors import InvalidValueError, NotRunningError
 from .._util.service import Service
 from .connection import Connection
 from .faults import Fault, Plan
@@ -171,10 +171,10 @@ class FaultProxy(Service):
                 f"the fault proxy needs a plain http upstream like http://127.0.0.1:10000, "
                 f"not {parts.scheme}://{parts.netloc}"
             )
-            raise ValueError(msg)
+            raise InvalidValueError(msg)
         if timeout <= 0:
-            msg = f"timeout must be > 0, not {timeout}"
-            raise ValueError(msg)
+            msg = f"FaultProxy(timeout={timeout!r}): give a number of seconds above 0"
+            raise InvalidValueError(msg)
         self._up_host = parts.hostname
         self._up_port = parts.port or 80
         self.timeout = timeout
@@ -302,10 +302,10 @@ class FaultProxy(Service):
         port = parts.port or (80 if parts.scheme.lower() == "http" else None)
         if parts.scheme.lower() != "http" or host != self._up_host.lower() or port != self._up_port:
             msg = (
-                f"{parts.scheme}://{parts.netloc} is not this proxy's upstream "
-                f"http://{self._up_host}:{self._up_port}"
+                f"FaultProxy.rewrite: {parts.scheme}://{parts.netloc} is not this proxy's upstream "
+                f"http://{self._up_host}:{self._up_port}; rewrite only URLs of the storage it fronts"
             )
-            raise ValueError(msg)
+            raise InvalidValueError(msg)
         return self.url + url[len(parts.scheme) + 3 + len(parts.netloc) :]
 
     # -- scripting -------------------------------------------------------------------------
@@ -329,14 +329,14 @@ class FaultProxy(Service):
         files, so a fault meant for one file should name it.
         """
         if request is not None and request < 1:
-            msg = f"request numbers start at 1, not {request}"
-            raise ValueError(msg)
+            msg = f"FaultProxy.add(request={request}): requests count from 1; give 1+ or None"
+            raise InvalidValueError(msg)
         if times < 1:
-            msg = f"times must be >= 1, not {times}"
-            raise ValueError(msg)
+            msg = f"FaultProxy.add(times={times}): a fault applies at least once; give 1 or more"
+            raise InvalidValueError(msg)
         if path is not None and not path:
-            msg = "path must not be empty (leave it out to match every request)"
-            raise ValueError(msg)
+            msg = 'FaultProxy.add(path=""): path must not be empty; leave it out to match all'
+            raise InvalidValueError(msg)
         with self._lock:
             self._pending.append(Pending(fault, request, times, path))
 

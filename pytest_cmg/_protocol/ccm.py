@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from xml.etree import ElementTree as ET
 
-from .._errors import PytestCmgError
+from .._errors import InvalidValueError, PytestCmgError
 from .xml import parse_untrusted
 
 __all__ = [
@@ -159,7 +159,7 @@ def encode_message(message: CcmMessage) -> bytes:
                 f"CCM message {message.message_id}: the {name} part contains the multipart "
                 f"delimiter --{BOUNDARY}; change the text that encodes to it"
             )
-            raise ValueError(msg)
+            raise InvalidValueError(msg)
     return b"".join(
         [
             b"--" + boundary + crlf,

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode
 from xml.etree import ElementTree as ET
 
+from .._errors import InvalidValueError
 from .xml import parse_untrusted
 
 if TYPE_CHECKING:
@@ -124,7 +125,7 @@ class ContentLocationRequest:
                 f"<Package Version> is not an integer: {raw_version[:32]!r} (write at most 10 "
                 "ASCII digits, after an optional '-')"
             )
-            raise ValueError(msg)
+            raise InvalidValueError(msg)
         version = int(raw_version)
         return cls(
             package_id=_attr(package, "ID"),
@@ -198,51 +199,51 @@ class ManifestQuery:
         """
         if len(query) > _MAX_QUERY:
             msg = f"query of {len(query)} characters is longer than the {_MAX_QUERY} read"
-            raise ValueError(msg)
+            raise InvalidValueError(msg)
         escape = _BAD_ESCAPE.search(query)
         if escape is not None:
             msg = (
                 f"query has a '%' at character {escape.start()} not followed by two hex digits; "
                 "percent-encode a literal '%' as %25"
             )
-            raise ValueError(msg)
+            raise InvalidValueError(msg)
         try:
             pairs = parse_qsl(
                 query, keep_blank_values=True, errors="strict", max_num_fields=_MAX_FIELDS
             )
         except UnicodeDecodeError as exc:
             msg = f"query is not UTF-8 once percent-decoded (byte {exc.start} of a value)"
-            raise ValueError(msg) from exc
+            raise InvalidValueError(msg) from exc
         except ValueError as exc:
             # Past max_num_fields: a query of thousands of parameters is refused before any of
             # them is looked at.
             msg = f"query has more than {_MAX_FIELDS} fields ({exc})"
-            raise ValueError(msg) from exc
+            raise InvalidValueError(msg) from exc
         values: dict[str, str] = {}
         for name, value in pairs:
             if name not in MANIFEST_PARAMS:
                 continue
             if name in values:
                 msg = f"parameter {name!r} appears more than once"
-                raise ValueError(msg)
+                raise InvalidValueError(msg)
             if len(value) > _MAX_PARAM:
                 msg = f"parameter {name!r} is longer than {_MAX_PARAM} characters"
-                raise ValueError(msg)
+                raise InvalidValueError(msg)
             bad = _UNPRINTABLE.search(value)
             if bad is not None:
                 msg = (
                     f"parameter {name!r} holds U+{ord(bad.group()):04X} (a control character or "
                     f"lone surrogate) at character {bad.start()}; send only printable text"
                 )
-                raise ValueError(msg)
+                raise InvalidValueError(msg)
             values[name] = value
         missing = [name for name in MANIFEST_PARAMS if not values.get(name)]
         if missing:
             msg = f"missing parameter(s) {', '.join(missing)}"
-            raise ValueError(msg)
+            raise InvalidValueError(msg)
         if not is_content_id(values["pid"]):
             msg = "pid is not a valid package ID"
-            raise ValueError(msg)
+            raise InvalidValueError(msg)
         return cls(**values)
 
     def encode(self) -> str:
@@ -298,7 +299,7 @@ class OnPremDP:
                 f"on-prem DP {self.fqdn}: locality {self.locality!r} is not one of "
                 f"{', '.join(ON_PREM_LOCALITIES)}"
             )
-            raise ValueError(msg)
+            raise InvalidValueError(msg)
 
     def holds(self, package_id: str, version: int) -> bool:
         return (package_id, version) in self.content
@@ -442,7 +443,7 @@ def _require(parent: ET.Element, tag: str) -> ET.Element:
     node = parent.find(tag)
     if node is None:
         msg = f"<{parent.tag}> has no <{tag}> element"
-        raise ValueError(msg)
+        raise InvalidValueError(msg)
     return node
 
 
@@ -450,5 +451,5 @@ def _attr(node: ET.Element, name: str) -> str:
     value = node.get(name)
     if value is None:
         msg = f"<{node.tag}> has no {name} attribute"
-        raise ValueError(msg)
+        raise InvalidValueError(msg)
     return value

@@ -20,6 +20,7 @@ from functools import lru_cache
 from urllib.parse import unquote
 from xml.etree import ElementTree as ET
 
+from .._errors import InvalidValueError
 from .location import CALG_SHA_256
 from .xml import parse_untrusted
 
@@ -116,7 +117,7 @@ class ContentManifest:
         root = parse_untrusted(text, root="ContentManifest")
         if root.get("HashAlgorithm") != str(CALG_SHA_256):
             msg = f"HashAlgorithm {root.get('HashAlgorithm')!r} is not {CALG_SHA_256} (SHA-256)"
-            raise ValueError(msg)
+            raise InvalidValueError(msg)
         files = []
         for node in root.iterfind("File"):
             relpath = node.get("RelPath", "")
@@ -125,7 +126,7 @@ class ContentManifest:
                 size = int(node.get("Size", ""))
             except ValueError as exc:
                 msg = f"<File RelPath={relpath!r}> has no integer Size"
-                raise ValueError(msg) from exc
+                raise InvalidValueError(msg) from exc
             files.append(
                 ManifestFile(
                     relpath=relpath,
@@ -156,4 +157,4 @@ def _check_relpath(relpath: str) -> None:
         or "" in parts
     ):
         msg = f"unsafe RelPath {relpath!r} in manifest"
-        raise ValueError(msg)
+        raise InvalidValueError(msg)

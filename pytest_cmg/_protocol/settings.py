@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .._errors import InvalidValueError
+
 __all__ = [
     "BOOT_IMAGE_OVER_CMG_SINCE",
     "BOOT_MEDIA_OVER_CMG_SINCE",
@@ -141,7 +143,7 @@ class CmgSettings:
                 "on; use a content-enabled CMG (classic_cloud_dp false) or a site version "
                 f"before {NO_NEW_CLASSIC_CLOUD_DP_SINCE}"
             )
-            raise ValueError(msg)
+            raise InvalidValueError(msg)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from xml.etree import ElementTree as ET
 
+from .._errors import InvalidValueError
+
 __all__ = ["MAX_XML_CHARS", "MAX_XML_DEPTH", "MAX_XML_ELEMENTS", "parse_untrusted"]
 
 _FORBIDDEN = ("<!DOCTYPE", "<!ENTITY")
@@ -46,12 +48,12 @@ def parse_untrusted(
             f"document of {len(text)} characters is longer than the {max_chars} an untrusted "
             "XML document may have"
         )
-        raise ValueError(msg)
+        raise InvalidValueError(msg)
     upper = text.upper()
     for marker in _FORBIDDEN:
         if marker in upper:
             msg = f"document declares {marker[2:]}, which is refused"
-            raise ValueError(msg)
+            raise InvalidValueError(msg)
     parser: ET.XMLPullParser[ET.Element] = ET.XMLPullParser(events=("start", "end"))
     top: ET.Element | None = None
     depth = elements = offset = 0
@@ -71,23 +73,23 @@ def parse_untrusted(
                 elements += 1
                 if depth > max_depth:
                     msg = f"elements nest more than {max_depth} deep (element {elements})"
-                    raise ValueError(msg)
+                    raise InvalidValueError(msg)
                 if elements > max_elements:
                     msg = f"document holds more than {max_elements} elements"
-                    raise ValueError(msg)
+                    raise InvalidValueError(msg)
         parser.close()
     except ET.ParseError as exc:
         msg = f"malformed XML ({exc})"
-        raise ValueError(msg) from exc
+        raise InvalidValueError(msg) from exc
     except UnicodeEncodeError as exc:
         # A lone surrogate: the parser encodes its input as UTF-8 first, and XML has no way
         # to hold one.
         msg = f"character {offset + exc.start} is a lone surrogate, which XML cannot hold"
-        raise ValueError(msg) from exc
+        raise InvalidValueError(msg) from exc
     if top is None:  # close() refuses an empty document first; kept for the type checker
         msg = "malformed XML (no element found)"
-        raise ValueError(msg)
+        raise InvalidValueError(msg)
     if root is not None and top.tag != root:
         msg = f"root element is <{top.tag}>, expected <{root}>"
-        raise ValueError(msg)
+        raise InvalidValueError(msg)
     return top

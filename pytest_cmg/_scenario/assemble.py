@@ -11,11 +11,12 @@ Rules (documented in docs/scenarios.md):
   replaced, except ``packages``, merged by ``id`` (a package given again overrides the keys it
   gives). A key given empty (``key:``) keeps the included value.
 * ``./`` and ``../`` paths are relative to the file that names them. Other paths are looked up
-  in order: the user's fixtures folder (``--cmg-fixtures``, ini ``cmg_fixtures``, else the nearest
-  ``fixtures`` folder above the scenario), then the worlds and catalogs shipped inside this
-  package (:data:`SHIPPED`). The first folder that has the file wins, so a user's file shadows
-  a shipped one of the same name, also where a shipped world refs it (a later release that
-  ships a new name never changes what an existing include means). ``.yaml`` may be left off.
+  in order: the user's fixtures folders (each ``--cmg-fixtures``, else each line of ini
+  ``cmg_fixtures``, in the order given; else the nearest ``fixtures`` folder above the scenario),
+  then the worlds and catalogs shipped inside this package (:data:`SHIPPED`). The first folder
+  that has the file wins, so a user's file shadows a shipped one of the same name, also where a
+  shipped world refs it (a later release that ships a new name never changes what an existing
+  include means). ``.yaml`` may be left off.
 * ``packages: [{ref: catalog/x, version: 2}]`` takes the package from a catalog file; the keys
   given next to ``ref`` override the catalog's.
 * ``matrix`` and ``cases`` make one scenario per combination, each validated with its values set.
@@ -46,7 +47,7 @@ from .limits import (
 from .spec import ListOf, MapOf, Record, Validation, is_null
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from .spec import Spec
 
@@ -346,12 +347,16 @@ def _merge_by_id(base: yaml.SequenceNode, over: yaml.SequenceNode) -> yaml.Seque
 
 @dataclass
 class Assembler:
-    """Resolves a scenario's includes and package refs into one node tree."""
+    """Resolves a scenario's includes and package refs into one node tree.
+
+    ``fixtures`` is the user's folder, or folders searched in order (``--cmg-fixtures`` given
+    several times); None looks for the nearest ``fixtures`` folder above the scenario (``find``).
+    """
 
     v: Validation
     fragment: Record
     catalog: Record
-    fixtures: Path | None = None
+    fixtures: Path | Sequence[Path] | None = None
     find: Callable[[Path], Path | None] = find_fixtures
     _root_looked: bool = False
     _catalogs: dict[Path, yaml.Node | None] = field(default_factory=dict)
@@ -359,11 +364,13 @@ class Assembler:
     def assemble(self, root: yaml.Node) -> yaml.Node:
         return self._includes(root, [self.v.path.resolve()])
 
-    def _fixtures(self) -> Path | None:
+    def _fixtures(self) -> list[Path]:
         if self.fixtures is None and not self._root_looked:
             self._root_looked = True
             self.fixtures = self.find(self.v.path)
-        return self.fixtures
+        if self.fixtures is None:
+            return []
+        return [self.fixtures] if isinstance(self.fixtures, Path) else list(self.fixtures)
 
     def _origin(self, target: Path, entry: yaml.Node, verb: str) -> None:
         source = self.v.file_of(entry)
@@ -376,8 +383,7 @@ class Assembler:
         """Where a name that is not ``./``-relative is looked up, in order, each described."""
         folders: list[tuple[str, Path]] = []
         given = self.fixtures is not None
-        root = self._fixtures()
-        if root is not None:
+        for root in self._fixtures():
             how = (
                 "--cmg-fixtures or ini cmg_fixtures" if given else "the nearest above the scenario"
             )
@@ -436,8 +442,9 @@ class Assembler:
         self.v.problem(
             entry,
             f"{kind} {shown(text)}: no file {name} in {searched}{user}",
-            f"{near}put the file in your fixtures folder (set with --cmg-fixtures DIR, ini "
-            "cmg_fixtures), start the path with ./ or ../ for a file next to this one, or use a "
+            f"{near}put the file in a fixtures folder of yours (--cmg-fixtures DIR, given once "
+            "per folder, or ini cmg_fixtures, one folder a line), start the path with ./ or ../ "
+            "for a file next to this one, or use a "
             f"shipped one: {', '.join(shipped) or 'none (is the package installed whole?)'}",
         )
         return None

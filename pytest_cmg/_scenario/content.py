@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from faker import Faker
 
+from .._errors import InvalidValueError
 from .._storage.clouddp import PackageSource
 from .limits import IN_MEMORY_PACKAGE_BYTES, OS_UPGRADE_MAIN_SHARE, RANDOM_PIECE_BYTES, split_sizes
 
@@ -131,7 +132,7 @@ def generate_package(
         in_memory = IN_MEMORY_PACKAGE_BYTES
     if piece <= 0 or piece % 4:
         msg = f"generate_package: piece={piece} must be a positive multiple of 4 bytes"
-        raise ValueError(msg)
+        raise InvalidValueError(msg)
     spill = spec.size > in_memory
     if spill and folder is None:
         msg = (
@@ -139,7 +140,7 @@ def generate_package(
             f"the {in_memory} generated in memory; pass folder= (a folder you remove), or use "
             "generated_package(), which makes a temporary one and removes it"
         )
-        raise ValueError(msg)
+        raise InvalidValueError(msg)
     fake, names = _named(spec.id, spec.version, spec.type, spec.files, spec.locale, seed)
     share = OS_UPGRADE_MAIN_SHARE if spec.type == "os_upgrade" else None
     sizes = split_sizes(spec.size, spec.files, main_share=share)

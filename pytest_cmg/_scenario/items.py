@@ -30,7 +30,7 @@ from .load import load_scenarios
 from .runner import not_applicable, not_judged, run_scenario
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterator, Sequence
 
     from _pytest._code.code import TerminalRepr
 
@@ -67,15 +67,15 @@ class ScenarioFile(pytest.File):
 
     :param harness: called when an item runs, never at collection, so ``--collect-only`` starts
         no service. The plugin passes it in; this module never imports the plugin.
-    :param fixtures: the user's fixtures folder for includes and refs (None: the nearest
-        ``fixtures`` folder above the file), looked in before the shipped worlds.
+    :param fixtures: the user's fixtures folders for includes and refs, searched in order
+        (None: the nearest ``fixtures`` folder above the file), before the shipped worlds.
     """
 
     def __init__(
         self,
         *,
         harness: Callable[[], Harness],
-        fixtures: Path | None = None,
+        fixtures: Sequence[Path] | None = None,
         download_program: str | None = None,
         **kwargs: Any,  # noqa: ANN401
     ) -> None:

@@ -41,10 +41,11 @@ from .spec import Validation
 from .vocabulary import MAX_CASES, TIMELINE_KINDS
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from pathlib import Path
 
 
-def load_scenario(path: Path, *, fixtures: Path | None = None) -> Scenario:
+def load_scenario(path: Path, *, fixtures: Path | Sequence[Path] | None = None) -> Scenario:
     """Load and validate a scenario file that has a single case.
 
     :class:`ScenarioError` lists every problem in it; a parametrised file is a problem here too
@@ -67,11 +68,12 @@ def load_scenario(path: Path, *, fixtures: Path | None = None) -> Scenario:
     return scenarios[0]
 
 
-def load_scenarios(path: Path, *, fixtures: Path | None = None) -> list[Scenario]:
+def load_scenarios(path: Path, *, fixtures: Path | Sequence[Path] | None = None) -> list[Scenario]:
     """Load and validate a scenario file: one :class:`Scenario` per case, in the file's order.
 
     Includes are resolved (``./`` and ``../`` relative to the naming file, other paths to
-    ``fixtures``, by default the nearest ``fixtures`` folder above the file), then the file is
+    ``fixtures``, a folder or folders searched in order, by default the nearest ``fixtures``
+    folder above the file, and then to the shipped worlds), then the file is
     validated as written, then each case with its values set. :class:`ScenarioError` lists every
     problem of the file and of what it includes, each at its own file and line.
     """

@@ -49,15 +49,16 @@ collection error at its line.
 
 **Includes.** `include: [worlds/ipu-world]` merges shared world files under the scenario, in
 order. A path starting with `./` or `../` is relative to the file that names it. Any other path
-is looked up in two folders, in this order: the user's fixtures folder (`--cmg-fixtures`, ini
-`cmg_fixtures`, else the nearest `fixtures` folder above the scenario), then the worlds and
-catalogs shipped inside pytest-cmg (`pytest_cmg/shipped`: `worlds/ipu-world`,
-`worlds/small-ipu-world`, `catalog/os-upgrade-win11`, `catalog/drivers-contoso-ja`,
-`catalog/language-pack-it`, `catalog/office-app`; they come with `pip install pytest-cmg`). The
+is looked up in folders, in this order: the user's fixtures folders (each `--cmg-fixtures`, in
+the order given, else each line of ini `cmg_fixtures`, else the nearest `fixtures` folder above
+the scenario), then the worlds and catalogs shipped inside pytest-cmg (`pytest_cmg/shipped`:
+`worlds/ipu-world`, `worlds/small-ipu-world`, `catalog/os-upgrade-win11`,
+`catalog/drivers-contoso-ja`, `catalog/language-pack-it`, `catalog/office-app`; they come with
+`pip install pytest-cmg`). The
 first folder that has the file wins: a file of yours shadows a shipped one of the same name,
 also where a shipped world refs it, and a later release that ships a new name never changes
-what your include means. A name found in neither is a collection error at its line that lists
-the folders searched, the nearest name and the shipped ones. `.yaml` may be left off.
+what your include means. A name found in none is a collection error at its line that lists
+every folder searched, the nearest name and the shipped ones. `.yaml` may be left off.
 
 Later files override earlier ones and the scenario overrides them all: mappings merge key by
 key, lists are replaced, except `packages`, which merge by `id` (a package given again changes

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._errors import ProvisioningError, ServiceStartError
+from .._errors import InvalidValueError, ProvisioningError, ServiceStartError
 from .._util.service import Service
 from .endpoint import (
     DEV_ACCOUNT_KEY,
@@ -487,7 +487,7 @@ def make_backend(
     """
     if https and name != "process":
         msg = f"https=True is for the process backend; the {name} backend cannot serve it"
-        raise ValueError(msg)
+        raise InvalidValueError(msg)
     if name == "process":
         return AzuriteProcess(startup_timeout=startup_timeout, https=https)
     if name == "container":
@@ -495,7 +495,7 @@ def make_backend(
     if name == "external":
         if not connection_string:
             msg = "the external storage backend needs a connection string"
-            raise ValueError(msg)
+            raise InvalidValueError(msg)
         return ExternalStorage(connection_string)
     msg = f"unknown storage backend {name!r}; choose one of {', '.join(BACKENDS)}"
-    raise ValueError(msg)
+    raise InvalidValueError(msg)

@@ -27,6 +27,7 @@ from urllib.parse import quote
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from azure.storage.blob import BlobSasPermissions, generate_blob_sas
 
+from .._errors import InvalidValueError, ProvisioningError
 from .._protocol.manifest import ContentManifest, ManifestFile
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ def _utc(name: str, value: datetime) -> datetime:
             f"local time; pass a timezone-aware one, e.g. datetime.now(UTC) or "
             f"{name}.replace(tzinfo=UTC) if it was meant as UTC"
         )
-        raise ValueError(msg)
+        raise InvalidValueError(msg)
     return value.astimezone(UTC)
 
 
@@ -135,10 +136,11 @@ class CloudDP:
         access = self._container.get_container_properties().public_access
         if access is not None:
             msg = (
-                f"container {self.container!r} allows public access ({access}); cloud DP content "
-                "must be private, or a tampered SAS would still be served"
+                f"CloudDP.create: container {self.container!r} allows public access ({access}); "
+                "cloud DP content must be private, or a tampered SAS would still be served: turn "
+                "the container's public access off, or give CloudDP another container name"
             )
-            raise RuntimeError(msg)
+            raise ProvisioningError(msg)
 
     def delete(self) -> None:
         """Remove the container and everything in it (frees Azurite's memory between tests)."""

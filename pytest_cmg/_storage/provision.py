@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._errors import ProvisioningError
+from .._errors import InvalidValueError, ProvisioningError
 from .._util.cachedir import CACHE_ENV, cache_dir
 from .._util.filelock import exclusive_lock
 
@@ -71,7 +71,7 @@ def _node_version(node: Path) -> tuple[int, int, int]:
     match = _VERSION_RE.search(proc.stdout)
     if proc.returncode != 0 or match is None:
         msg = f"`{node} --version` exited {proc.returncode} with {proc.stdout.strip()!r}"
-        raise ValueError(msg)
+        raise InvalidValueError(msg)
     major, minor, patch = (int(g) for g in match.groups())
     return major, minor, patch
 

@@ -614,13 +614,17 @@ class ClientCache:
         return self.root / self.key(package_id, version), self.provider_folder(package_id, version)
 
     def discard_staging(self, package_id: str, version: int) -> bool:
-        """Remove what a failed or interrupted download left in staging (after its last try);
-        True if there was something."""
-        folder = self.root / _STAGING / self.key(package_id, version)
+        """Remove what a failed or interrupted download left in staging (after its last try):
+        the built-in download's folder and a content provider's; True if there was something."""
+        folders = (
+            self.root / _STAGING / self.key(package_id, version),
+            self.provider_folder(package_id, version),
+        )
         with self._download_guard(package_id, version):
-            there = folder.exists()
-            shutil.rmtree(folder, ignore_errors=True)
-        return there
+            there = [folder for folder in folders if folder.exists()]
+            for folder in there:
+                shutil.rmtree(folder, ignore_errors=True)
+        return bool(there)
 
     def _download_guard(self, package_id: str, version: int) -> AbstractContextManager[None]:
         """:meth:`download_lock`, unless the calling thread already holds it (no deadlock)."""

@@ -235,7 +235,7 @@ class TaskSequence:
                 "image assigned to this task sequence, and it has none: set boot_image=True, or "
                 f"restart to the installed operating system (restart_to={RestartTo.OS!r})"
             )
-            raise ValueError(msg)
+            raise InvalidValueError(msg)
 
     def version_of(self, package_id: str) -> int:
         return self.package_versions.get(package_id, 1)

@@ -228,22 +228,6 @@ BUILTIN_ALLOWED = {
     ),
 }
 
-#: The benchmark room's builtin raises, audited on their own (its user-visible errors become
-#: BenchError): allowed while that work lands, and an entry that no longer matches is no error.
-BENCH_PENDING = {
-    ("pytest_cmg._bench._aria2", "RuntimeError"),
-    ("pytest_cmg._bench._cases", "AssertionError"),
-    ("pytest_cmg._bench._cases", "RuntimeError"),
-    ("pytest_cmg._bench._chart", "RuntimeError"),
-    ("pytest_cmg._bench._compare", "ValueError"),
-    ("pytest_cmg._bench._main", "ValueError"),
-    ("pytest_cmg._bench._program", "ValueError"),
-    ("pytest_cmg._bench._rawget", "RuntimeError"),
-    ("pytest_cmg._bench._rawget", "ValueError"),
-    ("pytest_cmg._bench._scaling", "ValueError"),
-    ("pytest_cmg._bench._workloads", "ValueError"),
-}
-
 _BUILTIN_EXCEPTIONS = {
     name: cls
     for name, cls in vars(builtins).items()
@@ -361,7 +345,7 @@ def test_no_builtin_exception_escapes_to_a_user():
     for module in MODULES:
         for line, name in unguarded_builtin_raises(module.tree):
             key = (module.name, name)
-            if key in BUILTIN_ALLOWED or key in BENCH_PENDING:
+            if key in BUILTIN_ALLOWED:
                 used.add(key)
                 continue
             place = f"{module.path.relative_to(PACKAGE.parent)}:{line}"
@@ -426,13 +410,7 @@ BAD_VALUE = re.compile(r"choose one of|is not one of|must be (at least|>=|>|posi
 
 
 def test_every_bad_value_raises_invalid_value_error():
-    found = [
-        (raised, place)
-        for raised, place in _raises_saying(BAD_VALUE)
-        # The benchmark room's own command line reports its bad values itself (rule 4's
-        # BENCH_PENDING): its audit decides the type there.
-        if not place.startswith("pytest_cmg/_bench/")
-    ]
+    found = list(_raises_saying(BAD_VALUE))
     # FakeCMG, the gateway's faults and TLS, the fault proxy's faults, the client: far fewer
     # means the scan lost them.
     assert len(found) >= 15, found

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._errors import BenchError
 from .._util.cachedir import cache_dir
 from .._util.filelock import exclusive_lock
 
@@ -93,11 +94,11 @@ def _run(argv: list[str], *, cwd: Path | None = None, env: dict[str, str] | None
         )
     except (OSError, subprocess.SubprocessError) as exc:
         msg = f"`{' '.join(argv)}` could not run: {exc}"
-        raise RuntimeError(msg) from exc
+        raise BenchError(msg) from exc
     if proc.returncode != 0:
         tail = " ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
         msg = f"`{' '.join(argv)}` exited {proc.returncode}: {tail}"
-        raise RuntimeError(msg)
+        raise BenchError(msg)
     return proc.stdout
 
 
@@ -107,7 +108,7 @@ def _version(exe: Path, lib_dirs: tuple[Path, ...]) -> str:
     match = _VERSION_RE.search(out)
     if match is None:
         msg = f"{exe} --version printed no version"
-        raise RuntimeError(msg)
+        raise BenchError(msg)
     return match.group(1)
 
 
@@ -190,14 +191,14 @@ def _provision(root: Path) -> Aria2:
         while queue:
             if len(seen) > _MAX_PACKAGES:
                 msg = f"aria2 pulls more than {_MAX_PACKAGES} missing packages: {sorted(seen)}"
-                raise RuntimeError(msg)
+                raise BenchError(msg)
             package = queue.pop(0)
             before = set(debs.iterdir())
             try:
                 _run(["apt-get", "download", "-q", package], cwd=debs)
             except RuntimeError as exc:
                 msg = f"{exc} (the package lists may need `apt-get update`)"
-                raise RuntimeError(msg) from exc
+                raise BenchError(msg) from exc
             for deb in set(debs.iterdir()) - before:
                 _run(["dpkg-deb", "-x", str(deb), str(tree)])
                 for dep in _depends(deb):
@@ -207,7 +208,7 @@ def _provision(root: Path) -> Aria2:
         exe = tree / "usr" / "bin" / "aria2c"
         if not exe.is_file():
             msg = "the aria2 package holds no usr/bin/aria2c"
-            raise RuntimeError(msg)
+            raise BenchError(msg)
         lib_dirs = tuple(
             sorted({p.parent for p in tree.rglob("*.so*") if p.is_file() or p.is_symlink()})
         )
@@ -219,7 +220,7 @@ def _provision(root: Path) -> Aria2:
         ]
         if missing:
             msg = f"aria2c still lacks shared libraries: {'; '.join(missing)}"
-            raise RuntimeError(msg)
+            raise BenchError(msg)
         version = _version(exe, lib_dirs)
         target = root / f"aria2-{version}"
         (tree / _MARKER).write_text(

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .._errors import BenchError
 from .._util.service import Service
 from ._rawget import get_all, get_all_verified
 
@@ -198,7 +199,7 @@ def run_sdk(ctx: CaseContext) -> Sample:
         transport.close()
     if mismatches:
         msg = f"sdk: SHA-256 mismatch for {', '.join(mismatches[:5])}"
-        raise AssertionError(msg)
+        raise BenchError(msg)
     return _measured(meter)
 
 
@@ -229,7 +230,7 @@ def run_aria2(ctx: CaseContext) -> Sample:
         proc.stdout.close()
     if proc.returncode != 0:
         msg = f"aria2c exited {proc.returncode}: {output.strip()[-300:]}"
-        raise RuntimeError(msg)
+        raise BenchError(msg)
     return _measured(meter)
 
 
@@ -244,7 +245,7 @@ def run_raw(ctx: CaseContext) -> Sample:
         received = get_all([f.url for f in files], workers=ctx.workers)
     if received != ctx.dataset.workload.total:
         msg = f"raw: received {received} bytes, expected {ctx.dataset.workload.total}"
-        raise AssertionError(msg)
+        raise BenchError(msg)
     return _measured(meter)
 
 
@@ -268,7 +269,7 @@ def run_raw_verified(ctx: CaseContext) -> Sample:
         )
     if received != ctx.dataset.workload.total:
         msg = f"raw-verified: received {received} bytes, expected {ctx.dataset.workload.total}"
-        raise AssertionError(msg)
+        raise BenchError(msg)
     return _measured(meter)
 
 

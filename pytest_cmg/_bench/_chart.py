@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .._errors import BenchError
+
 if TYPE_CHECKING:
     from pathlib import Path
 
@@ -32,14 +34,14 @@ def write_chart(report: dict[str, Any], path: Path) -> None:
         msg = (
             f'the chart needs matplotlib ({exc}); install it with `pip install "pytest-cmg[bench]"`'
         )
-        raise RuntimeError(msg) from exc
+        raise BenchError(msg) from exc
 
     groups: dict[str, list[dict[str, Any]]] = {}
     for item in report.get("benchmarks", []):
         groups.setdefault(item["extra_info"]["workload"], []).append(item["extra_info"])
     if not groups:
         msg = "the report has no measured case to chart"
-        raise RuntimeError(msg)
+        raise BenchError(msg)
     figure = Figure(figsize=(6.5, 2.2 * len(groups) + 0.6), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(len(groups), 1, squeeze=False)[:, 0]

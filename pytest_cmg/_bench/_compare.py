@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._errors import InvalidValueError
 from ._report import PEAK_METRIC, PROGRAM_RATIO, TARGETS, metric_values
 
 __all__ = ["TARGETS_BASELINE", "Check", "Comparison", "compare", "load_baseline"]
@@ -83,10 +84,10 @@ def load_baseline(spec: str) -> dict[str, Any] | None:
         data = json.loads(Path(spec).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         msg = f"cannot read the baseline {spec}: {exc}"
-        raise ValueError(msg) from exc
+        raise InvalidValueError(msg) from exc
     if not isinstance(data, dict) or not isinstance(data.get("ratios"), dict):
         msg = f"{spec} is not a pytest-cmg bench report (it has no 'ratios' section)"
-        raise ValueError(msg)
+        raise InvalidValueError(msg)
     return data
 
 

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .._errors import InvalidValueError
 from ._aria2 import ARIA2_MODES
 from ._program import check_program
 from ._runner import BenchError
@@ -54,7 +55,7 @@ def check_margin(text: str) -> float:
         margin = -1.0
     if not 0 <= margin < 1:
         msg = f"the margin must be a fraction between 0 and 1 (0.15 = 15%), not {text!r}"
-        raise ValueError(msg)
+        raise InvalidValueError(msg)
     return margin
 
 
@@ -66,7 +67,7 @@ def _count(text: str, what: str) -> int:
         count = 0
     if count < 1:
         msg = f"the number of {what} must be a whole number >= 1, not {text!r}"
-        raise ValueError(msg)
+        raise InvalidValueError(msg)
     return count
 
 
@@ -252,7 +253,7 @@ def run_bench(args: argparse.Namespace) -> int:
             report = json.loads(args.load.read_text(encoding="utf-8"))
             if not isinstance(report, dict) or "benchmarks" not in report:
                 msg = "no 'benchmarks' section"
-                raise ValueError(msg)
+                raise InvalidValueError(msg)
         except (OSError, ValueError) as exc:
             print(f"bench: cannot load {args.load}: {exc}", file=sys.stderr)
             return EXIT_USAGE

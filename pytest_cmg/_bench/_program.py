@@ -37,7 +37,7 @@ from .._client.acp import (
     locate_program,
     read_folder,
 )
-from .._errors import PytestCmgError
+from .._errors import InvalidValueError, PytestCmgError
 from .._util.service import Service
 from ._cases import Sample, server_cpu_seconds
 from ._workloads import VERSION, package_id
@@ -85,16 +85,16 @@ def check_program(text: str) -> str:
         argv = shlex.split(text)
     except ValueError as error:
         msg = f"{text!r} cannot be split into arguments ({error}); quote it as a POSIX shell would"
-        raise ValueError(msg) from None
+        raise InvalidValueError(msg) from None
     if not argv:
         msg = 'no program given; name one, e.g. "python3 examples/acp/acp.py"'
-        raise ValueError(msg)
+        raise InvalidValueError(msg)
     try:
         # Run from the current folder (the bench does not change it), so checked against it.
         locate_program(argv[0], Path.cwd())
     except ValueError as error:
         msg = f"{text!r}: {error}"
-        raise ValueError(msg) from None
+        raise InvalidValueError(msg) from None
     ProgramProvider(text)  # what the engine accepts, whatever is checked above
     return text
 

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from .._errors import BenchError
+from .._errors import BenchError, InvalidValueError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -78,7 +78,7 @@ def get_all_verified(
     """
     if not len(urls) == len(paths) == len(sha256s):
         msg = f"{label}: {len(urls)} URLs, {len(paths)} paths and {len(sha256s)} digests"
-        raise ValueError(msg)
+        raise InvalidValueError(msg)
 
     def fetch(conn: http.client.HTTPConnection, index: int, target: str, buf: memoryview) -> int:
         response = _get(conn, target, label)

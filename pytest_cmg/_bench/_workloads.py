@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
+from .._errors import InvalidValueError
 from .._protocol.manifest import ContentManifest, ManifestFile
 
 if TYPE_CHECKING:
@@ -94,7 +95,7 @@ def parse_names(text: str, choices: Iterable[str], kind: str) -> tuple[str, ...]
     if not names or unknown:
         shown = ", ".join(unknown) if unknown else "(none)"
         msg = f"unknown {kind} {shown}; choose among {', '.join(allowed)} (comma-separated)"
-        raise ValueError(msg)
+        raise InvalidValueError(msg)
     return names
 
 

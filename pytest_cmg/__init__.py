@@ -84,7 +84,7 @@ _API: dict[str, str] = {
     "SmstsLog": "._client.log",
     "SpaceReport": "._client.cache",
     "Step": "._client.sequence",
-    "StepEvent": "._client.engine",
+    "StepEvent": "._client.sequence",
     "TaskSequence": "._client.sequence",
     "TaskSequenceCache": "._client.tscache",
     "TaskSequenceEngine": "._client.engine",
@@ -115,7 +115,6 @@ if TYPE_CHECKING:
     from ._client.cmg import CMGConnection as CMGConnection
     from ._client.download import DownloadCore as DownloadCore
     from ._client.download import DownloadStats as DownloadStats
-    from ._client.engine import StepEvent as StepEvent
     from ._client.engine import TaskSequenceEngine as TaskSequenceEngine
     from ._client.log import SmstsLog as SmstsLog
     from ._client.retry import RetryPolicy as RetryPolicy
@@ -126,6 +125,7 @@ if TYPE_CHECKING:
     from ._client.sequence import ProviderRun as ProviderRun
     from ._client.sequence import Setup as Setup
     from ._client.sequence import Step as Step
+    from ._client.sequence import StepEvent as StepEvent
     from ._client.sequence import TaskSequence as TaskSequence
     from ._client.sequence import TaskSequenceResult as TaskSequenceResult
     from ._client.tscache import TaskSequenceCache as TaskSequenceCache

@@ -39,8 +39,7 @@ are functions it takes as methods: restarts (``_restarts.py``), the content prov
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from .._errors import ContentError
 from .._protocol import codes
@@ -52,7 +51,8 @@ from .._protocol.settings import (
     launch_refusal,
 )
 from .._protocol.winpath import windows_path
-from . import _fetch, _providers, _restarts, tsenv
+from . import _ending, _fetch, _providers, _restarts, tsenv
+from ._ending import PRESERVE_CONTENT
 from ._providers import PROGRAM_OUTPUT
 from ._restarts import _POST_UPGRADE
 from .acp import (
@@ -71,6 +71,9 @@ from .sequence import (
     ProviderRun,
     Setup,
     Step,
+    StepEvent,
+    StepOutcome,
+    StepPhase,
     TaskSequence,
     TaskSequenceResult,
     _int_variable,
@@ -133,39 +136,10 @@ _HR_DISK_FULL = 0x80070070
 _HR_INVALID_ARG = 0x80070057
 
 PERSIST_CONTENT = "SMSTSPersistContent"
-PRESERVE_CONTENT = "SMSTSPreserveContent"
 LAST_LOCATION = "_SMSTSLastContentDownloadLocation"
 #: The task sequence working folder, as the client sees it (``C:\\_SMSTaskSequence``).
 DATA_PATH = "_SMSTSMDataPath"
 #: A drive prefix of a Windows path (``C:``), mapped to the emulated system drive.
-
-
-StepPhase = Literal["start", "end"]
-StepOutcome = Literal["succeeded", "failed", "skipped"]
-
-
-@dataclass(frozen=True)
-class StepEvent:
-    """A step boundary of a running task sequence: what the engine's step hook (``on_step``)
-    receives.
-
-    ``start`` comes just before the step, before its condition is evaluated (where the engine
-    logs ``Start executing an instruction``), so a step that is then skipped starts too.
-    ``end`` comes when the step is over, with its ``outcome``: ``"succeeded"``, ``"failed"``
-    (``exit_code`` is its error, e.g. ``0x80091007`` for a hash mismatch) or ``"skipped"`` (its
-    condition was false; exit code 0). Each step that starts ends once, except that a boot cut
-    off mid-step by a power cut never ends it (the next boot starts it again), and a step that
-    hands over to Windows Setup ends in the boot where Setup hands the machine back. A Restart
-    Computer step ends (succeeded) before the computer restarts.
-    """
-
-    #: The step's place in the task sequence, from 0 (the product's instruction pointer).
-    index: int
-    name: str
-    phase: StepPhase
-    #: At ``end``: how the step ended; None at ``start``.
-    outcome: StepOutcome | None = None
-    exit_code: int = 0
 
 
 def _drive_of(cache_root: Path) -> Path:
@@ -339,47 +313,7 @@ class TaskSequenceEngine:
         tsenv.remove(self.system_drive / WORKING_DIRECTORY)
         return result
 
-    def _end_content(self) -> list[str]:
-        """The content work of the end of a run; returns what the task sequence cache held."""
-        self.release_content()
-        ts, cm = "TSManager", "CacheManager"
-        held: list[str] = []
-        if self._ts_cache is not None:
-            removed = self._ts_cache.clear()
-            held = [entry.key for entry in removed]
-            for entry in removed:
-                self.log.info(
-                    ts,
-                    f"Deleting content {entry.key} from the task sequence working directory: "
-                    "the task sequence has ended",
-                )
-        # A download a power cut interrupted keeps its journaled prefix in staging for the next
-        # boot; if the sequence ended without finishing it (a later failure, a step that no
-        # longer ran), nothing will: an unverified byte must not outlive the run.
-        for content_id, content_version in sorted(self._sequence_content):
-            if self.cache.lookup(
-                content_id, content_version
-            ) is None and self.cache.discard_staging(content_id, content_version):
-                self.log.info(
-                    cm,
-                    f"Deleting the partly downloaded content {content_id}.{content_version} that an "
-                    "interrupted download left: the task sequence has ended",
-                )
-        for key in sorted(self._downloaded - self._pinned):
-            package_id, _, version = key.rpartition(".")
-            released = self.cache.lookup(package_id, int(version))
-            if released is None:
-                continue
-            self.cache.expire(released)
-            self.log.info(
-                cm,
-                f"Content {key} is no longer needed by the task sequence: eligible for deletion "
-                f"({PRESERVE_CONTENT} is not set)",
-            )
-        for key in sorted(self._pinned):
-            self.log.info(cm, f"Content {key} stays pinned in the cache ({PRESERVE_CONTENT})")
-        self._downloaded, self._pinned, self._kept = set(), set(), set()
-        return held
+    _end_content = _ending._end_content
 
     def _run(self, sequence: TaskSequence, launch: str) -> TaskSequenceResult:
         self.transfers = []

@@ -341,3 +341,31 @@ class TaskSequenceResult:
 
     def bytes_from_storage(self, package_id: str) -> int:
         return sum(t.bytes for t in self.transfers if t.package_id == package_id)
+
+
+StepPhase = Literal["start", "end"]
+StepOutcome = Literal["succeeded", "failed", "skipped"]
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """A step boundary of a running task sequence: what the engine's step hook (``on_step``)
+    receives.
+
+    ``start`` comes just before the step, before its condition is evaluated (where the engine
+    logs ``Start executing an instruction``), so a step that is then skipped starts too.
+    ``end`` comes when the step is over, with its ``outcome``: ``"succeeded"``, ``"failed"``
+    (``exit_code`` is its error, e.g. ``0x80091007`` for a hash mismatch) or ``"skipped"`` (its
+    condition was false; exit code 0). Each step that starts ends once, except that a boot cut
+    off mid-step by a power cut never ends it (the next boot starts it again), and a step that
+    hands over to Windows Setup ends in the boot where Setup hands the machine back. A Restart
+    Computer step ends (succeeded) before the computer restarts.
+    """
+
+    #: The step's place in the task sequence, from 0 (the product's instruction pointer).
+    index: int
+    name: str
+    phase: StepPhase
+    #: At ``end``: how the step ended; None at ``start``.
+    outcome: StepOutcome | None = None
+    exit_code: int = 0

@@ -305,6 +305,40 @@ def test_a_missing_ref_excuses_the_keys_it_would_give(world: Path) -> None:
     assert "(the nearest above the scenario); the shipped folder" in problem.rule
 
 
+def test_a_case_that_sets_packages_may_ref_the_catalog(world: Path) -> None:
+    # A case's values arrive after the file was assembled: its refs are resolved too (they
+    # reached the builder unresolved once, and loading died on a KeyError).
+    text = BASE + (
+        "cases:\n"
+        "  - id: plain\n"
+        "  - id: drivers\n"
+        "    set:\n"
+        "      packages:\n"
+        "        - {id: PS100012, type: os_upgrade, files: 2, size: 64KiB}\n"
+        "        - {ref: catalog/drivers, files: 1}\n"
+    )
+    plain, drivers = load_scenarios(scenario_in(world, text))
+    assert [p.id for p in plain.packages] == ["PS100012"]
+    assert [(p.id, p.files, p.locale) for p in drivers.packages] == [
+        ("PS100012", 2, "en_US"),
+        ("PS100013", 1, "ja_JP"),
+    ]
+
+
+def test_a_missing_ref_in_a_case_is_reported_at_its_line(world: Path) -> None:
+    text = BASE + (
+        "cases:\n"
+        "  - id: drivers\n"
+        "    set: {packages: [{ref: catalog/nothing}]}\n"
+    )
+    path = scenario_in(world, text)
+    found = problems(path)
+    assert any(
+        p.line == line_of(path, "ref: catalog/nothing") and "ref 'catalog/nothing'" in p.rule
+        for p in found
+    ), [str(p) for p in found]
+
+
 def test_the_shipped_fixtures_load() -> None:
     root = Path(__file__).resolve().parents[1]
     scenarios = load_scenarios(root / "scenarios/worlds/ipu-world-reads-only-what-runs.cmg.yaml")

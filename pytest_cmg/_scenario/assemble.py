@@ -466,7 +466,7 @@ class Assembler:
         return node
 
     def _includes(self, node: yaml.Node, stack: list[Path]) -> yaml.Node:
-        node = self._refs(node)
+        node = self.refs(node)
         include = get(node, "include")
         base: yaml.Node | None = None
         for entry in include.value if isinstance(include, yaml.SequenceNode) else []:
@@ -489,7 +489,12 @@ class Assembler:
             base = world if base is None else merge_nodes(base, world)
         return node if base is None else merge_nodes(base, node)
 
-    def _refs(self, node: yaml.Node) -> yaml.Node:
+    def refs(self, node: yaml.Node) -> yaml.Node:
+        """``node`` with each of its ``packages`` that has a ``ref`` taken from the catalog.
+
+        Also for a case's tree: a case that sets ``packages`` may ref catalog entries too, and
+        its list arrives after the file was assembled.
+        """
         packages = get(node, "packages")
         if not isinstance(node, yaml.MappingNode) or not isinstance(packages, yaml.SequenceNode):
             return node

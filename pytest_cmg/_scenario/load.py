@@ -121,6 +121,9 @@ def load_scenarios(path: Path, *, fixtures: Path | Sequence[Path] | None = None)
     for plan in plans:
         cv = Validation(path, included_from=v.included_from)
         tree = plan.apply(merged, cv)
+        if tree is not None:
+            # The case's own refs, reported as the case's problems.
+            tree = dataclasses.replace(assembler, v=cv).refs(tree)
         case_data = SCENARIO.check(tree, "", cv) if tree is not None else None
         if isinstance(case_data, dict):
             cross_check(case_data, cv)

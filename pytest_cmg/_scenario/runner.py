@@ -27,7 +27,7 @@ from .._errors import ExpectationFailed, ScenarioError, ScenarioProblem
 from .benchmark import BenchmarkRound, collect_rounds, hashlib_seconds, raw_seconds
 from .expectations import ScenarioRun
 from .model import RestartMidDownload, StorageFaultEntry
-from .timeline import Timeline
+from .timeline import DueCut, Timeline
 from .world import CLIENT_ID, World, build_world, seed_cache
 
 if TYPE_CHECKING:
@@ -131,10 +131,12 @@ def run_scenario(
         # Another downloader keeps its own state, or none: its power is cut at after_bytes.
         if host is not None and timeline is not None and proxy is not None:
             due = timeline.cut_due(proxy.log)
+            # The journal is waited for at the last stall too: a file that ends before the
+            # next buffer end has one stall only, and cutting there at once would lose it.
             if due is not None and (
-                due.last
-                or download_program is not None
-                or (due.aligned and _journal_reaches(workdir, due.event.file, due.start + due.sent))
+                download_program is not None
+                or (due.aligned and _journal_reaches(workdir, due, due.start + due.sent))
+                or due.last
             ):
                 timeline.cut(due.event)
                 host.power_cut()
@@ -351,9 +353,15 @@ def _boot_spec(scenario: Scenario, world: World, folder: Path, time: VirtualTime
     )
 
 
-def _journal_reaches(folder: Path, file: str, offset: int) -> bool:
-    """Whether a download journal under ``folder`` records exactly ``offset`` bytes of ``file``,
-    waiting at most :data:`_JOURNAL_WAIT` for its checkpoint (nothing to record at offset 0)."""
+def _journal_reaches(folder: Path, due: DueCut, offset: int) -> bool:
+    """Whether a download journal under ``folder`` records exactly ``offset`` bytes of the file
+    ``due`` holds, waiting at most :data:`_JOURNAL_WAIT` for its checkpoint (nothing to record at
+    offset 0).
+
+    The file is told by its package, version and path, as the request names it: the entry's
+    ``file`` is a part of a blob name (``PS100013.1/`` names every file of that package), which
+    a journal's package-relative ``relpath`` need not contain.
+    """
     import json
     import time as wall
 
@@ -366,7 +374,14 @@ def _journal_reaches(folder: Path, file: str, offset: int) -> bool:
                 record = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 continue  # replaced while read: the next look sees the new record
-            if file in str(record.get("relpath", "")) and int(record.get("offset", 0)) == offset:
+            package, version, relpath = (record.get(k) for k in ("package_id", "version", "relpath"))
+            if (
+                isinstance(package, str)
+                and isinstance(version, int)
+                and isinstance(relpath, str)
+                and due.is_blob(package, version, relpath)
+                and record.get("offset") == offset
+            ):
                 return True
         if wall.monotonic() >= deadline:
             return False

@@ -86,6 +86,13 @@ class DueCut:
     sent: int
     #: The last stall armed for the entry: the power is cut there in any case.
     last: bool
+    #: The held request's decoded path, which ends in the blob's name ``<PKG>.<ver>/<relpath>``
+    #: (the entry's ``file`` is only a part of it, and may match several files).
+    path: str = ""
+
+    def is_blob(self, package_id: str, version: int, relpath: str) -> bool:
+        """Whether the held request is for that file of that package version."""
+        return self.path.endswith(f"/{package_id}.{version}/{relpath}")
 
     @property
     def aligned(self) -> bool:
@@ -246,7 +253,10 @@ class Timeline:
                 with self._lock:
                     last_stall = self._last_stall.get(event.where, cut_offsets(after)[-1])
                 last = request.body_bytes >= last_stall
-                return DueCut(event, _range_start(request.range), request.body_bytes, last)
+                return DueCut(
+                    event, _range_start(request.range), request.body_bytes, last,
+                    unquote(request.path),
+                )  # fmt: skip
         return None
 
     def cut(self, event: TimelineEvent) -> None:

@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     from ._client.engine import (
         CMGConnection,
         TaskSequence,
-        TaskSequenceEngine,
         TaskSequenceResult,
     )
     from ._client.log import SmstsLog
@@ -77,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
         help="serve storage over HTTPS with a test CA (process backend); the JSON line then "
         "names the CA in storage_ca_cert and SAS URLs carry spr=https",
     )
+    serve.add_argument(
+        "--case",
+        metavar="ID",
+        default=None,
+        help="the case of a parametrised scenario file to serve (its item ID, as pytest shows "
+        "it in brackets)",
+    )
     client = commands.add_parser(
         "client",
         help="download packages or run a task sequence against a served gateway",
@@ -114,6 +120,12 @@ def _parser() -> argparse.ArgumentParser:
         default=Path("Windows") / "ccmcache",
         help="client cache folder (default ./Windows/ccmcache, which the client names "
         "C:\\Windows\\ccmcache: the folder holding Windows/ is its C:)",
+    )
+    client.add_argument(
+        "--case",
+        metavar="ID",
+        default=None,
+        help="with --task-sequence: the case of a parametrised scenario file to run",
     )
     client.add_argument("--log", type=Path, default=Path("smsts.log"), help="smsts.log path")
     client.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
@@ -234,7 +246,7 @@ def _serve_until_stopped(args: argparse.Namespace, stopper: _StopSignal) -> int:
     try:
         try:
             with stopper.interruptible():
-                scenario = _read_scenario(args.scenario, "serve")
+                scenario = _read_scenario(args.scenario, "serve", args.case)
                 if scenario is None:
                     return 2
                 world = build_world(scenario, harness)
@@ -317,8 +329,9 @@ def _contract_line(
 _MAX_MESSAGE = 300
 
 
-def _read_scenario(path: Path, command: str) -> Scenario | None:
-    """``load_scenario``, or None after telling on stderr why the user's file cannot be used.
+def _read_scenario(path: Path, command: str, case: str | None = None) -> Scenario | None:
+    """The file's scenario (its case ``case``), or None after telling on stderr why the user's
+    file cannot be used.
 
     The CLI's safety net: the loader reports every broken rule as a ScenarioError (printed as
     is: its problems, one a line), but whatever else escapes it while reading the user's file
@@ -326,16 +339,41 @@ def _read_scenario(path: Path, command: str) -> Scenario | None:
     also the file's fault, not a crash: one line naming the file and the rule, never a
     traceback. Both are exit 2 (bad usage) for the caller.
     """
-    from ._scenario.load import load_scenario
+    from ._scenario.load import load_scenarios
 
     try:
-        return load_scenario(path)
+        return _pick_case(path, load_scenarios(path), case)
     except ScenarioError as error:
         print(error, file=sys.stderr)
     except Exception as error:
         # Any exception: see the docstring (the user's file, not a crash).
         print(f"pytest-cmg {command}: {_unreadable_scenario(path, error)}", file=sys.stderr)
     return None
+
+
+def _pick_case(path: Path, scenarios: list[Scenario], case: str | None) -> Scenario:
+    """The scenario of case ``case`` (None: the file's only one); a ScenarioError at the line
+    of the file's cases otherwise, naming the IDs there are."""
+    from ._errors import ScenarioProblem
+
+    ids = [s.case_id for s in scenarios if s.case_id is not None]
+    if case is None and not ids:
+        return scenarios[0]
+    chosen = [s for s in scenarios if case is not None and s.case_id == case]
+    if chosen:
+        return chosen[0]
+    first = scenarios[0]
+    listed = ", ".join(ids)
+    if case is None:
+        rule = f"this file is parametrised into {len(ids)} cases ({listed})"
+        hint = "choose one with --case ID"
+    elif not ids:
+        rule = f"--case {case!r}: this file has no cases (no matrix, no cases list)"
+        hint = "leave --case out"
+    else:
+        rule = f"--case {case!r}: no case has that ID; its cases are {listed}"
+        hint = "give one of them, as pytest shows it in brackets"
+    raise ScenarioError([ScenarioProblem(path, first.line(first.item_where), rule, hint)])
 
 
 def _unreadable_scenario(path: Path, error: Exception) -> str:
@@ -428,6 +466,22 @@ class _ProgressBar:
             sys.stderr.write("\n")
 
 
+def _connection_problem(error: Exception) -> str:
+    """Why a connection file cannot be used, in words (never an exception's repr)."""
+    if isinstance(error, KeyError):
+        return (
+            f"its JSON line has no {error.args[0]!r} field (give the line serve printed; "
+            f"contract version {CONTRACT_VERSION})"
+        )
+    if isinstance(error, json.JSONDecodeError):
+        return f"its first line is not JSON ({error.msg} at character {error.pos})"
+    if isinstance(error, OSError):
+        return f"it cannot be read ({error.strerror or error})"
+    if isinstance(error, TypeError):
+        return f"a field of its JSON line has the wrong type ({error})"
+    return str(error)
+
+
 def _client(args: argparse.Namespace) -> int:
     from ._client.engine import CMGConnection, Step, TaskSequence
     from ._client.factory import build_engine
@@ -436,7 +490,14 @@ def _client(args: argparse.Namespace) -> int:
 
     try:
         text = sys.stdin.readline() if args.connection == "-" else Path(args.connection).read_text()
-        contract = json.loads(text.strip().splitlines()[0])
+        lines = text.strip().splitlines()
+        if not lines:
+            msg = "it holds no line (is serve still starting? its JSON line comes when it is ready)"
+            raise ValueError(msg)
+        contract = json.loads(lines[0])
+        if not isinstance(contract, dict):
+            msg = "its first line is JSON but not an object (give serve's JSON line)"
+            raise ValueError(msg)
         connection = CMGConnection(
             cmg_url=contract["cmg_url"],
             ca_cert=Path(contract["ca_cert"]),
@@ -449,13 +510,16 @@ def _client(args: argparse.Namespace) -> int:
             aad_token=contract["aad_token"] if args.auth == "azure_ad" else None,
         )
         storage_ca = contract.get("storage_ca_cert")
-    except (OSError, ValueError, KeyError, IndexError) as error:
-        print(f"cannot use connection {args.connection!r}: {error!r}", file=sys.stderr)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        print(
+            f"cannot use connection {args.connection!r}: {_connection_problem(error)}",
+            file=sys.stderr,
+        )
         return 2
 
     launch, deployment, site_version, settings = "software_center", DeploymentSettings(), None, None
     if args.task_sequence is not None:
-        scenario = _read_scenario(args.task_sequence, "client")
+        scenario = _read_scenario(args.task_sequence, "client", args.case)
         if scenario is None:
             return 2
         sequence = scenario.task_sequence
@@ -532,7 +596,7 @@ def _client(args: argparse.Namespace) -> int:
     outcome = "success" if result.succeeded else "failure"
     error_text = str(result.error) if result.error else None
     summary = _summary(args, outcome, result.exit_code, error_text, result, log)
-    summary["client_paths"] = _client_paths(engine)
+    summary["client_paths"] = result.paths
     if not _print_summary(summary):
         return 1
     return 0 if result.succeeded else 1
@@ -586,7 +650,9 @@ def _client_boots(
         print(f"pytest-cmg client: {line}", file=sys.stderr)
     outcome = "success" if result.succeeded else "failure"
     error_text = str(result.error) if result.error else None
-    if not _print_summary(_summary(args, outcome, result.exit_code, error_text, result)):
+    summary = _summary(args, outcome, result.exit_code, error_text, result)
+    summary["client_paths"] = result.paths
+    if not _print_summary(summary):
         return 1
     return 0 if result.succeeded else 1
 
@@ -733,23 +799,6 @@ def _summary(
         "log": str(args.log.resolve()),
         "log_error": _log_lost(args.log, log) if log and log.write_error else None,
     }
-
-
-def _client_paths(engine: TaskSequenceEngine) -> dict[str, str]:
-    """Where the run put things, as the Windows client names them (``C:\\...``, ``winpath``):
-    the client cache, the task sequence working folder and the path variables the run set. The
-    ``cache`` and ``log`` keys stay the folders on this machine, for whoever reads them here."""
-    paths = {"client_cache": engine.windows(engine.cache.root)}
-    paths.update(
-        (name, value)
-        for name, value in engine.variables.items()
-        if name in _PATH_VARIABLES or value.startswith("C:\\")
-    )
-    return paths
-
-
-#: Variables whose values are client paths, reported by the ``client`` summary.
-_PATH_VARIABLES = ("_SMSTSMDataPath", "_SMSTSLastContentDownloadLocation")
 
 
 def _print_summary(summary: dict[str, Any]) -> bool:

@@ -369,16 +369,51 @@ def test_client_failure_is_exit_1_with_the_product_code(served, tmp_path):
     assert summary["failed_step"] == "Download PS1000FF"
 
 
-def test_client_bad_usage_is_exit_2(tmp_path):
-    (tmp_path / "broken.json").write_text("not json")
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("not json", "its first line is not JSON (Expecting value at character 0)"),
+        # serve not yet ready: the file a shell redirect created is still empty.
+        ("", "it holds no line (is serve still starting?"),
+        ("[1]", "its first line is JSON but not an object"),
+        ('{"cmg_url": "https://127.0.0.1:1"}', "its JSON line has no 'ca_cert' field"),
+    ],
+)
+def test_client_bad_usage_is_exit_2(tmp_path, text, said):
+    (tmp_path / "broken.json").write_text(text)
     result = subprocess.run(
         [sys.executable, "-m", "pytest_cmg", "client", str(tmp_path / "broken.json"),
          "--package", "PS100012"],
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert result.returncode == 2
-    assert "cannot use connection" in result.stderr
+    assert result.stderr.startswith("cannot use connection"), result.stderr
+    assert said in result.stderr
+    # Words, not an exception's repr.
+    assert "Error(" not in result.stderr
     assert result.stdout == ""
+
+
+def test_a_parametrised_file_needs_its_case_named(tmp_path):
+    # serve and client refuse a file of several cases unless --case names one (an item ID).
+    parametrised = ROOT / "scenarios" / "ipu" / "full-upgrade-with-setup-restarts.cmg.yaml"
+    for extra, said in [
+        ((), "is parametrised into 2 cases (azure-ad-token-renewed, site-token-cannot-be-"),
+        (("--case", "nope"), "--case 'nope': no case has that ID; its cases are azure-ad-"),
+    ]:
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest_cmg", "serve", str(parametrised), *extra],
+            capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path,
+        )
+        assert result.returncode == 2
+        assert result.stdout == ""
+        assert said in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest_cmg", "serve", str(SCENARIO), "--case", "any"],
+        capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "--case 'any': this file has no cases" in result.stderr
 
 
 def test_client_draws_a_progress_bar_on_a_terminal(served, tmp_path):
@@ -439,3 +474,7 @@ def test_client_runs_each_boot_of_a_restarting_sequence_as_a_process(served, tmp
     log = Path(summary["log"]).read_text(encoding="utf-8")
     assert "The computer is going to restart" in log
     assert "after a restart: restart 1, instruction pointer 3" in log
+    # The last boot's paths cross to the parent, in the client's form.
+    assert summary["client_paths"]["client_cache"] == "C:\\Windows\\ccmcache"
+    assert summary["client_paths"]["_SMSTSMDataPath"] == "C:\\_SMSTaskSequence"
+    assert str(tmp_path) not in json.dumps(summary["client_paths"])

@@ -139,7 +139,8 @@ PERSIST_CONTENT = "SMSTSPersistContent"
 LAST_LOCATION = "_SMSTSLastContentDownloadLocation"
 #: The task sequence working folder, as the client sees it (``C:\\_SMSTaskSequence``).
 DATA_PATH = "_SMSTSMDataPath"
-#: A drive prefix of a Windows path (``C:``), mapped to the emulated system drive.
+#: Variables whose values are client paths, whatever they hold (:meth:`client_paths`).
+_PATH_VARIABLES = (DATA_PATH, LAST_LOCATION)
 
 
 def _drive_of(cache_root: Path) -> Path:
@@ -310,8 +311,21 @@ class TaskSequenceEngine:
             self.release_content()
             return result
         result.ts_cache = self._end_content()
+        result.paths = self.client_paths()
         tsenv.remove(self.system_drive / WORKING_DIRECTORY)
         return result
+
+    def client_paths(self) -> dict[str, str]:
+        """Where the run put things, as the Windows client names them: the client cache and
+        the path variables set (those that name a ``C:\\`` path, and the two below, whatever
+        they hold)."""
+        paths = {"client_cache": self.windows(self.cache.root)}
+        paths.update(
+            (name, value)
+            for name, value in self.variables.items()
+            if name in _PATH_VARIABLES or value.startswith("C:\\")
+        )
+        return paths
 
     _end_content = _ending._end_content
 

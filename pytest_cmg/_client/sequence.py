@@ -334,6 +334,10 @@ class TaskSequenceResult:
     restart: str | None = None
     #: Restarts of the sequence so far.
     reboots: int = 0
+    #: Where the run put things, as the Windows client names them (``C:\\...``): the client
+    #: cache (``client_cache``) and the path variables the run set. Filled when the sequence
+    #: ends, in the last boot: a reader in another process (the ``client`` command) gets them.
+    paths: dict[str, str] = field(default_factory=dict)
 
     @property
     def succeeded(self) -> bool:

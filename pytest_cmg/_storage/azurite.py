@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._errors import InvalidValueError, ProvisioningError, ServiceStartError
+from .._util.process import spawn_text
 from .._util.service import Service
 from .endpoint import (
     DEV_ACCOUNT_KEY,
@@ -231,17 +232,11 @@ class AzuriteProcess(Service):
         # It would replace devstoreaccount1, whose key is what the endpoint hands out.
         env.pop("AZURITE_ACCOUNTS", None)
         try:
-            proc = subprocess.Popen(
+            proc = spawn_text(
                 self._command,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                encoding="utf-8",
-                errors="replace",
-                bufsize=1,
                 env=env,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
+                line_buffered=True,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         except OSError as exc:
             reason = f"could not spawn: {exc}"

@@ -23,6 +23,7 @@ from pathlib import Path
 from .._errors import InvalidValueError, ProvisioningError
 from .._util.cachedir import CACHE_ENV, cache_dir
 from .._util.filelock import exclusive_lock
+from .._util.process import spawn_text
 
 __all__ = ["AZURITE_VERSION", "MIN_NODE_MAJOR", "NodeRuntime", "ensure_azurite", "find_node"]
 
@@ -167,17 +168,7 @@ def _run_npm(command: list[str], cwd: Path, node: NodeRuntime, deadline: float) 
     )
     remaining = max(deadline - time.monotonic(), 1.0)
     try:
-        proc = subprocess.Popen(
-            command,
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-        )
+        proc = spawn_text(command, env=env, cwd=cwd)
     except OSError as exc:
         msg = f"could not run npm to install Azurite {AZURITE_VERSION}: {exc}\n  command: " + (
             " ".join(command)

@@ -273,10 +273,10 @@ def test_whatever_escapes_the_scenario_loader_is_one_line_and_exit_2(
     scenario = tmp_path / "broken.cmg.yaml"
     scenario.write_text("scenario: broken\n", encoding="utf-8")
 
-    def load_scenario(path, **kwargs):
+    def load_scenarios(path, **kwargs):
         raise error
 
-    monkeypatch.setattr("pytest_cmg._scenario.load.load_scenario", load_scenario)
+    monkeypatch.setattr("pytest_cmg._scenario.load.load_scenarios", load_scenarios)
     assert main(["serve", str(scenario)]) == 2
     out, err = capsys.readouterr()
     assert out == ""

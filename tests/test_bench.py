@@ -28,7 +28,6 @@ import pytest
 from pytest_cmg._bench._aria2 import Aria2, resolve_aria2
 from pytest_cmg._bench._cases import Sample
 from pytest_cmg._bench._compare import compare, load_baseline
-from pytest_cmg._bench._main import EXIT_BREACHED, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from pytest_cmg._bench._rawget import get_all, get_all_verified
 from pytest_cmg._bench._report import (
     PEAK_METRIC,
@@ -40,6 +39,7 @@ from pytest_cmg._bench._report import (
     time_stats,
 )
 from pytest_cmg._bench._workloads import FULL, QUICK, Workload, parse_workloads
+from pytest_cmg._bench.command import EXIT_BREACHED, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from pytest_cmg._cli import main
 from pytest_cmg._errors import BenchError
 from pytest_cmg._util.cachedir import CACHE_ENV, cache_dir

@@ -15,7 +15,6 @@ import pytest
 
 from pytest_cmg._bench import _scaling
 from pytest_cmg._bench._cases import RAW_VERIFIED, Sample
-from pytest_cmg._bench._main import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from pytest_cmg._bench._scaling import (
     CORE_CASES,
     FILE_SIZES,
@@ -31,6 +30,7 @@ from pytest_cmg._bench._scaling import (
     size_workload,
 )
 from pytest_cmg._bench._workloads import KIB, MIB, Workload
+from pytest_cmg._bench.command import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from pytest_cmg._cli import main
 from pytest_cmg._errors import PytestCmgError
 

@@ -51,7 +51,7 @@ PACKAGE = Path(pytest_cmg.__file__).parent
 
 #: Exception classes that stand outside the tree on purpose: qualified name -> why.
 OUTSIDE = {
-    "pytest_cmg._cli._Stop": (
+    "pytest_cmg._cli.serve._Stop": (
         "a BaseException, as KeyboardInterrupt is, so that no `except Exception` on the way "
         "takes serve's signal stop for a failure"
     ),

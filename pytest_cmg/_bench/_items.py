@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from .._errors import PytestCmgError
-from ._main import DEFAULT_ROUNDS, check_margin, check_rounds
 from ._workloads import parse_workloads
+from .command import DEFAULT_ROUNDS, check_margin, check_rounds
 
 if TYPE_CHECKING:
     from _pytest._code.code import TerminalRepr, TracebackStyle

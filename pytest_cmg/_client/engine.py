@@ -312,6 +312,7 @@ class TaskSequenceEngine:
             return result
         result.ts_cache = self._end_content()
         result.paths = self.client_paths()
+        result.variables = dict(self.variables)
         tsenv.remove(self.system_drive / WORKING_DIRECTORY)
         return result
 

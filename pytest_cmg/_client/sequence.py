@@ -338,6 +338,8 @@ class TaskSequenceResult:
     #: cache (``client_cache``) and the path variables the run set. Filled when the sequence
     #: ends, in the last boot: a reader in another process (the ``client`` command) gets them.
     paths: dict[str, str] = field(default_factory=dict)
+    #: The task sequence variables when the sequence ended (filled with ``paths``).
+    variables: dict[str, str] = field(default_factory=dict)
 
     @property
     def succeeded(self) -> bool:

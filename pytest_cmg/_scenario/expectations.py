@@ -250,6 +250,19 @@ def check_expectations(scenario: Scenario, run: ScenarioRun) -> list[Expectation
             ", ".join(sorted(result.ts_cache)) or "(empty)",
             smsts,
         )
+    for name, value in (expect.variables or {}).items():
+        # Empty and unset are one state in the product (setting "" deletes a variable).
+        held = result.variables.get(name) or ""
+        if held != value:
+            fail(
+                f"expect.variables.{name}",
+                f"{name}={value!r}" if value else "not set",
+                f"{name}={held!r}" if held else "not set",
+                _excerpt(
+                    "  smsts.log lines setting it",
+                    [line for line in run.smsts if f" variable {name}=" in line],
+                ),
+            )
     leftovers = run.cache.staging_leftovers()
     if leftovers:
         fail(

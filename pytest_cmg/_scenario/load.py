@@ -326,6 +326,7 @@ def _expectations(expect: dict[str, Any]) -> Expectations:
         restarts=expect["restarts"],
         elapsed=expect["elapsed"],
         ts_cache=strings("ts_cache"),
+        variables=expect["variables"],
         throughput=expect["throughput"],
     )
 

@@ -189,6 +189,8 @@ class Expectations:
     restarts: Bounds | None = None
     elapsed: Bounds | None = None
     ts_cache: tuple[str, ...] | None = None
+    #: Task sequence variables and their exact values when the sequence ended ("": unset).
+    variables: Mapping[str, str] | None = None
     throughput: Mapping[str, Bounds] | None = None
 
 

@@ -468,6 +468,19 @@ EXPECT = Record(
                 "download_package_content step kept for the run."
             ),
         ),
+        "variables": Field(
+            MapOf(
+                key=Str(pattern=r"[A-Za-z_][A-Za-z0-9_]*", example="_SMSTSSetupRollback"),
+                value=Str(example="TRUE"),
+            ),
+            default=None,
+            doc=(
+                "Task sequence variables when the sequence ended, each with exactly this value "
+                "as the client holds it (paths in the Windows form, `C:\\...`); `\"\"` says "
+                "the variable is not set (in the product an empty variable is an unset one)."
+            ),
+            example='{_SMSTSOSUpgradeActionReturnCode: "3247440400", _SMSTSSetupRollback: "TRUE"}',
+        ),
         "throughput": Field(
             MapOf(key=PACKAGE_ID, value=Count(unit=Number(), exact=False)),
             default=None,

@@ -1,5 +1,7 @@
 """Issue 13's "done when", checked on every scenario: a power cut at a step boundary changes
-nothing a scenario asserts.
+nothing a scenario asserts, nor how the run ends (its exit code, steps, task sequence cache,
+downloaded packages, variables and client paths equal those of a run where the machine stayed
+up, run beside it).
 
 Each scenario of ``scenarios/`` that can restart (not a benchmark, not one that already
 restarts) is run once more with one ``restart`` entry added to its timeline, before a step
@@ -80,6 +82,29 @@ def test_a_power_cut_before_a_step_changes_nothing_the_scenario_asserts(
     assert failures == [], f"power cut before step {step} ({name}):\n" + "\n".join(failures)
     # The cut happened when the sequence got there, and only then.
     assert run.result.reboots == (1 if reached else 0), (step, name, run.result.steps_run)
+    # Beyond what the file asserts: the same end as the run of a machine that stayed up.
+    stayed = run_scenario(scenario, cmg_harness, tmp_path / "stayed")  # type: ignore[arg-type]
+    assert _end_of(run) == _end_of(stayed), f"power cut before step {step} ({name})"
+
+
+#: Variables a restart sets by itself (none so far): everything else must end as it would have.
+RESTART_VARIABLES: frozenset[str] = frozenset()
+
+
+def _end_of(run: object) -> dict[str, object]:
+    """How a run ended, as far as a restart must not change it."""
+    result = run.result  # type: ignore[attr-defined]
+    return {
+        "exit_code": hex(result.exit_code),
+        "steps_run": result.steps_run,
+        "failed_step": result.failed_step,
+        "ts_cache": sorted(result.ts_cache),
+        "downloaded": sorted({t.package_id for t in result.transfers if not t.from_cache}),
+        "variables": {
+            k: v for k, v in result.variables.items() if k not in RESTART_VARIABLES
+        },
+        "paths": result.paths,
+    }
 
 
 #: What a power cut in the middle of a download changes, as the product would (the scenarios
@@ -151,3 +176,5 @@ def test_a_power_cut_mid_download_changes_only_what_a_restart_changes(
     assert failures == [], f"power cut after {size // 2} of {package_id}/{file}:\n" + "\n".join(
         failures
     )
+    stayed = run_scenario(scenario, cmg_harness, tmp_path / "stayed")  # type: ignore[arg-type]
+    assert _end_of(run) == _end_of(stayed), f"power cut after {size // 2} of {package_id}/{file}"

@@ -43,6 +43,7 @@ from .vocabulary import (
     STEP,
     TENANT_STATES,
     TRUST_ROOTS,
+    VARIABLES,
 )
 
 CASE = Record(
@@ -309,10 +310,7 @@ SCENARIO = Record(
                         Choice(choices=LaunchContext.ALL), default=LaunchContext.SOFTWARE_CENTER
                     ),
                     "variables": Field(
-                        MapOf(
-                            key=Str(pattern=r"[A-Za-z_][A-Za-z0-9_]*", example="OSDLanguage"),
-                            value=Str(example="it-IT"),
-                        ),
+                        VARIABLES,
                         default=None,
                         doc=(
                             "Task sequence variables before the first step, e.g. "

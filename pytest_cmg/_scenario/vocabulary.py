@@ -35,6 +35,11 @@ from .spec import (
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
+#: Task sequence variables, name to value (the sequence's own, or what a run must end with).
+VARIABLES = MapOf(
+    key=Str(pattern=r"[A-Za-z_][A-Za-z0-9_]*", example="OSDLanguage"),
+    value=Str(example="it-IT"),
+)
 PACKAGE_ID = Str(
     pattern=r"[A-Z0-9]{3}[0-9A-F]{5}",
     example="PS100012",
@@ -469,10 +474,7 @@ EXPECT = Record(
             ),
         ),
         "variables": Field(
-            MapOf(
-                key=Str(pattern=r"[A-Za-z_][A-Za-z0-9_]*", example="_SMSTSSetupRollback"),
-                value=Str(example="TRUE"),
-            ),
+            VARIABLES,
             default=None,
             doc=(
                 "Task sequence variables when the sequence ended, each with exactly this value "

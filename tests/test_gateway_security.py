@@ -312,11 +312,21 @@ def clocked(cloud_dp):
         session.close()
 
 
-def test_token_is_valid_until_just_before_its_8_hour_lifetime(clocked):
+@pytest.mark.parametrize(
+    ("lifetime", "issue"),
+    [
+        # A site token (Microsoft Learn: Token-based authentication for CMG: 90 days).
+        (dt.timedelta(days=90), lambda gateway: gateway.issue_token(CLIENT)),
+        # A CCM token, as CCM_STS issues one for an Azure AD token: 8 hours.
+        (dt.timedelta(hours=8), lambda gateway: gateway.authority.issue_ccm_token(CLIENT)),
+    ],
+    ids=["site-token-90-days", "ccm-token-8-hours"],
+)
+def test_token_is_valid_until_just_before_its_lifetime(clocked, lifetime, issue):
     gateway, clock, session = clocked
-    token = gateway.issue_token(CLIENT)
+    token = issue(gateway)
     assert locate(session, gateway, token=token).status_code == 200
-    clock.advance(dt.timedelta(hours=8) - dt.timedelta(seconds=1))
+    clock.advance(lifetime - dt.timedelta(seconds=1))
     assert locate(session, gateway, token=token).status_code == 200
     clock.advance(1)
     expired = locate(session, gateway, token=token)
@@ -341,7 +351,7 @@ def _alg_none(gateway, clock):
 
 def _expired(gateway, clock):
     token = gateway.issue_token(CLIENT)
-    clock.advance(dt.timedelta(hours=8))
+    clock.advance(dt.timedelta(days=90))
     return token
 
 

@@ -815,3 +815,16 @@ def test_malformed_manifest_queries_are_refused_quickly(query: str, fragment: st
             location.ManifestQuery.parse(query)
 
     assert_refused_quickly(refuse)
+
+
+@given(st.integers(min_value=-(10**9), max_value=10**9))
+@example(91 * 86400 * 1000)
+@example(2500)
+def test_a_shown_duration_reads_back_as_the_same_seconds(millis: int) -> None:
+    # Failure messages show virtual time as a scenario writes it (91d, not 7.8624e+06s); what
+    # they show must be a duration the language reads back to the same value.
+    from pytest_cmg._scenario.spec import parse_duration, show_seconds
+
+    seconds = millis / 1000
+    shown = show_seconds(seconds)
+    assert parse_duration(shown) == seconds, shown

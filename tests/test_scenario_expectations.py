@@ -244,6 +244,14 @@ VIOLATIONS = [
         "expected: PS100012.1",
         "actual:   (empty)",
     ),
+    Violation(
+        "variables",
+        '  variables: {_SMSTSInWinPE: "TRUE", _SMSTSSetupRollback: ""}\n',
+        "expect.variables._SMSTSInWinPE",
+        "expected: _SMSTSInWinPE='TRUE'",
+        "actual:   _SMSTSInWinPE='FALSE'",
+        context="Set a global environment variable _SMSTSInWinPE=FALSE",
+    ),
 ]
 
 #: Keys whose violation needs a world of its own, and the test that violates them.
@@ -344,10 +352,10 @@ def test_faults_that_never_fired_fail_at_their_lines_with_the_reason(
     assert "faults[2]: gateway endpoint=manifest, request=3, status=503, times=1  (armed, never fired)" in detail["faults[2]"]
     assert "faults[4]: storage file=sources/install.wim, request=1, flip_byte=7, times=1\n" in detail["faults[2]"]
     assert (
-        "  actual:   never happened: virtual time reached only 15s, not 7200s, so the entry was "
-        "never armed" in detail["faults[3]"]
+        "  actual:   never happened: virtual time reached only 15s, not 2h, so the "
+        "entry was never armed" in detail["faults[3]"]
     )
-    assert "  expected: this clock entry happens in the run: clock +3600s (at 7200s)" in detail["faults[3]"]
+    assert "  expected: this clock entry happens in the run: clock +1h (at 2h)" in detail["faults[3]"]
     # Reported as pytest shows every failed expectation, in the file's order.
     shown = ScenarioFailed(failures, tmp_path / "work", scenario).render(tmp_path)
     assert shown.index("s.cmg.yaml:13: expectation faults[0] failed") < shown.index(

@@ -572,7 +572,7 @@ def test_timeline_events_are_read(tmp_path: Path) -> None:
     assert isinstance(service, ServiceEvent) and isinstance(clock, ClockJump)
     assert (service.kind, service.service, service.before_step) == ("service", "stop", 1)
     assert (clock.kind, clock.seconds, clock.at) == ("clock", 9 * 3600.0, 30.0)
-    assert clock.describe() == "clock +32400s (at 30s)"
+    assert clock.describe() == "clock +9h (at 30s)"
     assert service.describe() == "service stop (before step 1)"
 
 

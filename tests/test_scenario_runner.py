@@ -106,8 +106,8 @@ def test_the_timeline_fires_each_event_at_its_moment() -> None:
     assert time.clock() == 3631
     assert [e.where for e in timeline.unfired()] == ["faults[4]"]
     report = timeline.report()
-    assert report[-1] == "   never  faults[4]: service start (at 7200s)"
-    assert report[3].strip().startswith("31.0s  faults[3]: clock +3600s (at 30s)")
+    assert report[-1] == "   never  faults[4]: service start (at 2h)"
+    assert report[3].strip().startswith("31.0s  faults[3]: clock +1h (at 30s)")
 
 
 def test_storage_entries_become_proxy_faults() -> None:
@@ -213,26 +213,26 @@ def test_italian_and_japanese_names_survive_blob_names_sas_urls_and_manifests(
     asked = sorted(unquote(r.path.split("/", 3)[3]) for r in run.storage)
     assert asked == sorted(f"{pid}.1/{name}" for pid, names in generated.items() for name in names)
     assert run.elapsed == 3600.0
-    assert run.timeline[0].strip().startswith("0.0s  faults[0]: clock +3600s (before step 1)")
+    assert run.timeline[0].strip().startswith("0.0s  faults[0]: clock +1h (before step 1)")
 
 
 def test_the_session_gateway_gets_its_clock_back(cmg_harness: object, tmp_path: Path) -> None:
     path = tmp_path / "clock.cmg.yaml"
-    path.write_text(NAMES.replace("clock: 1h", "clock: 9h"), encoding="utf-8")
+    path.write_text(NAMES.replace("clock: 1h", "clock: 91d"), encoding="utf-8")
     scenario = load_scenario(path)
     gateway = cmg_harness.gateway  # type: ignore[attr-defined]
     before = gateway.authority.clock
     run = run_scenario(scenario, cmg_harness, tmp_path / "work")  # type: ignore[arg-type]
     assert gateway.authority.clock is before
-    # Nine hours on, the client's 8-hour token is refused: the second location fails.
+    # 91 days on, the client's 90-day site token is refused: the second location fails.
     assert not run.result.succeeded
     assert any("IDX10223" in r.detail for r in run.requests)
     failures = {f.expectation: f for f in check_expectations(scenario, run)}
     assert set(failures) == {"expect.outcome", "expect.cache", "expect.storage_bytes.PS100051", "expect.elapsed"}
     elapsed = failures["expect.elapsed"]
     assert elapsed.line == NAMES.splitlines().index("  elapsed: 1h") + 1
-    assert "  expected: exactly 3600s of virtual time" in elapsed.detail
-    assert "  actual:   32400s" in elapsed.detail
-    assert "faults[0]: clock +32400s (before step 1)" in elapsed.detail
+    assert "  expected: exactly 1h of virtual time" in elapsed.detail
+    assert "  actual:   91d" in elapsed.detail
+    assert "faults[0]: clock +91d (before step 1)" in elapsed.detail
     storage = failures["expect.storage_bytes.PS100051"].detail
     assert "actual:   0 bytes" in storage

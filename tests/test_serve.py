@@ -398,7 +398,7 @@ def test_a_parametrised_file_needs_its_case_named(tmp_path):
     # serve and client refuse a file of several cases unless --case names one (an item ID).
     parametrised = ROOT / "scenarios" / "ipu" / "full-upgrade-with-setup-restarts.cmg.yaml"
     for extra, said in [
-        ((), "is parametrised into 2 cases (azure-ad-token-renewed, site-token-cannot-be-"),
+        ((), "is parametrised into 3 cases (azure-ad-token-renewed, site-token-outlives-"),
         (("--case", "nope"), "--case 'nope': no case has that ID; its cases are azure-ad-"),
     ]:
         result = subprocess.run(

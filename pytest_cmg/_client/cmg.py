@@ -34,6 +34,7 @@ from .._protocol.paths import (
     token_auth_path,
 )
 from .._protocol.settings import (
+    SITE_TOKEN_RENEWAL,
     ClientSettings,
 )
 from .acp import (
@@ -122,6 +123,11 @@ class CMGClient:
         self._ccm_token: str | None = None
         #: Called with each CCM token CCM_STS issues, at once (the engine keeps it on disk).
         self.on_ccm_token: Callable[[str], None] | None = None
+        #: The site token renewed over the CMG, newer than ``connection.token`` (kept on disk
+        #: as a CCM token is); a boot tries the monthly renewal once.
+        self._site_token: str | None = None
+        self._renewal_tried = False
+        self._lapse_told = False
         #: The site's time as the client sees it (a scenario's virtual time in a boot process).
         self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
@@ -139,10 +145,17 @@ class CMGClient:
 
         A token that expired while the computer was down is dropped, so the next request gets
         a new one at CCM_STS for the Azure AD token (the client reads its own token's expiry).
+        For a client with a site token, ``token`` is the one it renewed, if any: used when it
+        outlives the one the client was given.
         """
+        if self.connection.token:
+            given, renewed = _claim(self.connection.token, "exp"), _claim(token, "exp")
+            if given is not None and renewed is not None and renewed > given:
+                self._site_token = token
+            return
         if not self.connection.aad_token:
             return
-        expires = _token_expiry(token)
+        expires = _claim(token, "exp")
         if expires is not None and expires <= self.clock():
             self.log.info(
                 "ClientIDManagerStartup",
@@ -163,7 +176,7 @@ class CMGClient:
         """The CCM token to append to requests: the given one, or one got for the AAD token."""
         conn = self.connection
         if conn.token:
-            return conn.token
+            return self._site_bearer(conn.token)
         if not conn.aad_token:
             return None
         if self._ccm_token is None:
@@ -172,16 +185,70 @@ class CMGClient:
                 self.on_ccm_token(self._ccm_token)
         return self._ccm_token
 
+    def _site_bearer(self, given: str) -> str:
+        """The site token to send: renewed over the CMG once it is a month old.
+
+        [G] The renewal is a CCM_STS request authenticated by the current token (which the
+        site answers with a new 90-day token), tried once a boot; if it fails, the current
+        token serves until it lapses. A lapsed token cannot be renewed over the CMG (the CMG
+        refuses it), only at an internal management point: the client sends it and is refused
+        (docs/emulation.md, "Tokens across restarts").
+        """
+        token = self._site_token or given
+        issued, expires = _claim(token, "nbf"), _claim(token, "exp")
+        now = self.clock()
+        if issued is None or expires is None:
+            return token
+        if expires <= now:
+            if not self._lapse_told:
+                self._lapse_told = True
+                self.log.error(
+                    "ClientIDManagerStartup",
+                    f"The site token expired at {expires:%Y-%m-%d %H:%M:%S} UTC; only an "
+                    "internal management point can renew it",
+                )
+            return token
+        if now - issued < SITE_TOKEN_RENEWAL or self._renewal_tried:
+            return token
+        self._renewal_tried = True
+        self.log.info(
+            "ClientIDManagerStartup",
+            f"The site token issued at {issued:%Y-%m-%d %H:%M:%S} UTC is a month old; renewing it",
+        )
+        try:
+            renewed = self._ask_sts(token, "CCM token")
+        except ContentError as error:
+            self.log.warning(
+                "ClientIDManagerStartup",
+                f"Could not renew the site token ({error}); using it until it expires at "
+                f"{expires:%Y-%m-%d %H:%M:%S} UTC",
+            )
+            return token
+        self._site_token = renewed
+        if self.on_ccm_token is not None:
+            self.on_ccm_token(renewed)
+        until = _claim(renewed, "exp")
+        self.log.info(
+            "ClientIDManagerStartup",
+            "Renewed the site token"
+            + (f"; it expires at {until:%Y-%m-%d %H:%M:%S} UTC" if until else ""),
+        )
+        return renewed
+
     def _exchange_aad_token(self, aad_token: str) -> str:
         """CCM_STS: an Azure AD device token in, a CCM token out (docs/emulation.md, "Azure AD
         client authentication")."""
+        return self._ask_sts(aad_token, "CCM Token")
+
+    def _ask_sts(self, bearer: str, what: str) -> str:
+        """CCM_STS with ``bearer``: the token it issues to this client."""
         url = self.connection.sts_url
-        self.log.info("ClientIDManagerStartup", f"Getting CCM Token from {url}")
+        self.log.info("ClientIDManagerStartup", f"Getting {what} from {url}")
         try:
             response = self._session.post(
                 url,
                 data=self.connection.client_id.encode("utf-8"),
-                headers={"Authorization": f"Bearer {aad_token}", "User-Agent": USER_AGENT},
+                headers={"Authorization": f"Bearer {bearer}", "User-Agent": USER_AGENT},
                 timeout=self.timeout,
             )
         except requests.RequestException as exc:
@@ -338,13 +405,14 @@ def offered_location(client: CMGClient, record: LocationRecord) -> ProviderLocat
     )
 
 
-def _token_expiry(token: str) -> datetime | None:
-    """The ``exp`` of a JWT (the CCM token), read without checking it; None if unreadable."""
+def _claim(token: str, name: str) -> datetime | None:
+    """A time claim (``exp``, ``nbf``) of a JWT (a CCM or site token), read without checking
+    it: the client reads its own token's times; None if unreadable."""
     try:
         payload = token.split(".")[1]
         claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        return datetime.fromtimestamp(int(claims["exp"]), UTC)
-    except (IndexError, ValueError, KeyError, TypeError):
+        return datetime.fromtimestamp(int(claims[name]), UTC)
+    except (IndexError, ValueError, KeyError, TypeError, OverflowError, OSError):
         return None
 
 

@@ -58,7 +58,7 @@ from .._protocol.paths import (
     mutual_auth_path,
     token_auth_path,
 )
-from .._protocol.settings import CmgSettings, DeploymentSettings
+from .._protocol.settings import SITE_TOKEN_LIFETIME, CmgSettings, DeploymentSettings
 from . import documents, location, manifests
 from .authentication import authenticate, certificate_refusal, registering
 from .egress import EgressMeter
@@ -66,7 +66,7 @@ from .exchange import Refusal, SiteRequest, SiteResponse, default_reason, query_
 from .faults import FaultPlan, GatewayFault
 from .requestlog import RequestLog, excerpt
 from .tls import SERVER_CERTIFICATES, GatewayTLS
-from .tokens import AzureADDirectory, AzureADTenant, SiteAuthority
+from .tokens import CCM_TOKEN_LIFETIME, AzureADDirectory, AzureADTenant, SiteAuthority
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -206,7 +206,9 @@ class CmgSite:
         return self.url + mutual_auth_path(self.role_id)
 
     def issue_token(self, client_id: str, **kwargs: Any) -> str:  # noqa: ANN401
-        """A site-signed CCM token for ``client_id`` (see ``SiteAuthority.issue_ccm_token``)."""
+        """A site-issued client token for ``client_id``: valid 90 days unless ``lifetime`` says
+        otherwise (see ``SiteAuthority.issue_ccm_token`` for the other keywords)."""
+        kwargs.setdefault("lifetime", SITE_TOKEN_LIFETIME)
         token = self.authority.issue_ccm_token(client_id, **kwargs)
         self.keep_secret(_jwt_signature(token))
         return token
@@ -470,8 +472,13 @@ class CmgSite:
             self.stop_service("critical outbound data transfer threshold exceeded")
 
     def issue_for(self, client_id: str, *, token_type: str = "") -> str:
-        """CCM_STS: a client token for a registered identity."""
-        token = self.authority.issue_ccm_token(client_id)
+        """CCM_STS: a client token for a registered identity.
+
+        For an Azure AD device token (``token_type``), a CCM token of 8 hours; otherwise (a
+        bulk registration, or a client renewing its site token) a site token of 90 days.
+        """
+        lifetime = CCM_TOKEN_LIFETIME if token_type else SITE_TOKEN_LIFETIME
+        token = self.authority.issue_ccm_token(client_id, lifetime=lifetime)
         self.keep_secret(_jwt_signature(token))
         if token_type:
             # CCM_STS.log wording for a token issued in exchange for an Azure AD token

@@ -8,6 +8,7 @@ variables").
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 from .._errors import InvalidValueError
 
@@ -18,6 +19,8 @@ __all__ = [
     "NO_NEW_CLASSIC_CLOUD_DP_SINCE",
     "ON_DEMAND_FROM_CLOUD_SINCE",
     "SITE_TOKEN_AUTH_SINCE",
+    "SITE_TOKEN_LIFETIME",
+    "SITE_TOKEN_RENEWAL",
     "SITE_VERSIONS",
     "ClientSettings",
     "CmgSettings",
@@ -75,6 +78,12 @@ INTERNET_TS_SINCE = 1802  # a task sequence may run over a CMG, with "download a
 ON_DEMAND_FROM_CLOUD_SINCE = 1910  # the TS engine may fetch on demand from a cloud source
 #: Site-issued tokens (bulk registration, token-based client authentication) exist since 2002.
 SITE_TOKEN_AUTH_SINCE = 2002
+#: A site-issued client token is valid 90 days and the client renews it monthly over the CMG;
+#: once it lapses, only an internal management point can give the client a new one (Microsoft
+#: Learn: Token-based authentication for cloud management gateway). The issuing site and the
+#: renewing client both read these.
+SITE_TOKEN_LIFETIME = timedelta(days=90)
+SITE_TOKEN_RENEWAL = timedelta(days=30)
 #: No new classic cloud distribution point can be created from 2107: content-enabled CMGs only.
 NO_NEW_CLASSIC_CLOUD_DP_SINCE = 2107
 #: The newest version the emulation knows; the default site version.

@@ -17,6 +17,7 @@ from .._errors import ExpectationFailed
 from .._protocol import codes
 from .._protocol.paths import Endpoint
 from .model import GatewayFaultEntry, StorageFaultEntry
+from .spec import show_seconds
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -369,8 +370,8 @@ def check_expectations(scenario: Scenario, run: ScenarioRun) -> list[Expectation
     if expect.elapsed is not None and not expect.elapsed.holds(run.elapsed):
         fail(
             "expect.elapsed",
-            f"{_bounds(expect.elapsed, lambda s: f'{s:g}s')} of virtual time",
-            f"{run.elapsed:g}s (retry waits {sum(run.waits):g}s)",
+            f"{_bounds(expect.elapsed, show_seconds)} of virtual time",
+            f"{show_seconds(run.elapsed)} (retry waits {show_seconds(sum(run.waits))})",
             timeline,
         )
     _check_throughput(scenario, run, fail)

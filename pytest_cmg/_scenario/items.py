@@ -28,6 +28,7 @@ from .expectations import check_expectations
 from .limits import nearest, shown
 from .load import load_scenarios
 from .runner import not_applicable, not_judged, run_scenario
+from .spec import show_seconds
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -175,7 +176,7 @@ class ScenarioItem(pytest.Item):
             section = (
                 f"Azurite blob service: {run.blob_endpoint} (backend {harness.backend_name}, "
                 f"pid {harness.backend_pid})\nFake CMG: {run.cmg_url}\nWork folder: {workdir}\n"
-                f"Virtual time: {run.elapsed:g}s ({len(run.waits)} retry wait(s))"
+                f"Virtual time: {show_seconds(run.elapsed)} ({len(run.waits)} retry wait(s))"
             )
             if run.timeline:
                 section += "\nTimeline:\n" + "\n".join(f"  {line}" for line in run.timeline)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .spec import Validation
+from .spec import Validation, show_seconds
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -82,7 +82,7 @@ class TimelineEvent:
         if self.before_step is not None:
             return f"{what} (before step {self.before_step})"
         if self.at is not None:
-            return f"{what} (at {self.at:g}s)"
+            return f"{what} (at {show_seconds(self.at)})"
         return what
 
 
@@ -142,7 +142,7 @@ class ClockJump(TimelineEvent):
     seconds: float
 
     def what(self) -> str:
-        return f"clock +{self.seconds:g}s"
+        return f"clock +{show_seconds(self.seconds)}"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -400,7 +400,7 @@ def _engine(
     ``on_step`` its step hook (the timeline's)."""
     from .._client.factory import build_engine
 
-    return build_engine(
+    engine = build_engine(
         world.connection(CLIENT_ID, scenario.auth),
         folder,
         log=log,
@@ -414,6 +414,9 @@ def _engine(
         site_version=scenario.cmg.site_version,
         on_step=on_step,
     )
+    # The client reads its own token's times on the site's clock, as a boot process does.
+    engine.client.clock = time.site_clock().now
+    return engine
 
 
 class _TornWatch:

@@ -71,6 +71,18 @@ def parse_duration(text: str) -> float | None:
     return -seconds if match[1] else seconds
 
 
+def show_seconds(seconds: float) -> str:
+    """Virtual time as a scenario writes it, and as :func:`parse_duration` reads it back:
+    ``91d``, ``9h``, ``90s``, ``2.5s``; seconds alone below a minute or when no larger unit
+    divides it (``7862400s`` or ``7.8624e+06s`` would hide that it is 91 days)."""
+    sign, rest = ("-", -seconds) if seconds < 0 else ("", seconds)
+    for unit in ("d", "h", "m"):
+        size = _SECONDS[unit]
+        if rest >= size and float(rest / size).is_integer():
+            return f"{sign}{int(rest // size)}{unit}"
+    return f"{sign}{rest:.10g}s"
+
+
 @dataclass
 class Validation:
     """Collects problems and remembers the line (and file) of every validated path (``a.b[0].c``).

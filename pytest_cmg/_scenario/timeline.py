@@ -12,7 +12,7 @@ accounting"):
 
 * the **site clock** (token lifetimes: the CCM token, content access tokens;
   ``VirtualTime.site_clock``) is the wall clock at the start of the run plus virtual time, so a
-  ``clock: 9h`` jump expires an 8-hour token;
+  ``clock: 9h`` jump expires an 8-hour CCM token;
 * **storage** keeps the wall clock (Azurite checks SAS times itself), so SAS expiry is scripted
   with ``gateway.sas_ttl``, never by a jump.
 """
@@ -33,6 +33,7 @@ from .model import (
     ServiceEvent,
     StorageFaultEntry,
 )
+from .spec import show_seconds
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -307,9 +308,10 @@ class Timeline:
             index = event.before_step
             name = steps[index] if index < len(steps) else f"#{index}"
             return f"step {name!r} never started, so the entry was never armed"
+        at = show_seconds(event.at) if event.at is not None else "its time"
         return (
-            f"virtual time reached only {self.time.clock():g}s, not {event.at:g}s, so the entry "
-            "was never armed"
+            f"virtual time reached only {show_seconds(self.time.clock())}, not {at}, so the "
+            "entry was never armed"
         )
 
     def _gateway_miss(self, event: GatewayFaultEntry, requests: list[LoggedRequest]) -> str:

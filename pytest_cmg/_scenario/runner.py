@@ -27,7 +27,7 @@ from .._errors import ExpectationFailed, ScenarioError, ScenarioProblem
 from .benchmark import BenchmarkRound, collect_rounds, hashlib_seconds, raw_seconds
 from .expectations import ScenarioRun
 from .model import RestartMidDownload, StorageFaultEntry
-from .timeline import DueCut, Timeline
+from .timeline import Body, Timeline, bodies_in_flight
 from .world import CLIENT_ID, World, build_world, seed_cache
 
 if TYPE_CHECKING:
@@ -131,16 +131,33 @@ def run_scenario(
         # Another downloader keeps its own state, or none: its power is cut at after_bytes.
         if host is not None and timeline is not None and proxy is not None:
             due = timeline.cut_due(proxy.log)
-            # The journal is waited for at the last stall too: a file that ends before the
-            # next buffer end has one stall only, and cutting there at once would lose it.
             if due is not None and (
                 download_program is not None
-                or (due.aligned and _journal_reaches(workdir, due, due.start + due.sent))
+                or (
+                    # The journal is waited for at the last stall too, aligned or not: a file
+                    # that ends before the next buffer end has one stall only, and cutting
+                    # there before its last full buffer is journaled would lose that buffer,
+                    # so what the next boot fetches again would depend on the machine's load.
+                    (due.body.aligned or due.last)
+                    and _journal_reaches(workdir, due.body, due.body.journaled)
+                )
                 or due.last
             ):
                 timeline.cut(due.event)
-                host.power_cut()
+                cut_power()
         watch.stalled(seconds)
+
+    def cut_power() -> None:
+        # Bodies may be on their way when the power goes (a cut at a time, or other files next
+        # to the one a mid-download cut holds): on virtual time the boot had all the time those
+        # bytes took to arrive, so what it received in full receive buffers is journaled first,
+        # whatever the machine's load. Another downloader keeps its own state, or none.
+        if host is None:
+            return
+        if proxy is not None and download_program is None:
+            for body in bodies_in_flight(proxy.log):
+                _journal_reaches(workdir, body, body.journaled, at_least=True)
+        host.power_cut()
 
     try:
         # A benchmark's client reaches storage directly: validation refused everything that
@@ -169,7 +186,7 @@ def run_scenario(
                 on_step=timeline.on_step,
                 restart_takes=scenario.restart_takes,
             )
-            timeline.power_cut = host.power_cut
+            timeline.power_cut = cut_power
             cache = ClientCache(workdir / "Windows" / "ccmcache", _cache_mb(scenario))
             watch.cache = cache
             seeded = seed_cache(cache, scenario.cache_seed, scenario.seed)
@@ -353,14 +370,14 @@ def _boot_spec(scenario: Scenario, world: World, folder: Path, time: VirtualTime
     )
 
 
-def _journal_reaches(folder: Path, due: DueCut, offset: int) -> bool:
-    """Whether a download journal under ``folder`` records exactly ``offset`` bytes of the file
-    ``due`` holds, waiting at most :data:`_JOURNAL_WAIT` for its checkpoint (nothing to record at
-    offset 0).
+def _journal_reaches(folder: Path, body: Body, offset: int, *, at_least: bool = False) -> bool:
+    """Whether a download journal under ``folder`` records exactly ``offset`` bytes (with
+    ``at_least``, ``offset`` or more) of the file ``body`` is for, waiting at most
+    :data:`_JOURNAL_WAIT` for its checkpoint (nothing to record at offset 0).
 
-    The file is told by its package, version and path, as the request names it: the entry's
-    ``file`` is a part of a blob name (``PS100013.1/`` names every file of that package), which
-    a journal's package-relative ``relpath`` need not contain.
+    The file is told by its package, version and path, as the request names it: a ``restart``
+    entry's ``file`` is a part of a blob name (``PS100013.1/`` names every file of that
+    package), which a journal's package-relative ``relpath`` need not contain.
     """
     import json
     import time as wall
@@ -375,12 +392,14 @@ def _journal_reaches(folder: Path, due: DueCut, offset: int) -> bool:
             except (OSError, ValueError):
                 continue  # replaced while read: the next look sees the new record
             package, version, relpath = (record.get(k) for k in ("package_id", "version", "relpath"))
+            done = record.get("offset")
             if (
                 isinstance(package, str)
                 and isinstance(version, int)
                 and isinstance(relpath, str)
-                and due.is_blob(package, version, relpath)
-                and record.get("offset") == offset
+                and isinstance(done, int)
+                and body.is_blob(package, version, relpath)
+                and (done >= offset if at_least else done == offset)
             ):
                 return True
         if wall.monotonic() >= deadline:

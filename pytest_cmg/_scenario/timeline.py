@@ -77,28 +77,57 @@ def cut_offsets(after: int, size: int | None = None) -> list[int]:
 
 
 @dataclass(frozen=True)
-class DueCut:
-    """A mid-download ``restart`` entry whose request storage is now holding at a stall."""
+class Body:
+    """Where one storage answer's body stands, as the fault proxy's log tells it."""
 
-    event: RestartMidDownload
+    #: The request's decoded path, which ends in the blob's name ``<PKG>.<ver>/<relpath>``.
+    path: str
     #: The first byte of the file that request asked for (its ``Range``; 0 without one).
     start: int
     #: Body bytes storage has sent in answer to it.
     sent: int
-    #: The last stall armed for the entry: the power is cut there in any case.
-    last: bool
-    #: The held request's decoded path, which ends in the blob's name ``<PKG>.<ver>/<relpath>``
-    #: (the entry's ``file`` is only a part of it, and may match several files).
-    path: str = ""
+
+    @classmethod
+    def of(cls, request: ProxiedRequest) -> Body:
+        return cls(unquote(request.path), _range_start(request.range), request.body_bytes)
 
     def is_blob(self, package_id: str, version: int, relpath: str) -> bool:
-        """Whether the held request is for that file of that package version."""
+        """Whether the request is for that file of that package version."""
         return self.path.endswith(f"/{package_id}.{version}/{relpath}")
 
     @property
     def aligned(self) -> bool:
-        """Whether the body is held where a receive buffer of the download core ends."""
+        """Whether the body stands where a receive buffer of the download core ends."""
         return self.sent % CUT_STEP == 0
+
+    @property
+    def journaled(self) -> int:
+        """The file offset the boot's journal can record at most now: where its last full
+        receive buffer ended (the bytes of a buffer still filling are not hashed yet)."""
+        return self.start + self.sent - self.sent % CUT_STEP
+
+
+def bodies_in_flight(storage: list[ProxiedRequest]) -> list[Body]:
+    """The bodies storage is sending now with at least one receive buffer's worth sent: what a
+    power cut at a time must let the boot journal first (the runner waits for it), since on
+    virtual time the boot had all the time those bytes took to arrive."""
+    return [
+        Body.of(r)
+        for r in storage
+        if r.outcome is None and r.status in (200, 206) and r.body_bytes >= CUT_STEP
+    ]
+
+
+@dataclass(frozen=True)
+class DueCut:
+    """A mid-download ``restart`` entry whose request storage is now holding at a stall."""
+
+    event: RestartMidDownload
+    #: The held request's body (the entry's ``file`` is only a part of its blob's name, and
+    #: may match several files).
+    body: Body
+    #: The last stall armed for the entry: the power is cut there in any case.
+    last: bool
 
 
 def stalls_for_cut(event: RestartMidDownload, size: int | None = None) -> list[Fault]:
@@ -254,10 +283,7 @@ class Timeline:
                 with self._lock:
                     last_stall = self._last_stall.get(event.where, cut_offsets(after)[-1])
                 last = request.body_bytes >= last_stall
-                return DueCut(
-                    event, _range_start(request.range), request.body_bytes, last,
-                    unquote(request.path),
-                )  # fmt: skip
+                return DueCut(event, Body.of(request), last)
         return None
 
     def cut(self, event: TimelineEvent) -> None:

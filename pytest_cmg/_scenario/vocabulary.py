@@ -648,7 +648,8 @@ RESTART = Record(
         "Restart the computer, as a power cut: the boot process is killed by its pid, and the "
         "next boot resumes the step it was running. With `file` and `after_bytes`: once "
         "storage has sent that many bytes of a blob whose name contains `file` (the download "
-        "then resumes from its journal)."
+        "then resumes from its journal, byte-exactly for that file; other files on their way "
+        "resume from their last full receive buffer, docs/emulation.md \"Restarts\")."
     ),
     fields={
         "file": Field(Str(), default=None, example="install.wim"),

@@ -46,6 +46,13 @@ _LAUNCH_MODES = {
     LaunchContext.BOOT_MEDIA: "UFD+FORMAT",
     LaunchContext.PXE: "PXE",
 }
+#: The kind of media the sequence started from (Microsoft Learn: Task sequence variables:
+#: "Boot Media, Full Media, PXE, and Prestaged Media"; the values are written BootMedia,
+#: FullMedia, PXE, OEMMedia). Not set for a sequence the client started (Software Center):
+#: there was no media. [G] Boot media is boot media only: full and prestaged media are not
+#: modelled.
+MEDIA_TYPE = "_SMSTSMediaType"
+_MEDIA_TYPES = {LaunchContext.BOOT_MEDIA: "BootMedia", LaunchContext.PXE: "PXE"}
 #: E_FAIL: a restart to an installed operating system the disk does not have (emulation: the
 #: product publishes no code for it).
 _NO_INSTALLED_OS = 0x80004005
@@ -54,6 +61,9 @@ _NO_INSTALLED_OS = 0x80004005
 def _environment(self: TaskSequenceEngine) -> None:
     """Set the variables that say where the sequence runs (at its start)."""
     self._set(LAUNCH_MODE, _LAUNCH_MODES.get(self.launch, "SMS"))
+    media = _MEDIA_TYPES.get(self.launch)
+    if media is not None:
+        self._set(MEDIA_TYPE, media)
     self._set(IN_WINPE, "TRUE" if self.in_windows_pe else "FALSE")
 
 

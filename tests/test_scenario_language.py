@@ -430,6 +430,50 @@ def test_type_errors(tmp_path: Path, old: str, new: str, needle: str, fragments:
         assert fragment in problem.rule
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "needle", "where"),
+    [
+        (
+            "scenario: in-place upgrade downloads each package on demand through a content-enabled CMG",
+            'scenario: ""',
+            "scenario:",
+            "scenario",
+        ),
+        ("  name: Windows 11 in-place upgrade", '  name: ""', '  name: ""', "task_sequence.name"),
+        (
+            "    - name: Check readiness",
+            "    - name: ''",
+            "    - name: ''",
+            "task_sequence.steps[0].name",
+        ),
+        (
+            "task_sequence:",
+            'faults: [{restart: {file: "", after_bytes: 1KiB}}]\ntask_sequence:',
+            "faults:",
+            "faults[0].restart.file",
+        ),
+        (
+            "task_sequence:",
+            "faults: [{storage: {file: '', respond: 503}}]\ntask_sequence:",
+            "faults:",
+            "faults[0].storage.file",
+        ),
+    ],
+)
+def test_empty_names_are_refused_at_their_line(
+    tmp_path: Path, old: str, new: str, needle: str, where: str
+) -> None:
+    # An empty scenario name is an empty pytest item id; an empty step name cannot be named by
+    # before_step; an empty `file` is part of every blob name, so it would hit every request
+    # (the fault proxy refused it with a traceback before the language did).
+    text = mutate(EXAMPLE_TEXT, (old, new))
+    problems, _, _ = problems_of(tmp_path, text)
+    empty = [p for p in problems if p.rule == f"{where} must not be empty"]
+    assert empty, [str(p) for p in problems]
+    assert empty[0].line == line_of(text, needle)
+    assert empty[0].hint.startswith("e.g. ")
+
+
 def test_choice_suggests_near_miss(tmp_path: Path) -> None:
     text = mutate(EXAMPLE_TEXT, ("      action: upgrade_os", "      action: upgrade_oss"))
     problem, _, _ = only_problem(tmp_path, text)

@@ -71,7 +71,7 @@ SCENARIO = Record(
     doc="One scenario: a world (site, CMG, packages), a client, a task sequence and expectations.",
     fields={
         "scenario": Field(
-            Str(),
+            Str(nonempty=True, example="on-demand upgrade over the CMG"),
             required=True,
             doc="The test name shown by pytest.",
             example="in-place upgrade downloads each package on demand",
@@ -305,7 +305,11 @@ SCENARIO = Record(
                 doc="The task sequence and its deployment's options.",
                 fields={
                     "id": Field(PACKAGE_ID, required=True, example="PS100020"),
-                    "name": Field(Str(), required=True, example="Windows 11 in-place upgrade"),
+                    "name": Field(
+                        Str(nonempty=True, example="Windows 11 in-place upgrade"),
+                        required=True,
+                        example="Windows 11 in-place upgrade",
+                    ),
                     "launch": Field(
                         Choice(choices=LaunchContext.ALL), default=LaunchContext.SOFTWARE_CENTER
                     ),

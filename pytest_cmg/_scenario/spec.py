@@ -250,9 +250,14 @@ class Str(Spec):
     pattern: str | None = None
     example: str = ""
     doc: str = ""
+    #: An empty string is refused at its line: for a name that selects by substring (a blob's
+    #: ``file``), "" would select everything, never what was meant.
+    nonempty: bool = False
 
     def describe(self) -> str:
-        return f"a string matching {self.pattern}" if self.pattern else "a string"
+        if self.pattern:
+            return f"a string matching {self.pattern}"
+        return "a non-empty string" if self.nonempty else "a string"
 
     def _check(self, node: yaml.Node, where: str, v: Validation) -> Any:  # noqa: ANN401
         value = self._scalar_of(node, where, v)
@@ -260,6 +265,10 @@ class Str(Spec):
             return None
         # The text as written: YAML would turn 0x00000000 into 0, yes into True, 1.10 into 1.1.
         value = node.value if isinstance(node, yaml.ScalarNode) else str(value)
+        if self.nonempty and not value:
+            hint = f"e.g. {self.example}" if self.example else ""
+            v.problem(node, f"{where} must not be empty", hint)
+            return None
         if self.pattern and not re.fullmatch(self.pattern, value):
             hint = f"e.g. {self.example}" if self.example else ""
             v.problem(node, f"{where} {shown(value)} must match {self.pattern}", hint)
@@ -268,6 +277,8 @@ class Str(Spec):
 
     def schema(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": "string"}
+        if self.nonempty:
+            out["minLength"] = 1
         if self.pattern:
             out["pattern"] = f"^(?:{self.pattern})$"
         return out

@@ -212,7 +212,11 @@ DISTRIBUTION_POINT = Record(
 
 STEP = Record(
     fields={
-        "name": Field(Str(), required=True, example="Upgrade the operating system"),
+        "name": Field(
+            Str(nonempty=True, example="Upgrade the operating system"),
+            required=True,
+            example="Upgrade the operating system",
+        ),
         "action": Field(Choice(choices=STEP_ACTIONS), required=True),
         "package": Field(PACKAGE_ID, default=None),
         "packages": Field(
@@ -629,7 +633,7 @@ STORAGE_FAULT = Record(
         ),
         "times": Field(Int(minimum=1), default=1, doc="How many requests it hits."),
         "file": Field(
-            Str(),
+            Str(nonempty=True, example="install.wim"),
             default=None,
             doc=(
                 "Only requests for blobs whose name contains this (a file name such as "
@@ -652,7 +656,7 @@ RESTART = Record(
         "resume from their last full receive buffer, docs/emulation.md \"Restarts\")."
     ),
     fields={
-        "file": Field(Str(), default=None, example="install.wim"),
+        "file": Field(Str(nonempty=True, example="install.wim"), default=None, example="install.wim"),
         "after_bytes": Field(Size(), default=None, example="4MiB"),
     },
 )

@@ -248,6 +248,41 @@ def test_a_missing_include_is_reported_at_its_line(world: Path) -> None:
     assert any("missing the required key 'task_sequence'" in p.rule for p in found)
 
 
+def test_an_include_with_a_control_character_is_reported_at_its_line(world: Path) -> None:
+    # A NUL reached Path.resolve and raised ValueError: a traceback, not a problem.
+    path = scenario_in(world, USES_WORLD.replace("[worlds/ipu]", '["worlds/ip\\0u"]'))
+    found = [p for p in problems(path) if "control character" in p.rule]
+    assert len(found) == 1, [str(p) for p in problems(path)]
+    assert (found[0].path, found[0].line) == (path, line_of(path, "include:"))
+    assert "U+0000 at character 9" in found[0].rule
+
+
+@pytest.mark.parametrize(
+    ("body", "line_text", "rule"),
+    [
+        # An empty ``ref:`` is "not given": the package then needs its own id (it reached the
+        # loader as a KeyError).
+        (
+            "packages:\n  - ref:\n",
+            "  - ref:",
+            "packages[2] is missing the required key 'id'",
+        ),
+        # An empty ``service:`` is no kind at all (it reached the loader as StopIteration).
+        (
+            "faults:\n  - service:\n    at: 1s\n",
+            "  - service:",
+            "faults[0] needs exactly one of gateway, storage, service, clock, restart",
+        ),
+    ],
+)
+def test_a_key_left_empty_is_not_given(world: Path, body: str, line_text: str, rule: str) -> None:
+    text = USES_WORLD.replace("packages:\n  - id: PS100012\n    version: 4\n", body)
+    path = scenario_in(world, text)
+    found = [p for p in problems(path) if p.rule == rule]
+    assert len(found) == 1, [str(p) for p in problems(path)]
+    assert found[0].line == line_of(path, line_text)
+
+
 def test_an_include_cycle_is_reported(world: Path) -> None:
     write(world, "fixtures/worlds/a.yaml", "include: [./b]\nseed: 1\n")
     b = write(world, "fixtures/worlds/b.yaml", "include: [./a]\nseed: 2\n")

@@ -69,6 +69,9 @@ MAX_INCLUDE_DEPTH = 16
 #: Keys a case or a matrix may not change: they are the file's identity and plan.
 _FIXED = ("scenario", "description", "include", "matrix", "cases", "markers")
 _PATH_TOKEN = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)|\[([A-Za-z0-9]+)\]")
+#: Characters no include or ref path may hold: a NUL is refused by every filesystem call
+#: (ValueError), and the others only ever arrive by mistake.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def show(path: Path) -> str:
@@ -297,6 +300,15 @@ def _package_id(node: yaml.Node) -> str | None:
     return str(value.value) if isinstance(value, yaml.ScalarNode) and not is_null(value) else None
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False where the OS refuses the name itself (too long a name or path:
+    ``Path.is_file`` lets ENAMETOOLONG through), so the caller reports "no such file"."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def merge_nodes(base: yaml.Node, over: yaml.Node, where: str = "") -> yaml.Node:
     """``over`` merged onto ``base``: mappings key by key, packages by id, anything else replaced."""
     if not (isinstance(base, yaml.MappingNode) and isinstance(over, yaml.MappingNode)):
@@ -399,9 +411,19 @@ class Assembler:
         text = str(entry.value).strip()
         origin = self.v.file_of(entry)
         name = text if text.endswith((".yaml", ".yml")) else f"{text}.yaml"
+        bad = _CONTROL.search(text)
+        if bad is not None:
+            self.v.problem(
+                entry,
+                f"{kind} {shown(text)} holds the control character U+{ord(bad.group()):04X} at "
+                f"character {bad.start()}",
+                "name a file by its path: a world such as worlds/ipu-world, a catalog entry "
+                "such as catalog/os-upgrade-win11, or ./ and ../ for a file next to this one",
+            )
+            return None
         if text.startswith(("./", "../")) or Path(text).is_absolute():
             target = (origin.parent / name).resolve()
-            if target.is_file():
+            if _is_file(target):
                 return target
             near = _nearest_in(target.parent, target.name)
             self.v.problem(
@@ -415,7 +437,7 @@ class Assembler:
         folders = self._folders()
         for _, folder in folders:
             target = (folder / name).resolve()
-            if target.is_file():
+            if _is_file(target):
                 return target
         known = sorted(
             {

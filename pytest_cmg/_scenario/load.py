@@ -11,6 +11,7 @@ The language is :mod:`.language`, the cross-field rules :mod:`.rules`, the resul
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._client.sequence import Condition, Setup, Step, TaskSequence
@@ -42,10 +43,10 @@ from .vocabulary import MAX_CASES, TIMELINE_KINDS
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
-    from pathlib import Path
+    from os import PathLike
 
 
-def load_scenario(path: Path, *, fixtures: Path | Sequence[Path] | None = None) -> Scenario:
+def load_scenario(path: str | PathLike[str], *, fixtures: Path | Sequence[Path] | None = None) -> Scenario:
     """Load and validate a scenario file that has a single case.
 
     :class:`ScenarioError` lists every problem in it; a parametrised file is a problem here too
@@ -58,7 +59,7 @@ def load_scenario(path: Path, *, fixtures: Path | Sequence[Path] | None = None) 
         raise ScenarioError(
             [
                 ScenarioProblem(
-                    path,
+                    Path(path),
                     scenarios[0].line(where),
                     clip(f"this file is parametrised into {len(scenarios)} cases ({ids})"),
                     "load it with load_scenarios, or run one case by its item ID",
@@ -68,7 +69,9 @@ def load_scenario(path: Path, *, fixtures: Path | Sequence[Path] | None = None) 
     return scenarios[0]
 
 
-def load_scenarios(path: Path, *, fixtures: Path | Sequence[Path] | None = None) -> list[Scenario]:
+def load_scenarios(
+    path: str | PathLike[str], *, fixtures: Path | Sequence[Path] | None = None
+) -> list[Scenario]:
     """Load and validate a scenario file: one :class:`Scenario` per case, in the file's order.
 
     Includes are resolved (``./`` and ``../`` relative to the naming file, other paths to
@@ -77,6 +80,7 @@ def load_scenarios(path: Path, *, fixtures: Path | Sequence[Path] | None = None)
     validated as written, then each case with its values set. :class:`ScenarioError` lists every
     problem of the file and of what it includes, each at its own file and line.
     """
+    path = Path(path)
     v = Validation(path)
     root = compose_file(path, v, empty_is_problem=True)
     if root is None:

@@ -903,6 +903,10 @@ class Record(Spec):
         prefix = f"{where}." if where else ""
         out: dict[str, Any] = {}
         seen: set[str] = set()
+        # Keys given a value: ``key:`` left empty means "not given", so it neither excuses a
+        # required key nor counts as the one of ``exactly_one`` (an empty ``ref:`` or
+        # ``service:`` once reached the loader as if given, and failed there with a traceback).
+        valued: set[str] = set()
         for key_node, value_node in node.value:
             key = _key_text(key_node)
             if key in seen:
@@ -928,8 +932,9 @@ class Record(Spec):
                     v.problem(key_node, f"{prefix}{key} must be {item.spec.describe()}, not empty")
                 out[key] = None if item.required else _absent(item)
                 continue
+            valued.add(key)
             out[key] = item.spec.check(value_node, prefix + key, v)
-        excused = self.required_unless is not None and self.required_unless in seen
+        excused = self.required_unless is not None and self.required_unless in valued
         for name, item in self.fields.items():
             if name in seen:
                 continue
@@ -937,14 +942,15 @@ class Record(Spec):
                 v.problem(node, f"{_where(where)} is missing the required key {name!r}", item.doc)
             elif not item.required:
                 out[name] = _absent(item)
-        given = [k for k in self.exactly_one if k in seen]
+        given = [k for k in self.exactly_one if k in valued]
         if self.exactly_one and len(given) != 1:
             v.problem(
                 node,
                 f"{_where(where)} needs exactly one of {', '.join(self.exactly_one)}",
                 f"given: {', '.join(given) or 'none'}",
             )
-        if self.at_least_one and not seen:
+        # An unknown key was reported already: one problem for one mistake.
+        if self.at_least_one and not valued and seen <= set(self.fields):
             v.problem(node, f"{_where(where)} needs at least one of {', '.join(self.fields)}")
         return out
 

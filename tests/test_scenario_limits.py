@@ -530,7 +530,24 @@ _VALUES = st.recursive(
     ),
     max_leaves=20,
 )
-_DOCUMENT = yaml.safe_load(EXAMPLE_TEXT)
+#: Documents whose values are replaced: the example, and files that use what it does not
+#: (includes, catalog refs, a timeline of every kind, cases that set packages, restarts).
+#: The example alone missed an empty ``ref:`` and an empty ``service:``, which reached the
+#: loader and raised KeyError and StopIteration.
+_RICH = [
+    EXAMPLE,
+    *(
+        ROOT / "scenarios" / name
+        for name in (
+            "ipu/power-cut-mid-download-resumes-from-the-journal.cmg.yaml",
+            "ipu/boot-media-restarts-into-the-new-os.cmg.yaml",
+            "faults/cmg-stopped-before-the-drivers.cmg.yaml",
+            "faults/a-reset-a-busy-cmg-and-an-expired-token.cmg.yaml",
+            "auth/site-token-renewed-monthly-across-restarts.cmg.yaml",
+        )
+    ),
+]
+_TEXTS = [path.read_text(encoding="utf-8") for path in _RICH]
 
 
 def _keys(tree: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -545,15 +562,17 @@ def _keys(tree: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     return out
 
 
-_PATHS = _keys(_DOCUMENT)[1:]
+_PATHS = [_keys(yaml.safe_load(text))[1:] for text in _TEXTS]
 
 
 @st.composite
 def example_with_values(draw: st.DrawFn) -> bytes:
-    """The example with a few of its values (any depth) replaced by arbitrary YAML values."""
-    document = yaml.safe_load(EXAMPLE_TEXT)
+    """One of the rich documents with a few of its values (any depth) replaced by arbitrary
+    YAML values, empty ones among them."""
+    which = draw(st.integers(0, len(_TEXTS) - 1))
+    document = yaml.safe_load(_TEXTS[which])
     for _ in range(draw(st.integers(1, 4))):
-        path = draw(st.sampled_from(_PATHS))
+        path = draw(st.sampled_from(_PATHS[which]))
         node = document
         for step in path[:-1]:
             if not isinstance(node, dict | list):
